@@ -1,0 +1,225 @@
+"""Configuration: the original NanoFlow JSON configs, parsed into one dataclass per section.
+
+A config file has the sections of the original code (``train_config``,
+``data_config``, ``waveflow_config`` and optionally ``dist_config``) with the
+same keys and meanings. Every section rejects unknown and missing keys with a
+``ValueError`` that names the section and the key, so a misspelt key never
+silently falls back to a default. The original wrote booleans as the strings
+``"True"``/``"False"``; both those and real JSON booleans are accepted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+
+COUPLING_TYPES = ("waveflow", "nanoflow_naive", "nanoflow_decomp", "nanoflow")
+
+
+class ConfigError(ValueError):
+    """A config value that is missing, misspelt, of the wrong type or out of range."""
+
+
+def _as_bool(value, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(f"{where} must be a boolean (true/false or \"True\"/\"False\"), got {value!r}")
+
+
+def _coerce(value, kind, where: str):
+    """Check `value` against the annotated type `kind` and convert where that is lossless."""
+    if kind is bool:
+        return _as_bool(value, where)
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {kind!r}")  # a bug in this file, not in the config
+
+
+def parse_section(cls, raw, section: str):
+    """Build dataclass `cls` from the dict `raw`, naming `section` in every error."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section} must be a JSON object, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; allowed keys: {', '.join(fields)}"
+            raise ConfigError(f"{section}: unknown key '{key}'{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = _coerce(raw[name], hints[name], f"{section}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{section}: missing required key '{name}'")
+    return cls(**values)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class WaveFlowConfig:
+    """``waveflow_config``: the model. See model.py for what each key builds."""
+
+    model_name: str
+    cin_channels: int
+    res_channels: int
+    n_height: int
+    n_layer: int
+    n_flow: int
+    n_layer_per_cycle: int
+    coupling_type: str
+    size_flow_embed: int = 0
+    use_weightnorm_embed: bool = False
+    bipartize: bool = False
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        s = "waveflow_config"
+        _require(self.coupling_type in COUPLING_TYPES,
+                 f"{s}.coupling_type must be one of {', '.join(COUPLING_TYPES)}, got '{self.coupling_type}'")
+        for key in ("cin_channels", "res_channels", "n_height", "n_layer", "n_flow", "n_layer_per_cycle"):
+            _require(getattr(self, key) >= 1, f"{s}.{key} must be at least 1, got {getattr(self, key)}")
+        _require(self.n_height >= 2, f"{s}.n_height must be at least 2, got {self.n_height}")
+        if self.coupling_type == "nanoflow":
+            _require(self.size_flow_embed >= 1,
+                     f"{s}.size_flow_embed must be a positive integer when coupling_type is 'nanoflow'")
+        if self.bipartize:
+            _require(self.n_height % 2 == 0, f"{s}.n_height must be even when bipartize is on")
+
+
+@dataclass
+class DataConfig:
+    """``data_config``: file lists and the Tacotron 2 mel spectrogram parameters."""
+
+    training_files: str
+    test_files: str
+    segment_length: int
+    sampling_rate: int
+    filter_length: int
+    hop_length: int
+    win_length: int
+    mel_fmin: float
+    mel_fmax: float
+    n_mel_channels: int = 80
+    num_workers: int = 2
+
+    def __post_init__(self):
+        s = "data_config"
+        for key in ("segment_length", "sampling_rate", "filter_length", "hop_length", "win_length",
+                    "n_mel_channels"):
+            _require(getattr(self, key) >= 1, f"{s}.{key} must be at least 1, got {getattr(self, key)}")
+        _require(self.num_workers >= 0, f"{s}.num_workers must be >= 0, got {self.num_workers}")
+        _require(self.win_length <= self.filter_length,
+                 f"{s}.win_length ({self.win_length}) must not exceed filter_length ({self.filter_length})")
+        _require(0 <= self.mel_fmin < self.mel_fmax <= self.sampling_rate / 2,
+                 f"{s}: need 0 <= mel_fmin < mel_fmax <= sampling_rate / 2, "
+                 f"got mel_fmin={self.mel_fmin}, mel_fmax={self.mel_fmax}")
+
+
+@dataclass
+class TrainConfig:
+    """``train_config``: optimisation, checkpoints and logging."""
+
+    output_directory: str
+    epochs: int
+    learning_rate: float
+    lr_decay_step: int
+    lr_decay_gamma: float
+    sigma: float
+    iters_per_checkpoint: int
+    batch_size: int
+    seed: int
+    checkpoint_path: str
+    with_tensorboard: bool
+    fp16_run: bool = False
+    bf16_run: bool = False
+    grad_clip_thresh: float = 5.0
+    max_bad_steps: int = 10
+
+    def __post_init__(self):
+        s = "train_config"
+        for key in ("epochs", "lr_decay_step", "iters_per_checkpoint", "batch_size", "max_bad_steps"):
+            _require(getattr(self, key) >= 1, f"{s}.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("learning_rate", "lr_decay_gamma", "sigma", "grad_clip_thresh"):
+            _require(getattr(self, key) > 0, f"{s}.{key} must be positive, got {getattr(self, key)}")
+        _require(not (self.fp16_run and self.bf16_run), f"{s}: fp16_run and bf16_run cannot both be on")
+
+
+@dataclass
+class DistConfig:
+    """``dist_config``: kept for the original configs; torchrun's environment takes precedence."""
+
+    dist_backend: str = "nccl"
+    dist_url: str = "tcp://localhost:54321"
+
+
+@dataclass
+class Config:
+    train: TrainConfig
+    data: DataConfig
+    waveflow: WaveFlowConfig
+    dist: DistConfig = field(default_factory=DistConfig)
+    raw: dict = field(default_factory=dict)  # the JSON as read, stored in checkpoints
+
+
+SECTIONS = {
+    "train_config": ("train", TrainConfig),
+    "data_config": ("data", DataConfig),
+    "waveflow_config": ("waveflow", WaveFlowConfig),
+    "dist_config": ("dist", DistConfig),
+}
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    """Parse a whole config dict; `source` (usually the file name) prefixes every error."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a JSON object")
+    for key in raw:
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(key, SECTIONS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; allowed sections: {', '.join(SECTIONS)}"
+            raise ConfigError(f"{source}: unknown section '{key}'{hint}")
+    parsed = {}
+    for section, (name, cls) in SECTIONS.items():
+        if section not in raw:
+            if section == "dist_config":
+                continue
+            raise ConfigError(f"{source}: missing section '{section}'")
+        try:
+            parsed[name] = parse_section(cls, raw[section], section)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
+    return Config(raw=raw, **parsed)
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a JSON config file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    return config_from_dict(raw, source=path)
