@@ -1,0 +1,263 @@
+"""WaveFlow and NanoFlow: one family of flow-based vocoders.
+
+WaveFlow (Ping et al., ICML 2020) squeezes audio into `n_height` rows and
+stacks `n_flow` affine couplings that are autoregressive along height, each with
+its own 2-D WaveNet. NanoFlow (Lee, Kim, Yoon, NeurIPS 2020, section 3) keeps
+the flows but shares what computes them:
+
+- `waveflow`: every flow owns its estimator and projection;
+- `nanoflow_naive`: one flow (estimator and projection) applied `n_flow` times;
+- `nanoflow_decomp`: one estimator shared by all flows, a projection per flow;
+- `nanoflow`: `nanoflow_decomp` plus a learned flow embedding fed to every
+  layer and per-flow multiplicative gates (`multgate`) on the residual updates.
+
+`WaveFlow.flow_parts` is the only place where the four differ.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from config import WaveFlowConfig, parse_section
+from modules import FlowEmbedding, ProjLogST, WaveNet2D, WeightNormMixin, WNConvTranspose2d, shift_1d
+
+UPSAMPLE_FACTOR = 256  # two transposed convs of stride 16: one mel frame per 256 samples (the STFT hop)
+SYNTHESIS_TRIM = 768   # samples dropped at the end in synthesis, as the original did (3 frames)
+
+
+def squeeze(x: torch.Tensor, n_height: int) -> torch.Tensor:
+    """`[B, C, T] -> [B, C, H, T / H]` with `out[b, c, h, w] = x[b, c, w * H + h]`:
+    each column holds H consecutive samples."""
+    batch, channels, length = x.shape
+    return x.view(batch, channels, length // n_height, n_height).transpose(2, 3)  # [B, C, H, W]
+
+
+def unsqueeze(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `squeeze`: `[B, C, H, W] -> [B, C, H * W]`."""
+    batch, channels, height, width = x.shape
+    return x.transpose(2, 3).reshape(batch, channels, height * width)  # [B, C, T]
+
+
+def negative_log_likelihood(z: torch.Tensor, logdet: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """The original's training loss: negative log-likelihood per audio sample, in nats.
+
+    `z [B, 1, H, W]`, `logdet [B]` -> scalar, under a prior `N(0, sigma^2)`; computed in fp32.
+    """
+    z = z.float()
+    n = z.numel()
+    constant = 0.5 * (math.log(2 * math.pi) + 2 * math.log(sigma))
+    return constant + (0.5 * z.pow(2).sum() / sigma ** 2 - logdet.float().sum()) / n
+
+
+class Coupling(nn.Module):
+    """The parameters of one affine coupling that are not shared with other flows.
+
+    `net`: its own estimator (WaveFlow, NanoFlow-naive); `multgate [L, R]`: NanoFlow's
+    per-flow gates on the residual updates (ones at the start); `proj_log_s_t`: the
+    projection to `(log_s, t)`.
+    """
+
+    def __init__(self, res_channels: int, net: WaveNet2D | None = None, multgate_layers: int = 0):
+        super().__init__()
+        if multgate_layers:
+            self.multgate = nn.Parameter(torch.ones(multgate_layers, res_channels))
+        if net is not None:
+            self.net = net
+        self.proj_log_s_t = ProjLogST(res_channels)
+
+
+class WaveFlow(nn.Module):
+    """The vocoder: `forward(audio, mel) -> (z, logdet)`, `infer(mel) -> audio`.
+
+    Shapes: audio `[B, T]`, mel `[B, cin, F]`, `z [B, 1, H, T / H]`, `logdet [B]`.
+    Module names follow the original code so its checkpoints load unchanged.
+    """
+
+    def __init__(self, config: WaveFlowConfig):
+        super().__init__()
+        self.config = config
+        kind = config.coupling_type
+        R, K, L = config.res_channels, config.n_flow, config.n_layer
+
+        def estimator() -> WaveNet2D:
+            return WaveNet2D(R, config.cin_channels, L, config.n_layer_per_cycle,
+                             config.size_flow_embed if kind == "nanoflow" else 0)
+
+        if kind == "nanoflow":
+            self.flow_embedding = FlowEmbedding(K, config.size_flow_embed, config.use_weightnorm_embed)
+        # The ModuleDicts only reproduce the original's key names (`flows.0.coupling.net...`).
+        if kind == "waveflow":
+            self.flows = nn.ModuleList(nn.ModuleDict({"coupling": Coupling(R, net=estimator())})
+                                       for _ in range(K))
+        elif kind == "nanoflow_naive":
+            self.flow = nn.ModuleDict({"coupling": Coupling(R, net=estimator())})
+        else:
+            self.estimator = nn.ModuleDict({"net": estimator()})
+            self.flows = nn.ModuleList(Coupling(R, multgate_layers=L if kind == "nanoflow" else 0)
+                                       for _ in range(K))
+        self.upsample_conv = nn.Sequential(
+            WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)), nn.LeakyReLU(0.4),
+            WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)), nn.LeakyReLU(0.4))
+
+    # --- what each flow uses ----------------------------------------------------------------
+
+    def flow_parts(self, flow: int) -> tuple[WaveNet2D, Coupling, torch.Tensor | None]:
+        """The estimator, the coupling parameters and the flow embedding that flow `flow` uses."""
+        kind = self.config.coupling_type
+        if kind == "waveflow":
+            coupling = self.flows[flow]["coupling"]
+            return coupling.net, coupling, None
+        if kind == "nanoflow_naive":
+            coupling = self.flow["coupling"]
+            return coupling.net, coupling, None
+        embedding = self.flow_embedding(flow) if kind == "nanoflow" else None
+        return self.estimator["net"], self.flows[flow], embedding
+
+    def permute(self, flow: int, x: torch.Tensor) -> torch.Tensor:
+        """Flow `flow`'s permutation of the rows of `x [B, C, H, W]`; its own inverse.
+
+        Reverse the height; with `bipartize`, the second half of the flows reverse each
+        half of the rows separately (WaveFlow paper, section 4.3).
+        """
+        if self.config.bipartize and flow >= self.config.n_flow // 2:
+            upper, lower = x.chunk(2, dim=2)
+            return torch.cat([upper.flip(2), lower.flip(2)], dim=2)
+        return x.flip(2)
+
+    def coupling_params(self, flow: int, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(log_s, t)`, both `[B, 1, H, W]` fp32, for flow `flow` given its (permuted) input
+        `x [B, 1, H, W]` and conditioning `c [B, cin, H, W]`. Row h depends on rows < h of `x`."""
+        net, coupling, embedding = self.flow_parts(flow)
+        feat = net(shift_1d(x), c, embedding, getattr(coupling, "multgate", None))
+        log_s, t = coupling.proj_log_s_t(feat).float().chunk(2, dim=1)
+        return log_s, t
+
+    # --- training direction: audio -> z -------------------------------------------------------
+
+    def upsample(self, mel: torch.Tensor) -> torch.Tensor:
+        """`mel [B, cin, F] -> [B, cin, 256 * F]`."""
+        return self.upsample_conv(mel.unsqueeze(1)).squeeze(1)
+
+    def _flow_forward(self, flow: int, x: torch.Tensor, c: torch.Tensor):
+        x, c = self.permute(flow, x), self.permute(flow, c)
+        log_s, t = self.coupling_params(flow, x, c)
+        return x * torch.exp(log_s) + t, c, log_s.sum(dim=(1, 2, 3))
+
+    def forward(self, audio: torch.Tensor, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`audio [B, T]`, `mel [B, cin, F]` with `256 * F >= T` -> `z [B, 1, H, T / H]`, `logdet [B]` (fp32)."""
+        height = self.config.n_height
+        length = audio.shape[1]
+        if length % height:
+            raise ValueError(f"audio length {length} is not a multiple of n_height {height}")
+        c = self.upsample(mel)
+        if c.shape[-1] < length:
+            raise ValueError(f"mel of {mel.shape[-1]} frames covers {c.shape[-1]} samples, audio has {length}")
+        c = squeeze(c[..., :length], height)  # [B, cin, H, W]
+        x = squeeze(audio.unsqueeze(1), height)  # [B, 1, H, W]
+        logdet = audio.new_zeros(audio.shape[0], dtype=torch.float32)
+        use_checkpoint = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for flow in range(self.config.n_flow):
+            if use_checkpoint:
+                x, c, flow_logdet = checkpoint(self._flow_forward, flow, x, c, use_reentrant=False)
+            else:
+                x, c, flow_logdet = self._flow_forward(flow, x, c)
+            logdet = logdet + flow_logdet
+        return x, logdet
+
+    # --- synthesis: z -> audio ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def infer(self, mel: torch.Tensor, sigma: float = 1.0, z: torch.Tensor | None = None,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """Synthesize audio from `mel [B, cin, F]` -> `audio [B, 256 * (F - 3)]` (fp32).
+
+        `z [B, 1, H, W]` is the noise, drawn from `N(0, sigma^2)` when not given (`generator`
+        makes it reproducible). Exact inverse of `forward`, one row at a time with
+        convolution queues; the conditioning is projected once per estimator.
+        """
+        height = self.config.n_height
+        dtype = next(self.parameters()).dtype
+        c = self.upsample(mel.to(dtype))[..., :-SYNTHESIS_TRIM]
+        if c.shape[-1] <= 0 or c.shape[-1] % height:
+            raise ValueError(f"a mel of {mel.shape[-1]} frames gives {max(c.shape[-1], 0)} samples, "
+                             f"which must be positive and a multiple of n_height {height}")
+        c = squeeze(c, height)  # [B, cin, H, W]
+        batch, _, _, width = c.shape
+        if z is None:
+            z = torch.randn(batch, 1, height, width, device=c.device, generator=generator) * sigma
+        elif z.shape != (batch, 1, height, width):
+            raise ValueError(f"z must have shape {(batch, 1, height, width)}, got {tuple(z.shape)}")
+
+        # rows[flow][h]: the row of the unpermuted conditioning that is row h in that flow.
+        order = torch.arange(height).view(1, 1, height, 1)
+        rows = []
+        for flow in range(self.config.n_flow):
+            order = self.permute(flow, order)
+            rows.append(order.flatten().tolist())
+
+        x = z.float()
+        net_of_cond, cond = None, None
+        for flow in reversed(range(self.config.n_flow)):
+            net = self.flow_parts(flow)[0]
+            if net is not net_of_cond:  # a 1x1 conv commutes with the row permutation: project once
+                net_of_cond, cond = net, net.condition(c)
+            x = self.permute(flow, self._reverse_coupling(flow, x, cond, rows[flow]))
+        return unsqueeze(x).squeeze(1)
+
+    def _reverse_coupling(self, flow: int, z: torch.Tensor, cond: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Invert flow `flow`'s coupling row by row. `z [B, 1, H, W]` fp32, `cond [H, L, B, 2R, W]`
+        of the unpermuted rows -> `x [B, 1, H, W]` in the flow's (permuted) row order."""
+        net, coupling, embedding = self.flow_parts(flow)
+        multgate = getattr(coupling, "multgate", None)
+        gate_biases = net.gate_biases(embedding).to(cond.dtype)
+        if multgate is not None:
+            multgate = multgate.to(cond.dtype)
+        batch, _, height, width = z.shape
+        x = torch.empty_like(z)
+        x_row = z.new_zeros(batch, 1, width)  # the row above row 0 (shift_1d pads with zeros)
+        net.start_inference(batch, width, cond)
+        try:
+            for h in range(height):
+                feat = net.step(x_row.to(cond.dtype), cond[rows[h]], gate_biases, multgate, h)  # [B, R, W]
+                log_s, t = coupling.proj_log_s_t(feat.unsqueeze(2)).squeeze(2).float().chunk(2, dim=1)
+                x_row = (z[:, :, h] - t) * torch.exp(-log_s)  # [B, 1, W]
+                x[:, :, h] = x_row
+        finally:
+            net.end_inference()
+        return x
+
+    # --- inference preparation ----------------------------------------------------------------
+
+    def parameter_count(self, inference: bool = False) -> int:
+        """Trainable parameters as trained, or (`inference=True`) as the paper counts them:
+        weight norm folded, and NanoFlow's embedding path replaced by its cached products
+        (one `[2R]` vector per flow and layer)."""
+        if not inference:
+            return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        count = 0
+        for name, parameter in self.named_parameters():
+            if name.endswith("weight_g") or name.startswith("flow_embedding") or ".filter_gate_conv_h." in name:
+                continue
+            count += parameter.numel()
+        if self.config.coupling_type == "nanoflow":
+            config = self.config
+            count += config.n_flow * config.n_layer * 2 * config.res_channels
+        return count
+
+    def remove_weight_norm(self) -> "WaveFlow":
+        """Fold every weight norm into a plain weight (faster inference); the model stays usable
+        and still loads checkpoints in either layout."""
+        for module in self.modules():
+            if isinstance(module, WeightNormMixin):
+                module.remove_weight_norm()
+        return self
+
+
+def build_model(waveflow_config: dict | WaveFlowConfig) -> WaveFlow:
+    """Build the model of a `waveflow_config` section (a dict as in the JSON configs, or parsed)."""
+    if not isinstance(waveflow_config, WaveFlowConfig):
+        waveflow_config = parse_section(WaveFlowConfig, waveflow_config, "waveflow_config")
+    return WaveFlow(waveflow_config)

@@ -1,0 +1,299 @@
+"""The model family against the original's numbers, and the properties every flow must have."""
+import json
+import os
+
+import pytest
+import torch
+
+from config import ConfigError
+from model import SYNTHESIS_TRIM, WaveFlow, build_model, negative_log_likelihood, squeeze, unsqueeze
+from modules import WaveNet2D
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FIXTURES = os.path.join(HERE, "fixtures")
+VARIANTS = ["waveflow", "nanoflow_naive", "nanoflow_decomp", "nanoflow"]
+TOLERANCE = 1e-4
+
+
+def tiny_config(coupling_type: str, **overrides) -> dict:
+    config = {"model_name": "tiny", "cin_channels": 80, "res_channels": 16, "n_height": 16, "n_layer": 3,
+              "n_flow": 4, "n_layer_per_cycle": 1, "coupling_type": coupling_type,
+              "size_flow_embed": 8, "use_weightnorm_embed": "False"}
+    config.update(overrides)
+    return config
+
+
+def random_model(config: dict, seed: int = 0) -> WaveFlow:
+    """A model whose every parameter matters: the near-zero initialisation of the projections
+    would otherwise make each flow almost the identity."""
+    torch.manual_seed(seed)
+    model = build_model(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def slow_inverse(model: WaveFlow, mel: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The exact inverse the definition gives: every row recomputed with a full estimator pass."""
+    height, n_flow = model.config.n_height, model.config.n_flow
+    c = squeeze(model.upsample(mel)[..., :-SYNTHESIS_TRIM], height)
+    conditions = []
+    for flow in range(n_flow):
+        c = model.permute(flow, c)
+        conditions.append(c)
+    x = z
+    for flow in reversed(range(n_flow)):
+        y = torch.zeros_like(x)
+        for h in range(height):
+            log_s, t = model.coupling_params(flow, y, conditions[flow])
+            y[:, :, h] = (x[:, :, h] - t[:, :, h]) * torch.exp(-log_s[:, :, h])
+        x = model.permute(flow, y)
+    return unsqueeze(x).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- reference fixtures
+
+@pytest.mark.parametrize("name", ["waveflow-small", "nanoflow-naive-small", "nanoflow-decomp-small", "nanoflow-small"])
+def test_reference_fixture(name):
+    fixture = torch.load(os.path.join(FIXTURES, f"{name}.pt"), weights_only=False)
+    model = build_model(fixture["waveflow_config"])
+    model.load_state_dict(fixture["checkpoint"]["model"])  # strict, original weight_g/weight_v layout
+    model.eval()
+    forward = fixture["forward"]
+    with torch.no_grad():
+        z, logdet = model(forward["audio"], forward["mel"])
+        loss = negative_log_likelihood(z, logdet)
+    assert logdet.shape == (forward["audio"].shape[0],)
+    assert torch.allclose(z, forward["z"], atol=TOLERANCE, rtol=0)
+    assert abs(logdet.sum().item() - forward["logdet_sum"].item()) <= TOLERANCE * max(1.0, abs(forward["logdet_sum"].item()))
+    assert abs(loss.item() - forward["loss"]) <= TOLERANCE
+    infer = fixture["infer"]
+    audio = model.infer(infer["mel"], z=infer["z"])
+    assert audio.shape == infer["audio"].shape
+    assert torch.allclose(audio, infer["audio"], atol=TOLERANCE, rtol=0)
+
+
+def test_state_dict_layout_and_parameter_counts_of_the_original_configs():
+    reference = json.load(open(os.path.join(FIXTURES, "state_dicts.json")))
+    expected_counts = {"waveflow-h16-r64": 5_950_180, "waveflow-h16-r128": 22_385_892,
+                       "nanoflow-naive-h16-r128": 2_798_408, "nanoflow-decomp-h16-r128": 2_800_228,
+                       "nanoflow-h16-r128-emb512": 3_865_188, "nanoflow-h16-r128-emb1024-f16": 4_936_324}
+    for name, count in expected_counts.items():
+        with open(os.path.join(ROOT, "configs", f"{name}.json")) as f:
+            project_config = json.load(f)
+        assert project_config["waveflow_config"] == reference[name]["waveflow_config"]
+        model = build_model(project_config["waveflow_config"])
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count
+        assert reference[name]["trainable_parameters_with_weight_norm"] == count
+        # Same names, shapes and order as the original, so its checkpoints and Adam states load.
+        assert [[k, list(v.shape)] for k, v in model.state_dict().items()] == reference[name]["state_dict"]
+
+
+def test_inference_parameter_count_matches_the_paper():
+    with open(os.path.join(ROOT, "configs", "nanoflow-h16-r128-emb512.json")) as f:
+        model = build_model(json.load(f)["waveflow_config"])
+    assert model.parameter_count(inference=True) == 2_818_530
+    with open(os.path.join(ROOT, "configs", "waveflow-h16-r64.json")) as f:
+        model = build_model(json.load(f)["waveflow_config"])
+    assert model.parameter_count(inference=True) == 5_925_090
+
+
+# ----------------------------------------------------------------------------- flow properties
+
+INVERTIBILITY_CASES = [(variant, {}) for variant in VARIANTS] + [
+    ("nanoflow", {"n_height": 8}),
+    ("waveflow", {"n_height": 32, "n_flow": 2}),
+    ("nanoflow", {"n_layer_per_cycle": 3, "n_layer": 5, "bipartize": "True"}),
+    ("nanoflow_naive", {"n_layer_per_cycle": 3, "n_layer": 4, "bipartize": True}),
+    ("nanoflow_decomp", {"n_height": 32, "n_layer_per_cycle": 2, "n_layer": 4, "use_weightnorm_embed": True}),
+    ("nanoflow", {"use_weightnorm_embed": "True", "n_height": 8, "n_layer_per_cycle": 2}),
+]
+
+
+@pytest.mark.parametrize("variant,overrides", INVERTIBILITY_CASES)
+def test_fast_inference_is_the_exact_inverse(variant, overrides):
+    model = random_model(tiny_config(variant, **overrides))
+    height = model.config.n_height
+    frames = 7
+    mel = torch.randn(2, 80, frames)
+    z = torch.randn(2, 1, height, 256 * (frames - 3) // height)
+    audio = model.infer(mel, z=z)
+    assert audio.shape == (2, 256 * (frames - 3))
+    with torch.no_grad():
+        assert torch.allclose(audio, slow_inverse(model, mel, z), atol=TOLERANCE, rtol=0)
+        z_back, _ = model(audio, mel)
+    assert torch.allclose(z_back, z, atol=TOLERANCE, rtol=0)
+    # Not trivially true: the flows change their input.
+    assert (unsqueeze(z).squeeze(1) - audio).abs().max() > 0.1
+
+
+def test_logdet_equals_brute_force_jacobian():
+    for variant in VARIANTS:
+        model = random_model(tiny_config(variant, n_height=4, n_flow=3, res_channels=8, n_layer=2,
+                                         n_layer_per_cycle=2, bipartize=True), seed=1).double()
+        mel = torch.randn(1, 80, 1, dtype=torch.float64)
+        audio = torch.randn(1, 24, dtype=torch.float64)
+        with torch.no_grad():
+            _, logdet = model(audio, mel)
+        jacobian = torch.autograd.functional.jacobian(lambda a: model(a, mel)[0].flatten(), audio).reshape(24, 24)
+        sign, logabsdet = torch.linalg.slogdet(jacobian)
+        assert sign != 0
+        assert abs(logdet.item() - logabsdet.item()) < 1e-6, variant
+        assert abs(logdet.item()) > 0.1  # the flows really scale
+
+
+def test_estimator_is_causal_along_height():
+    torch.manual_seed(0)
+    net = WaveNet2D(res_channels=8, cin_channels=80, n_layer=4, n_layer_per_cycle=2).eval()
+    x, c = torch.randn(1, 1, 8, 10), torch.randn(1, 80, 8, 10)
+    out = net(x, c)
+    for h in range(8):
+        changed = x.clone()
+        changed[:, :, h:] += torch.randn_like(changed[:, :, h:])
+        new = net(changed, c)
+        assert torch.equal(new[:, :, :h], out[:, :, :h]), f"rows < {h} saw rows >= {h}"
+        assert not torch.allclose(new[:, :, h], out[:, :, h])  # row h does see row h
+
+
+def test_dilations_follow_the_original_cycle():
+    net = WaveNet2D(res_channels=4, cin_channels=80, n_layer=5, n_layer_per_cycle=3)
+    dilations = [block.filter_gate_conv.conv.dilation for block in net.res_blocks]
+    assert dilations == [(1, 1), (2, 2), (4, 4), (1, 8), (2, 16)]
+    assert [block.filter_gate_conv.pad_top for block in net.res_blocks] == [2, 4, 8, 2, 4]
+
+
+def test_coupling_row_depends_only_on_rows_above():
+    model = random_model(tiny_config("nanoflow", n_height=8, bipartize=True))
+    x, c = torch.randn(1, 1, 8, 12), torch.randn(1, 80, 8, 12)
+    with torch.no_grad():
+        for flow in range(model.config.n_flow):
+            log_s, t = model.coupling_params(flow, x, c)
+            for h in range(1, 8):
+                changed = x.clone()
+                changed[:, :, h:] += 1.0
+                new_log_s, new_t = model.coupling_params(flow, changed, c)
+                assert torch.equal(new_log_s[:, :, :h + 1], log_s[:, :, :h + 1])
+                assert torch.equal(new_t[:, :, :h + 1], t[:, :, :h + 1])
+                if h < 7:
+                    assert not torch.allclose(new_t[:, :, h + 1], t[:, :, h + 1])
+
+
+def test_bipartized_permutation_flips_halves_in_the_second_half_of_flows():
+    model = build_model(tiny_config("waveflow", n_flow=4, n_height=8, bipartize=True))
+    rows = torch.arange(8).view(1, 1, 8, 1)
+    assert model.permute(0, rows).flatten().tolist() == [7, 6, 5, 4, 3, 2, 1, 0]
+    assert model.permute(1, rows).flatten().tolist() == [7, 6, 5, 4, 3, 2, 1, 0]
+    assert model.permute(2, rows).flatten().tolist() == [3, 2, 1, 0, 7, 6, 5, 4]
+    assert model.permute(3, rows).flatten().tolist() == [3, 2, 1, 0, 7, 6, 5, 4]
+    plain = build_model(tiny_config("waveflow", n_flow=4, n_height=8))
+    assert plain.permute(3, rows).flatten().tolist() == [7, 6, 5, 4, 3, 2, 1, 0]
+
+
+def test_sampling_uses_sigma_and_generator():
+    model = random_model(tiny_config("nanoflow"))
+    mel = torch.randn(1, 80, 6)
+    first = model.infer(mel, sigma=0.5, generator=torch.Generator().manual_seed(3))
+    second = model.infer(mel, sigma=0.5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, second)
+    z = torch.randn(1, 1, 16, 256 * 3 // 16, generator=torch.Generator().manual_seed(3)) * 0.5
+    assert torch.allclose(first, model.infer(mel, z=z), atol=1e-6)
+    with pytest.raises(ValueError, match="z must have shape"):
+        model.infer(mel, z=torch.randn(1, 1, 16, 5))
+
+
+# ----------------------------------------------------------------------------- weight norm
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_remove_weight_norm_keeps_the_model_usable(variant):
+    model = random_model(tiny_config(variant, use_weightnorm_embed=True))
+    mel, z = torch.randn(1, 80, 6), torch.randn(1, 1, 16, 48)
+    audio = model.infer(mel, z=z)
+    with torch.no_grad():
+        z_normed, logdet_normed = model(audio, mel)
+    state = model.state_dict()
+    assert model.remove_weight_norm() is model
+    assert not any(k.endswith("weight_g") for k in model.state_dict())
+    assert torch.allclose(model.infer(mel, z=z), audio, atol=1e-5)
+    with torch.no_grad():
+        z_folded, logdet_folded = model(audio, mel)
+    assert torch.allclose(z_folded, z_normed, atol=1e-5)
+    assert torch.allclose(logdet_folded, logdet_normed, atol=1e-4)
+    # A weight-normed checkpoint loads strictly into the folded model, and the other way round.
+    model.load_state_dict(state)
+    assert torch.allclose(model.infer(mel, z=z), audio, atol=1e-5)
+    fresh = build_model(tiny_config(variant, use_weightnorm_embed=True))
+    fresh.load_state_dict(model.state_dict())
+    assert torch.allclose(fresh.eval().infer(mel, z=z), audio, atol=1e-5)
+
+
+def test_weight_normed_embedding_uses_the_original_names():
+    model = build_model(tiny_config("nanoflow", use_weightnorm_embed="True", n_flow=5, size_flow_embed=6))
+    state = model.state_dict()
+    assert state["flow_embedding.weight_g"].shape == (5, 1)
+    assert state["flow_embedding.weight_v"].shape == (5, 6)
+    assert "flow_embedding.weight" not in state
+
+
+# ----------------------------------------------------------------------------- precision and memory
+
+def test_autocast_keeps_logdet_and_loss_in_fp32():
+    model = random_model(tiny_config("nanoflow"))
+    audio, mel = torch.randn(2, 512).clamp(-1, 1), torch.randn(2, 80, 3)
+    with torch.no_grad():
+        z_ref, logdet_ref = model(audio, mel)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z, logdet = model(audio, mel)
+            loss = negative_log_likelihood(z, logdet)
+    assert logdet.dtype == torch.float32 and z.dtype == torch.float32 and loss.dtype == torch.float32
+    assert torch.allclose(logdet, logdet_ref, rtol=0.05, atol=1.0)
+
+
+def test_half_precision_inference_runs_and_is_close():
+    model = random_model(tiny_config("nanoflow"))
+    mel, z = torch.randn(1, 80, 6), torch.randn(1, 1, 16, 48)
+    reference = model.infer(mel, z=z)
+    audio = model.to(torch.bfloat16).infer(mel, z=z)
+    assert audio.dtype == torch.float32
+    assert (audio - reference).abs().max() < 0.2
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    audio, mel = torch.randn(2, 512), torch.randn(2, 80, 3)
+    gradients = []
+    for enabled in (False, True):
+        model = random_model(tiny_config("nanoflow", gradient_checkpointing=enabled)).train()
+        loss = negative_log_likelihood(*model(audio, mel))
+        loss.backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad configs
+
+@pytest.mark.parametrize("change,message", [
+    ({"coupling_type": "nanoflow_fancy"}, r"coupling_type must be one of waveflow, nanoflow_naive, nanoflow_decomp, nanoflow"),
+    ({"n_layer": "8"}, r"waveflow_config\.n_layer must be an integer"),
+    ({"res_channel": 16}, r"unknown key 'res_channel'; did you mean 'res_channels'"),
+    ({"use_weightnorm_embed": "yes"}, r"waveflow_config\.use_weightnorm_embed must be a boolean"),
+    ({"n_height": 0}, r"waveflow_config\.n_height must be at least"),
+    ({"size_flow_embed": 0}, r"size_flow_embed must be a positive integer"),
+])
+def test_bad_config_is_refused_with_the_key_named(change, message):
+    config = tiny_config("nanoflow")
+    config.update(change)
+    with pytest.raises(ValueError, match=message):
+        build_model(config)
+
+
+def test_missing_key_is_named():
+    config = tiny_config("waveflow")
+    del config["n_flow"]
+    with pytest.raises(ConfigError, match="missing required key 'n_flow'"):
+        build_model(config)
+
+
+def test_string_booleans_of_the_original_configs_are_accepted():
+    model = build_model(tiny_config("nanoflow", use_weightnorm_embed="False", bipartize="True"))
+    assert model.config.use_weightnorm_embed is False and model.config.bipartize is True
