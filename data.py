@@ -1,0 +1,204 @@
+"""Audio files, file lists and the Tacotron 2 mel spectrogram that conditions the vocoder.
+
+NanoFlow (Lee, Kim, Yoon, NeurIPS 2020, Section 5) is trained, like WaveFlow and
+WaveGlow, on the 80-band log-mel spectrogram of NVIDIA's Tacotron 2 (Shen et al.,
+ICASSP 2018), so that a trained vocoder takes a Tacotron 2 model's output as it is.
+`MelSpectrogram` computes exactly that feature; everything here that reads a file
+refuses bad input with a one-line `DataError` naming the file and the problem,
+because a corpus that is silently resampled, downmixed or skipped trains a
+different model from the one the user asked for.
+"""
+from __future__ import annotations
+
+import os
+
+import librosa
+import numpy as np
+import soundfile
+import torch
+from torch import nn
+
+from config import DataConfig
+
+MEL_FILE_EXTENSIONS = (".pt", ".npy")
+LOG_FLOOR = 1e-5  # Tacotron 2's clamp before the log: silence maps to log(1e-5), about -11.5
+
+
+class DataError(ValueError):
+    """A bad audio file, file list or mel file; the message is one line naming the file."""
+
+
+def _read_error(path: str, error: Exception) -> DataError:
+    reason = " ".join(str(error).split()) or type(error).__name__  # libsndfile messages span lines
+    return DataError(f"{path}: cannot read audio ({reason})")
+
+
+def _open_checked(path: str, sampling_rate: int) -> soundfile.SoundFile:
+    """Open an audio file and check that it is a non-empty mono file at `sampling_rate`."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: audio file not found")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not a file")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: audio file is empty (0 bytes)")
+    try:
+        sound = soundfile.SoundFile(path)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
+        raise _read_error(path, error) from None
+    problem = None
+    if sound.samplerate != sampling_rate:
+        problem = (f"sampling rate is {sound.samplerate} Hz, expected {sampling_rate} Hz "
+                   f"(resample the corpus first, e.g. with sox)")
+    elif sound.channels != 1:
+        problem = f"has {sound.channels} channels, expected mono"
+    elif sound.frames == 0:
+        problem = "contains no audio samples"
+    if problem is not None:
+        sound.close()
+        raise DataError(f"{path}: {problem}")
+    return sound
+
+
+def audio_length(path: str, sampling_rate: int) -> int:
+    """Number of samples in an audio file, after checking its header as `load_audio` does."""
+    with _open_checked(path, sampling_rate) as sound:
+        return sound.frames
+
+
+def load_audio(path: str, sampling_rate: int, start: int = 0, length: int = -1) -> torch.Tensor:
+    """Read `length` samples (all when -1) from sample `start` of a mono file: audio [T] float32.
+
+    16-bit PCM is scaled by 1/32768 as Tacotron 2 does; other integer formats are
+    scaled to [-1, 1) by libsndfile; float files are taken as they are.
+    """
+    with _open_checked(path, sampling_rate) as sound:
+        dtype = "int16" if sound.subtype == "PCM_16" else "float32"
+        try:
+            sound.seek(start)
+            samples = sound.read(length, dtype=dtype)
+        except (soundfile.LibsndfileError, RuntimeError) as error:
+            raise _read_error(path, error) from None
+    audio = torch.from_numpy(samples.astype(np.float32))
+    if dtype == "int16":
+        audio = audio / 32768.0
+    if audio.numel() == 0:
+        raise DataError(f"{path}: no audio samples could be read from sample {start}")
+    if not torch.isfinite(audio).all():
+        raise DataError(f"{path}: contains NaN or infinite samples")
+    return audio
+
+
+def read_file_list(list_path: str) -> list[str]:
+    """The audio paths of a file list, in order.
+
+    One entry per line: a path, or a Tacotron 2 / LJSpeech style line
+    ``path|text...`` whose first field is the path. Blank lines are ignored.
+    A relative path is taken as written (relative to the working directory, as
+    the original code did); when no file exists there, relative to the list's
+    own folder, so that a list works from any directory. A path found in
+    neither place is an error naming the list and the line.
+    """
+    if not os.path.isfile(list_path):
+        raise DataError(f"{list_path}: file list not found")
+    with open(list_path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    list_folder = os.path.dirname(os.path.abspath(list_path))
+    paths = []
+    for number, line in enumerate(lines, start=1):
+        path = line.split("|", 1)[0].strip()
+        if not path:
+            continue
+        if not os.path.isabs(path) and not os.path.exists(path):
+            beside_list = os.path.join(list_folder, path)
+            if os.path.exists(beside_list):
+                path = beside_list
+            else:
+                raise DataError(f"{list_path}:{number}: audio file '{path}' not found "
+                                f"(looked in the working directory and in {list_folder})")
+        paths.append(path)
+    if not paths:
+        raise DataError(f"{list_path}: file list is empty")
+    return paths
+
+
+def load_mel(path: str, n_mel_channels: int = 80) -> torch.Tensor:
+    """A saved mel spectrogram as mel [n_mels, F] float32.
+
+    Reads ``.pt`` files written by ``mel2samp.py`` (or any ``torch.save`` of a
+    tensor) and ``.npy`` files. A leading batch dimension of 1, as a Tacotron 2
+    model's output has, is dropped.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: mel file not found")
+    extension = os.path.splitext(path)[1].lower()
+    try:
+        if extension == ".pt":
+            mel = torch.load(path, map_location="cpu", weights_only=True)
+        elif extension == ".npy":
+            mel = np.load(path, allow_pickle=False)
+        else:
+            raise DataError(f"{path}: unknown mel file type '{extension}', expected one of "
+                            f"{', '.join(MEL_FILE_EXTENSIONS)}")
+    except DataError:
+        raise
+    except Exception as error:  # torch.load and np.load raise many types for a damaged file
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise DataError(f"{path}: cannot read mel ({reason})") from None
+    if isinstance(mel, np.ndarray):
+        mel = torch.from_numpy(mel)
+    if not isinstance(mel, torch.Tensor):
+        raise DataError(f"{path}: expected a tensor, found {type(mel).__name__}")
+    if mel.dim() == 3 and mel.shape[0] == 1:
+        mel = mel[0]
+    if mel.dim() != 2 or mel.shape[0] != n_mel_channels or mel.shape[1] == 0:
+        hint = " (transposed? expected mel channels first)" if mel.dim() == 2 and mel.shape[-1] == n_mel_channels else ""
+        raise DataError(f"{path}: mel has shape {list(mel.shape)}, expected [{n_mel_channels}, frames]{hint}")
+    if not mel.is_floating_point():
+        raise DataError(f"{path}: mel has dtype {mel.dtype}, expected a floating point log-mel")
+    mel = mel.float()
+    if not torch.isfinite(mel).all():
+        raise DataError(f"{path}: mel contains NaN or infinite values")
+    return mel
+
+
+class MelSpectrogram(nn.Module):
+    """Tacotron 2's log-mel spectrogram: audio [B, T] -> mel [B, n_mels, 1 + T // hop_length].
+
+    STFT with a periodic Hann window centred with reflect padding, magnitude,
+    librosa's Slaney-normalised mel filterbank, then ``log(clamp(x, min=1e-5))``.
+    The window and filterbank are non-persistent buffers, so ``.to(device)``
+    moves them and they never enter a checkpoint. Always computes in float32:
+    half precision loses the quiet bands that the log floor is about.
+    """
+
+    def __init__(self, *, sampling_rate: int = 22050, filter_length: int = 1024, hop_length: int = 256,
+                 win_length: int = 1024, n_mel_channels: int = 80, mel_fmin: float = 0.0,
+                 mel_fmax: float = 8000.0):
+        super().__init__()
+        self.filter_length = filter_length
+        self.hop_length = hop_length
+        self.win_length = win_length
+        filterbank = librosa.filters.mel(sr=sampling_rate, n_fft=filter_length, n_mels=n_mel_channels,
+                                         fmin=mel_fmin, fmax=mel_fmax)  # [n_mels, filter_length // 2 + 1]
+        self.register_buffer("mel_basis", torch.from_numpy(filterbank).float(), persistent=False)
+        self.register_buffer("window", torch.hann_window(win_length, periodic=True), persistent=False)
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> "MelSpectrogram":
+        return cls(sampling_rate=data.sampling_rate, filter_length=data.filter_length,
+                   hop_length=data.hop_length, win_length=data.win_length,
+                   n_mel_channels=data.n_mel_channels, mel_fmin=data.mel_fmin, mel_fmax=data.mel_fmax)
+
+    def num_frames(self, num_samples: int) -> int:
+        return 1 + num_samples // self.hop_length
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio [B, T] (or [T]) in [-1, 1] -> mel [B, n_mels, F] (or [n_mels, F]), F = 1 + T // hop."""
+        if audio.shape[-1] <= self.filter_length // 2:
+            raise ValueError(f"audio of {audio.shape[-1]} samples is too short for the mel spectrogram's "
+                             f"reflect padding: need more than {self.filter_length // 2}")
+        spectrum = torch.stft(audio.float(), n_fft=self.filter_length, hop_length=self.hop_length,
+                              win_length=self.win_length, window=self.window, center=True,
+                              pad_mode="reflect", return_complex=True)  # [B, n_fft // 2 + 1, F]
+        mel = torch.matmul(self.mel_basis, spectrum.abs())  # [B, n_mels, F]
+        return torch.log(torch.clamp(mel, min=LOG_FLOOR))
