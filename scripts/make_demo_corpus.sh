@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Regenerate the bundled demo corpus in data/demo/ from data/demo/sentences.txt.
+#
+# Each line of sentences.txt (Harvard sentences, IEEE 1969) is spoken by espeak-ng's
+# American English voice, which writes 22,050 Hz mono 16-bit wav natively, the
+# format of LJSpeech, so nothing is resampled. espeak-ng is deterministic: the same
+# espeak-ng version gives byte-identical files. The first TEST_CLIPS clips are the
+# test set and the rest the training set, the same rule as LJSpeech's split.
+# Lists use LJSpeech's "path|text" lines with paths relative to the repository root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VOICE=en-us
+WORDS_PER_MINUTE=150  # espeak-ng's default of 175 runs words together
+TEST_CLIPS=6
+DEMO=data/demo
+
+command -v espeak-ng >/dev/null || { echo "error: espeak-ng not found (apt-get install espeak-ng)" >&2; exit 1; }
+rm -rf "$DEMO/wavs"
+mkdir -p "$DEMO/wavs"
+: > "$DEMO/train_files.txt"
+: > "$DEMO/test_files.txt"
+
+number=0
+while IFS= read -r sentence; do
+    [ -z "$sentence" ] && continue
+    number=$((number + 1))
+    wav=$(printf '%s/wavs/demo_%03d.wav' "$DEMO" "$number")
+    espeak-ng -v "$VOICE" -s "$WORDS_PER_MINUTE" -w "$wav" "$sentence"
+    if [ "$number" -le "$TEST_CLIPS" ]; then list=test_files.txt; else list=train_files.txt; fi
+    printf '%s|%s\n' "$wav" "$sentence" >> "$DEMO/$list"
+done < "$DEMO/sentences.txt"
+
+echo "wrote $number clips to $DEMO/wavs with $(espeak-ng --version | sed "s/  Data at.*//")"
