@@ -29,7 +29,8 @@ class DataError(ValueError):
 
 
 def _read_error(path: str, error: Exception) -> DataError:
-    reason = " ".join(str(error).split()) or type(error).__name__  # libsndfile messages span lines
+    # libsndfile's own reason, without soundfile's "Error opening '<path>': " prefix; it may span lines
+    reason = " ".join(getattr(error, "error_string", str(error)).split()) or type(error).__name__
     return DataError(f"{path}: cannot read audio ({reason})")
 
 
@@ -43,7 +44,7 @@ def _open_checked(path: str, sampling_rate: int) -> soundfile.SoundFile:
         raise DataError(f"{path}: audio file is empty (0 bytes)")
     try:
         sound = soundfile.SoundFile(path)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
+    except (soundfile.LibsndfileError, RuntimeError) as error:
         raise _read_error(path, error) from None
     problem = None
     if sound.samplerate != sampling_rate:
@@ -197,8 +198,9 @@ class MelSpectrogram(nn.Module):
         if audio.shape[-1] <= self.filter_length // 2:
             raise ValueError(f"audio of {audio.shape[-1]} samples is too short for the mel spectrogram's "
                              f"reflect padding: need more than {self.filter_length // 2}")
+        # float32 even after .half() or .double() on an enclosing model: the features must not depend on it
         spectrum = torch.stft(audio.float(), n_fft=self.filter_length, hop_length=self.hop_length,
-                              win_length=self.win_length, window=self.window, center=True,
+                              win_length=self.win_length, window=self.window.float(), center=True,
                               pad_mode="reflect", return_complex=True)  # [B, n_fft // 2 + 1, F]
-        mel = torch.matmul(self.mel_basis, spectrum.abs())  # [B, n_mels, F]
+        mel = torch.matmul(self.mel_basis.float(), spectrum.abs())  # [B, n_mels, F]
         return torch.log(torch.clamp(mel, min=LOG_FLOOR))
