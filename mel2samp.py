@@ -1,0 +1,171 @@
+"""Mel2Samp: the (mel, audio) dataset, and the command that precomputes mel spectrograms.
+
+The name and the command come from NVIDIA's WaveGlow (Prenger et al., ICASSP 2019),
+which the original NanoFlow code followed; users of either know them. Every item
+is ``(mel [n_mels, F], audio [T])`` with ``F = 1 + T // hop_length``:
+
+- ``mode="train"``: a random ``segment_length`` crop, zero-padded at the end when
+  the clip is shorter, and the mel of that crop (as WaveGlow does), so the frames
+  the model sees are aligned with the samples it models. The crop depends only on
+  ``(seed, epoch, index)``: resuming at an epoch gives the same crops, whatever
+  the number of DataLoader workers.
+- ``mode="eval"``: the first ``segment_length`` samples, padded the same way.
+- ``mode="synthesis"``: the mel of the whole clip (exactly what the command below
+  writes and what Tacotron 2 is trained on) and the clip cut to
+  ``hop_length * (F - 1)`` samples, a whole number of frames.
+
+The mel is computed per item on the CPU in ``__getitem__``, so DataLoader workers
+compute it in parallel with the training step; one 16000-sample crop costs about
+a millisecond (an STFT and an [80, 513] matrix product) and only the crop is read
+from disk.
+
+As a command, ``python mel2samp.py -f filelist.txt -c config.json -o out_dir``
+writes ``out_dir/<audio file name>.pt`` (``LJ001-0001.wav.pt``, WaveGlow's naming)
+holding the whole clip's mel as a float32 tensor [n_mels, F].
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from config import ConfigError, DataConfig, load_config
+from data import DataError, MelSpectrogram, audio_length, load_audio, read_file_list
+
+MODES = ("train", "eval", "synthesis")
+
+
+class Mel2Samp(Dataset):
+    """(mel [n_mels, F], audio [T]) pairs from the audio files of a file list; see the module docstring."""
+
+    def __init__(self, *, file_list: str, mode: str, segment_length: int, sampling_rate: int,
+                 filter_length: int, hop_length: int, win_length: int, mel_fmin: float, mel_fmax: float,
+                 n_mel_channels: int = 80, seed: int = 1234):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
+        if segment_length <= filter_length // 2:
+            raise ConfigError(f"data_config.segment_length ({segment_length}) must exceed filter_length / 2 "
+                              f"({filter_length // 2}) for the mel spectrogram's reflect padding")
+        self.mode = mode
+        self.segment_length = segment_length
+        self.sampling_rate = sampling_rate
+        self.hop_length = hop_length
+        self.seed = seed
+        self.epoch = 0
+        self.mel = MelSpectrogram(sampling_rate=sampling_rate, filter_length=filter_length,
+                                  hop_length=hop_length, win_length=win_length,
+                                  n_mel_channels=n_mel_channels, mel_fmin=mel_fmin, mel_fmax=mel_fmax)
+        self.files = read_file_list(file_list)
+        # Checking every header now reports a bad file before training starts, not in a worker hours later.
+        self.lengths = [audio_length(path, sampling_rate) for path in self.files]
+        if mode == "synthesis":
+            for path, length in zip(self.files, self.lengths):
+                if length <= filter_length // 2:
+                    raise DataError(f"{path}: clip of {length} samples is too short to synthesise "
+                                    f"(need more than {filter_length // 2})")
+
+    @classmethod
+    def from_config(cls, data: DataConfig, *, mode: str, seed: int = 1234,
+                    file_list: str | None = None) -> "Mel2Samp":
+        """The dataset for `mode`, reading `data.training_files` for training and `data.test_files` otherwise."""
+        if file_list is None:
+            file_list = data.training_files if mode == "train" else data.test_files
+        return cls(file_list=file_list, mode=mode, segment_length=data.segment_length,
+                   sampling_rate=data.sampling_rate, filter_length=data.filter_length,
+                   hop_length=data.hop_length, win_length=data.win_length, mel_fmin=data.mel_fmin,
+                   mel_fmax=data.mel_fmax, n_mel_channels=data.n_mel_channels, seed=seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose crops `__getitem__` returns; call before iterating a DataLoader.
+
+        DataLoader workers receive a copy of the dataset when an iteration starts,
+        so this must not be combined with ``persistent_workers=True``.
+        """
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def crop_start(self, index: int) -> int:
+        """First sample of item `index`'s segment: random in training, a function of (seed, epoch, index)."""
+        max_start = self.lengths[index] - self.segment_length
+        if self.mode != "train" or max_start <= 0:
+            return 0
+        # A generator per item, rather than one per worker, is what makes crops independent of worker count.
+        generator = np.random.default_rng([self.seed % 2**64, self.epoch, index])
+        return int(generator.integers(0, max_start + 1))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (mel [n_mels, F], audio [T]) with F = 1 + T // hop_length in training and evaluation."""
+        path = self.files[index]
+        if self.mode == "synthesis":
+            audio = load_audio(path, self.sampling_rate)  # [T]
+            mel = self.mel(audio)  # [n_mels, 1 + T // hop]
+            return mel, audio[: self.hop_length * (mel.shape[-1] - 1)]
+        audio = load_audio(path, self.sampling_rate, start=self.crop_start(index), length=self.segment_length)
+        audio = F.pad(audio, (0, self.segment_length - audio.shape[0]))  # [segment_length]
+        return self.mel(audio), audio
+
+
+def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack equal-length items: -> (mel [B, n_mels, F], audio [B, T])."""
+    lengths = {audio.shape[-1] for _, audio in items}
+    if len(lengths) > 1:
+        raise ValueError(f"cannot batch clips of different lengths {sorted(lengths)}: "
+                         f"use batch_size 1 for synthesis items")
+    mels, audios = zip(*items)
+    return torch.stack(mels), torch.stack(audios)
+
+
+def mel_file_name(audio_path: str) -> str:
+    """The name the command gives the mel of `audio_path`: WaveGlow's ``<audio file name>.pt``."""
+    return os.path.basename(audio_path) + ".pt"
+
+
+def write_mels(file_list: str, config_path: str, output_dir: str) -> int:
+    """Write the mel [n_mels, F] of every clip in `file_list` to `output_dir`; returns the number written."""
+    data = load_config(config_path).data
+    paths = read_file_list(file_list)
+    outputs = {}
+    for path in paths:
+        name = mel_file_name(path)
+        if name in outputs:
+            raise DataError(f"{file_list}: '{outputs[name]}' and '{path}' would both be written to {name}")
+        outputs[name] = path
+    for path in paths:  # every header before any work, so a bad file costs no time
+        audio_length(path, data.sampling_rate)
+    mel_spectrogram = MelSpectrogram.from_config(data)
+    os.makedirs(output_dir, exist_ok=True)
+    for name, path in tqdm(outputs.items(), desc="mel", unit="file", disable=None):
+        with torch.no_grad():
+            mel = mel_spectrogram(load_audio(path, data.sampling_rate))  # [n_mels, F]
+        target = os.path.join(output_dir, name)
+        # Written beside the target and renamed, so an interrupted run never leaves a truncated file.
+        torch.save(mel.contiguous(), target + ".partial")
+        os.replace(target + ".partial", target)
+    return len(outputs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Precompute Tacotron 2 mel spectrograms of the clips in a file list.")
+    parser.add_argument("-f", "--filelist_path", required=True, help="file list: one audio path (or path|text) per line")
+    parser.add_argument("-c", "--config", required=True, help="JSON config whose data_config sets the mel parameters")
+    parser.add_argument("-o", "--output_dir", required=True, help="folder for the <audio file name>.pt mel files")
+    args = parser.parse_args(argv)
+    try:
+        count = write_mels(args.filelist_path, args.config, args.output_dir)
+    except (DataError, ConfigError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {count} mel spectrograms to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
