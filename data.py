@@ -109,13 +109,12 @@ def read_file_list(list_path: str) -> list[str]:
         path = line.split("|", 1)[0].strip()
         if not path:
             continue
-        if not os.path.isabs(path) and not os.path.exists(path):
-            beside_list = os.path.join(list_folder, path)
-            if os.path.exists(beside_list):
-                path = beside_list
-            else:
+        if not os.path.exists(path):
+            beside_list = os.path.join(list_folder, path)  # an absolute path stays as it is
+            if not os.path.exists(beside_list):
                 raise DataError(f"{list_path}:{number}: audio file '{path}' not found "
                                 f"(looked in the working directory and in {list_folder})")
+            path = beside_list
         paths.append(path)
     if not paths:
         raise DataError(f"{list_path}: file list is empty")
@@ -132,16 +131,14 @@ def load_mel(path: str, n_mel_channels: int = 80) -> torch.Tensor:
     if not os.path.isfile(path):
         raise DataError(f"{path}: mel file not found")
     extension = os.path.splitext(path)[1].lower()
+    if extension not in MEL_FILE_EXTENSIONS:
+        raise DataError(f"{path}: unknown mel file type '{extension}', expected one of "
+                        f"{', '.join(MEL_FILE_EXTENSIONS)}")
     try:
         if extension == ".pt":
             mel = torch.load(path, map_location="cpu", weights_only=True)
-        elif extension == ".npy":
-            mel = np.load(path, allow_pickle=False)
         else:
-            raise DataError(f"{path}: unknown mel file type '{extension}', expected one of "
-                            f"{', '.join(MEL_FILE_EXTENSIONS)}")
-    except DataError:
-        raise
+            mel = np.load(path, allow_pickle=False)
     except Exception as error:  # torch.load and np.load raise many types for a damaged file
         reason = " ".join(str(error).split()) or type(error).__name__
         raise DataError(f"{path}: cannot read mel ({reason})") from None
@@ -152,7 +149,8 @@ def load_mel(path: str, n_mel_channels: int = 80) -> torch.Tensor:
     if mel.dim() == 3 and mel.shape[0] == 1:
         mel = mel[0]
     if mel.dim() != 2 or mel.shape[0] != n_mel_channels or mel.shape[1] == 0:
-        hint = " (transposed? expected mel channels first)" if mel.dim() == 2 and mel.shape[-1] == n_mel_channels else ""
+        transposed = mel.dim() == 2 and mel.shape[1] == n_mel_channels
+        hint = " (transposed? the mel channels come first)" if transposed else ""
         raise DataError(f"{path}: mel has shape {list(mel.shape)}, expected [{n_mel_channels}, frames]{hint}")
     if not mel.is_floating_point():
         raise DataError(f"{path}: mel has dtype {mel.dtype}, expected a floating point log-mel")

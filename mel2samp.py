@@ -153,10 +153,14 @@ def write_mels(file_list: str, config_path: str, output_dir: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Precompute Tacotron 2 mel spectrograms of the clips in a file list.")
-    parser.add_argument("-f", "--filelist_path", required=True, help="file list: one audio path (or path|text) per line")
-    parser.add_argument("-c", "--config", required=True, help="JSON config whose data_config sets the mel parameters")
-    parser.add_argument("-o", "--output_dir", required=True, help="folder for the <audio file name>.pt mel files")
+    parser = argparse.ArgumentParser(
+        description="Precompute Tacotron 2 mel spectrograms of the clips in a file list.")
+    parser.add_argument("-f", "--filelist_path", required=True,
+                        help="file list: one audio path (or path|text) per line")
+    parser.add_argument("-c", "--config", required=True,
+                        help="JSON config whose data_config sets the mel parameters")
+    parser.add_argument("-o", "--output_dir", required=True,
+                        help="folder for the <audio file name>.pt mel files")
     args = parser.parse_args(argv)
     try:
         count = write_mels(args.filelist_path, args.config, args.output_dir)

@@ -122,10 +122,14 @@ def test_bad_file_lists_are_refused(tmp_path):
         read_file_list(str(blank))
     assert_one_line_error(excinfo, blank, "empty")
     dangling = tmp_path / "dangling.txt"
-    dangling.write_text("\nwavs/gone.wav|text\n")
+    dangling.write_text(f"\nwavs/gone.wav|text\n{tmp_path / 'gone.wav'}\n")
     with pytest.raises(DataError) as excinfo:
         read_file_list(str(dangling))
     assert_one_line_error(excinfo, f"{dangling}:2", "wavs/gone.wav", "not found")
+    dangling.write_text(f"{tmp_path / 'gone.wav'}\n")
+    with pytest.raises(DataError) as excinfo:
+        read_file_list(str(dangling))
+    assert_one_line_error(excinfo, f"{dangling}:1", tmp_path / "gone.wav", "not found")
 
 
 def test_mel_files_load_from_pt_and_npy(tmp_path):

@@ -85,16 +85,18 @@ def test_incomplete_corpora_and_foreign_archives_are_refused(tmp_path, capsys):
     foreign = tmp_path / "other.tar.bz2"
     with tarfile.open(foreign, "w:bz2") as tar:
         tar.add(corpus / "metadata.csv", arcname="metadata.csv")
-    assert prepare_ljspeech.main(["--archive", str(foreign), "--data-dir", str(tmp_path / "data"), *lists]) == 1
+    code = prepare_ljspeech.main(["--archive", str(foreign), "--data-dir", str(tmp_path / "data"), *lists])
+    assert code == 1
     assert "not an LJSpeech-1.1 archive" in capsys.readouterr().err
     assert not (tmp_path / "data" / "LJSpeech-1.1").exists()
 
 
 def test_command_line_error_is_one_line_without_traceback(tmp_path):
     archive, _ = make_archive(tmp_path, 4)
-    result = subprocess.run([sys.executable, SCRIPT, "--archive", str(archive), "--data-dir", str(tmp_path / "data"),
-                             "--sha256", "0" * 64, "--train-list", str(tmp_path / "train.txt"),
-                             "--test-list", str(tmp_path / "test.txt")], capture_output=True, text=True)
+    command = [sys.executable, SCRIPT, "--archive", str(archive), "--data-dir", str(tmp_path / "data"),
+               "--sha256", "0" * 64, "--train-list", str(tmp_path / "train.txt"),
+               "--test-list", str(tmp_path / "test.txt")]
+    result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {archive}: sha256 is ")
@@ -102,6 +104,6 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
 
 def test_too_few_clips_to_hold_out_the_test_set(tmp_path, capsys):
     corpus, _ = make_corpus(tmp_path, 3)
-    assert prepare_ljspeech.main(["--corpus", str(corpus), "--expected-clips", "0",
-                                  "--train-list", str(tmp_path / "t.txt"), "--test-list", str(tmp_path / "v.txt")]) == 1
+    lists = ["--train-list", str(tmp_path / "train.txt"), "--test-list", str(tmp_path / "test.txt")]
+    assert prepare_ljspeech.main(["--corpus", str(corpus), "--expected-clips", "0", *lists]) == 1
     assert "too few to hold out 1310" in capsys.readouterr().err
