@@ -1,4 +1,5 @@
 """data.py: the Tacotron 2 mel against the reference fixture, audio loading, file lists, mel files."""
+import math
 import os
 
 import numpy as np
@@ -50,6 +51,11 @@ def test_mel_is_batched_and_its_buffers_follow_the_module():
     assert mel_spectrogram.state_dict() == {}  # features, not weights: never in a checkpoint
     assert mel_spectrogram.to(torch.float64).mel_basis.dtype == torch.float64
     assert torch.allclose(mel_spectrogram(audio), batch, atol=1e-4)  # computed in float32 regardless
+
+
+def test_silence_maps_to_the_tacotron2_log_floor():
+    mel = MelSpectrogram()(torch.zeros(2, 3000))
+    assert torch.equal(mel, torch.full_like(mel, math.log(1e-5)))
 
 
 def test_mel_refuses_audio_too_short_for_reflect_padding():
