@@ -127,11 +127,15 @@ class WaveFlow(nn.Module):
             return torch.cat([upper.flip(2), lower.flip(2)], dim=2)
         return x.flip(2)
 
-    def coupling_params(self, flow: int, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def coupling_params(self, flow: int, x: torch.Tensor, c: torch.Tensor,
+                        cond: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`(log_s, t)`, both `[B, 1, H, W]` fp32, for flow `flow` given its (permuted) input
-        `x [B, 1, H, W]` and conditioning `c [B, cin, H, W]`. Row h depends on rows < h of `x`."""
+        `x [B, 1, H, W]` and conditioning `c [B, cin, H, W]`. Row h depends on rows < h of `x`.
+        `cond`, the estimator's projection of `c` (`WaveNet2D.condition`), is computed when not given."""
         net, coupling, embedding = self.flow_parts(flow)
-        feat = net(shift_1d(x), c, embedding, getattr(coupling, "multgate", None))
+        if cond is None:
+            cond = net.condition(c)
+        feat = net(shift_1d(x), cond, net.gate_biases(embedding), getattr(coupling, "multgate", None))
         log_s, t = coupling.proj_log_s_t(feat).float().chunk(2, dim=1)
         return log_s, t
 
@@ -141,10 +145,10 @@ class WaveFlow(nn.Module):
         """`mel [B, cin, F] -> [B, cin, 256 * F]`."""
         return self.upsample_conv(mel.unsqueeze(1)).squeeze(1)
 
-    def _flow_forward(self, flow: int, x: torch.Tensor, c: torch.Tensor):
-        x, c = self.permute(flow, x), self.permute(flow, c)
-        log_s, t = self.coupling_params(flow, x, c)
-        return x * torch.exp(log_s) + t, c, log_s.sum(dim=(1, 2, 3))
+    def _flow_forward(self, flow: int, x: torch.Tensor,
+                      cond: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        log_s, t = self.coupling_params(flow, x, None, cond)
+        return x * torch.exp(log_s) + t, log_s.sum(dim=(1, 2, 3))
 
     def forward(self, audio: torch.Tensor, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`audio [B, T]`, `mel [B, cin, F]` with `256 * F >= T` -> `z [B, 1, H, T / H]`, `logdet [B]` (fp32)."""
@@ -159,11 +163,21 @@ class WaveFlow(nn.Module):
         x = squeeze(audio.unsqueeze(1), height)  # [B, 1, H, W]
         logdet = audio.new_zeros(audio.shape[0], dtype=torch.float32)
         use_checkpoint = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        # A shared estimator sees the mel in at most a few row orders: project it once per order.
+        conds, cond_net = {}, None
+        order = torch.arange(height).view(1, 1, height, 1)
         for flow in range(self.config.n_flow):
+            x, c, order = self.permute(flow, x), self.permute(flow, c), self.permute(flow, order)
+            net = self.flow_parts(flow)[0]
+            if net is not cond_net:
+                conds, cond_net = {}, net
+            key = tuple(order.flatten().tolist())
+            if key not in conds:
+                conds[key] = net.condition(c)
             if use_checkpoint:
-                x, c, flow_logdet = checkpoint(self._flow_forward, flow, x, c, use_reentrant=False)
+                x, flow_logdet = checkpoint(self._flow_forward, flow, x, conds[key], use_reentrant=False)
             else:
-                x, c, flow_logdet = self._flow_forward(flow, x, c)
+                x, flow_logdet = self._flow_forward(flow, x, conds[key])
             logdet = logdet + flow_logdet
         return x, logdet
 
@@ -199,29 +213,31 @@ class WaveFlow(nn.Module):
             rows.append(order.flatten().tolist())
 
         x = z.float()
-        net_of_cond, cond = None, None
+        cond_net, cond = None, None
         for flow in reversed(range(self.config.n_flow)):
             net = self.flow_parts(flow)[0]
-            if net is not net_of_cond:  # a 1x1 conv commutes with the row permutation: project once
-                net_of_cond, cond = net, net.condition(c)
+            if net is not cond_net:  # rows are picked per flow, so one projection serves every order
+                cond_net, cond = net, net.condition(c)
             x = self.permute(flow, self._reverse_coupling(flow, x, cond, rows[flow]))
         return unsqueeze(x).squeeze(1)
 
-    def _reverse_coupling(self, flow: int, z: torch.Tensor, cond: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """Invert flow `flow`'s coupling row by row. `z [B, 1, H, W]` fp32, `cond [H, L, B, 2R, W]`
+    def _reverse_coupling(self, flow: int, z: torch.Tensor, cond: tuple[torch.Tensor, ...],
+                          rows: list[int]) -> torch.Tensor:
+        """Invert flow `flow`'s coupling row by row. `z [B, 1, H, W]` fp32, `cond` L x `[B, 2R, H, W]`
         of the unpermuted rows -> `x [B, 1, H, W]` in the flow's (permuted) row order."""
         net, coupling, embedding = self.flow_parts(flow)
+        dtype = cond[0].dtype
         multgate = getattr(coupling, "multgate", None)
-        gate_biases = net.gate_biases(embedding).to(cond.dtype)
+        gate_biases = net.gate_biases(embedding).to(dtype)
         if multgate is not None:
-            multgate = multgate.to(cond.dtype)
+            multgate = multgate.to(dtype)
         batch, _, height, width = z.shape
         x = torch.empty_like(z)
         x_row = z.new_zeros(batch, 1, width)  # the row above row 0 (shift_1d pads with zeros)
-        net.start_inference(batch, width, cond)
+        net.start_inference(batch, width, cond[0])
         try:
             for h in range(height):
-                feat = net.step(x_row.to(cond.dtype), cond[rows[h]], gate_biases, multgate, h)  # [B, R, W]
+                feat = net.step(x_row.to(dtype), cond, rows[h], gate_biases, multgate, h)  # [B, R, W]
                 log_s, t = coupling.proj_log_s_t(feat.unsqueeze(2)).squeeze(2).float().chunk(2, dim=1)
                 x_row = (z[:, :, h] - t) * torch.exp(-log_s)  # [B, 1, W]
                 x[:, :, h] = x_row

@@ -148,11 +148,12 @@ def test_estimator_is_causal_along_height():
     torch.manual_seed(0)
     net = WaveNet2D(res_channels=8, cin_channels=80, n_layer=4, n_layer_per_cycle=2).eval()
     x, c = torch.randn(1, 1, 8, 10), torch.randn(1, 80, 8, 10)
-    out = net(x, c)
+    cond, biases = net.condition(c), net.gate_biases(None)
+    out = net(x, cond, biases)
     for h in range(8):
         changed = x.clone()
         changed[:, :, h:] += torch.randn_like(changed[:, :, h:])
-        new = net(changed, c)
+        new = net(changed, cond, biases)
         assert torch.equal(new[:, :, :h], out[:, :, :h]), f"rows < {h} saw rows >= {h}"
         assert not torch.allclose(new[:, :, h], out[:, :, h])  # row h does see row h
 
