@@ -38,9 +38,12 @@ SCALE_OFFSET = 2.0
 class Sharing:
     """Who owns each part of the coupling network (NanoFlow sec. 3)."""
 
-    estimator: str  # "glow_block": each step owns Glow's 3-conv block; "step" / "level": who owns a six-conv Estimator
-    projection: str  # "step": each step owns a 1x1 projection of the estimator's features; "estimator": it comes with it
-    flow_embedding: bool  # each step feeds a learned embedding to the estimator and gates its layers
+    # "glow_block": each step owns Glow's three-conv block; "step" or "level": who owns a six-conv Estimator.
+    estimator: str
+    # "step": each step owns a 1x1 projection of the estimator's features; "estimator": it comes with it.
+    projection: str
+    # Each step feeds a learned embedding to the estimator and gates its layers.
+    flow_embedding: bool
 
 
 MODEL_TYPES: dict[str, Sharing] = {
@@ -91,7 +94,7 @@ class FlowStep(nn.Module):
     def coupling_parameters(
         self, z1: torch.Tensor, estimator: Estimator | None, embedding: torch.Tensor | None
     ) -> torch.Tensor:
-        """z1 [B, C/2, H, W] -> shift and scale interleaved [B, C, H, W] (shift alone [B, C/2, H, W] if additive)"""
+        """z1 [B, C/2, H, W] -> shift and scale interleaved [B, C, H, W] (affine) or shift [B, C/2, H, W]"""
         if self.sharing.estimator == "glow_block":
             return self.block(z1)
         gates = None
@@ -177,7 +180,9 @@ class FlowNet(nn.Module):
             embed_channels = flow_embed_dim * 2**level if sharing.flow_embedding else 0
             level_projection = coupling_channels if sharing.projection == "estimator" else None
             if sharing.estimator == "level":
-                self.estimator[str(level)] = Estimator(channels // 2 + embed_channels, hidden_channels, level_projection)
+                self.estimator[str(level)] = Estimator(
+                    channels // 2 + embed_channels, hidden_channels, level_projection
+                )
             for _ in range(K):
                 index = len(self.layers)
                 if sharing.estimator == "step":

@@ -25,7 +25,10 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR10_TEST_BATCHES = ["test_batch"]
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
-SVHN_MD5 = {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373", "test_32x32.mat": "eb5a983be6a315427106f1b1c6b5ab1d"}
+SVHN_MD5 = {
+    "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
+    "test_32x32.mat": "eb5a983be6a315427106f1b1c6b5ab1d",
+}
 NUM_CLASSES = 10
 # Random translation by up to 10% of the image size, as Glow-PyTorch's RandomAffine did.
 MAX_TRANSLATION = 0.1
@@ -82,7 +85,10 @@ def download(url: str, path: str, md5: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     print(f"downloading {url} to {path}")
     partial = path + ".part"
-    urllib.request.urlretrieve(url, partial)
+    try:
+        urllib.request.urlretrieve(url, partial)
+    except OSError as error:  # URLError and HTTPError included
+        raise DatasetNotFoundError(f"could not download {url}: {error}") from error
     if md5sum(partial) != md5:
         os.remove(partial)
         raise DatasetNotFoundError(f"{url} downloaded with a wrong MD5 checksum (expected {md5})")
