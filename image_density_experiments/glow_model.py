@@ -178,15 +178,16 @@ class FlowNet(nn.Module):
             coupling_channels = channels if flow_coupling == "affine" else channels // 2
             # Channels double at each level (the split halves, the squeeze quadruples), so does the embedding.
             embed_channels = flow_embed_dim * 2**level if sharing.flow_embedding else 0
-            level_projection = coupling_channels if sharing.projection == "estimator" else None
+            # Channels of the estimator's own projection, where it has one (NanoFlow-naive).
+            estimator_projection = coupling_channels if sharing.projection == "estimator" else None
             if sharing.estimator == "level":
                 self.estimator[str(level)] = Estimator(
-                    channels // 2 + embed_channels, hidden_channels, level_projection
+                    channels // 2 + embed_channels, hidden_channels, estimator_projection
                 )
             for _ in range(K):
                 index = len(self.layers)
                 if sharing.estimator == "step":
-                    self.estimator[str(index)] = Estimator(channels // 2, hidden_channels, level_projection)
+                    self.estimator[str(index)] = Estimator(channels // 2, hidden_channels, estimator_projection)
                 if sharing.estimator != "glow_block":
                     self.estimator_key[index] = str(index) if sharing.estimator == "step" else str(level)
                 if sharing.flow_embedding:
