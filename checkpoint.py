@@ -1,0 +1,196 @@
+"""Checkpoints: one writer, one reader, averaging and warm start.
+
+The layout is the original code's, so checkpoints go both ways: a dict
+`{model, iteration, optimizer, scheduler, learning_rate}` saved with
+`torch.save` as `<output_directory>/<model_name>/waveflow_<iteration>`. Ours add
+`config` (the JSON the run used), `epoch` and `batch_in_epoch` (where the data
+order stands, for exact resumption) and `scaler` (mixed precision). Model
+weights keep the original names, including the `weight_g`/`weight_v` of weight
+norm; a `module.` prefix left by DataParallel is removed on reading.
+"""
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+
+import torch
+
+CHECKPOINT_PREFIX = "waveflow_"
+_CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or of another model; the message is one line."""
+
+
+def checkpoint_path(run_dir: str, iteration: int) -> str:
+    return os.path.join(run_dir, f"{CHECKPOINT_PREFIX}{iteration}")
+
+
+def list_checkpoints(folder: str) -> list[tuple[int, str]]:
+    """`(iteration, path)` of every `waveflow_<iteration>` file in `folder`, oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        match = _CHECKPOINT_NAME.match(name)
+        if match and os.path.isfile(os.path.join(folder, name)):
+            found.append((int(match.group(1)), os.path.join(folder, name)))
+    return sorted(found)
+
+
+def save_checkpoint(path: str, *, model_state: dict, iteration: int, optimizer: torch.optim.Optimizer,
+                    scheduler, learning_rate: float, config: dict, epoch: int, batch_in_epoch: int,
+                    scaler: torch.amp.GradScaler | None = None) -> None:
+    """Write a checkpoint atomically: a crash leaves the previous file or the new one, never half of one."""
+    checkpoint = {"model": model_state, "iteration": iteration, "optimizer": optimizer.state_dict(),
+                  "scheduler": scheduler.state_dict(), "learning_rate": learning_rate, "config": config,
+                  "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+    if scaler is not None and scaler.is_enabled():
+        checkpoint["scaler"] = scaler.state_dict()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = path + ".partial"
+    torch.save(checkpoint, partial)
+    os.replace(partial, path)
+
+
+def read_checkpoint(path: str) -> dict:
+    """Read a checkpoint (ours or the original's) with the model weights' `module.` prefix removed."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a folder; name a checkpoint file, or average the folder's "
+                              f"newest checkpoints with -a N")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for a file that is not a checkpoint
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save)") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_sentence(error)}); only files "
+                              f"of tensors, numbers and strings are read, never pickled code") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise CheckpointError(f"{path}: not a NanoFlow checkpoint (no 'model' weights)")
+    state = checkpoint["model"]
+    if state and all(key.startswith("module.") for key in state):
+        checkpoint["model"] = {key[len("module."):]: value for key, value in state.items()}
+    return checkpoint
+
+
+def _first_sentence(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return (text.split(". ")[0][:160] or type(error).__name__).rstrip(".")
+
+
+def _describe(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def architecture(state: dict) -> str:
+    """What model a state dict holds, read from its tensor names and shapes (for error messages)."""
+    names = list(state)
+    if any(name.startswith("flow_embedding.") for name in names):
+        kind = "nanoflow"
+    elif any(name.startswith("flow.coupling.") for name in names):
+        kind = "nanoflow_naive"
+    elif any(name.startswith("estimator.") for name in names):
+        kind = "nanoflow_decomp"
+    elif any(name.startswith("flows.") for name in names):
+        kind = "waveflow"
+    else:
+        return "not a WaveFlow/NanoFlow model"
+    flows = {name.split(".")[1] for name in names if name.startswith("flows.")}
+    fronts = [value for name, value in state.items() if name.endswith("front_conv.0.conv.bias")]
+    layers = {name.split("res_blocks.")[1].split(".")[0] for name in names if "res_blocks." in name}
+    details = [f"res_channels {fronts[0].shape[0]}" if fronts else None,
+               f"n_layer {len(layers)}" if layers else None, f"n_flow {len(flows)}" if flows else None]
+    return f"{kind} ({', '.join(detail for detail in details if detail)})"
+
+
+def check_fits(model: torch.nn.Module, state: dict, path: str) -> None:
+    """Refuse, in one line, weights whose names or shapes differ from `model`'s."""
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    found = {name: tuple(value.shape) for name, value in state.items()}
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    reshaped = [f"{name} {list(found[name])} vs {list(shape)}" for name, shape in expected.items()
+                if name in found and found[name] != shape]
+    if missing or unexpected or reshaped:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} tensors missing ({_describe(missing)})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected ({_describe(unexpected)})")
+        if reshaped:
+            problems.append(f"{len(reshaped)} of another shape ({_describe(reshaped)})")
+        raise CheckpointError(f"{path}: checkpoint holds a {architecture(state)} model, waveflow_config "
+                              f"describes a {architecture(model.state_dict())} model: " + "; ".join(problems))
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler=None, scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Load a checkpoint's weights (strictly) and, when given, optimizer, scheduler and scaler states."""
+    checkpoint = read_checkpoint(path)
+    check_fits(model, checkpoint["model"], path)
+    model.load_state_dict(checkpoint["model"])
+    try:
+        if optimizer is not None and "optimizer" in checkpoint:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None and "scheduler" in checkpoint:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and scaler.is_enabled() and "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: optimizer state does not fit this model ({_first_sentence(error)}); "
+                              f"use --warm_start to load weights only") from None
+    return checkpoint
+
+
+def average_checkpoints(folder: str, count: int, epsilon: float | None = None) -> tuple[dict, dict]:
+    """Average the weights of the newest `count` checkpoints in `folder`.
+
+    A plain mean, or with `epsilon` Polyak (exponential) averaging from the oldest
+    to the newest: `average = epsilon * average + (1 - epsilon) * weights`.
+    Returns `(averaged weights, the newest checkpoint)`.
+    """
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: not a folder; -a N averages the newest N checkpoints of the folder "
+                              f"that checkpoint_path names")
+    if count < 1:
+        raise CheckpointError(f"-a must be at least 1, got {count}")
+    if epsilon is not None and not 0.0 <= epsilon < 1.0:
+        raise CheckpointError(f"-e/--epsilon must be in [0, 1), got {epsilon}")
+    available = list_checkpoints(folder)
+    if len(available) < count:
+        raise CheckpointError(f"{folder}: -a {count} needs {count} checkpoints named {CHECKPOINT_PREFIX}<iteration>, "
+                              f"found {len(available)}")
+    average, reference_path, newest = None, None, None
+    for index, (_, path) in enumerate(available[-count:]):
+        newest = read_checkpoint(path)
+        state = {name: value.double() if value.is_floating_point() else value
+                 for name, value in newest["model"].items()}
+        if average is None:
+            average, reference_path = state, path
+            continue
+        if state.keys() != average.keys() or any(state[k].shape != average[k].shape for k in state):
+            raise CheckpointError(f"{path}: weights do not match those of {reference_path}; "
+                                  f"cannot average checkpoints of different models")
+        weight = (1.0 - epsilon) if epsilon is not None else 1.0 / (index + 1)
+        for name, value in state.items():
+            if value.is_floating_point():
+                average[name] = average[name] + weight * (value - average[name])
+    dtypes = {name: value.dtype for name, value in newest["model"].items()}
+    return {name: value.to(dtypes[name]) for name, value in average.items()}, newest
+
+
+def warm_start(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
+    """Load the tensors of `state` whose names and shapes match `model`; returns `(loaded, skipped)`
+    where `skipped` describes every tensor of either side that was not loaded."""
+    own = model.state_dict()
+    loaded = [name for name, value in state.items() if name in own and own[name].shape == value.shape]
+    skipped = [f"{name} (shape {list(value.shape)} vs {list(own[name].shape)})"
+               for name, value in state.items() if name in own and own[name].shape != value.shape]
+    skipped += [f"{name} (not in this model)" for name in state if name not in own]
+    skipped += [f"{name} (not in the checkpoint, kept as initialised)" for name in own if name not in state]
+    model.load_state_dict({name: state[name] for name in loaded}, strict=False)
+    return loaded, skipped

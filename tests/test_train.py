@@ -1,0 +1,326 @@
+"""train.py end to end, run as a user runs it, on a tiny corpus made here."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from checkpoint import average_checkpoints, list_checkpoints, read_checkpoint
+from train import EpochSampler
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+RATE = 22050
+
+
+def make_corpus(folder, n_train=6, n_test=2):
+    """Short tones with noise: enough for a model to have something to fit."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(n_train + n_test):
+        t = np.arange(int(RATE * (0.35 + 0.05 * index))) / RATE
+        audio = 0.3 * np.sin(2 * np.pi * (200 + 40 * index) * t) + 0.01 * rng.standard_normal(t.size)
+        path = os.path.join(folder, f"clip{index:02d}.wav")
+        soundfile.write(path, (audio * 32767).astype(np.int16), RATE, subtype="PCM_16")
+        paths.append(path)
+    for name, chosen in (("train.txt", paths[:n_train]), ("test.txt", paths[n_train:])):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write("\n".join(chosen) + "\n")
+
+
+def write_config(folder, name="config.json", **changes):
+    config = {
+        "train_config": {"fp16_run": False, "output_directory": os.path.join(folder, "exp"), "epochs": 2,
+                         "learning_rate": 1e-3, "lr_decay_step": 3, "lr_decay_gamma": 0.5, "sigma": 1.0,
+                         "iters_per_checkpoint": 2, "batch_size": 2, "seed": 1234, "checkpoint_path": "",
+                         "with_tensorboard": False},
+        "data_config": {"training_files": os.path.join(folder, "train.txt"),
+                        "test_files": os.path.join(folder, "test.txt"), "segment_length": 2048,
+                        "sampling_rate": RATE, "filter_length": 1024, "hop_length": 256, "win_length": 1024,
+                        "mel_fmin": 0.0, "mel_fmax": 8000.0, "num_workers": 0},
+        "dist_config": {"dist_backend": "nccl", "dist_url": "tcp://localhost:54321"},
+        "waveflow_config": {"model_name": "tiny", "cin_channels": 80, "res_channels": 8, "n_height": 8,
+                            "n_layer": 2, "n_flow": 2, "n_layer_per_cycle": 1, "coupling_type": "nanoflow",
+                            "size_flow_embed": 4, "use_weightnorm_embed": "False"},
+    }
+    for section_key, value in changes.items():
+        section, key = section_key.split("__")
+        config[section][key] = value
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def run(*args, check=True, env=None):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def weights(path):
+    return read_checkpoint(path)["model"]
+
+
+def assert_same_weights(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=atol, rtol=0), name
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short training run shared by the tests that need a trained model: 3 batches per
+    epoch, 2 epochs, a checkpoint every 2 iterations."""
+    folder = str(tmp_path_factory.mktemp("run"))
+    make_corpus(folder)
+    config = write_config(folder, data_config__num_workers=1, train_config__with_tensorboard=True)
+    result = run("-c", config)
+    return folder, config, result
+
+
+def test_training_writes_checkpoints_logs_and_samples(trained):
+    folder, _, result = trained
+    run_dir = os.path.join(folder, "exp", "tiny")
+    assert [it for it, _ in list_checkpoints(run_dir)] == [2, 4, 6]
+    checkpoint = read_checkpoint(os.path.join(run_dir, "waveflow_6"))
+    for key in ("model", "iteration", "optimizer", "scheduler", "learning_rate"):  # the original's keys
+        assert key in checkpoint
+    assert checkpoint["iteration"] == 6 and checkpoint["scheduler"]["last_epoch"] == 6
+    assert checkpoint["config"]["waveflow_config"]["model_name"] == "tiny"
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(run_dir, "logs")))
+    assert os.path.isfile(os.path.join(run_dir, "config.json"))
+    samples = os.listdir(os.path.join(folder, "exp", "samples", "tiny"))
+    assert sorted(samples) == ["clip06_iter2.wav", "clip06_iter4.wav", "clip06_iter6.wav"]
+    assert "test loss" in result.stdout
+    assert not any(name.endswith(".partial") for name in os.listdir(run_dir))
+
+
+def test_resume_mid_epoch_matches_an_uninterrupted_run(trained, tmp_path):
+    folder, config, _ = trained
+    uninterrupted = os.path.join(folder, "exp", "tiny")
+    # Interrupted run: keep only the checkpoint of iteration 2, in the middle of epoch 0 (3 batches).
+    output = str(tmp_path / "exp")
+    os.makedirs(os.path.join(output, "tiny"))
+    shutil.copy(os.path.join(uninterrupted, "waveflow_2"), os.path.join(output, "tiny", "waveflow_2"))
+    resumed = write_config(folder, "resume.json", data_config__num_workers=0, train_config__output_directory=output,
+                           train_config__checkpoint_path=os.path.join(output, "tiny", "waveflow_2"))
+    result = run("-c", resumed)
+    assert "resumed from" in result.stdout
+    for iteration in (4, 6):
+        assert_same_weights(weights(os.path.join(output, "tiny", f"waveflow_{iteration}")),
+                            weights(os.path.join(uninterrupted, f"waveflow_{iteration}")))
+    # Fresh training into a folder that holds later checkpoints would overwrite them: refused.
+    result = run("-c", write_config(folder, "again.json", train_config__output_directory=output), check=False)
+    assert result.returncode == 1
+    assert "already holds checkpoints" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_synthesize_writes_one_wav_per_test_clip(trained):
+    folder, config, _ = trained
+    result = run("-s", "-t", "0.6", "-c", config, "--checkpoint_path",
+                 os.path.join(folder, "exp", "tiny", "waveflow_6"))
+    out = os.path.join(folder, "exp", "samples", "tiny")
+    for name in ("clip06_synthesis.wav", "clip07_synthesis.wav"):
+        info = soundfile.info(os.path.join(out, name))
+        assert info.samplerate == RATE and info.subtype == "PCM_16" and info.channels == 1
+        assert name in result.stdout
+    assert "kHz" in result.stdout and "x real time" in result.stdout
+
+
+def test_synthesize_from_precomputed_mels(trained, tmp_path):
+    folder, config, _ = trained
+    mels = tmp_path / "mels"
+    subprocess.run([sys.executable, os.path.join(ROOT, "mel2samp.py"), "-f", os.path.join(folder, "test.txt"),
+                    "-c", config, "-o", str(mels)], check=True, capture_output=True, cwd=ROOT)
+    np.save(mels / "extra.npy", torch.load(mels / "clip06.wav.pt").numpy())
+    output = str(tmp_path / "out")
+    config = write_config(str(tmp_path), "mels.json", train_config__output_directory=output,
+                          data_config__training_files=os.path.join(folder, "train.txt"),
+                          data_config__test_files=os.path.join(folder, "test.txt"))
+    run("-s", "--mels", str(mels), "-c", config, "--checkpoint_path", os.path.join(folder, "exp", "tiny", "waveflow_6"))
+    written = sorted(os.listdir(os.path.join(output, "samples", "tiny")))
+    assert written == ["clip06_synthesis.wav", "clip07_synthesis.wav", "extra_synthesis.wav"]
+    frames = torch.load(mels / "clip07.wav.pt").shape[-1]
+    assert soundfile.info(os.path.join(output, "samples", "tiny", "clip07_synthesis.wav")).frames == 256 * (frames - 3)
+
+
+def test_averaging_checkpoints(trained):
+    folder, config, _ = trained
+    run_dir = os.path.join(folder, "exp", "tiny")
+    average, newest = average_checkpoints(run_dir, 2)
+    assert newest["iteration"] == 6
+    four, six = weights(os.path.join(run_dir, "waveflow_4")), weights(os.path.join(run_dir, "waveflow_6"))
+    for name in average:
+        assert torch.allclose(average[name], (four[name] + six[name]) / 2, atol=1e-6)
+    polyak, _ = average_checkpoints(run_dir, 3, epsilon=0.9)
+    two = weights(os.path.join(run_dir, "waveflow_2"))
+    name = "estimator.net.res_blocks.0.filter_gate_conv.conv.weight_v"
+    expected = 0.9 * (0.9 * two[name] + 0.1 * four[name]) + 0.1 * six[name]
+    assert torch.allclose(polyak[name], expected, atol=1e-6)
+    result = run("-a", "2", "-s", "-c", config, "--checkpoint_path", run_dir)
+    assert "clip07_synthesis.wav" in result.stdout
+    result = run("-a", "5", "-s", "-c", config, "--checkpoint_path", run_dir, check=False)
+    assert result.returncode == 1 and "needs 5 checkpoints" in result.stderr
+
+
+def test_evaluate_prints_the_log_likelihood(trained):
+    folder, config, _ = trained
+    result = run("-v", "-c", config, "--checkpoint_path", os.path.join(folder, "exp", "tiny", "waveflow_6"))
+    line = result.stdout.strip().splitlines()[-1]
+    nll = float(line.split("negative log-likelihood ")[1].split()[0])
+    ll = float(line.split("log-likelihood (LL) ")[1])
+    assert nll == pytest.approx(-ll) and np.isfinite(nll)
+
+
+def test_warm_start_loads_matching_weights_with_a_fresh_optimizer(trained, tmp_path):
+    folder, _, _ = trained
+    source = os.path.join(folder, "exp", "tiny", "waveflow_6")
+    output = str(tmp_path / "exp")
+    config = write_config(str(tmp_path), "warm.json", train_config__output_directory=output,
+                          train_config__checkpoint_path=source, train_config__epochs=1,
+                          train_config__iters_per_checkpoint=100, waveflow_config__size_flow_embed=6,
+                          data_config__training_files=os.path.join(folder, "train.txt"),
+                          data_config__test_files=os.path.join(folder, "test.txt"))
+    result = run("--warm_start", "-c", config)
+    assert "warm start from" in result.stdout and "flow_embedding.weight (shape [2, 4] vs [2, 6])" in result.stdout
+    [(iteration, path)] = list_checkpoints(os.path.join(output, "tiny"))
+    assert iteration == 6 + 3  # numbering goes on after the source; 3 new steps
+    checkpoint = read_checkpoint(path)
+    assert checkpoint["scheduler"]["last_epoch"] == 3  # a fresh schedule
+    assert all(state["step"] == 3 for state in checkpoint["optimizer"]["state"].values())  # a fresh Adam
+
+
+def test_original_checkpoint_with_dataparallel_prefix_loads(tmp_path):
+    fixture = torch.load(os.path.join(FIXTURES, "nanoflow-small.pt"), weights_only=False)
+    checkpoint = fixture["checkpoint"]
+    checkpoint["model"] = {f"module.{name}": value for name, value in checkpoint["model"].items()}
+    path = str(tmp_path / "waveflow_1234")
+    torch.save(checkpoint, path)
+    make_corpus(str(tmp_path))
+    # 3 batches per epoch: iteration 1234 is batch 1 of epoch 411, so epoch 412 ends at 1236.
+    config_path = write_config(str(tmp_path), train_config__checkpoint_path=path, train_config__epochs=412,
+                               train_config__iters_per_checkpoint=1000, data_config__segment_length=4096,
+                               waveflow_config__res_channels=32, waveflow_config__n_height=16,
+                               waveflow_config__n_layer=4, waveflow_config__n_flow=4,
+                               waveflow_config__size_flow_embed=64)
+    result = run("-s", "-c", config_path)
+    assert result.stdout.count("_synthesis.wav") == 2
+    # Resuming the original's checkpoint (with its Adam state) continues its iteration count.
+    result = run("-c", config_path)
+    assert "resumed from" in result.stdout
+    [(iteration, saved)] = list_checkpoints(os.path.join(str(tmp_path), "exp", "tiny"))
+    assert iteration == 1236 and read_checkpoint(saved)["epoch"] == 412
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    make_corpus(str(tmp_path))
+    missing_list = write_config(str(tmp_path), "a.json", data_config__training_files=str(tmp_path / "nope.txt"))
+    result = run("-c", missing_list, check=False)
+    assert result.returncode == 1 and "nope.txt: file list not found" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    config = json.load(open(missing_list))
+    config["train_config"]["learning_rte"] = 1e-3
+    with open(tmp_path / "b.json", "w") as f:
+        json.dump(config, f)
+    result = run("-c", str(tmp_path / "b.json"), check=False)
+    assert result.returncode == 1 and "unknown key 'learning_rte'; did you mean 'learning_rate'" in result.stderr
+    result = run("-s", "-c", write_config(str(tmp_path), "c.json", train_config__checkpoint_path=str(tmp_path / "x")),
+                 check=False)
+    assert result.returncode == 1 and "checkpoint not found" in result.stderr
+    other = write_config(str(tmp_path), "d.json", train_config__checkpoint_path=os.path.join(FIXTURES, "waveflow-small.pt"))
+    result = run("-s", "-c", other, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+
+
+def test_non_finite_losses_stop_training_and_keep_the_last_checkpoint(trained, tmp_path):
+    folder, _, _ = trained
+    source = read_checkpoint(os.path.join(folder, "exp", "tiny", "waveflow_6"))
+    source["model"]["flows.0.proj_log_s_t.conv.bias"][:] = float("nan")
+    output = tmp_path / "exp" / "tiny"
+    output.mkdir(parents=True)
+    torch.save(source, output / "waveflow_6")
+    config = write_config(str(tmp_path), train_config__output_directory=str(tmp_path / "exp"),
+                          train_config__checkpoint_path=str(output / "waveflow_6"), train_config__max_bad_steps=3,
+                          train_config__epochs=10, data_config__training_files=os.path.join(folder, "train.txt"),
+                          data_config__test_files=os.path.join(folder, "test.txt"))
+    result = run("-c", config, check=False)
+    assert result.returncode == 1
+    assert "3 non-finite losses in a row at iteration 9" in result.stderr
+    assert result.stderr.count("step skipped") == 3
+    assert [it for it, _ in list_checkpoints(str(output))] == [6]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    make_corpus(str(tmp_path))
+    config = write_config(str(tmp_path), train_config__epochs=100000, train_config__iters_per_checkpoint=100000,
+                          data_config__num_workers=1)
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "-c", config], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress = ""
+    deadline = time.time() + 120
+    while "it/s" not in progress and "s/it" not in progress and time.time() < deadline and process.poll() is None:
+        progress += os.read(process.stderr.fileno(), 4096).decode()
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    [(iteration, path)] = list_checkpoints(str(tmp_path / "exp" / "tiny"))
+    assert iteration >= 1 and read_checkpoint(path)["iteration"] == iteration
+
+
+def test_fp16_on_cpu_warns_and_trains_in_fp32(tmp_path):
+    make_corpus(str(tmp_path))
+    config = write_config(str(tmp_path), train_config__fp16_run=True, train_config__epochs=1,
+                          train_config__iters_per_checkpoint=100)
+    result = run("-c", config)
+    assert "fp16_run needs a CUDA device" in result.stderr
+    [(_, path)] = list_checkpoints(str(tmp_path / "exp" / "tiny"))
+    assert all(value.dtype == torch.float32 for value in weights(path).values())
+
+
+def test_torchrun_two_processes_match_one_process_with_the_combined_batch(trained, tmp_path):
+    folder, _, _ = trained
+    common = dict(data_config__training_files=os.path.join(folder, "train.txt"),
+                  data_config__test_files=os.path.join(folder, "test.txt"), train_config__epochs=1,
+                  train_config__iters_per_checkpoint=100)
+    single = write_config(str(tmp_path), "single.json", train_config__batch_size=2,
+                          train_config__output_directory=str(tmp_path / "single"), **common)
+    double = write_config(str(tmp_path), "double.json", train_config__batch_size=1,
+                          train_config__output_directory=str(tmp_path / "ddp"), **common)
+    run("-c", single)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train.py"), "-c", double], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("saved ") == 1  # only rank 0 writes
+    [(iteration, ddp_path)] = list_checkpoints(str(tmp_path / "ddp" / "tiny"))
+    [(_, single_path)] = list_checkpoints(str(tmp_path / "single" / "tiny"))
+    assert iteration == 3
+    assert_same_weights(weights(ddp_path), weights(single_path), atol=1e-5)
+
+
+def test_epoch_sampler_is_reproducible_and_resumable():
+    sampler = EpochSampler(10, batch_size=3, seed=7)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    assert len(full) == 9 and len(set(full)) == 9
+    sampler.set_epoch(4, skip_batches=2)
+    assert list(sampler) == full[6:]
+    sampler.set_epoch(5)
+    assert list(sampler) != full
+    shards = []
+    for rank in range(2):
+        shard = EpochSampler(10, batch_size=2, seed=7, rank=rank, world_size=2)
+        shard.set_epoch(4)
+        shards.append(list(shard))
+    assert not set(shards[0]) & set(shards[1]) and len(shards[0]) == len(shards[1]) == 4

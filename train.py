@@ -1,0 +1,500 @@
+"""Train, evaluate and synthesize with WaveFlow / NanoFlow, driven by the original's JSON configs.
+
+    python train.py -c configs/nanoflow-h16-r128-emb512.json   # train (resumes from checkpoint_path)
+    python train.py -v -c config.json                            # test-set log-likelihood on full clips
+    python train.py -s -c config.json [-t 0.8]                   # synthesize the test clips
+    python train.py -s --mels mels/ -c config.json               # synthesize precomputed mels (.pt, .npy)
+    python train.py -a 10 -s -c config.json                      # ... with the newest 10 checkpoints averaged
+    python train.py -w -c config.json                            # warm start: weights only, fresh optimizer
+    torchrun --nproc_per_node=N train.py -c config.json          # DistributedDataParallel, one GPU per process
+
+`main` dispatches to `train`, `evaluate` and `synthesize`; bad input ends the
+command with a one-line `error:` message and exit status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import soundfile
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from checkpoint import (CheckpointError, average_checkpoints, check_fits, checkpoint_path, list_checkpoints,
+                        load_checkpoint, read_checkpoint, save_checkpoint, warm_start)
+from config import Config, ConfigError, load_config
+from data import MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, load_mel
+from mel2samp import Mel2Samp, collate
+from model import WaveFlow, build_model, negative_log_likelihood
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (the loss diverged); the last good checkpoint is intact."""
+
+
+@dataclass
+class Runtime:
+    """Where and how this process runs: passed explicitly, never global."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp_dtype: torch.dtype | None = None  # None: fp32
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- setup
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="WaveFlow / NanoFlow vocoder: train, evaluate, synthesize.")
+    parser.add_argument("-c", "--config", required=True, help="JSON config file")
+    parser.add_argument("-w", "--warm_start", action="store_true",
+                        help="load the weights of checkpoint_path that fit, start a fresh optimizer and schedule")
+    parser.add_argument("-v", "--evaluate", action="store_true", help="test-set log-likelihood on full clips")
+    parser.add_argument("-s", "--synthesize", action="store_true", help="write audio for the test clips")
+    parser.add_argument("-t", "--temp", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("-a", "--average_checkpoint", type=int, default=0, metavar="N",
+                        help="average the newest N checkpoints of the folder checkpoint_path names")
+    parser.add_argument("-e", "--epsilon", type=float, default=None,
+                        help="with -a: Polyak averaging, average = eps * average + (1 - eps) * newer")
+    parser.add_argument("--mels", nargs="+", metavar="PATH",
+                        help="with -s: mel files [80, F] (.pt, .npy) or folders of them, instead of the test list")
+    parser.add_argument("--checkpoint_path", default=None, help="override train_config.checkpoint_path")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    args = parser.parse_args(argv)
+    if args.evaluate and args.synthesize:
+        parser.error("choose one of -v/--evaluate and -s/--synthesize")
+    if args.mels and not args.synthesize:
+        parser.error("--mels goes with -s/--synthesize")
+    if args.temp <= 0:
+        parser.error("-t/--temp must be positive")
+    return args
+
+
+def setup_runtime(config: Config, device_name: str | None) -> Runtime:
+    """Pick the device and precision; join the process group when launched by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name:
+        device = torch.device(device_name)
+    else:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    amp_dtype = None
+    if config.train.fp16_run:
+        if device.type == "cuda":
+            amp_dtype = torch.float16
+        elif rank == 0:
+            warn("fp16_run needs a CUDA device; running in fp32 on the CPU (bf16_run works on CPUs)")
+    elif config.train.bf16_run:
+        amp_dtype = torch.bfloat16
+    return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype)
+
+
+def run_dir(config: Config) -> str:
+    return os.path.join(config.train.output_directory, config.waveflow.model_name)
+
+
+def samples_dir(config: Config) -> str:
+    return os.path.join(config.train.output_directory, "samples", config.waveflow.model_name)
+
+
+def trained_model(config: Config, args: argparse.Namespace, device: torch.device) -> WaveFlow:
+    """The model of checkpoint_path (or the average of its newest -a N checkpoints), for evaluation and synthesis."""
+    path = config.train.checkpoint_path
+    if not path:
+        raise ConfigError(f"{args.config}: train_config.checkpoint_path is empty; name a checkpoint "
+                          f"(or with -a N a folder of checkpoints) to evaluate or synthesize")
+    model = build_model(config.waveflow)
+    if args.average_checkpoint:
+        weights, _ = average_checkpoints(path, args.average_checkpoint, args.epsilon)
+        check_fits(model, weights, path)
+        model.load_state_dict(weights)
+    else:
+        load_checkpoint(path, model)
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- training
+
+class EpochSampler(Sampler[int]):
+    """The shuffled indices of one epoch, fixed by (seed, epoch), this rank's share of them,
+    starting after `skip_batches` batches: what exact resumption needs."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.skip_batches = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.size // self.world_size // self.batch_size
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator)[self.rank::self.world_size]
+        used = order[self.skip_batches * self.batch_size:self.batches_per_epoch * self.batch_size]
+        return iter(used.tolist())
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.skip_batches) * self.batch_size
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Ctrl-C (and a scheduler's SIGTERM) reach the whole process group; the workers must outlive
+    # them until the checkpoint is written. They still end with the loader, or when the parent dies.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _global_any(flag: bool, runtime: Runtime) -> bool:
+    if not runtime.distributed:
+        return flag
+    value = torch.tensor([float(flag)], device=runtime.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def train_step(model: torch.nn.Module, batch, optimizer, scheduler, scaler, runtime: Runtime,
+               config: Config) -> dict:
+    """One optimisation step; a non-finite loss or gradient skips the update. Returns metrics."""
+    mel, audio = (tensor.to(runtime.device, non_blocking=True) for tensor in batch)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
+                        enabled=runtime.amp_dtype is not None):
+        z, logdet = model(audio, mel)
+    loss = negative_log_likelihood(z, logdet, config.train.sigma)
+    # Backward even on a bad loss: under DDP every rank must join the gradient all-reduce,
+    # after which all ranks see the same non-finite gradient norm and skip together.
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip_thresh)
+    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
+        scaler.update()
+    elif finite:
+        optimizer.step()
+    scheduler.step()
+    loss_value = loss.detach()
+    if runtime.distributed:
+        dist.all_reduce(loss_value)
+        loss_value /= runtime.world_size
+    return {"loss": loss_value.item(), "grad_norm": grad_norm.item(), "skipped": not bool(torch.isfinite(loss_value)),
+            "learning_rate": optimizer.param_groups[0]["lr"], "samples": audio.numel() * runtime.world_size}
+
+
+def restore(model: WaveFlow, optimizer, scheduler, scaler, config: Config, args,
+            verbose: bool) -> tuple[int, int, int]:
+    """Load what checkpoint_path asks for; returns `(iteration, epoch, batch_in_epoch)` to start from
+    (epoch -1 when the checkpoint does not record it)."""
+    path = config.train.checkpoint_path
+    if not path:
+        return 0, 0, 0
+    if not (args.warm_start or args.average_checkpoint):
+        checkpoint = load_checkpoint(path, model, optimizer, scheduler, scaler)
+        if verbose:
+            print(f"resumed from {path} at iteration {checkpoint['iteration']}")
+        return (checkpoint["iteration"], checkpoint.get("epoch", -1), checkpoint.get("batch_in_epoch", -1))
+    if args.average_checkpoint:
+        weights, newest = average_checkpoints(path, args.average_checkpoint, args.epsilon)
+        source = f"the average of the newest {args.average_checkpoint} checkpoints of {path}"
+    else:
+        newest = read_checkpoint(path)
+        weights, source = newest["model"], path
+    loaded, skipped = warm_start(model, weights)
+    if verbose:
+        print(f"warm start from {source}: {len(loaded)} tensors loaded, {len(skipped)} not"
+          + "".join(f"\n  not loaded: {line}" for line in skipped))
+    # Numbering goes on from the source so that no checkpoint beside it is overwritten.
+    return newest.get("iteration", 0), 0, 0
+
+
+def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
+    tc, dc = config.train, config.data
+    torch.manual_seed(tc.seed)
+    model = build_model(config.waveflow).to(runtime.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=tc.lr_decay_step, gamma=tc.lr_decay_gamma)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+    iteration, epoch, batch_in_epoch = restore(model, optimizer, scheduler, scaler, config, args, runtime.is_main)
+
+    train_set = Mel2Samp.from_config(dc, mode="train", seed=tc.seed)
+    sampler = EpochSampler(len(train_set), tc.batch_size, tc.seed, runtime.rank, runtime.world_size)
+    if sampler.batches_per_epoch == 0:
+        raise DataError(f"{dc.training_files}: {len(train_set)} clips cannot fill one batch of "
+                        f"{tc.batch_size} per process ({runtime.world_size} processes)")
+    if epoch < 0:  # a checkpoint of the original code: only the iteration count says where the data stood
+        epoch, batch_in_epoch = divmod(iteration, sampler.batches_per_epoch)
+    folder = run_dir(config)
+    newer = [path for it, path in list_checkpoints(folder) if it > iteration]
+    if newer:
+        raise CheckpointError(f"{folder} already holds checkpoints after iteration {iteration} "
+                              f"({os.path.basename(newer[-1])}); training would overwrite them. Resume from the "
+                              f"newest (train_config.checkpoint_path), or choose another output_directory or model_name")
+    if runtime.is_main:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config.raw, f, indent=4)
+
+    if runtime.distributed:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    elif runtime.device.type == "cuda" and torch.cuda.device_count() > 1:
+        wrapped = torch.nn.DataParallel(model)
+    else:
+        wrapped = model
+    writer = None
+    if runtime.is_main and tc.with_tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(folder, "logs"))
+
+    def save(at_iteration: int, at_epoch: int, at_batch: int) -> None:
+        if runtime.is_main:
+            if at_batch == sampler.batches_per_epoch:
+                at_epoch, at_batch = at_epoch + 1, 0
+            save_checkpoint(checkpoint_path(folder, at_iteration), model_state=model.state_dict(),
+                            iteration=at_iteration, optimizer=optimizer, scheduler=scheduler,
+                            learning_rate=tc.learning_rate, config=config.raw, epoch=at_epoch,
+                            batch_in_epoch=at_batch, scaler=scaler)
+            print(f"saved {checkpoint_path(folder, at_iteration)}")
+
+    stop = StopRequest()
+    bad_steps, saved_at = 0, iteration
+    total = tc.epochs * sampler.batches_per_epoch
+    progress = tqdm(total=total, initial=min(iteration, total), unit="it", disable=not runtime.is_main,
+                    dynamic_ncols=True)
+    try:
+        for epoch in range(epoch, tc.epochs):
+            sampler.set_epoch(epoch, batch_in_epoch)
+            train_set.set_epoch(epoch)
+            loader = DataLoader(train_set, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate,
+                                num_workers=dc.num_workers, pin_memory=runtime.device.type == "cuda",
+                                drop_last=True, worker_init_fn=_ignore_stop_signals)
+            model.train()
+            for batch in loader:
+                started = time.perf_counter()
+                metrics = train_step(wrapped, batch, optimizer, scheduler, scaler, runtime, config)
+                iteration, batch_in_epoch = iteration + 1, batch_in_epoch + 1
+                bad_steps = bad_steps + 1 if metrics["skipped"] else 0
+                if metrics["skipped"] and runtime.is_main:
+                    warn(f"iteration {iteration}: loss is {metrics['loss']}, step skipped")
+                if bad_steps >= tc.max_bad_steps:
+                    raise TrainingStopped(
+                        f"{bad_steps} non-finite losses in a row at iteration {iteration}: training stopped; "
+                        f"the last good checkpoint is {checkpoint_path(folder, saved_at) if saved_at else 'none'}")
+                if runtime.is_main:
+                    speed = metrics["samples"] / (time.perf_counter() - started) / 1000
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", kHz=f"{speed:.1f}", refresh=False)
+                    progress.update()
+                    if writer is not None:
+                        for key in ("loss", "grad_norm", "learning_rate"):
+                            writer.add_scalar(f"training/{key}", metrics[key], iteration)
+                if iteration % tc.iters_per_checkpoint == 0 and bad_steps == 0:  # never save mid-divergence
+                    save(iteration, epoch, batch_in_epoch)
+                    saved_at = iteration
+                    if runtime.is_main:
+                        checkpoint_report(model, config, runtime, writer, iteration, args.temp)
+                    if runtime.distributed:
+                        dist.barrier()
+                    model.train()
+                if _global_any(stop.requested, runtime):
+                    if saved_at != iteration:
+                        save(iteration, epoch, batch_in_epoch)
+                    return
+            batch_in_epoch = 0
+        if saved_at != iteration:
+            save(iteration, tc.epochs, 0)
+    finally:
+        stop.restore()
+        progress.close()
+        if writer is not None:
+            writer.close()
+
+
+# ----------------------------------------------------------------------------- evaluation and samples
+
+@torch.no_grad()
+def test_loss(model: WaveFlow, dataset: Mel2Samp, runtime: Runtime, sigma: float, batch_size: int) -> tuple[float, int]:
+    """Mean negative log-likelihood per sample over `dataset`, and the number of samples."""
+    model.eval()
+    total, count = 0.0, 0
+    for mel, audio in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        mel, audio = mel.to(runtime.device), audio.to(runtime.device)
+        audio = audio[:, :audio.shape[1] // model.config.n_height * model.config.n_height]
+        with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
+                            enabled=runtime.amp_dtype is not None):
+            z, logdet = model(audio, mel)
+        total += negative_log_likelihood(z, logdet, sigma).item() * audio.numel()
+        count += audio.numel()
+    return total / count, count
+
+
+def checkpoint_report(model: WaveFlow, config: Config, runtime: Runtime, writer, iteration: int,
+                      temperature: float) -> None:
+    """At each checkpoint: the test-set loss on first segments, and one test clip synthesized."""
+    data = config.data
+    eval_set = Mel2Samp.from_config(data, mode="eval", seed=config.train.seed)
+    loss, _ = test_loss(model, eval_set, runtime, config.train.sigma, config.train.batch_size)
+    print(f"iteration {iteration}: test loss {loss:.4f}")
+    clips = Mel2Samp.from_config(data, mode="synthesis", seed=config.train.seed)
+    mel, target = clips[0]
+    generator = torch.Generator(device=runtime.device).manual_seed(config.train.seed)
+    audio = model.infer(mel[None].to(runtime.device), sigma=temperature, generator=generator)[0].cpu()
+    name = f"{stem(clips.files[0])}_iter{iteration}.wav"
+    write_wav(os.path.join(samples_dir(config), name), audio, data.sampling_rate)
+    if writer is not None:
+        writer.add_scalar("eval/loss", loss, iteration)
+        writer.add_audio("eval/sample", audio.clamp(-1, 1), iteration, sample_rate=data.sampling_rate)
+        writer.add_figure("eval/mel", mel_figure(MelSpectrogram.from_config(data)(audio), mel), iteration)
+
+
+def mel_figure(synthesized: torch.Tensor, target: torch.Tensor):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    for axis, mel, title in zip(axes, (target, synthesized), ("target", "synthesized")):
+        axis.imshow(mel.numpy(), origin="lower", aspect="auto", interpolation="none")
+        axis.set_title(f"{title} mel")
+    figure.tight_layout()
+    return figure
+
+
+def write_wav(path: str, audio: torch.Tensor, sampling_rate: int) -> None:
+    """16-bit PCM, written beside the target and renamed so no half-written file is left behind."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pcm = (audio.clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16).numpy()
+    partial = path + ".partial"
+    soundfile.write(partial, pcm, sampling_rate, subtype="PCM_16", format="WAV")
+    os.replace(partial, path)
+
+
+def stem(path: str) -> str:
+    """`LJ001-0001.wav.pt` -> `LJ001-0001`."""
+    name = os.path.basename(path)
+    for suffix in MEL_FILE_EXTENSIONS + (".wav", ".flac"):
+        if name.lower().endswith(suffix):
+            name = name[:-len(suffix)]
+    return name
+
+
+def evaluate(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
+    model = trained_model(config, args, runtime.device)
+    clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
+    nll, samples = test_loss(model, clips, runtime, config.train.sigma, batch_size=1)
+    print(f"{len(clips)} test clips, {samples} samples: negative log-likelihood {nll:.4f} nats per sample, "
+          f"log-likelihood (LL) {-nll:.4f}")
+
+
+def synthesis_inputs(config: Config, args: argparse.Namespace):
+    """`(name, mel [80, F])` for every clip to synthesize: the mels given with --mels, or the test list's."""
+    if not args.mels:
+        clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
+        return [(stem(path), lambda index=index: clips[index][0]) for index, path in enumerate(clips.files)]
+    files = []
+    for path in args.mels:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(path, name) for name in os.listdir(path)
+                            if name.lower().endswith(MEL_FILE_EXTENSIONS))
+        else:
+            files.append(path)
+    if not files:
+        raise DataError(f"{', '.join(args.mels)}: no mel files (.pt, .npy) found")
+    return [(stem(path), lambda path=path: load_mel(path, config.data.n_mel_channels)) for path in files]
+
+
+def synthesize(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
+    inputs = synthesis_inputs(config, args)
+    model = trained_model(config, args, runtime.device).remove_weight_norm()
+    if runtime.amp_dtype is not None:
+        model = model.to(runtime.amp_dtype)
+    folder = samples_dir(config)
+    rate = config.data.sampling_rate
+    for name, read_mel in inputs:
+        mel = read_mel()
+        if mel.shape[-1] <= 3:
+            raise DataError(f"{name}: a mel of {mel.shape[-1]} frames is too short to synthesize (need at least 4)")
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize(runtime.device)
+        started = time.perf_counter()
+        audio = model.infer(mel[None].to(runtime.device), sigma=args.temp)[0]
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize(runtime.device)
+        elapsed = time.perf_counter() - started
+        path = os.path.join(folder, f"{name}_synthesis.wav")
+        write_wav(path, audio.float().cpu(), rate)
+        seconds = audio.shape[-1] / rate
+        print(f"{path}: {seconds:.2f} s of audio in {elapsed:.2f} s, {audio.shape[-1] / elapsed / 1000:.1f} kHz, "
+              f"{seconds / elapsed:.2f}x real time")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runtime = None
+    try:
+        config = load_config(args.config)
+        if args.checkpoint_path is not None:
+            config.train.checkpoint_path = args.checkpoint_path
+        runtime = setup_runtime(config, args.device)
+        if args.synthesize or args.evaluate:
+            if runtime.is_main:
+                (synthesize if args.synthesize else evaluate)(config, args, runtime)
+        else:
+            train(config, args, runtime)
+    except (ConfigError, DataError, CheckpointError, TrainingStopped) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if runtime is not None and runtime.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
