@@ -44,12 +44,13 @@ def unsqueeze(x: torch.Tensor) -> torch.Tensor:
 def negative_log_likelihood(z: torch.Tensor, logdet: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     """The original's training loss: negative log-likelihood per audio sample, in nats.
 
-    `z [B, 1, H, W]`, `logdet [B]` -> scalar, under a prior `N(0, sigma^2)`; computed in fp32.
+    `z [B, 1, H, W]`, `logdet [B]` -> scalar, under a prior `N(0, sigma^2)`; computed in fp32 or better.
     """
-    z = z.float()
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    z = z.to(dtype)
     n = z.numel()
     constant = 0.5 * (math.log(2 * math.pi) + 2 * math.log(sigma))
-    return constant + (0.5 * z.pow(2).sum() / sigma ** 2 - logdet.float().sum()) / n
+    return constant + (0.5 * z.pow(2).sum() / sigma ** 2 - logdet.to(dtype).sum()) / n
 
 
 class Coupling(nn.Module):
@@ -98,6 +99,9 @@ class WaveFlow(nn.Module):
             self.estimator = nn.ModuleDict({"net": estimator()})
             self.flows = nn.ModuleList(Coupling(R, multgate_layers=L if kind == "nanoflow" else 0)
                                        for _ in range(K))
+        # Inference keeps the conditioning of every row when it fits this many bytes (8 per layer,
+        # channel and sample), and otherwise projects each row when it is needed: see `infer`.
+        self.condition_cache_bytes = 2 ** 31
         self.upsample_conv = nn.Sequential(
             WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)), nn.LeakyReLU(0.4),
             WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)), nn.LeakyReLU(0.4))
@@ -129,14 +133,15 @@ class WaveFlow(nn.Module):
 
     def coupling_params(self, flow: int, x: torch.Tensor, c: torch.Tensor,
                         cond: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(log_s, t)`, both `[B, 1, H, W]` fp32, for flow `flow` given its (permuted) input
+        """`(log_s, t)`, both `[B, 1, H, W]` in fp32 or better, for flow `flow` given its (permuted) input
         `x [B, 1, H, W]` and conditioning `c [B, cin, H, W]`. Row h depends on rows < h of `x`.
         `cond`, the estimator's projection of `c` (`WaveNet2D.condition`), is computed when not given."""
         net, coupling, embedding = self.flow_parts(flow)
         if cond is None:
             cond = net.condition(c)
-        feat = net(shift_1d(x), cond, net.gate_biases(embedding), getattr(coupling, "multgate", None))
-        log_s, t = coupling.proj_log_s_t(feat).float().chunk(2, dim=1)
+        log_s_t = net(shift_1d(x), cond, net.gate_biases(embedding), getattr(coupling, "multgate", None),
+                      *coupling.proj_log_s_t.affine())
+        log_s, t = log_s_t.to(torch.promote_types(log_s_t.dtype, torch.float32)).chunk(2, dim=1)
         return log_s, t
 
     # --- training direction: audio -> z -------------------------------------------------------
@@ -159,9 +164,9 @@ class WaveFlow(nn.Module):
         c = self.upsample(mel)
         if c.shape[-1] < length:
             raise ValueError(f"mel of {mel.shape[-1]} frames covers {c.shape[-1]} samples, audio has {length}")
-        c = squeeze(c[..., :length], height)  # [B, cin, H, W]
+        c = squeeze(c[..., :length], height).contiguous(memory_format=torch.channels_last)  # [B, cin, H, W]
         x = squeeze(audio.unsqueeze(1), height)  # [B, 1, H, W]
-        logdet = audio.new_zeros(audio.shape[0], dtype=torch.float32)
+        logdet = audio.new_zeros(audio.shape[0], dtype=torch.promote_types(audio.dtype, torch.float32))
         use_checkpoint = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         # A shared estimator sees the mel in at most a few row orders: project it once per order.
         conds, cond_net = {}, None
@@ -213,32 +218,37 @@ class WaveFlow(nn.Module):
             rows.append(order.flatten().tolist())
 
         x = z.float()
+        # The conditioning of all rows, projected once per estimator, takes 8 bytes per layer,
+        # channel and sample; past the budget each row is projected when it is needed instead.
+        config = self.config
+        cache_bytes = c.numel() // config.cin_channels * config.n_layer * 2 * config.res_channels * c.element_size()
+        cache = cache_bytes <= self.condition_cache_bytes
         cond_net, cond = None, None
         for flow in reversed(range(self.config.n_flow)):
             net = self.flow_parts(flow)[0]
-            if net is not cond_net:  # rows are picked per flow, so one projection serves every order
-                cond_net, cond = net, net.condition(c)
-            x = self.permute(flow, self._reverse_coupling(flow, x, cond, rows[flow]))
+            if cache and net is not cond_net:
+                cond_net, cond = net, net.condition_rows(c)  # [H, L, B, 2R, W]
+            x = self.permute(flow, self._reverse_coupling(flow, x, c, cond, rows[flow]))
         return unsqueeze(x).squeeze(1)
 
-    def _reverse_coupling(self, flow: int, z: torch.Tensor, cond: tuple[torch.Tensor, ...],
+    def _reverse_coupling(self, flow: int, z: torch.Tensor, c: torch.Tensor, cond: torch.Tensor | None,
                           rows: list[int]) -> torch.Tensor:
-        """Invert flow `flow`'s coupling row by row. `z [B, 1, H, W]` fp32, `cond` L x `[B, 2R, H, W]`
-        of the unpermuted rows -> `x [B, 1, H, W]` in the flow's (permuted) row order."""
+        """Invert flow `flow`'s coupling row by row. `z [B, 1, H, W]` fp32, `c [B, cin, H, W]` and
+        optionally its projection `cond [H, L, B, 2R, W]`, both of the unpermuted rows
+        -> `x [B, 1, H, W]` in the flow's (permuted) row order."""
         net, coupling, embedding = self.flow_parts(flow)
-        dtype = cond[0].dtype
-        multgate = getattr(coupling, "multgate", None)
-        gate_biases = net.gate_biases(embedding).to(dtype)
-        if multgate is not None:
-            multgate = multgate.to(dtype)
+        dtype = c.dtype
         batch, _, height, width = z.shape
         x = torch.empty_like(z)
         x_row = z.new_zeros(batch, 1, width)  # the row above row 0 (shift_1d pads with zeros)
-        net.start_inference(batch, width, cond[0])
+        net.start_inference(batch, width, c, net.gate_biases(embedding), getattr(coupling, "multgate", None),
+                            *coupling.proj_log_s_t.affine())
         try:
             for h in range(height):
-                feat = net.step(x_row.to(dtype), cond, rows[h], gate_biases, multgate, h)  # [B, R, W]
-                log_s, t = coupling.proj_log_s_t(feat.unsqueeze(2)).squeeze(2).float().chunk(2, dim=1)
+                source = rows[h]
+                cond_row = cond[source] if cond is not None else net.condition_rows(c[:, :, source:source + 1])[0]
+                log_s_t = net.step(x_row.to(dtype), cond_row, h).float()  # [B, 2, W]
+                log_s, t = log_s_t.chunk(2, dim=1)
                 x_row = (z[:, :, h] - t) * torch.exp(-log_s)  # [B, 1, W]
                 x[:, :, h] = x_row
         finally:

@@ -109,25 +109,71 @@ def shift_1d(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
 
 
-def gated_activation(a: torch.Tensor) -> torch.Tensor:
-    """WaveNet's gate: `tanh(filter) * sigmoid(gate)` on the two halves of the channels."""
-    filter_, gate = a.chunk(2, dim=1)
-    return torch.tanh(filter_) * torch.sigmoid(gate)
+def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 convolution as one matrix product: `x [B, Cin, *S] -> [B, Cout, *S]`, `weight [Cout, Cin, ...]`.
 
-
-def fused_res_skip(h: torch.Tensor, res_skip: torch.Tensor,
-                   multgate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split `res_skip_conv`'s output and update the residual stream.
-
-    `h [B, R, ...]`, `res_skip [B, 2R, ...]`, `multgate [R]` or None.
-    WaveFlow: `(h + res) * sqrt(0.5)`; NanoFlow: `h + res * multgate` (the flow's gate).
-    Returns `(next h, skip)`.
+    Several times faster than the CPU convolution kernels for these shapes, forward and
+    backward, and as fast on GPU. A channels-last `x` gives a channels-last result.
     """
-    res, skip = res_skip.chunk(2, dim=1)
-    if multgate is None:
-        return (h + res) * SQRT_HALF, skip
-    shape = (1, -1) + (1,) * (h.dim() - 2)
-    return h + res * multgate.view(shape), skip
+    weight = weight.reshape(weight.shape[0], -1)  # [Cout, Cin]
+    if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
+        batch, channels, height, width = x.shape
+        flat = x.permute(0, 2, 3, 1).reshape(-1, channels)  # [B * H * W, Cin], a view
+        out = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
+        return out.view(batch, height, width, -1).permute(0, 3, 1, 2)  # [B, Cout, H, W], channels last
+    batch, spatial = x.shape[0], x.shape[2:]
+    flat = x.reshape(batch, x.shape[1], -1)  # [B, Cin, S]
+    weight = weight.unsqueeze(0).expand(batch, -1, -1)
+    out = torch.bmm(weight, flat) if bias is None else torch.baddbmm(bias.view(1, -1, 1), weight, flat)
+    return out.view(batch, -1, *spatial)
+
+
+class GatedActivation(torch.autograd.Function):
+    """WaveNet's gate, `tanh(a[:, :R]) * sigmoid(a[:, R:])`: `a [B, 2R, ...] -> [B, R, ...]`.
+
+    Written out so that the backward pass fills the gradient of `a` as one tensor:
+    autograd's own computes the halves' gradients apart and concatenates them, a
+    full extra copy per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor) -> torch.Tensor:
+        filter_, gate = a.chunk(2, dim=1)
+        tanh, sigmoid = torch.tanh(filter_), torch.sigmoid(gate)
+        ctx.save_for_backward(tanh, sigmoid)
+        return tanh * sigmoid
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        tanh, sigmoid = ctx.saved_tensors
+        channels = tanh.shape[1]
+        layout = torch.channels_last if tanh.dim() == 4 and not tanh.is_contiguous() \
+            and tanh.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        grad_a = torch.empty((tanh.shape[0], 2 * channels, *tanh.shape[2:]), dtype=grad.dtype, device=grad.device,
+                             memory_format=layout)
+        grad_s = grad * sigmoid  # d/d tanh
+        grad_ts = grad_s * tanh  # d/d sigmoid
+        torch.addcmul(grad_s, grad_ts, tanh, value=-1, out=grad_a[:, :channels])  # grad * s * (1 - t^2)
+        torch.addcmul(grad_ts, grad_ts, sigmoid, value=-1, out=grad_a[:, channels:])  # grad * t * s * (1 - s)
+        return grad_a
+
+
+def fused_res_skip(gated: torch.Tensor, h: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
+                   residual_keep: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """`res_skip_conv` and the residual update in one step, with the flow's scales folded in.
+
+    `gated [B, R, ...]` (the block's gated activation), `h [B, R, ...]` (its input),
+    `out_weight [R + 2, R]`, `out_bias [R + 2]` from `ResidualBlock.output_weights` (only
+    the last 2 rows for the last block). Returns `(next h, share)`: the residual stream
+    `res' + residual_keep * h` (written into `out` when given; None for the last block)
+    and the block's share `[B, 2, ...]` of the flow's `(log_s, t)`.
+    """
+    share = conv1x1(gated, out_weight[-2:], out_bias[-2:])
+    if out_weight.shape[0] == 2:
+        return None, share
+    channels = h.shape[1]
+    res = conv1x1(gated, out_weight[:channels], out_bias[:channels])
+    return torch.add(res, h, alpha=residual_keep, out=out), share
 
 
 class HeightCausalConv2d(nn.Module):
@@ -153,7 +199,7 @@ class ProjLogST(nn.Module):
     """The last layer of a coupling: 1x1 conv `R -> 2` giving `(log_s, t)`, scaled by `exp(3 * scale)`.
 
     Near-zero initialisation (weights uniform in [-1e-3, 1e-3], `scale` zero) makes
-    every flow start close to the identity. `feat [B, R, H, W] -> [B, 2, H, W]`.
+    every flow start close to the identity.
     """
 
     def __init__(self, res_channels: int):
@@ -163,8 +209,11 @@ class ProjLogST(nn.Module):
         nn.init.uniform_(self.conv.weight, -1e-3, 1e-3)
         nn.init.uniform_(self.conv.bias, -1e-3, 1e-3)
 
-    def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        return self.conv(feat) * torch.exp(3 * self.scale)
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projection as one affine map, scale included: `(weight [2, R], bias [2])`;
+        `(log_s, t) = weight @ feat + bias`. The estimator folds it into its layers."""
+        scale = torch.exp(3 * self.scale).view(2, 1)
+        return self.conv.weight.flatten(1) * scale, self.conv.bias * scale.flatten()
 
 
 class FlowEmbedding(WeightNormMixin, nn.Module):
@@ -188,28 +237,19 @@ class FlowEmbedding(WeightNormMixin, nn.Module):
 
 # ----------------------------------------------------------------------------- 2-D WaveNet
 
-def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A 1x1 convolution as one batched matrix product: `x [B, Cin, *S] -> [B, Cout, *S]`.
-
-    `weight [Cout, Cin, 1, ...]`. On CPU this is several times faster than the
-    convolution kernels for these shapes, forward and backward; on GPU it is as fast.
-    """
-    batch, spatial = x.shape[0], x.shape[2:]
-    weight = weight.reshape(1, weight.shape[0], -1).expand(batch, -1, -1)
-    flat = x.reshape(batch, x.shape[1], -1)
-    out = torch.bmm(weight, flat) if bias is None else torch.baddbmm(bias.view(1, -1, 1), weight, flat)
-    return out.view(batch, -1, *spatial)
-
-
 class ResidualBlock(nn.Module):
     """Layer j of the 2-D WaveNet.
 
     `a = filter_gate_conv(h) + filter_gate_conv_c(c) [+ filter_gate_conv_h(flow embedding)]`,
-    gated activation, then `res_skip_conv` split into the residual update and the skip
-    output (`fused_res_skip`). The 3x3 conv has dilation `(dh, dw)`, causal along height.
-    The conditioning term arrives precomputed (`WaveNet2D.condition`) and the
-    row-independent terms as one bias (`gate_bias`), so a shared estimator projects
-    the mel once however many flows use it.
+    gated activation, then `res_skip_conv`: a residual update and a skip output. The 3x3
+    conv has dilation `(dh, dw)`, causal along height. The conditioning term arrives
+    precomputed (`WaveNet2D.condition`) and the position-independent terms as one bias
+    (`gate_bias`), so a shared estimator projects the mel once for all its flows.
+
+    The skip outputs only ever feed the flow's projection to `(log_s, t)`, which is
+    linear, so `proj(sum_j skip_j) = sum_j (P W_skip_j) g_j + ...`: each block maps its
+    gated activation `g_j` straight to its share of `(log_s, t)`
+    (`output_weights`, `fused_res_skip`), and the skips are never formed at full width.
 
     For fast inference the block keeps a convolution queue (`start_inference`, `step`):
     the last `2 * dh + 1` rows of its input, the rows the causal 3x3 conv reads.
@@ -225,11 +265,12 @@ class ResidualBlock(nn.Module):
         if size_flow_embed:
             self.filter_gate_conv_h = WNConv2d(size_flow_embed, 2 * res_channels, 1)
         self.res_skip_conv = WNConv2d(res_channels, 2 * res_channels, 1)
-        # Inference state: the queue and the folded weights used while producing rows.
-        self.register_buffer("queue", None, persistent=False)
-        self.register_buffer("step_gate_weight", None, persistent=False)
-        self.register_buffer("step_res_skip_weight", None, persistent=False)
-        self.register_buffer("step_res_skip_bias", None, persistent=False)
+        # Inference state while one flow's rows are produced: the queue, the gated activation
+        # of the current row, and the flow's folded weights.
+        for name in ("queue", "step_gated", "step_gate_weight", "step_gate_bias", "step_res_weight",
+                     "step_share_weight"):
+            self.register_buffer(name, None, persistent=False)
+        self.step_slots = self.step_taps = None  # views into the queue, one per ring position
 
     def gate_bias(self, flow_embed: torch.Tensor | None) -> torch.Tensor:
         """Everything added to the gate input that does not depend on the position: `[2R]`."""
@@ -239,69 +280,97 @@ class ResidualBlock(nn.Module):
                                   self.filter_gate_conv_h.bias).flatten()
         return bias
 
-    def _res_skip(self, gated: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  h: torch.Tensor, multgate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.is_last:
-            return h, conv1x1(gated, weight[self.res_channels:], bias[self.res_channels:])
-        return fused_res_skip(h, conv1x1(gated, weight, bias), multgate)
+    def output_weights(self, res_scale: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`res_skip_conv` with one flow's scales folded in: `(weight [R + 2, R], bias [R + 2])`.
 
-    def forward(self, h: torch.Tensor, cond: torch.Tensor, gate_bias: torch.Tensor,
-                multgate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`h [B, R, H, W]`, `cond [B, 2R, H, W]` (this block's conditioning, no bias),
-        `gate_bias [2R]`, `multgate [R]` -> `(next h [B, R, H, W], skip [B, R, H, W])`."""
+        Rows `:R` give the residual update scaled by `res_scale [R]` (the flow's `multgate`
+        row, or sqrt(0.5)); the last 2 rows give the block's share of `(log_s, t)` through
+        the flow's `projection [2, R]`. The last block has only those 2 rows.
+        """
+        channels = self.res_channels
+        weight = self.res_skip_conv.normed_weight().flatten(1)  # [2R, R]
+        bias = self.res_skip_conv.bias
+        share_weight, share_bias = projection @ weight[channels:], projection @ bias[channels:]
+        if self.is_last:
+            return share_weight, share_bias
+        return (torch.cat([res_scale[:, None] * weight[:channels], share_weight]),
+                torch.cat([res_scale * bias[:channels], share_bias]))
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor, gate_bias: torch.Tensor, out_weight: torch.Tensor,
+                out_bias: torch.Tensor, residual_keep: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`h [B, R, H, W]`, `cond [B, 2R, H, W]` (this block's conditioning, no bias), `gate_bias [2R]`,
+        `out_weight`, `out_bias` (`output_weights`) -> `(next h [B, R, H, W], share [B, 2, H, W])`."""
         conv = self.filter_gate_conv
         padded = F.pad(h, (conv.pad_side, conv.pad_side, conv.pad_top, 0))
-        a = F.conv2d(padded, conv.conv.normed_weight(), gate_bias, dilation=conv.conv.dilation) + cond
-        return self._res_skip(gated_activation(a), self.res_skip_conv.normed_weight(),
-                              self.res_skip_conv.bias, h, multgate)
+        a = F.conv2d(padded, conv.conv.normed_weight(), gate_bias, dilation=conv.conv.dilation)
+        a += cond  # in place: the convolution's backward does not need its output
+        return fused_res_skip(GatedActivation.apply(a), h, out_weight, out_bias, residual_keep)
 
     # --- fast inference: one row at a time ---------------------------------------------------
 
-    def start_inference(self, batch: int, width: int, like: torch.Tensor) -> None:
-        """Allocate an empty (zero) queue for rows of `width` columns, dtype and device of `like`."""
+    def start_inference(self, batch: int, width: int, like: torch.Tensor, gate_bias: torch.Tensor,
+                        out_weight: torch.Tensor, out_bias: torch.Tensor) -> None:
+        """Allocate an empty (zero) queue for rows of `width` columns and keep one flow's weights
+        (`gate_bias`, `output_weights`), in the dtype and on the device of `like`."""
         conv = self.filter_gate_conv
-        rows = conv.pad_top + 1
+        rows, channels, side = conv.pad_top + 1, self.res_channels, conv.pad_side
+        dilation_h = conv.conv.dilation[0]
         # Rows are outermost so that the rows the conv reads form one [3R, W] input of a 1-D
         # conv over width; every row is written twice (slots s and s + rows), so the newest
         # `rows` rows are always one window of the buffer: a ring without wrap-around.
-        self.queue = like.new_zeros(batch, 2 * rows, self.res_channels, width + 2 * conv.pad_side)
-        weight = conv.conv.normed_weight().detach().to(like.dtype)  # [2R, R, 3, 3]
-        self.step_gate_weight = weight.permute(0, 2, 1, 3).reshape(weight.shape[0], -1, weight.shape[3])
-        self.step_res_skip_weight = self.res_skip_conv.normed_weight().detach().to(like.dtype)
-        self.step_res_skip_bias = self.res_skip_conv.bias.detach().to(like.dtype)
+        self.queue = like.new_zeros(batch, 2 * rows, channels, width + 2 * side)
+        columns = slice(side, side + width)
+        self.step_slots = [(self.queue[:, slot, :, columns], self.queue[:, slot + rows, :, columns])
+                           for slot in range(rows)]
+        self.step_taps = [self.queue[:, slot + 1:slot + rows + 1:dilation_h]  # [B, 3, R, W + 2 side]
+                          for slot in range(rows)]
+        # The gated activation gets a constant row of ones, so that one matrix product adds the bias.
+        self.step_gated = like.new_ones(batch, channels + 1, width)
+        weight = conv.conv.normed_weight().detach()  # [2R, R, 3, 3]
+        self.step_gate_weight = weight.permute(0, 2, 1, 3).reshape(2 * channels, 3 * channels, 3).to(like.dtype)
+        self.step_gate_bias = gate_bias.detach().to(like.dtype)
+        augmented = torch.cat([out_weight, out_bias[:, None]], dim=1).detach().to(like.dtype)  # [R + 2, R + 1]
+        self.step_share_weight = augmented[-2:].expand(batch, -1, -1)
+        self.step_res_weight = None if self.is_last else augmented[:channels]
 
     def end_inference(self) -> None:
-        self.queue = self.step_gate_weight = self.step_res_skip_weight = self.step_res_skip_bias = None
+        self.queue = self.step_gated = self.step_gate_weight = self.step_gate_bias = None
+        self.step_res_weight = self.step_share_weight = self.step_slots = self.step_taps = None
 
-    def step(self, h_row: torch.Tensor, cond_row: torch.Tensor, gate_bias: torch.Tensor,
-             multgate: torch.Tensor | None, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compute row `row` of the block's output from its input row and the queue.
+    def step(self, row: int, cond_row: torch.Tensor, log_s_t: torch.Tensor, residual_keep: float,
+             next_slots: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Row `row` of the block, once its input row is in the queue (`step_slots`).
 
-        `h_row [B, R, W]` (input row `row`), `cond_row [B, 2R, W]` (the conditioning
-        projection of that row, no bias), `gate_bias [2R]` -> `(next h_row, skip_row)`,
-        both `[B, R, W]`. Rows must be fed in order 0, 1, 2, ... after `start_inference`.
+        `cond_row [B, 2R, W]` is the row's conditioning projection (no bias). The block's
+        share of the row's `(log_s, t)` is added to `log_s_t [B, 2, W]`, and the next
+        block's input row is written into both of its queue slots `next_slots`.
         """
-        conv = self.filter_gate_conv
-        dilation_h, dilation_w = conv.conv.dilation
-        rows = conv.pad_top + 1
-        slot = row % rows
-        columns = slice(conv.pad_side, conv.pad_side + h_row.shape[-1])
-        self.queue[:, slot, :, columns] = h_row
-        self.queue[:, slot + rows, :, columns] = h_row
-        taps = self.queue[:, slot + 1:slot + rows + 1:dilation_h]  # [B, 3, R, W + 2 * pad_side], oldest first
-        a = F.conv1d(taps.flatten(1, 2), self.step_gate_weight, gate_bias, dilation=dilation_w)  # [B, 2R, W]
+        rows, channels = len(self.step_taps), self.res_channels
+        taps = self.step_taps[row % rows].flatten(1, 2)  # [B, 3R, W + 2 side]: a view when dh is 1
+        a = F.conv1d(taps, self.step_gate_weight, self.step_gate_bias,
+                     dilation=self.filter_gate_conv.conv.dilation[1])  # [B, 2R, W]
         a += cond_row
-        return self._res_skip(gated_activation(a), self.step_res_skip_weight, self.step_res_skip_bias,
-                              h_row, multgate)
+        gated = self.step_gated  # [B, R + 1, W], last row ones
+        torch.mul(torch.tanh_(a[:, :channels]), torch.sigmoid_(a[:, channels:]), out=gated[:, :channels])
+        log_s_t.baddbmm_(self.step_share_weight, gated)
+        if next_slots is not None:
+            first, second = next_slots
+            h = self.step_slots[row % rows][0]  # this block's input row
+            # Item by item: a 2-D product writes straight into the (strided) queue slot, where
+            # the batched one would go through a temporary.
+            for h_item, gated_item, first_item in zip(h, gated, first):
+                torch.addmm(h_item, self.step_res_weight, gated_item, beta=residual_keep, out=first_item)
+            second.copy_(first)
 
 
 class WaveNet2D(nn.Module):
     """The density estimator of WaveFlow/NanoFlow: a 2-D WaveNet, causal along height.
 
     `front_conv` (1x1, 1 -> R), then `n_layer` residual blocks with dilation
-    `(2 ** (j % n_layer_per_cycle), 2 ** j)`; the output is the sum of the skips.
-    NanoFlow shares one instance across flows and passes the flow's embedding and
-    gates (`flow_embed`, `multgate`) with every call.
+    `(2 ** (j % n_layer_per_cycle), 2 ** j)`, whose skips feed the flow's projection to
+    `(log_s, t)`. NanoFlow shares one instance across flows and passes each flow's
+    embedding-dependent biases and gates (`gate_biases`, `multgate`) with every call.
+    Training runs channels-last, where the dilated convolutions are fastest on CPU.
     """
 
     def __init__(self, res_channels: int, cin_channels: int, n_layer: int, n_layer_per_cycle: int,
@@ -313,62 +382,94 @@ class WaveNet2D(nn.Module):
             ResidualBlock(res_channels, cin_channels, (2 ** (j % n_layer_per_cycle), 2 ** j), size_flow_embed,
                           is_last=j == n_layer - 1)
             for j in range(n_layer))
+        for name in ("step_front_weight", "step_front_bias", "step_output_bias", "step_log_s_t"):
+            self.register_buffer(name, None, persistent=False)
 
     def condition(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every block's conditioning projection, without bias: `c [B, cin, H, W] -> L x [B, 2R, H, W]`.
 
         Independent of the flow embedding, and a 1x1 conv commutes with permuting rows, so a
-        shared estimator computes it once per orientation of the rows. A tuple, not one
-        tensor, so that using it in many flows costs autograd one gradient per block.
+        shared estimator computes it once per row order, not once per flow.
         """
-        weight = torch.cat([block.filter_gate_conv_c.normed_weight() for block in self.res_blocks])
-        cond = conv1x1(c, weight, None)  # [B, L * 2R, H, W]
-        return cond.split(2 * self.res_channels, dim=1)
+        return tuple(conv1x1(c, block.filter_gate_conv_c.normed_weight(), None) for block in self.res_blocks)
+
+    def condition_rows(self, c: torch.Tensor) -> torch.Tensor:
+        """The same projections laid out for row-by-row inference: `c [B, cin, H, W] -> [H, L, B, 2R, W]`."""
+        batch, _, height, width = c.shape
+        weight = torch.cat([block.filter_gate_conv_c.normed_weight().flatten(1) for block in self.res_blocks])
+        cond = torch.matmul(weight.to(c.dtype), c.permute(2, 0, 1, 3))  # [H, B, L * 2R, W]
+        return cond.view(height, batch, len(self.res_blocks), -1, width).transpose(1, 2)  # [H, L, B, 2R, W]
 
     def gate_biases(self, flow_embed: torch.Tensor | None) -> torch.Tensor:
         """`[L, 2R]`: each block's position-independent gate input for this flow."""
         return torch.stack([block.gate_bias(flow_embed) for block in self.res_blocks])
 
+    def output_weights(self, multgate: torch.Tensor | None, projection_weight: torch.Tensor
+                       ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
+        """Every block's `output_weights` for one flow, and what the residual stream keeps per layer.
+
+        NanoFlow: `h + res * multgate[j]`; otherwise WaveFlow's `(h + res) * sqrt(0.5)`.
+        """
+        weights = []
+        for j, block in enumerate(self.res_blocks):
+            res_scale = (multgate[j] if multgate is not None
+                         else projection_weight.new_full((self.res_channels,), SQRT_HALF))
+            weights.append(block.output_weights(res_scale, projection_weight))
+        return weights, (1.0 if multgate is not None else SQRT_HALF)
+
     def front(self, x: torch.Tensor) -> torch.Tensor:
-        """`front_conv`, a 1x1 conv from 1 channel: `x [B, 1, *S] -> [B, R, *S]`."""
+        """`front_conv`, a 1x1 conv from one channel: `x [B, 1, H, W] -> [B, R, H, W]`, channels last."""
         conv = self.front_conv[0].conv
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * conv.normed_weight().view(shape) + conv.bias.view(shape)
+        h = x.permute(0, 2, 3, 1) * conv.normed_weight().flatten() + conv.bias  # [B, H, W, R]
+        return h.permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor, cond: tuple[torch.Tensor, ...], gate_biases: torch.Tensor,
-                multgate: torch.Tensor | None = None) -> torch.Tensor:
-        """`x [B, 1, H, W]`, `cond` L x `[B, 2R, H, W]` (`self.condition(c)`), `gate_biases [L, 2R]`
-        (`self.gate_biases(flow_embed)`), `multgate [L, R]` -> `feat [B, R, H, W]`.
-        Row h of `feat` depends on rows <= h of `x`."""
+                multgate: torch.Tensor | None, projection_weight: torch.Tensor,
+                projection_bias: torch.Tensor) -> torch.Tensor:
+        """The flow's `(log_s, t)`: `x [B, 1, H, W]` (already shifted), `cond` L x `[B, 2R, H, W]`
+        (`self.condition(c)`), `gate_biases [L, 2R]`, `multgate [L, R]` or None, the flow's
+        projection `[2, R]`, `[2]` -> `log_s_t [B, 2, H, W]`. Row h depends on rows <= h of `x`."""
+        weights, keep = self.output_weights(multgate, projection_weight)
         h = self.front(x)
-        skip = 0
+        log_s_t = projection_bias.view(1, 2, 1, 1)
         for j, block in enumerate(self.res_blocks):
-            h, s = block(h, cond[j], gate_biases[j], None if multgate is None else multgate[j])
-            skip = skip + s
-        return skip
+            h, share = block(h, cond[j], gate_biases[j], *weights[j], keep)
+            log_s_t = log_s_t + share
+        return log_s_t
 
     # --- fast inference ----------------------------------------------------------------------
 
-    def start_inference(self, batch: int, width: int, like: torch.Tensor) -> None:
-        for block in self.res_blocks:
-            block.start_inference(batch, width, like)
+    def start_inference(self, batch: int, width: int, like: torch.Tensor, gate_biases: torch.Tensor,
+                        multgate: torch.Tensor | None, projection_weight: torch.Tensor,
+                        projection_bias: torch.Tensor) -> None:
+        """Prepare to produce one flow's rows: empty queues and that flow's folded weights."""
+        weights, self.residual_keep = self.output_weights(multgate, projection_weight)
+        for block, gate_bias, (out_weight, out_bias) in zip(self.res_blocks, gate_biases, weights):
+            block.start_inference(batch, width, like, gate_bias, out_weight, out_bias)
+        front = self.front_conv[0].conv
+        self.step_front_weight = front.normed_weight().detach().view(1, -1, 1).to(like.dtype)
+        self.step_front_bias = front.bias.detach().view(1, -1, 1).to(like.dtype)
+        self.step_output_bias = projection_bias.detach().view(1, 2, 1).to(like.dtype)
+        self.step_log_s_t = like.new_empty(batch, 2, width)
 
     def end_inference(self) -> None:
         for block in self.res_blocks:
             block.end_inference()
+        self.step_front_weight = self.step_front_bias = self.step_output_bias = self.step_log_s_t = None
 
-    def step(self, x_row: torch.Tensor, cond: tuple[torch.Tensor, ...], cond_row: int,
-             gate_biases: torch.Tensor, multgate: torch.Tensor | None, row: int) -> torch.Tensor:
-        """Row `row` of the estimator's output (rows are fed in order 0, 1, ...).
+    def step(self, x_row: torch.Tensor, cond_row: torch.Tensor, row: int) -> torch.Tensor:
+        """Row `row` of the flow's `(log_s, t)`; rows are fed in order 0, 1, ... after `start_inference`.
 
-        `x_row [B, 1, W]` is row `row` of the (already shifted) input; `cond` is L x
-        `[B, 2R, H, W]` (`self.condition(c)`), of which row `cond_row` belongs to this
-        output row; `gate_biases [L, 2R]`, `multgate [L, R]` -> `feat_row [B, R, W]`.
+        `x_row [B, 1, W]` is row `row` of the (already shifted) input and `cond_row [L, B, 2R, W]`
+        its conditioning (`condition_rows`) -> `log_s_t [B, 2, W]`, valid until the next step.
         """
-        h = self.front(x_row)
-        skip = 0
-        for j, block in enumerate(self.res_blocks):
-            h, s = block.step(h, cond[j][:, :, cond_row], gate_biases[j],
-                              None if multgate is None else multgate[j], row)
-            skip = skip + s
-        return skip
+        blocks = self.res_blocks
+        first, second = blocks[0].step_slots[row % len(blocks[0].step_slots)]
+        torch.addcmul(self.step_front_bias, x_row, self.step_front_weight, out=first)
+        second.copy_(first)
+        log_s_t = self.step_log_s_t.copy_(self.step_output_bias.expand_as(self.step_log_s_t))
+        for j, block in enumerate(blocks):
+            following = blocks[j + 1] if j + 1 < len(blocks) else None
+            next_slots = following.step_slots[row % len(following.step_slots)] if following is not None else None
+            block.step(row, cond_row[j], log_s_t, self.residual_keep, next_slots)
+        return log_s_t

@@ -1,0 +1,228 @@
+"""Benchmark: synthesis and training speed against the device's own matrix-multiply throughput.
+
+    python bench.py -c configs/nanoflow-h16-r128-emb512.json               # table
+    python bench.py -c configs/nanoflow-h16-r128-emb512.json --json        # JSON
+    python bench.py -c config.json --device cuda --dtype fp16              # GPU, half precision
+
+The estimator's convolutions dominate both directions, so the useful arithmetic
+per audio sample (a multiply-add counts 2, R = res_channels, L = n_layer,
+K = n_flow) is `K * 2 * (R + 20 * L * R^2 + 2 * R) + 2 * 80 * 2 * R * L` in
+synthesis (the conditioning projected once), and three times that per sample
+in a training step. Every figure is divided by the throughput of a 2048 x 2048
+matmul in the same dtype, measured in the same run before and after the
+workloads. Times are medians over repeated runs after warm-up runs; cases that
+take longer than --max_seconds run once after the warm-up. Data loading is the
+real `Mel2Samp` loader on the bundled demo corpus, in the main process, i.e.
+the CPU work one batch costs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from config import load_config
+from mel2samp import Mel2Samp, collate
+from model import SYNTHESIS_TRIM, build_model, negative_log_likelihood
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEMO_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo", "train_files.txt")
+SAMPLING_RATE = 22050
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(run, device: torch.device, repeats: int, warmup: int, max_seconds: float) -> list[float]:
+    """Wall times of `run()` after `warmup` untimed calls; fewer repeats for slow cases."""
+    for _ in range(warmup):
+        run()
+    times = []
+    while len(times) < repeats:
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        if sum(times) > max_seconds:
+            break
+    return times
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 30) -> float:
+    """Median throughput of a 2048 x 2048 matmul, the yardstick for every figure."""
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    b = torch.randn(2048, 2048, device=device, dtype=dtype)
+    times = timed(lambda: a @ b, device, repeats, warmup=5, max_seconds=60)
+    return 2 * 2048 ** 3 / statistics.median(times) / 1e9
+
+
+def synthesis_flops_per_sample(config) -> int:
+    r, layers, flows = config.res_channels, config.n_layer, config.n_flow
+    return flows * 2 * (r + 20 * layers * r * r + 2 * r) + 2 * config.cin_channels * 2 * r * layers
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA's allocator statistics, or the process's resident set on CPU
+    (Linux resets its high-water mark through /proc/self/clear_refs)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            self.base = self._resident()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = self._high_water() - self.base
+
+    @staticmethod
+    def _resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    @staticmethod
+    def _high_water() -> int:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench_synthesis(model, device, dtype, seconds: float, batch: int, args) -> dict:
+    frames = round(seconds * SAMPLING_RATE / 256) + SYNTHESIS_TRIM // 256
+    mel = torch.randn(batch, model.config.cin_channels, frames, device=device, dtype=dtype)
+    samples = batch * 256 * (frames - SYNTHESIS_TRIM // 256)
+    with PeakMemory(device) as memory:
+        times = timed(lambda: model.infer(mel), device, args.repeats, args.warmup, args.max_seconds)
+    elapsed = statistics.median(times)
+    flops = samples * synthesis_flops_per_sample(model.config)
+    return {"case": f"synthesis {seconds:g} s x {batch}", "seconds": elapsed, "runs": len(times),
+            "kHz": samples / elapsed / 1000, "real_time_factor": samples / SAMPLING_RATE / elapsed,
+            "gflops": flops / elapsed / 1e9, "peak_memory_mb": memory.peak / 2 ** 20}
+
+
+def bench_training(config, device, dtype, batch: int, segment: int, checkpointing: bool, args) -> dict:
+    torch.manual_seed(0)
+    model = build_model(replace(config.waveflow, gradient_checkpointing=checkpointing)).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    audio = (torch.rand(batch, segment, device=device) * 2 - 1) * 0.5
+    mel = torch.randn(batch, config.waveflow.cin_channels, segment // 256 + 1, device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            z, logdet = model(audio, mel)
+        scaler.scale(negative_log_likelihood(z, logdet)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    with PeakMemory(device) as memory:
+        times = timed(step, device, args.repeats, args.warmup, args.max_seconds)
+    elapsed = statistics.median(times)
+    samples = batch * segment
+    flops = 3 * samples * synthesis_flops_per_sample(config.waveflow)
+    name = f"training {batch} x {segment}" + (" checkpointed" if checkpointing else "")
+    return {"case": name, "seconds": elapsed, "runs": len(times), "kHz": samples / elapsed / 1000,
+            "gflops": flops / elapsed / 1e9, "peak_memory_mb": memory.peak / 2 ** 20}
+
+
+def bench_loading(config, batch: int, segment: int, args) -> dict:
+    data = replace(config.data, segment_length=segment)
+    dataset = Mel2Samp.from_config(data, mode="train", file_list=DEMO_LIST, seed=0)
+    indices = [i % len(dataset) for i in range(batch)]
+    times = timed(lambda: collate([dataset[i] for i in indices]), torch.device("cpu"),
+                  max(args.repeats, 10), args.warmup, args.max_seconds)
+    return {"case": f"data loading {batch} x {segment}", "seconds": statistics.median(times), "runs": len(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--config", required=True)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--seconds", type=float, nargs="+", default=[1.0, 10.0], help="synthesis lengths")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="synthesis batch sizes")
+    parser.add_argument("--train_batch", type=int, default=None, help="default: the config's batch_size")
+    parser.add_argument("--segment_length", type=int, default=None, help="default: the config's")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--max_seconds", type=float, default=60.0, help="stop repeating a case after this long")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["synthesis", "training", "checkpointing", "loading"])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+
+    config = load_config(args.config)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    batch = args.train_batch or config.train.batch_size
+    segment = args.segment_length or config.data.segment_length
+    reference = [matmul_gflops(device, dtype)]
+    results = []
+    if "synthesis" not in args.skip:
+        model = build_model(config.waveflow).to(device).eval().remove_weight_norm().to(dtype)
+        for seconds in args.seconds:
+            for synth_batch in args.batches:
+                results.append(bench_synthesis(model, device, dtype, seconds, synth_batch, args))
+        del model
+    training = None
+    if "training" not in args.skip:
+        training = bench_training(config, device, dtype, batch, segment, False, args)
+        results.append(training)
+        if "checkpointing" not in args.skip:
+            results.append(bench_training(config, device, dtype, batch, segment, True, args))
+    if "loading" not in args.skip:
+        loading = bench_loading(config, batch, segment, args)
+        if training is not None:
+            loading["percent_of_training_step"] = 100 * loading["seconds"] / training["seconds"]
+        results.append(loading)
+    reference.append(matmul_gflops(device, dtype))
+    matmul = statistics.mean(reference)
+    for result in results:
+        if "gflops" in result:
+            result["fraction_of_matmul"] = result["gflops"] / matmul
+
+    report = {"config": args.config, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "matmul_2048_gflops": matmul, "results": results}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{args.config} on {device} ({torch.get_num_threads()} threads), {args.dtype}, torch {torch.__version__}: "
+          f"2048x2048 matmul {matmul:.0f} GFLOP/s")
+    columns = [("case", "{}", 32), ("seconds", "{:.3f}", 9), ("runs", "{}", 5), ("kHz", "{:.1f}", 9),
+               ("real_time_factor", "{:.2f}", 9), ("gflops", "{:.0f}", 7), ("fraction_of_matmul", "{:.2f}", 9),
+               ("peak_memory_mb", "{:.0f}", 10), ("percent_of_training_step", "{:.2f}", 9)]
+    titles = {"real_time_factor": "x realtime", "gflops": "GFLOP/s", "fraction_of_matmul": "of matmul",
+              "peak_memory_mb": "peak MiB", "percent_of_training_step": "% of step"}
+    print("  ".join(titles.get(name, name).ljust(width) for name, _, width in columns))
+    for result in results:
+        print("  ".join((form.format(result[name]) if name in result else "").ljust(width)
+                        for name, form, width in columns))
+
+
+if __name__ == "__main__":
+    main()
