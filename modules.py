@@ -159,21 +159,21 @@ class GatedActivation(torch.autograd.Function):
 
 
 def fused_res_skip(gated: torch.Tensor, h: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
-                   residual_keep: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+                   residual_keep: float) -> tuple[torch.Tensor | None, torch.Tensor]:
     """`res_skip_conv` and the residual update in one step, with the flow's scales folded in.
 
     `gated [B, R, ...]` (the block's gated activation), `h [B, R, ...]` (its input),
     `out_weight [R + 2, R]`, `out_bias [R + 2]` from `ResidualBlock.output_weights` (only
     the last 2 rows for the last block). Returns `(next h, share)`: the residual stream
-    `res' + residual_keep * h` (written into `out` when given; None for the last block)
-    and the block's share `[B, 2, ...]` of the flow's `(log_s, t)`.
+    `res' + residual_keep * h` (None for the last block) and the block's share
+    `[B, 2, ...]` of the flow's `(log_s, t)`.
     """
     share = conv1x1(gated, out_weight[-2:], out_bias[-2:])
     if out_weight.shape[0] == 2:
         return None, share
     channels = h.shape[1]
     res = conv1x1(gated, out_weight[:channels], out_bias[:channels])
-    return torch.add(res, h, alpha=residual_keep, out=out), share
+    return torch.add(res, h, alpha=residual_keep), share
 
 
 class HeightCausalConv2d(nn.Module):
@@ -191,8 +191,11 @@ class HeightCausalConv2d(nn.Module):
         self.pad_side = (kernel_size - 1) // 2 * dilation[1]
         self.conv = WNConv2d(in_channels, out_channels, kernel_size, dilation=dilation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (self.pad_side, self.pad_side, self.pad_top, 0)))
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`bias` replaces the conv's own, so that other position-independent terms ride along."""
+        conv = self.conv
+        return F.conv2d(F.pad(x, (self.pad_side, self.pad_side, self.pad_top, 0)), conv.normed_weight(),
+                        conv.bias if bias is None else bias, dilation=conv.dilation)
 
 
 class ProjLogST(nn.Module):
@@ -300,9 +303,7 @@ class ResidualBlock(nn.Module):
                 out_bias: torch.Tensor, residual_keep: float) -> tuple[torch.Tensor | None, torch.Tensor]:
         """`h [B, R, H, W]`, `cond [B, 2R, H, W]` (this block's conditioning, no bias), `gate_bias [2R]`,
         `out_weight`, `out_bias` (`output_weights`) -> `(next h [B, R, H, W], share [B, 2, H, W])`."""
-        conv = self.filter_gate_conv
-        padded = F.pad(h, (conv.pad_side, conv.pad_side, conv.pad_top, 0))
-        a = F.conv2d(padded, conv.conv.normed_weight(), gate_bias, dilation=conv.conv.dilation)
+        a = self.filter_gate_conv(h, bias=gate_bias)
         a += cond  # in place: the convolution's backward does not need its output
         return fused_res_skip(GatedActivation.apply(a), h, out_weight, out_bias, residual_keep)
 
