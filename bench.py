@@ -19,6 +19,8 @@ the CPU work one batch costs.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -72,8 +74,8 @@ def synthesis_flops_per_sample(config) -> int:
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA's allocator statistics, or the process's resident set on CPU
-    (Linux resets its high-water mark through /proc/self/clear_refs)."""
+    """Peak memory of a block: CUDA's allocator statistics, or the growth of the process's resident
+    set on CPU (Linux resets its high-water mark through /proc/self/clear_refs)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -83,6 +85,12 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
+            # Freed memory that the C allocator keeps would hide a later case's growth: give it back first.
+            gc.collect()
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")

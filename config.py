@@ -52,17 +52,22 @@ def _coerce(value, kind, where: str):
     raise TypeError(f"unsupported config field type {kind!r}")  # a bug in this file, not in the config
 
 
+def _reject_unknown(keys, allowed, where: str, kind: str) -> None:
+    """Refuse the first of `keys` not in `allowed`, suggesting the closest valid name."""
+    for key in keys:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; allowed {kind}s: {', '.join(allowed)}"
+            raise ConfigError(f"{where}: unknown {kind} '{key}'{hint}")
+
+
 def parse_section(cls, raw, section: str):
     """Build dataclass `cls` from the dict `raw`, naming `section` in every error."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{section} must be a JSON object, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; allowed keys: {', '.join(fields)}"
-            raise ConfigError(f"{section}: unknown key '{key}'{hint}")
+    _reject_unknown(raw, list(fields), section, "key")
     values = {}
     for name, f in fields.items():
         if name in raw:
@@ -195,11 +200,7 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
     """Parse a whole config dict; `source` (usually the file name) prefixes every error."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a JSON object")
-    for key in raw:
-        if key not in SECTIONS:
-            close = difflib.get_close_matches(key, SECTIONS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; allowed sections: {', '.join(SECTIONS)}"
-            raise ConfigError(f"{source}: unknown section '{key}'{hint}")
+    _reject_unknown(raw, list(SECTIONS), source, "section")
     parsed = {}
     for section, (name, cls) in SECTIONS.items():
         if section not in raw:

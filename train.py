@@ -260,15 +260,15 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=tc.lr_decay_step, gamma=tc.lr_decay_gamma)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
-    iteration, epoch, batch_in_epoch = restore(model, optimizer, scheduler, scaler, config, args, runtime.is_main)
+    iteration, start_epoch, batch_in_epoch = restore(model, optimizer, scheduler, scaler, config, args, runtime.is_main)
 
     train_set = Mel2Samp.from_config(dc, mode="train", seed=tc.seed)
     sampler = EpochSampler(len(train_set), tc.batch_size, tc.seed, runtime.rank, runtime.world_size)
     if sampler.batches_per_epoch == 0:
         raise DataError(f"{dc.training_files}: {len(train_set)} clips cannot fill one batch of "
                         f"{tc.batch_size} per process ({runtime.world_size} processes)")
-    if epoch < 0:  # a checkpoint of the original code: only the iteration count says where the data stood
-        epoch, batch_in_epoch = divmod(iteration, sampler.batches_per_epoch)
+    if start_epoch < 0:  # a checkpoint of the original code: only the iteration count says where the data stood
+        start_epoch, batch_in_epoch = divmod(iteration, sampler.batches_per_epoch)
     folder = run_dir(config)
     newer = [path for it, path in list_checkpoints(folder) if it > iteration]
     if newer:
@@ -308,7 +308,7 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
     progress = tqdm(total=total, initial=min(iteration, total), unit="it", disable=not runtime.is_main,
                     dynamic_ncols=True)
     try:
-        for epoch in range(epoch, tc.epochs):
+        for epoch in range(start_epoch, tc.epochs):
             sampler.set_epoch(epoch, batch_in_epoch)
             train_set.set_epoch(epoch)
             loader = DataLoader(train_set, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate,

@@ -1,0 +1,51 @@
+"""Config files: every original config parses; bad ones are refused with the key named."""
+import copy
+import glob
+import json
+import os
+
+import pytest
+
+from config import ConfigError, config_from_dict, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def demo() -> dict:
+    with open(os.path.join(ROOT, "configs", "demo.json")) as f:
+        return json.load(f)
+
+
+def test_every_bundled_config_parses():
+    for path in glob.glob(os.path.join(ROOT, "configs", "*.json")):
+        config = load_config(path)
+        assert config.train.learning_rate > 0 and config.data.sampling_rate == 22050
+        assert isinstance(config.waveflow.use_weightnorm_embed, bool)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.update(train_confg=c.pop("train_config")), "unknown section 'train_confg'; did you mean 'train_config'"),
+    (lambda c: c.pop("data_config"), "missing section 'data_config'"),
+    (lambda c: c["data_config"].update(win_length=2048), r"win_length \(2048\) must not exceed filter_length"),
+    (lambda c: c["data_config"].update(mel_fmax=20000.0), "mel_fmax"),
+    (lambda c: c["train_config"].update(fp16_run=True, bf16_run=True), "fp16_run and bf16_run cannot both be on"),
+    (lambda c: c["train_config"].update(batch_size=0), r"train_config\.batch_size must be at least 1"),
+    (lambda c: c["train_config"].update(learning_rate="fast"), r"train_config\.learning_rate must be a number"),
+    (lambda c: c["train_config"].update(with_tensorboard="maybe"), r"train_config\.with_tensorboard must be a boolean"),
+])
+def test_bad_configs_name_the_problem(change, message):
+    config = copy.deepcopy(demo())
+    change(config)
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(config, "demo.json")
+
+
+def test_dist_config_is_optional_and_files_are_checked(tmp_path):
+    config = demo()
+    del config["dist_config"]
+    assert config_from_dict(config).dist.dist_backend == "nccl"
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "missing.json"))
+    (tmp_path / "broken.json").write_text("{ not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(str(tmp_path / "broken.json"))
