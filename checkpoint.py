@@ -127,12 +127,17 @@ def check_fits(model: torch.nn.Module, state: dict, path: str) -> None:
                               f"describes a {architecture(model.state_dict())} model: " + "; ".join(problems))
 
 
+def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Load weights strictly, after refusing in one line those of another model (`source` names them)."""
+    check_fits(model, state, source)
+    model.load_state_dict(state)
+
+
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler=None, scaler: torch.amp.GradScaler | None = None) -> dict:
     """Load a checkpoint's weights (strictly) and, when given, optimizer, scheduler and scaler states."""
     checkpoint = read_checkpoint(path)
-    check_fits(model, checkpoint["model"], path)
-    model.load_state_dict(checkpoint["model"])
+    load_weights(model, checkpoint["model"], path)
     try:
         if optimizer is not None and "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])

@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, average_checkpoints, check_fits, checkpoint_path, list_checkpoints,
-                        load_checkpoint, read_checkpoint, save_checkpoint, warm_start)
+from checkpoint import (CheckpointError, average_checkpoints, checkpoint_path, list_checkpoints, load_checkpoint,
+                        load_weights, read_checkpoint, save_checkpoint, warm_start)
 from config import Config, ConfigError, load_config
 from data import MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, load_mel
 from mel2samp import Mel2Samp, collate
@@ -129,8 +129,7 @@ def trained_model(config: Config, args: argparse.Namespace, device: torch.device
     model = build_model(config.waveflow)
     if args.average_checkpoint:
         weights, _ = average_checkpoints(path, args.average_checkpoint, args.epsilon)
-        check_fits(model, weights, path)
-        model.load_state_dict(weights)
+        load_weights(model, weights, path)
     else:
         load_checkpoint(path, model)
     return model.to(device).eval()
@@ -263,6 +262,7 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
     iteration, start_epoch, batch_in_epoch = restore(model, optimizer, scheduler, scaler, config, args, runtime.is_main)
 
     train_set = Mel2Samp.from_config(dc, mode="train", seed=tc.seed)
+    report = CheckpointReport(config, runtime) if runtime.is_main else None
     sampler = EpochSampler(len(train_set), tc.batch_size, tc.seed, runtime.rank, runtime.world_size)
     if sampler.batches_per_epoch == 0:
         raise DataError(f"{dc.training_files}: {len(train_set)} clips cannot fill one batch of "
@@ -336,8 +336,8 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
                 if iteration % tc.iters_per_checkpoint == 0 and bad_steps == 0:  # never save mid-divergence
                     save(iteration, epoch, batch_in_epoch)
                     saved_at = iteration
-                    if runtime.is_main:
-                        checkpoint_report(model, config, runtime, writer, iteration, args.temp)
+                    if report is not None:
+                        report(model, writer, iteration, args.temp)
                     if runtime.distributed:
                         dist.barrier()
                     model.train()
@@ -373,23 +373,29 @@ def test_loss(model: WaveFlow, dataset: Mel2Samp, runtime: Runtime, sigma: float
     return total / count, count
 
 
-def checkpoint_report(model: WaveFlow, config: Config, runtime: Runtime, writer, iteration: int,
-                      temperature: float) -> None:
-    """At each checkpoint: the test-set loss on first segments, and one test clip synthesized."""
-    data = config.data
-    eval_set = Mel2Samp.from_config(data, mode="eval", seed=config.train.seed)
-    loss, _ = test_loss(model, eval_set, runtime, config.train.sigma, config.train.batch_size)
-    print(f"iteration {iteration}: test loss {loss:.4f}")
-    clips = Mel2Samp.from_config(data, mode="synthesis", seed=config.train.seed)
-    mel, target = clips[0]
-    generator = torch.Generator(device=runtime.device).manual_seed(config.train.seed)
-    audio = model.infer(mel[None].to(runtime.device), sigma=temperature, generator=generator)[0].cpu()
-    name = f"{stem(clips.files[0])}_iter{iteration}.wav"
-    write_wav(os.path.join(samples_dir(config), name), audio, data.sampling_rate)
-    if writer is not None:
-        writer.add_scalar("eval/loss", loss, iteration)
-        writer.add_audio("eval/sample", audio.clamp(-1, 1), iteration, sample_rate=data.sampling_rate)
-        writer.add_figure("eval/mel", mel_figure(MelSpectrogram.from_config(data)(audio), mel), iteration)
+class CheckpointReport:
+    """At each checkpoint: the test-set loss on first segments, and one test clip synthesized.
+    The datasets and the mel spectrogram are built once, with the training run."""
+
+    def __init__(self, config: Config, runtime: Runtime):
+        self.config, self.runtime = config, runtime
+        self.eval_set = Mel2Samp.from_config(config.data, mode="eval", seed=config.train.seed)
+        self.clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
+        self.mel_spectrogram = MelSpectrogram.from_config(config.data)
+
+    def __call__(self, model: WaveFlow, writer, iteration: int, temperature: float) -> None:
+        config, runtime = self.config, self.runtime
+        loss, _ = test_loss(model, self.eval_set, runtime, config.train.sigma, config.train.batch_size)
+        print(f"iteration {iteration}: test loss {loss:.4f}")
+        mel, _ = self.clips[0]
+        generator = torch.Generator(device=runtime.device).manual_seed(config.train.seed)
+        audio = model.infer(mel[None].to(runtime.device), sigma=temperature, generator=generator)[0].cpu()
+        rate = config.data.sampling_rate
+        write_wav(os.path.join(samples_dir(config), f"{stem(self.clips.files[0])}_iter{iteration}.wav"), audio, rate)
+        if writer is not None:
+            writer.add_scalar("eval/loss", loss, iteration)
+            writer.add_audio("eval/sample", audio.clamp(-1, 1), iteration, sample_rate=rate)
+            writer.add_figure("eval/mel", mel_figure(self.mel_spectrogram(audio), mel), iteration)
 
 
 def mel_figure(synthesized: torch.Tensor, target: torch.Tensor):
