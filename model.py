@@ -223,36 +223,39 @@ class WaveFlow(nn.Module):
         config = self.config
         cache_bytes = c.numel() // config.cin_channels * config.n_layer * 2 * config.res_channels * c.element_size()
         cache = cache_bytes <= self.condition_cache_bytes
+        nets = [self.flow_parts(flow)[0] for flow in range(config.n_flow)]
         cond_net, cond = None, None
-        for flow in reversed(range(self.config.n_flow)):
-            net = self.flow_parts(flow)[0]
-            if cache and net is not cond_net:
-                cond_net, cond = net, net.condition_rows(c)  # [H, L, B, 2R, W]
-            x = self.permute(flow, self._reverse_coupling(flow, x, c, cond, rows[flow]))
+        try:
+            for flow in reversed(range(config.n_flow)):
+                net = nets[flow]
+                if cache and net is not cond_net:
+                    cond_net, cond = net, net.condition_rows(c)  # [H, B, W, L, 2R]
+                x = self.permute(flow, self._reverse_coupling(flow, x, c, cond, rows[flow]))
+                # An estimator shared with the flows still to come keeps its prepared weights.
+                net.end_inference(keep_weights=net in nets[:flow])
+        finally:
+            for net in nets:
+                net.end_inference()
         return unsqueeze(x).squeeze(1)
 
     def _reverse_coupling(self, flow: int, z: torch.Tensor, c: torch.Tensor, cond: torch.Tensor | None,
                           rows: list[int]) -> torch.Tensor:
         """Invert flow `flow`'s coupling row by row. `z [B, 1, H, W]` fp32, `c [B, cin, H, W]` and
-        optionally its projection `cond [H, L, B, 2R, W]`, both of the unpermuted rows
+        optionally its projection `cond [H, B, W, L, 2R]`, both of the unpermuted rows
         -> `x [B, 1, H, W]` in the flow's (permuted) row order."""
         net, coupling, embedding = self.flow_parts(flow)
         dtype = c.dtype
         batch, _, height, width = z.shape
         x = torch.empty_like(z)
-        x_row = z.new_zeros(batch, 1, width)  # the row above row 0 (shift_1d pads with zeros)
+        x_row = z.new_zeros(batch, width)  # the row above row 0 (shift_1d pads with zeros)
         net.start_inference(batch, width, c, net.gate_biases(embedding), getattr(coupling, "multgate", None),
                             *coupling.proj_log_s_t.affine())
-        try:
-            for h in range(height):
-                source = rows[h]
-                cond_row = cond[source] if cond is not None else net.condition_rows(c[:, :, source:source + 1])[0]
-                log_s_t = net.step(x_row.to(dtype), cond_row, h).float()  # [B, 2, W]
-                log_s, t = log_s_t.chunk(2, dim=1)
-                x_row = (z[:, :, h] - t) * torch.exp(-log_s)  # [B, 1, W]
-                x[:, :, h] = x_row
-        finally:
-            net.end_inference()
+        for h in range(height):
+            source = rows[h]
+            cond_row = cond[source] if cond is not None else net.condition_rows(c[:, :, source:source + 1])[0]
+            log_s_t = net.step(x_row.to(dtype), cond_row, h).float()  # [B, W, 2]
+            x_row = (z[:, 0, h] - log_s_t[..., 1]) * torch.exp(-log_s_t[..., 0])  # [B, W]
+            x[:, 0, h] = x_row
         return x
 
     # --- inference preparation ----------------------------------------------------------------

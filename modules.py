@@ -191,10 +191,16 @@ class HeightCausalConv2d(nn.Module):
         self.pad_side = (kernel_size - 1) // 2 * dilation[1]
         self.conv = WNConv2d(in_channels, out_channels, kernel_size, dilation=dilation)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """`bias` replaces the conv's own, so that other position-independent terms ride along."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+                input_map: torch.Tensor | None = None) -> torch.Tensor:
+        """`bias` replaces the conv's own, so that other position-independent terms ride along.
+        With `input_map [C, Cin]` the input is `x [B, C, H, W]` and the conv sees `input_map`
+        applied to it per position: the two maps are folded into one weight."""
         conv = self.conv
-        return F.conv2d(F.pad(x, (self.pad_side, self.pad_side, self.pad_top, 0)), conv.normed_weight(),
+        weight = conv.normed_weight()
+        if input_map is not None:
+            weight = torch.einsum("oihw,ci->ochw", weight, input_map)
+        return F.conv2d(F.pad(x, (self.pad_side, self.pad_side, self.pad_top, 0)), weight,
                         conv.bias if bias is None else bias, dilation=conv.dilation)
 
 
@@ -270,10 +276,10 @@ class ResidualBlock(nn.Module):
         self.res_skip_conv = WNConv2d(res_channels, 2 * res_channels, 1)
         # Inference state while one flow's rows are produced: the queue, the gated activation
         # of the current row, and the flow's folded weights.
-        for name in ("queue", "step_gated", "step_gate_weight", "step_gate_bias", "step_res_weight",
-                     "step_share_weight"):
+        for name in ("queue", "step_gated", "step_gate_weight", "step_res_weight", "step_share_weight",
+                     "step_input_map"):
             self.register_buffer(name, None, persistent=False)
-        self.step_slots = self.step_taps = None  # views into the queue, one per ring position
+        self.step_slots = None  # views into the queue: [phase][ring position] -> [B * W, R]
 
     def gate_bias(self, flow_embed: torch.Tensor | None) -> torch.Tensor:
         """Everything added to the gate input that does not depend on the position: `[2R]`."""
@@ -300,68 +306,119 @@ class ResidualBlock(nn.Module):
                 torch.cat([res_scale * bias[:channels], share_bias]))
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor, gate_bias: torch.Tensor, out_weight: torch.Tensor,
-                out_bias: torch.Tensor, residual_keep: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+                out_bias: torch.Tensor, residual_keep: float, conv_input: torch.Tensor | None = None,
+                input_map: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """`h [B, R, H, W]`, `cond [B, 2R, H, W]` (this block's conditioning, no bias), `gate_bias [2R]`,
-        `out_weight`, `out_bias` (`output_weights`) -> `(next h [B, R, H, W], share [B, 2, H, W])`."""
-        a = self.filter_gate_conv(h, bias=gate_bias)
+        `out_weight`, `out_bias` (`output_weights`) -> `(next h [B, R, H, W], share [B, 2, H, W])`.
+
+        `conv_input [B, C, H, W]` with `input_map [C, R]`, where `h = input_map^T conv_input` per
+        position (zero in the padding), lets the 3x3 conv run on C channels instead of R."""
+        if input_map is None:
+            a = self.filter_gate_conv(h, bias=gate_bias)
+        else:
+            a = self.filter_gate_conv(conv_input, bias=gate_bias, input_map=input_map)
         a += cond  # in place: the convolution's backward does not need its output
         return fused_res_skip(GatedActivation.apply(a), h, out_weight, out_bias, residual_keep)
 
     # --- fast inference: one row at a time ---------------------------------------------------
 
     def start_inference(self, batch: int, width: int, like: torch.Tensor, gate_bias: torch.Tensor,
-                        out_weight: torch.Tensor, out_bias: torch.Tensor) -> None:
+                        out_weight: torch.Tensor, out_bias: torch.Tensor, residual_keep: float,
+                        input_map: torch.Tensor | None = None) -> None:
         """Allocate an empty (zero) queue for rows of `width` columns and keep one flow's weights
-        (`gate_bias`, `output_weights`), in the dtype and on the device of `like`."""
-        conv = self.filter_gate_conv
-        rows, channels, side = conv.pad_top + 1, self.res_channels, conv.pad_side
-        dilation_h = conv.conv.dilation[0]
-        # Rows are outermost so that the rows the conv reads form one [3R, W] input of a 1-D
-        # conv over width; every row is written twice (slots s and s + rows), so the newest
-        # `rows` rows are always one window of the buffer: a ring without wrap-around.
-        self.queue = like.new_zeros(batch, 2 * rows, channels, width + 2 * side)
-        columns = slice(side, side + width)
-        self.step_slots = [(self.queue[:, slot, :, columns], self.queue[:, slot + rows, :, columns])
-                           for slot in range(rows)]
-        self.step_taps = [self.queue[:, slot + 1:slot + rows + 1:dilation_h]  # [B, 3, R, W + 2 side]
-                          for slot in range(rows)]
-        # The gated activation gets a constant row of ones, so that one matrix product adds the bias.
-        self.step_gated = like.new_ones(batch, channels + 1, width)
-        weight = conv.conv.normed_weight().detach()  # [2R, R, 3, 3]
-        self.step_gate_weight = weight.permute(0, 2, 1, 3).reshape(2 * channels, 3 * channels, 3).to(like.dtype)
-        self.step_gate_bias = gate_bias.detach().to(like.dtype)
-        augmented = torch.cat([out_weight, out_bias[:, None]], dim=1).detach().to(like.dtype)  # [R + 2, R + 1]
-        self.step_share_weight = augmented[-2:].expand(batch, -1, -1)
-        self.step_res_weight = None if self.is_last else augmented[:channels]
+        (`gate_bias`, `output_weights`, `residual_keep`), in the dtype and on the device of `like`.
 
-    def end_inference(self) -> None:
-        self.queue = self.step_gated = self.step_gate_weight = self.step_gate_bias = None
-        self.step_res_weight = self.step_share_weight = self.step_slots = self.step_taps = None
+        Rows are stored column-major, `queue [dh, B, W, 3 C + 1]` (C = R channels per row):
+        input row r lives in phase `r % dh`, ring position `k = (r // dh) % 3`, channels
+        `[k C, (k + 1) C)`, and the last column is ones. The three rows the causal conv reads
+        for row r (r - 2 dh, r - dh, r) are then the three ring positions of one phase, one
+        `[B * W, 3 C + 1]` matrix, and a single matrix product against the conv weight
+        (rotated to the ring's current order, the bias in the ones row) gives all three width
+        taps at once.
 
-    def step(self, row: int, cond_row: torch.Tensor, log_s_t: torch.Tensor, residual_keep: float,
-             next_slots: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Row `row` of the block, once its input row is in the queue (`step_slots`).
-
-        `cond_row [B, 2R, W]` is the row's conditioning projection (no bias). The block's
-        share of the row's `(log_s, t)` is added to `log_s_t [B, 2, W]`, and the next
-        block's input row is written into both of its queue slots `next_slots`.
+        `input_map [C, R]`: the queue holds C channels from which the block's input is
+        `row @ input_map` (the first block: `[x, 1]` and the front conv, so that its 3x3 conv
+        runs over 2 channels instead of R; the 1 is 0 in the padding, as the input would be).
         """
-        rows, channels = len(self.step_taps), self.res_channels
-        taps = self.step_taps[row % rows].flatten(1, 2)  # [B, 3R, W + 2 side]: a view when dh is 1
-        a = F.conv1d(taps, self.step_gate_weight, self.step_gate_bias,
-                     dilation=self.filter_gate_conv.conv.dilation[1])  # [B, 2R, W]
+        channels = self.res_channels
+        in_channels = channels if input_map is None else input_map.shape[0]
+        dilation_h = self.filter_gate_conv.conv.dilation[0]
+        self.queue = like.new_zeros(dilation_h, batch, width, 3 * in_channels + 1)
+        self.queue[..., -1] = 1
+        self.step_slots = [[self.queue[phase, ..., k * in_channels:(k + 1) * in_channels].view(batch * width, -1)
+                            for k in range(3)] for phase in range(dilation_h)]
+        # The gated activation gets a constant column of ones, so that one matrix product adds the bias.
+        self.step_gated = like.new_ones(batch, width, channels + 1)
+        gate_weight = self.step_gate_weight
+        if gate_weight is None or gate_weight.dtype != like.dtype or gate_weight.device != like.device:
+            gate_weight = self.step_gate_weight = self._rotated_gate_weight(input_map).to(like)
+        gate_weight[:, -1, 2 * channels:4 * channels] = gate_bias.detach()  # added with the centre width tap
+        augmented = torch.cat([out_weight, out_bias[:, None]], dim=1).detach().to(like.dtype)  # [R + 2, R + 1]
+        self.step_share_weight = augmented[-2:].t()  # [R + 1, 2]
+        self.step_res_weight = None if self.is_last else augmented[:channels].t()  # [R + 1, R]
+        self.step_keep = residual_keep
+        self.step_input_map = None if input_map is None else (residual_keep * input_map).detach().to(like.dtype)
+
+    def _rotated_gate_weight(self, input_map: torch.Tensor | None) -> torch.Tensor:
+        """`filter_gate_conv`'s weight as the queue's matrix product needs it: `[3, 3 C + 1, 3 * 2R]`.
+
+        Entry `turn` serves rows with `(r // dh) % 3 == turn`; its row `k C + i` (ring position k,
+        queue channel i) and column `tap * 2R + o` (width tap, output channel) hold the weight of
+        the height tap whose row sits at ring position k. The last row (the bias) is zero here.
+        """
+        weight = self.filter_gate_conv.conv.normed_weight().detach()  # [2R, R, 3 (height tap), 3 (width tap)]
+        if input_map is not None:
+            weight = torch.einsum("oihw,ci->ochw", weight, input_map.detach())
+        out_channels, in_channels = weight.shape[:2]
+        weight = weight.permute(2, 1, 3, 0).reshape(3, in_channels, 3 * out_channels)  # [height tap, i, (tap, o)]
+        bias_row = weight.new_zeros(1, 3 * out_channels)
+        # With (r // dh) % 3 == turn, ring position k holds row r - ((turn - k) % 3) * dh: height tap 2 - that.
+        return torch.stack([torch.cat([*(weight[2 - (turn - k) % 3] for k in range(3)), bias_row])
+                            for turn in range(3)])
+
+    def end_inference(self, keep_weights: bool = False) -> None:
+        """Free the queue; `keep_weights` keeps the prepared conv weight for the next flow that
+        shares this block (the gate bias is rewritten by every `start_inference`)."""
+        self.queue = self.step_gated = self.step_res_weight = self.step_share_weight = self.step_slots = None
+        self.step_input_map = None
+        if not keep_weights:
+            self.step_gate_weight = None
+
+    def slot(self, row: int) -> torch.Tensor:
+        """Where input row `row` goes in the queue: a `[B * W, C]` view."""
+        phases = len(self.step_slots)
+        return self.step_slots[row % phases][(row // phases) % 3]
+
+    def step(self, row: int, cond_row: torch.Tensor, taps_out: torch.Tensor, log_s_t: torch.Tensor,
+             next_slot: torch.Tensor | None) -> None:
+        """Row `row` of the block, once its input row is in the queue (`slot(row)`).
+
+        `cond_row [B, W, 2R]` is the row's conditioning projection (no bias) and `taps_out`
+        `[B, W, 3 * 2R]` scratch space. The block's share of the row's `(log_s, t)` is added to
+        `log_s_t [B * W, 2]`, and the next block's input row is written into `next_slot [B * W, R]`.
+        """
+        phases, channels = len(self.step_slots), self.res_channels
+        batch, width, _ = taps_out.shape
+        queue = self.queue[row % phases].view(batch * width, -1)  # [B * W, 3 C + 1]
+        torch.mm(queue, self.step_gate_weight[(row // phases) % 3], out=taps_out.view(batch * width, -1))
+        # The gate input: centre tap + conditioning + the side taps shifted by the width dilation.
+        a = taps_out[..., 2 * channels:4 * channels]  # [B, W, 2R]
         a += cond_row
-        gated = self.step_gated  # [B, R + 1, W], last row ones
-        torch.mul(torch.tanh_(a[:, :channels]), torch.sigmoid_(a[:, channels:]), out=gated[:, :channels])
-        log_s_t.baddbmm_(self.step_share_weight, gated)
-        if next_slots is not None:
-            first, second = next_slots
-            h = self.step_slots[row % rows][0]  # this block's input row
-            # Item by item: a 2-D product writes straight into the (strided) queue slot, where
-            # the batched one would go through a temporary.
-            for h_item, gated_item, first_item in zip(h, gated, first):
-                torch.addmm(h_item, self.step_res_weight, gated_item, beta=residual_keep, out=first_item)
-            second.copy_(first)
+        shift = self.filter_gate_conv.conv.dilation[1]
+        if shift < width:
+            a[:, shift:] += taps_out[:, :-shift, :2 * channels]
+            a[:, :-shift] += taps_out[:, shift:, 4 * channels:]
+        gated = self.step_gated  # [B, W, R + 1], last column ones
+        torch.mul(torch.tanh_(a[..., :channels]), torch.sigmoid_(a[..., channels:]), out=gated[..., :channels])
+        gated = gated.view(batch * width, channels + 1)
+        log_s_t.addmm_(gated, self.step_share_weight)
+        if next_slot is None:
+            return
+        if self.step_input_map is None:
+            torch.addmm(self.slot(row), gated, self.step_res_weight, beta=self.step_keep, out=next_slot)
+        else:
+            torch.mm(self.slot(row), self.step_input_map, out=next_slot)
+            next_slot.addmm_(gated, self.step_res_weight)
 
 
 class WaveNet2D(nn.Module):
@@ -383,7 +440,7 @@ class WaveNet2D(nn.Module):
             ResidualBlock(res_channels, cin_channels, (2 ** (j % n_layer_per_cycle), 2 ** j), size_flow_embed,
                           is_last=j == n_layer - 1)
             for j in range(n_layer))
-        for name in ("step_front_weight", "step_front_bias", "step_output_bias", "step_log_s_t"):
+        for name in ("step_output_bias", "step_log_s_t", "step_taps"):
             self.register_buffer(name, None, persistent=False)
 
     def condition(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -395,11 +452,11 @@ class WaveNet2D(nn.Module):
         return tuple(conv1x1(c, block.filter_gate_conv_c.normed_weight(), None) for block in self.res_blocks)
 
     def condition_rows(self, c: torch.Tensor) -> torch.Tensor:
-        """The same projections laid out for row-by-row inference: `c [B, cin, H, W] -> [H, L, B, 2R, W]`."""
+        """The same projections laid out for row-by-row inference: `c [B, cin, H, W] -> [H, B, W, L, 2R]`."""
         batch, _, height, width = c.shape
         weight = torch.cat([block.filter_gate_conv_c.normed_weight().flatten(1) for block in self.res_blocks])
-        cond = torch.matmul(weight.to(c.dtype), c.permute(2, 0, 1, 3))  # [H, B, L * 2R, W]
-        return cond.view(height, batch, len(self.res_blocks), -1, width).transpose(1, 2)  # [H, L, B, 2R, W]
+        cond = torch.matmul(c.permute(2, 0, 3, 1), weight.t().to(c.dtype))  # [H, B, W, L * 2R]
+        return cond.view(height, batch, width, len(self.res_blocks), -1)
 
     def gate_biases(self, flow_embed: torch.Tensor | None) -> torch.Tensor:
         """`[L, 2R]`: each block's position-independent gate input for this flow."""
@@ -418,6 +475,11 @@ class WaveNet2D(nn.Module):
             weights.append(block.output_weights(res_scale, projection_weight))
         return weights, (1.0 if multgate is not None else SQRT_HALF)
 
+    def front_map(self) -> torch.Tensor:
+        """`front_conv` as a map from `[x, 1]`: `[2, R]`."""
+        conv = self.front_conv[0].conv
+        return torch.stack([conv.normed_weight().flatten(), conv.bias])
+
     def front(self, x: torch.Tensor) -> torch.Tensor:
         """`front_conv`, a 1x1 conv from one channel: `x [B, 1, H, W] -> [B, R, H, W]`, channels last."""
         conv = self.front_conv[0].conv
@@ -432,9 +494,13 @@ class WaveNet2D(nn.Module):
         projection `[2, R]`, `[2]` -> `log_s_t [B, 2, H, W]`. Row h depends on rows <= h of `x`."""
         weights, keep = self.output_weights(multgate, projection_weight)
         h = self.front(x)
+        # The first 3x3 conv reads front_conv(x), which is affine in x: it runs on [x, 1] instead
+        # (2 channels, not R) with front_conv folded into its weight. The 1 is 0 in the padding.
+        front_input = torch.cat([x, torch.ones_like(x)], dim=1).contiguous(memory_format=torch.channels_last)
         log_s_t = projection_bias.view(1, 2, 1, 1)
         for j, block in enumerate(self.res_blocks):
-            h, share = block(h, cond[j], gate_biases[j], *weights[j], keep)
+            folded = (front_input, self.front_map()) if j == 0 else (None, None)
+            h, share = block(h, cond[j], gate_biases[j], *weights[j], keep, *folded)
             log_s_t = log_s_t + share
         return log_s_t
 
@@ -443,34 +509,38 @@ class WaveNet2D(nn.Module):
     def start_inference(self, batch: int, width: int, like: torch.Tensor, gate_biases: torch.Tensor,
                         multgate: torch.Tensor | None, projection_weight: torch.Tensor,
                         projection_bias: torch.Tensor) -> None:
-        """Prepare to produce one flow's rows: empty queues and that flow's folded weights."""
-        weights, self.residual_keep = self.output_weights(multgate, projection_weight)
-        for block, gate_bias, (out_weight, out_bias) in zip(self.res_blocks, gate_biases, weights):
-            block.start_inference(batch, width, like, gate_bias, out_weight, out_bias)
-        front = self.front_conv[0].conv
-        self.step_front_weight = front.normed_weight().detach().view(1, -1, 1).to(like.dtype)
-        self.step_front_bias = front.bias.detach().view(1, -1, 1).to(like.dtype)
-        self.step_output_bias = projection_bias.detach().view(1, 2, 1).to(like.dtype)
-        self.step_log_s_t = like.new_empty(batch, 2, width)
+        """Prepare to produce one flow's rows: empty queues and that flow's folded weights.
 
-    def end_inference(self) -> None:
+        `front_conv` is folded into the first block (`ResidualBlock.start_inference`'s
+        `input_map`): its queue holds `[x, 1]` per column."""
+        weights, keep = self.output_weights(multgate, projection_weight)
+        input_map = self.front_map()  # [2, R]: [x, 1] -> front_conv(x)
+        for j, (block, gate_bias, (out_weight, out_bias)) in enumerate(zip(self.res_blocks, gate_biases, weights)):
+            block.start_inference(batch, width, like, gate_bias, out_weight, out_bias, keep,
+                                  input_map if j == 0 else None)
+        self.step_output_bias = projection_bias.detach().to(like.dtype)  # [2]
+        self.step_log_s_t = like.new_empty(batch * width, 2)
+        self.step_taps = like.new_empty(batch, width, 3 * 2 * self.res_channels)  # scratch shared by the blocks
+
+    def end_inference(self, keep_weights: bool = False) -> None:
+        """Free the queues; `keep_weights`: the next flow uses this estimator too (`ResidualBlock.end_inference`)."""
         for block in self.res_blocks:
-            block.end_inference()
-        self.step_front_weight = self.step_front_bias = self.step_output_bias = self.step_log_s_t = None
+            block.end_inference(keep_weights)
+        self.step_output_bias = self.step_log_s_t = self.step_taps = None
 
     def step(self, x_row: torch.Tensor, cond_row: torch.Tensor, row: int) -> torch.Tensor:
         """Row `row` of the flow's `(log_s, t)`; rows are fed in order 0, 1, ... after `start_inference`.
 
-        `x_row [B, 1, W]` is row `row` of the (already shifted) input and `cond_row [L, B, 2R, W]`
-        its conditioning (`condition_rows`) -> `log_s_t [B, 2, W]`, valid until the next step.
+        `x_row [B, W]` is row `row` of the (already shifted) input and `cond_row [B, W, L, 2R]`
+        its conditioning (`condition_rows`) -> `log_s_t [B, W, 2]`, valid until the next step.
         """
         blocks = self.res_blocks
-        first, second = blocks[0].step_slots[row % len(blocks[0].step_slots)]
-        torch.addcmul(self.step_front_bias, x_row, self.step_front_weight, out=first)
-        second.copy_(first)
+        first = blocks[0].slot(row)  # [B * W, 2]: x and the constant 1, set when the slot is first used
+        first[:, 0] = x_row.flatten()
+        if row < 3 * len(blocks[0].step_slots):
+            first[:, 1] = 1
         log_s_t = self.step_log_s_t.copy_(self.step_output_bias.expand_as(self.step_log_s_t))
         for j, block in enumerate(blocks):
-            following = blocks[j + 1] if j + 1 < len(blocks) else None
-            next_slots = following.step_slots[row % len(following.step_slots)] if following is not None else None
-            block.step(row, cond_row[j], log_s_t, self.residual_keep, next_slots)
-        return log_s_t
+            next_slot = blocks[j + 1].slot(row) if j + 1 < len(blocks) else None
+            block.step(row, cond_row[:, :, j], self.step_taps, log_s_t, next_slot)
+        return log_s_t.view(*x_row.shape, 2)

@@ -2,8 +2,11 @@
 import json
 import os
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from config import ConfigError
 from model import SYNTHESIS_TRIM, WaveFlow, build_model, negative_log_likelihood, squeeze, unsqueeze
@@ -104,7 +107,7 @@ def test_inference_parameter_count_matches_the_paper():
 
 INVERTIBILITY_CASES = [(variant, {}) for variant in VARIANTS] + [
     ("nanoflow", {"n_height": 8}),
-    ("waveflow", {"n_height": 32, "n_flow": 2}),
+    ("waveflow", {"n_height": 32, "n_flow": 2, "n_layer": 7}),  # width dilations up to 64, rows 32 wide
     ("nanoflow", {"n_layer_per_cycle": 3, "n_layer": 5, "bipartize": "True"}),
     ("nanoflow_naive", {"n_layer_per_cycle": 3, "n_layer": 4, "bipartize": True}),
     ("nanoflow_decomp", {"n_height": 32, "n_layer_per_cycle": 2, "n_layer": 4, "use_weightnorm_embed": True}),
@@ -150,6 +153,58 @@ def test_logdet_equals_brute_force_jacobian():
         assert sign != 0
         assert abs(logdet.item() - logabsdet.item()) < 1e-6, variant
         assert abs(logdet.item()) > 0.1  # the flows really scale
+
+
+def plain_coupling_params(model: WaveFlow, flow: int, x: torch.Tensor, c: torch.Tensor):
+    """`(log_s, t)` written out as the paper and the original define them, with none of the
+    folding (front conv, skip projection, gates, biases) that the model does for speed."""
+    net, coupling, embedding = model.flow_parts(flow)
+    channels = net.res_channels
+    front = net.front_conv[0].conv
+    h = F.conv2d(F.pad(x, (0, 0, 1, 0))[:, :, :-1], front.normed_weight(), front.bias)  # shifted down one row
+    skip = 0
+    for j, block in enumerate(net.res_blocks):
+        conv = block.filter_gate_conv
+        a = F.conv2d(F.pad(h, (conv.pad_side, conv.pad_side, conv.pad_top, 0)), conv.conv.normed_weight(),
+                     conv.conv.bias, dilation=conv.conv.dilation)
+        a = a + F.conv2d(c, block.filter_gate_conv_c.normed_weight(), block.filter_gate_conv_c.bias)
+        if embedding is not None:
+            a = a + F.conv2d(embedding, block.filter_gate_conv_h.normed_weight(), block.filter_gate_conv_h.bias)
+        gated = torch.tanh(a[:, :channels]) * torch.sigmoid(a[:, channels:])
+        res_skip = F.conv2d(gated, block.res_skip_conv.normed_weight(), block.res_skip_conv.bias)
+        if hasattr(coupling, "multgate"):
+            h = h + res_skip[:, :channels] * coupling.multgate[j].view(1, -1, 1, 1)
+        else:
+            h = (h + res_skip[:, :channels]) * math.sqrt(0.5)
+        skip = skip + res_skip[:, channels:]
+    proj = coupling.proj_log_s_t
+    return (F.conv2d(skip, proj.conv.weight, proj.conv.bias) * torch.exp(3 * proj.scale)).chunk(2, dim=1)
+
+
+@pytest.mark.parametrize("variant,overrides", [("nanoflow", {}), ("waveflow", {"n_layer_per_cycle": 2}),
+                                               ("nanoflow_decomp", {"use_weightnorm_embed": True})])
+def test_estimator_and_its_gradients_equal_the_plain_definition(variant, overrides):
+    model = random_model(tiny_config(variant, n_layer=4, **overrides)).train()
+    x, c = torch.randn(2, 1, 16, 24), torch.randn(2, 80, 16, 24)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for flow in (0, model.config.n_flow - 1):
+        fast, plain = model.coupling_params(flow, x, c), plain_coupling_params(model, flow, x, c)
+        weights = torch.randn(2, *x.shape)
+        loss_fast = sum((w * out).sum() for w, out in zip(weights, fast))
+        loss_plain = sum((w * out).sum() for w, out in zip(weights, plain))
+        assert torch.allclose(loss_fast, loss_plain, atol=1e-4, rtol=1e-5)
+        for a, b in zip(fast, plain):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0)
+        grads_fast = torch.autograd.grad(loss_fast, params, allow_unused=True)
+        grads_plain = torch.autograd.grad(loss_plain, params, allow_unused=True)
+        used = 0
+        for p, a, b in zip(params, grads_fast, grads_plain):
+            if b is None:
+                assert a is None or not a.any()
+                continue
+            used += 1
+            assert a is not None and torch.allclose(a, b, atol=1e-4, rtol=1e-4), [n for n, q in model.named_parameters() if q is p]
+        assert used > 10
 
 
 def test_estimator_is_causal_along_height():
