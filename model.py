@@ -102,6 +102,9 @@ class WaveFlow(nn.Module):
         # Inference keeps the conditioning of every row when it fits this many bytes (8 per layer,
         # channel and sample), and otherwise projects each row when it is needed: see `infer`.
         self.condition_cache_bytes = 2 ** 31
+        # Synthesis processes at most this many columns (batch x width) at once, when the batch allows:
+        # beyond, a row's working set falls out of the CPU caches.
+        self.max_inference_columns = 2 ** 14
         self.upsample_conv = nn.Sequential(
             WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)), nn.LeakyReLU(0.4),
             WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)), nn.LeakyReLU(0.4))
@@ -209,7 +212,15 @@ class WaveFlow(nn.Module):
             z = torch.randn(batch, 1, height, width, device=c.device, generator=generator) * sigma
         elif z.shape != (batch, 1, height, width):
             raise ValueError(f"z must have shape {(batch, 1, height, width)}, got {tuple(z.shape)}")
+        # Items are independent: a large batch goes in groups whose rows stay cache-sized.
+        group = max(1, self.max_inference_columns // width)
+        audio = [self._synthesize(c[start:start + group], z[start:start + group])
+                 for start in range(0, batch, group)]
+        return audio[0] if len(audio) == 1 else torch.cat(audio)
 
+    def _synthesize(self, c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """`infer` for `c [B, cin, H, W]` (upsampled, squeezed), `z [B, 1, H, W]` -> `audio [B, H * W]`."""
+        height = self.config.n_height
         # rows[flow][h]: the row of the unpermuted conditioning that is row h in that flow.
         order = torch.arange(height).view(1, 1, height, 1)
         rows = []

@@ -140,6 +140,16 @@ def test_inference_without_the_conditioning_cache_is_the_same():
     assert torch.allclose(model.infer(mel, z=z), cached, atol=1e-5)
 
 
+def test_synthesis_in_batch_groups_is_the_same():
+    model = random_model(tiny_config("nanoflow"))
+    mel, z = torch.randn(3, 80, 6), torch.randn(3, 1, 16, 48)
+    whole = model.infer(mel, z=z)
+    model.max_inference_columns = 2 * 48  # groups of two items, then one
+    assert torch.allclose(model.infer(mel, z=z), whole, atol=1e-5)
+    model.max_inference_columns = 1  # one item at a time
+    assert torch.allclose(model.infer(mel, z=z), whole, atol=1e-5)
+
+
 def test_logdet_equals_brute_force_jacobian():
     for variant in VARIANTS:
         model = random_model(tiny_config(variant, n_height=4, n_flow=3, res_channels=8, n_layer=2,
