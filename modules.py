@@ -276,8 +276,7 @@ class ResidualBlock(nn.Module):
         self.res_skip_conv = WNConv2d(res_channels, 2 * res_channels, 1)
         # Inference state while one flow's rows are produced: the queue, the gated activation
         # of the current row, and the flow's folded weights.
-        for name in ("queue", "step_gated", "step_gate_weight", "step_res_weight", "step_share_weight",
-                     "step_input_map"):
+        for name in ("queue", "step_gated", "step_gate_weight", "step_out_weight", "step_out", "step_input_map"):
             self.register_buffer(name, None, persistent=False)
         self.step_slots = None  # views into the queue: [phase][ring position] -> [B * W, R]
 
@@ -354,8 +353,8 @@ class ResidualBlock(nn.Module):
             gate_weight = self.step_gate_weight = self._rotated_gate_weight(input_map).to(like)
         gate_weight[:, -1, 2 * channels:4 * channels] = gate_bias.detach()  # added with the centre width tap
         augmented = torch.cat([out_weight, out_bias[:, None]], dim=1).detach().to(like.dtype)  # [R + 2, R + 1]
-        self.step_share_weight = augmented[-2:].t()  # [R + 1, 2]
-        self.step_res_weight = None if self.is_last else augmented[:channels].t()  # [R + 1, R]
+        self.step_out_weight = augmented.t()  # [R + 1, R + 2]: residual update, then the share of (log_s, t)
+        self.step_out = None if self.is_last else like.new_empty(batch * width, channels + 2)
         self.step_keep = residual_keep
         self.step_input_map = None if input_map is None else (residual_keep * input_map).detach().to(like.dtype)
 
@@ -379,7 +378,7 @@ class ResidualBlock(nn.Module):
     def end_inference(self, keep_weights: bool = False) -> None:
         """Free the queue; `keep_weights` keeps the prepared conv weight for the next flow that
         shares this block (the gate bias is rewritten by every `start_inference`)."""
-        self.queue = self.step_gated = self.step_res_weight = self.step_share_weight = self.step_slots = None
+        self.queue = self.step_gated = self.step_out_weight = self.step_out = self.step_slots = None
         self.step_input_map = None
         if not keep_weights:
             self.step_gate_weight = None
@@ -411,14 +410,15 @@ class ResidualBlock(nn.Module):
         gated = self.step_gated  # [B, W, R + 1], last column ones
         torch.mul(torch.tanh_(a[..., :channels]), torch.sigmoid_(a[..., channels:]), out=gated[..., :channels])
         gated = gated.view(batch * width, channels + 1)
-        log_s_t.addmm_(gated, self.step_share_weight)
         if next_slot is None:
+            log_s_t.addmm_(gated, self.step_out_weight)
             return
+        out = torch.mm(gated, self.step_out_weight, out=self.step_out)  # [B * W, R + 2]
+        log_s_t += out[:, channels:]
         if self.step_input_map is None:
-            torch.addmm(self.slot(row), gated, self.step_res_weight, beta=self.step_keep, out=next_slot)
+            torch.add(out[:, :channels], self.slot(row), alpha=self.step_keep, out=next_slot)
         else:
-            torch.mm(self.slot(row), self.step_input_map, out=next_slot)
-            next_slot.addmm_(gated, self.step_res_weight)
+            torch.addmm(out[:, :channels], self.slot(row), self.step_input_map, out=next_slot)
 
 
 class WaveNet2D(nn.Module):
