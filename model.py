@@ -102,8 +102,8 @@ class WaveFlow(nn.Module):
         # Inference keeps the conditioning of every row when it fits this many bytes (8 per layer,
         # channel and sample), and otherwise projects each row when it is needed: see `infer`.
         self.condition_cache_bytes = 2 ** 31
-        # Synthesis processes at most this many columns (batch x width) at once, when the batch allows:
-        # beyond, a row's working set falls out of the CPU caches.
+        # Synthesis on a CPU processes at most this many columns (batch x width) at once, when the
+        # batch allows: beyond, a row's working set falls out of the caches.
         self.max_inference_columns = 2 ** 14
         self.upsample_conv = nn.Sequential(
             WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)), nn.LeakyReLU(0.4),
@@ -212,8 +212,8 @@ class WaveFlow(nn.Module):
             z = torch.randn(batch, 1, height, width, device=c.device, generator=generator) * sigma
         elif z.shape != (batch, 1, height, width):
             raise ValueError(f"z must have shape {(batch, 1, height, width)}, got {tuple(z.shape)}")
-        # Items are independent: a large batch goes in groups whose rows stay cache-sized.
-        group = max(1, self.max_inference_columns // width)
+        # Items are independent: on a CPU a large batch goes in groups whose rows stay cache-sized.
+        group = max(1, self.max_inference_columns // width) if c.device.type == "cpu" else batch
         audio = [self._synthesize(c[start:start + group], z[start:start + group])
                  for start in range(0, batch, group)]
         return audio[0] if len(audio) == 1 else torch.cat(audio)

@@ -278,7 +278,7 @@ class ResidualBlock(nn.Module):
         # of the current row, and the flow's folded weights.
         for name in ("queue", "step_gated", "step_gate_weight", "step_out_weight", "step_out", "step_input_map"):
             self.register_buffer(name, None, persistent=False)
-        self.step_slots = None  # views into the queue: [phase][ring position] -> [B * W, R]
+        self.step_slots = None  # views into the queue: [phase][ring position] -> [B * W, C]
 
     def gate_bias(self, flow_embed: torch.Tensor | None) -> torch.Tensor:
         """Everything added to the gate input that does not depend on the position: `[2R]`."""
