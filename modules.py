@@ -261,7 +261,7 @@ class ResidualBlock(nn.Module):
     (`output_weights`, `fused_res_skip`), and the skips are never formed at full width.
 
     For fast inference the block keeps a convolution queue (`start_inference`, `step`):
-    the last `2 * dh + 1` rows of its input, the rows the causal 3x3 conv reads.
+    the last `3 * dh` rows of its input, among them the rows the causal 3x3 conv reads.
     """
 
     def __init__(self, res_channels: int, cin_channels: int, dilation: tuple[int, int],
