@@ -476,15 +476,10 @@ class WaveNet2D(nn.Module):
         return weights, (1.0 if multgate is not None else SQRT_HALF)
 
     def front_map(self) -> torch.Tensor:
-        """`front_conv` as a map from `[x, 1]`: `[2, R]`."""
+        """`front_conv` (1x1, 1 -> R) as a map from `[x, 1]`: `[2, R]`, weight row then bias row."""
         conv = self.front_conv[0].conv
         return torch.stack([conv.normed_weight().flatten(), conv.bias])
 
-    def front(self, x: torch.Tensor) -> torch.Tensor:
-        """`front_conv`, a 1x1 conv from one channel: `x [B, 1, H, W] -> [B, R, H, W]`, channels last."""
-        conv = self.front_conv[0].conv
-        h = x.permute(0, 2, 3, 1) * conv.normed_weight().flatten() + conv.bias  # [B, H, W, R]
-        return h.permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor, cond: tuple[torch.Tensor, ...], gate_biases: torch.Tensor,
                 multgate: torch.Tensor | None, projection_weight: torch.Tensor,
@@ -493,13 +488,14 @@ class WaveNet2D(nn.Module):
         (`self.condition(c)`), `gate_biases [L, 2R]`, `multgate [L, R]` or None, the flow's
         projection `[2, R]`, `[2]` -> `log_s_t [B, 2, H, W]`. Row h depends on rows <= h of `x`."""
         weights, keep = self.output_weights(multgate, projection_weight)
-        h = self.front(x)
+        front_map = self.front_map()
+        h = (x.permute(0, 2, 3, 1) * front_map[0] + front_map[1]).permute(0, 3, 1, 2)  # front_conv, channels last
         # The first 3x3 conv reads front_conv(x), which is affine in x: it runs on [x, 1] instead
         # (2 channels, not R) with front_conv folded into its weight. The 1 is 0 in the padding.
         front_input = torch.cat([x, torch.ones_like(x)], dim=1).contiguous(memory_format=torch.channels_last)
         log_s_t = projection_bias.view(1, 2, 1, 1)
         for j, block in enumerate(self.res_blocks):
-            folded = (front_input, self.front_map()) if j == 0 else (None, None)
+            folded = (front_input, front_map) if j == 0 else (None, None)
             h, share = block(h, cond[j], gate_biases[j], *weights[j], keep, *folded)
             log_s_t = log_s_t + share
         return log_s_t
