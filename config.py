@@ -128,6 +128,7 @@ class DataConfig:
     mel_fmax: float
     n_mel_channels: int = 80
     num_workers: int = 2
+    dequantize: bool = False
 
     def __post_init__(self):
         s = "data_config"
@@ -161,6 +162,7 @@ class TrainConfig:
     bf16_run: bool = False
     grad_clip_thresh: float = 5.0
     max_bad_steps: int = 10
+    max_iterations: int = 0
 
     def __post_init__(self):
         s = "train_config"
@@ -168,6 +170,7 @@ class TrainConfig:
             _require(getattr(self, key) >= 1, f"{s}.{key} must be at least 1, got {getattr(self, key)}")
         for key in ("learning_rate", "lr_decay_gamma", "sigma", "grad_clip_thresh"):
             _require(getattr(self, key) > 0, f"{s}.{key} must be positive, got {getattr(self, key)}")
+        _require(self.max_iterations >= 0, f"{s}.max_iterations must be >= 0 (0: no limit), got {self.max_iterations}")
         _require(not (self.fp16_run and self.bf16_run), f"{s}: fp16_run and bf16_run cannot both be on")
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from config import DataConfig
 
 MEL_FILE_EXTENSIONS = (".pt", ".npy")
+MAX_WAV_VALUE = 32768.0  # 16-bit PCM full scale, as Tacotron 2 scales it
 LOG_FLOOR = 1e-5  # Tacotron 2's clamp before the log: silence maps to log(1e-5), about -11.5
 
 
@@ -81,7 +82,7 @@ def load_audio(path: str, sampling_rate: int, start: int = 0, length: int = -1) 
             raise _read_error(path, error) from None
     audio = torch.from_numpy(samples.astype(np.float32))
     if dtype == "int16":
-        audio = audio / 32768.0
+        audio = audio / MAX_WAV_VALUE
     if audio.numel() == 0:
         raise DataError(f"{path}: no audio samples could be read from sample {start}")
     if not torch.isfinite(audio).all():

@@ -10,6 +10,11 @@ is ``(mel [n_mels, F], audio [T])`` with ``F = 1 + T // hop_length``:
   ``(seed, epoch, index)``: resuming at an epoch gives the same crops, whatever
   the number of DataLoader workers.
 - ``mode="eval"``: the first ``segment_length`` samples, padded the same way.
+- ``dequantize``: in training and evaluation, uniform noise of one 16-bit step
+  (``U(-0.5, 0.5) / 32768``, drawn from ``(seed, epoch, index)``) is added to the
+  audio after its mel is computed: the standard treatment of discrete data in flows
+  (Theis et al., ICLR 2016), which bounds the density a continuous model can put on
+  the 65,536 values 16-bit audio takes. Off by default, as in the original.
 - ``mode="synthesis"``: the mel of the whole clip (exactly what the command below
   writes and what Tacotron 2 is trained on) and the clip cut to
   ``hop_length * (F - 1)`` samples, a whole number of frames.
@@ -36,7 +41,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from config import ConfigError, DataConfig, load_config
-from data import DataError, MelSpectrogram, audio_length, load_audio, read_file_list
+from data import MAX_WAV_VALUE, DataError, MelSpectrogram, audio_length, load_audio, read_file_list
 
 MODES = ("train", "eval", "synthesis")
 
@@ -46,7 +51,7 @@ class Mel2Samp(Dataset):
 
     def __init__(self, *, file_list: str, mode: str, segment_length: int, sampling_rate: int,
                  filter_length: int, hop_length: int, win_length: int, mel_fmin: float, mel_fmax: float,
-                 n_mel_channels: int = 80, seed: int = 1234):
+                 n_mel_channels: int = 80, seed: int = 1234, dequantize: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         if segment_length <= filter_length // 2:
@@ -57,6 +62,7 @@ class Mel2Samp(Dataset):
         self.sampling_rate = sampling_rate
         self.hop_length = hop_length
         self.seed = seed
+        self.dequantize = dequantize
         self.epoch = 0
         self.mel = MelSpectrogram(sampling_rate=sampling_rate, filter_length=filter_length,
                                   hop_length=hop_length, win_length=win_length,
@@ -79,7 +85,8 @@ class Mel2Samp(Dataset):
         return cls(file_list=file_list, mode=mode, segment_length=data.segment_length,
                    sampling_rate=data.sampling_rate, filter_length=data.filter_length,
                    hop_length=data.hop_length, win_length=data.win_length, mel_fmin=data.mel_fmin,
-                   mel_fmax=data.mel_fmax, n_mel_channels=data.n_mel_channels, seed=seed)
+                   mel_fmax=data.mel_fmax, n_mel_channels=data.n_mel_channels, seed=seed,
+                   dequantize=data.dequantize)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose crops `__getitem__` returns; call before iterating a DataLoader.
@@ -110,7 +117,13 @@ class Mel2Samp(Dataset):
             return mel, audio[: self.hop_length * (mel.shape[-1] - 1)]
         audio = load_audio(path, self.sampling_rate, start=self.crop_start(index), length=self.segment_length)
         audio = F.pad(audio, (0, self.segment_length - audio.shape[0]))  # [segment_length]
-        return self.mel(audio), audio
+        mel = self.mel(audio)
+        if self.dequantize:
+            epoch = self.epoch if self.mode == "train" else 0
+            generator = np.random.default_rng([self.seed % 2**64, epoch, index, 1])
+            noise = generator.random(audio.shape[0], dtype=np.float32) - 0.5
+            audio = audio + torch.from_numpy(noise) / MAX_WAV_VALUE
+        return mel, audio
 
 
 def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mels", nargs="+", metavar="PATH",
                         help="with -s: mel files [80, F] (.pt, .npy) or folders of them, instead of the test list")
     parser.add_argument("--checkpoint_path", default=None, help="override train_config.checkpoint_path")
+    parser.add_argument("--max_iterations", type=int, default=None, metavar="N",
+                        help="override train_config.max_iterations: stop training at iteration N (0: no limit)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
     if args.evaluate and args.synthesize:
@@ -86,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--mels goes with -s/--synthesize")
     if args.temp <= 0:
         parser.error("-t/--temp must be positive")
+    if args.max_iterations is not None and args.max_iterations < 0:
+        parser.error("--max_iterations must be >= 0")
     return args
 
 
@@ -302,9 +306,17 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
                             batch_in_epoch=at_batch, scaler=scaler)
             print(f"saved {checkpoint_path(folder, at_iteration)}")
 
+    total = tc.epochs * sampler.batches_per_epoch
+    if tc.max_iterations:
+        total = min(total, tc.max_iterations)
+    if iteration >= total:
+        if runtime.is_main:
+            print(f"nothing to train: the run is at iteration {iteration}, its end is iteration {total} "
+                  f"(train_config.epochs, max_iterations)")
+        return
     stop = StopRequest()
     bad_steps, saved_at = 0, iteration
-    total = tc.epochs * sampler.batches_per_epoch
+    position = (start_epoch, batch_in_epoch)  # (epoch, batches done in it) after the last step
     progress = tqdm(total=total, initial=min(iteration, total), unit="it", disable=not runtime.is_main,
                     dynamic_ncols=True)
     try:
@@ -319,6 +331,7 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
                 started = time.perf_counter()
                 metrics = train_step(wrapped, batch, optimizer, scheduler, scaler, runtime, config)
                 iteration, batch_in_epoch = iteration + 1, batch_in_epoch + 1
+                position = (epoch, batch_in_epoch)
                 bad_steps = bad_steps + 1 if metrics["skipped"] else 0
                 if metrics["skipped"] and runtime.is_main:
                     warn(f"iteration {iteration}: loss is {metrics['loss']}, step skipped")
@@ -341,13 +354,26 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
                     if runtime.distributed:
                         dist.barrier()
                     model.train()
+                if iteration >= total:
+                    break
                 if _global_any(stop.requested, runtime):
                     if saved_at != iteration:
                         save(iteration, epoch, batch_in_epoch)
                     return
+            if iteration >= total:
+                break
             batch_in_epoch = 0
         if saved_at != iteration:
-            save(iteration, tc.epochs, 0)
+            save(iteration, *position)
+            if report is not None:
+                report(model, writer, iteration, args.temp)
+        if runtime.is_main:
+            progress.close()
+            print(f"training finished at iteration {iteration}.\n"
+                  f"  checkpoints: {folder}/\n"
+                  f"  samples:     {samples_dir(config)}/ (a test clip at every checkpoint; play the .wav files)\n"
+                  f"  all test clips from the last checkpoint: python train.py -s -c {args.config} "
+                  f"--checkpoint_path {checkpoint_path(folder, iteration)}")
     finally:
         stop.restore()
         progress.close()
@@ -487,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.checkpoint_path is not None:
             config.train.checkpoint_path = args.checkpoint_path
+        if args.max_iterations is not None:
+            config.train.max_iterations = args.max_iterations
         runtime = setup_runtime(config, args.device)
         if args.synthesize or args.evaluate:
             if runtime.is_main:

@@ -3,7 +3,7 @@
 #
 # Each line of sentences.txt (Harvard sentences, IEEE 1969) is spoken by espeak-ng's
 # American English voice, which writes 22,050 Hz mono 16-bit wav natively, the
-# format of LJSpeech, so nothing is resampled. espeak-ng is deterministic: the same
+# format of LJSpeech, so nothing is resampled; a -70 dBFS noise floor is then added. espeak-ng is deterministic: the same
 # espeak-ng version gives byte-identical files. The first TEST_CLIPS clips are the
 # test set and the rest the training set, the same rule as LJSpeech's split.
 # Lists use LJSpeech's "path|text" lines with paths relative to the repository root.
@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 VOICE=en-us
 WORDS_PER_MINUTE=150  # espeak-ng's default of 175 runs words together
 TEST_CLIPS=6
+NOISE_FLOOR_DB=-70
 DEMO=data/demo
 
 command -v espeak-ng >/dev/null || { echo "error: espeak-ng not found (apt-get install espeak-ng)" >&2; exit 1; }
@@ -30,5 +31,9 @@ while IFS= read -r sentence; do
     if [ "$number" -le "$TEST_CLIPS" ]; then list=test_files.txt; else list=train_files.txt; fi
     printf '%s|%s\n' "$wav" "$sentence" >> "$DEMO/$list"
 done < "$DEMO/sentences.txt"
+
+# espeak-ng writes exact digital silence, which a flow's density can grow on without bound:
+# give the corpus the low noise floor every recording has (see scripts/add_noise_floor.py).
+python scripts/add_noise_floor.py --level_db "$NOISE_FLOOR_DB" "$DEMO"/wavs/*.wav
 
 echo "wrote $number clips to $DEMO/wavs with $(espeak-ng --version | sed "s/  Data at.*//")"
