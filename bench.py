@@ -68,6 +68,18 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 30) -
     return 2 * 2048 ** 3 / statistics.median(times) / 1e9
 
 
+def device_name(device: torch.device) -> str:
+    """The processor or GPU by name, for the record."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"cpu ({model})" if model else "cpu"
+
+
 def synthesis_flops_per_sample(config) -> int:
     r, layers, flows = config.res_channels, config.n_layer, config.n_flow
     return flows * 2 * (r + 20 * layers * r * r + 2 * r) + 2 * config.cin_channels * 2 * r * layers
@@ -184,6 +196,7 @@ def main() -> None:
     parser.add_argument("--max_seconds", type=float, default=60.0, help="stop repeating a case after this long")
     parser.add_argument("--skip", nargs="*", default=[], choices=["synthesis", "training", "checkpointing", "loading"])
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--eager", action="store_true", help="synthesis on a GPU without CUDA graphs")
     args = parser.parse_args()
 
     config = load_config(args.config)
@@ -191,13 +204,19 @@ def main() -> None:
     batch = args.train_batch or config.train.batch_size
     segment = args.segment_length or config.data.segment_length
     reference = [matmul_gflops(device, dtype)]
+    # Tensor cores and CPU matrix engines are rated in bf16: every figure is also given against that.
+    bf16_reference = [matmul_gflops(device, torch.bfloat16)]
     results = []
     if "synthesis" not in args.skip:
         model = build_model(config.waveflow).to(device).eval().remove_weight_norm().to(dtype)
+        model.cuda_graphs = not args.eager
         for index, seconds in enumerate(sorted(args.seconds)):
             for synth_batch in args.batches:
                 # Warm up on the shortest length only: a warm-up run of 10 s x 8 takes minutes on a CPU.
+                # A GPU captures a CUDA graph for a length at its second run: two warm-ups for every case.
                 warmup = args.warmup if index == 0 else 0
+                if device.type == "cuda":
+                    warmup = max(warmup, 2)
                 results.append(bench_synthesis(model, device, dtype, seconds, synth_batch, warmup, args))
         del model
     training = None
@@ -212,22 +231,28 @@ def main() -> None:
             loading["percent_of_training_step"] = 100 * loading["seconds"] / training["seconds"]
         results.append(loading)
     reference.append(matmul_gflops(device, dtype))
-    matmul = statistics.mean(reference)
+    bf16_reference.append(matmul_gflops(device, torch.bfloat16))
+    matmul, bf16_matmul = statistics.mean(reference), statistics.mean(bf16_reference)
     for result in results:
         if "gflops" in result:
             result["fraction_of_matmul"] = result["gflops"] / matmul
+            result["fraction_of_bf16_matmul"] = result["gflops"] / bf16_matmul
 
-    report = {"config": args.config, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "matmul_2048_gflops": matmul, "results": results}
+    report = {"config": args.config, "device": device_name(device), "dtype": args.dtype,
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "cuda_graphs": device.type == "cuda" and not args.eager,
+              "matmul_2048_gflops": matmul, "bf16_matmul_2048_gflops": bf16_matmul, "results": results}
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{args.config} on {device} ({torch.get_num_threads()} threads), {args.dtype}, torch {torch.__version__}: "
-          f"2048x2048 matmul {matmul:.0f} GFLOP/s")
+    print(f"{args.config} on {report['device']} ({torch.get_num_threads()} threads), {args.dtype}, "
+          f"torch {torch.__version__}: 2048x2048 matmul {matmul:.0f} GFLOP/s ({bf16_matmul:.0f} in bf16)")
     columns = [("case", "{}", 32), ("seconds", "{:.3f}", 9), ("runs", "{}", 5), ("kHz", "{:.1f}", 9),
                ("real_time_factor", "{:.2f}", 9), ("gflops", "{:.0f}", 7), ("fraction_of_matmul", "{:.2f}", 9),
+               ("fraction_of_bf16_matmul", "{:.2f}", 9),
                ("peak_memory_mb", "{:.0f}", 10), ("percent_of_training_step", "{:.2f}", 9)]
     titles = {"real_time_factor": "x realtime", "gflops": "GFLOP/s", "fraction_of_matmul": "of matmul",
+              "fraction_of_bf16_matmul": "of bf16 mm",
               "peak_memory_mb": "peak MiB", "percent_of_training_step": "% of step"}
     print("  ".join(titles.get(name, name).ljust(width) for name, _, width in columns))
     for result in results:

@@ -354,7 +354,7 @@ class ResidualBlock(nn.Module):
         gate_weight[:, -1, 2 * channels:4 * channels] = gate_bias.detach()  # added with the centre width tap
         augmented = torch.cat([out_weight, out_bias[:, None]], dim=1).detach().to(like.dtype)  # [R + 2, R + 1]
         self.step_out_weight = augmented.t()  # [R + 1, R + 2]: residual update, then the share of (log_s, t)
-        self.step_out = None if self.is_last else like.new_empty(batch * width, channels + 2)
+        self.step_out = like.new_empty(batch * width, 2 if self.is_last else channels + 2)
         self.step_keep = residual_keep
         self.step_input_map = None if input_map is None else (residual_keep * input_map).detach().to(like.dtype)
 
@@ -411,7 +411,10 @@ class ResidualBlock(nn.Module):
         torch.mul(torch.tanh_(a[..., :channels]), torch.sigmoid_(a[..., channels:]), out=gated[..., :channels])
         gated = gated.view(batch * width, channels + 1)
         if next_slot is None:
-            log_s_t.addmm_(gated, self.step_out_weight)
+            if log_s_t.dtype == gated.dtype:
+                log_s_t.addmm_(gated, self.step_out_weight)
+            else:  # bf16/fp16 estimator: its share is rounded once, the sum of the shares stays fp32
+                log_s_t += torch.mm(gated, self.step_out_weight, out=self.step_out)
             return
         out = torch.mm(gated, self.step_out_weight, out=self.step_out)  # [B * W, R + 2]
         log_s_t += out[:, channels:]
@@ -514,8 +517,11 @@ class WaveNet2D(nn.Module):
         for j, (block, gate_bias, (out_weight, out_bias)) in enumerate(zip(self.res_blocks, gate_biases, weights)):
             block.start_inference(batch, width, like, gate_bias, out_weight, out_bias, keep,
                                   input_map if j == 0 else None)
-        self.step_output_bias = projection_bias.detach().to(like.dtype)  # [2]
-        self.step_log_s_t = like.new_empty(batch * width, 2)
+        # (log_s, t) is summed in fp32 (or better) whatever the estimator's precision: the flow's
+        # affine update and its log-determinant need more than bf16's 8 bits of mantissa.
+        accumulate = torch.promote_types(like.dtype, torch.float32)
+        self.step_output_bias = projection_bias.detach().to(accumulate)  # [2]
+        self.step_log_s_t = like.new_empty(batch * width, 2, dtype=accumulate)
         self.step_taps = like.new_empty(batch, width, 3 * 2 * self.res_channels)  # scratch shared by the blocks
 
     def end_inference(self, keep_weights: bool = False) -> None:
@@ -528,7 +534,8 @@ class WaveNet2D(nn.Module):
         """Row `row` of the flow's `(log_s, t)`; rows are fed in order 0, 1, ... after `start_inference`.
 
         `x_row [B, W]` is row `row` of the (already shifted) input and `cond_row [B, W, L, 2R]`
-        its conditioning (`condition_rows`) -> `log_s_t [B, W, 2]`, valid until the next step.
+        its conditioning (`condition_rows`) -> `log_s_t [B, W, 2]` in fp32 or better, valid until the
+        next step.
         """
         blocks = self.res_blocks
         first = blocks[0].slot(row)  # [B * W, 2]: x and the constant 1, set when the slot is first used

@@ -1,0 +1,142 @@
+"""The model on a CUDA GPU: the original's numbers, exact fast inference, the CUDA graph path,
+mixed-precision training steps and agreement with the CPU. Skipped where no GPU is present
+(`scripts/gpu_check.sh` runs these on a GPU machine)."""
+import os
+
+import pytest
+import torch
+
+from model import SYNTHESIS_TRIM, build_model, negative_log_likelihood, unsqueeze
+from test_model import FIXTURES, VARIANTS, random_model, slow_inverse, tiny_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """TF32 rounds fp32 matmuls and convolutions to 10 bits of mantissa: off for exactness tests."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("name", ["waveflow-small", "nanoflow-naive-small", "nanoflow-decomp-small", "nanoflow-small"])
+def test_reference_fixture_on_cuda(name):
+    fixture = torch.load(os.path.join(FIXTURES, f"{name}.pt"), weights_only=False)
+    model = build_model(fixture["waveflow_config"])
+    model.load_state_dict(fixture["checkpoint"]["model"])
+    model = model.to(CUDA).eval()
+    forward = fixture["forward"]
+    with torch.no_grad():
+        z, logdet = model(forward["audio"].to(CUDA), forward["mel"].to(CUDA))
+        loss = negative_log_likelihood(z, logdet)
+    assert torch.allclose(z.cpu(), forward["z"], atol=TOLERANCE, rtol=0)
+    assert abs(logdet.sum().item() - forward["logdet_sum"].item()) <= TOLERANCE * max(1.0, abs(forward["logdet_sum"].item()))
+    assert abs(loss.item() - forward["loss"]) <= TOLERANCE
+    infer = fixture["infer"]
+    for _ in range(3):  # eager, then captured as a CUDA graph, then replayed
+        audio = model.infer(infer["mel"].to(CUDA), z=infer["z"].to(CUDA))
+        assert torch.allclose(audio.cpu(), infer["audio"], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("variant,overrides", [(variant, {}) for variant in VARIANTS] + [
+    ("nanoflow", {"n_layer_per_cycle": 3, "n_layer": 5, "bipartize": True}),
+    ("waveflow", {"n_height": 32, "n_flow": 2, "n_layer": 7}),
+])
+def test_fast_inference_is_the_exact_inverse_on_cuda(variant, overrides):
+    model = random_model(tiny_config(variant, **overrides)).to(CUDA)
+    height, frames = model.config.n_height, 7
+    mel = torch.randn(2, 80, frames, device=CUDA)
+    z = torch.randn(2, 1, height, 256 * (frames - 3) // height, device=CUDA)
+    with torch.no_grad():
+        expected = slow_inverse(model, mel, z)
+    for graphs in (False, True, True, True):
+        model.cuda_graphs = graphs
+        audio = model.infer(mel, z=z)
+        assert torch.allclose(audio, expected, atol=TOLERANCE, rtol=0)
+    with torch.no_grad():
+        z_back, _ = model(audio, mel)
+    assert torch.allclose(z_back, z, atol=TOLERANCE, rtol=0)
+    assert (unsqueeze(z).squeeze(1) - audio).abs().max() > 0.1
+
+
+def test_cuda_graphs_follow_new_weights_and_inputs():
+    model = random_model(tiny_config("nanoflow")).to(CUDA)
+    mel, z = torch.randn(1, 80, 6, device=CUDA), torch.randn(1, 1, 16, 48, device=CUDA)
+    for _ in range(3):
+        model.infer(mel, z=z)
+    assert len(model._graph_cache.graphs) == 1
+    other = random_model(tiny_config("nanoflow"), seed=5)
+    model.load_state_dict(other.state_dict())  # in-place copies: same storage, new version
+    assert torch.allclose(model.infer(mel, z=z).cpu(), other.infer(mel.cpu(), z=z.cpu()), atol=TOLERANCE)
+    mel2, z2 = torch.randn_like(mel), torch.randn_like(z)
+    for _ in range(2):
+        assert torch.allclose(model.infer(mel2, z=z2).cpu(), other.infer(mel2.cpu(), z=z2.cpu()), atol=TOLERANCE)
+    model.remove_weight_norm()  # new parameters: the old graphs must not be replayed
+    assert torch.allclose(model.infer(mel2, z=z2).cpu(), other.infer(mel2.cpu(), z=z2.cpu()), atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_remove_weight_norm_on_cuda(variant):
+    model = random_model(tiny_config(variant, use_weightnorm_embed=True)).to(CUDA)
+    mel, z = torch.randn(1, 80, 6, device=CUDA), torch.randn(1, 1, 16, 48, device=CUDA)
+    audio = model.infer(mel, z=z)
+    model.remove_weight_norm()
+    assert torch.allclose(model.infer(mel, z=z), audio, atol=1e-5)
+
+
+def test_cpu_and_cuda_give_the_same_z_and_audio():
+    model = random_model(tiny_config("nanoflow", n_layer_per_cycle=2))
+    audio, mel = torch.randn(2, 1024).clamp(-1, 1), torch.randn(2, 80, 5)
+    z_mel, z = torch.randn(2, 80, 7), torch.randn(2, 1, 16, 64)
+    with torch.no_grad():
+        z_cpu, logdet_cpu = model(audio, mel)
+    audio_cpu = model.infer(z_mel, z=z)
+    model = model.to(CUDA)
+    with torch.no_grad():
+        z_cuda, logdet_cuda = model(audio.to(CUDA), mel.to(CUDA))
+    assert torch.allclose(z_cuda.cpu(), z_cpu, atol=TOLERANCE, rtol=0)
+    assert torch.allclose(logdet_cuda.cpu(), logdet_cpu, atol=TOLERANCE * 100, rtol=1e-6)
+    assert torch.allclose(model.infer(z_mel.to(CUDA), z=z.to(CUDA)).cpu(), audio_cpu, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mixed_precision_training_step(dtype):
+    torch.manual_seed(0)
+    model = build_model(tiny_config("nanoflow")).to(CUDA).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    audio = (torch.rand(2, 2048, device=CUDA) * 2 - 1) * 0.5
+    mel = torch.randn(2, 80, 9, device=CUDA)
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype):
+            z, logdet = model(audio, mel)
+            loss = negative_log_likelihood(z, logdet)
+        assert z.dtype == logdet.dtype == loss.dtype == torch.float32
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_synthesis_returns_fp32_close_to_fp32(dtype):
+    model = random_model(tiny_config("nanoflow")).to(CUDA)
+    mel, z = torch.randn(1, 80, 6, device=CUDA), torch.randn(1, 1, 16, 48, device=CUDA)
+    reference = model.infer(mel, z=z)
+    model = model.remove_weight_norm().to(dtype)
+    for _ in range(3):
+        audio = model.infer(mel, z=z)
+        assert audio.dtype == torch.float32
+        assert (audio - reference).abs().max() < 0.2
