@@ -95,16 +95,18 @@ class CudaGraphCache:
 
     @staticmethod
     def _capture(function, inputs):
+        device = inputs[0].device
         static_inputs = tuple(tensor.clone() for tensor in inputs)
-        # A warm-up on a side stream, as CUDA graph capture requires (lazy library initialisation).
-        stream = torch.cuda.Stream(inputs[0].device)
-        stream.wait_stream(torch.cuda.current_stream(inputs[0].device))
-        with torch.cuda.stream(stream):
-            function(*static_inputs)
-        torch.cuda.current_stream(inputs[0].device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_output = function(*static_inputs)
+        with torch.cuda.device(device):
+            # A warm-up on a side stream, as CUDA graph capture requires (lazy library initialisation).
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                function(*static_inputs)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_output = function(*static_inputs)
         return graph, static_inputs, static_output
 
     def clear(self) -> None:
