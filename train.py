@@ -306,7 +306,9 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
                             batch_in_epoch=at_batch, scaler=scaler)
             print(f"saved {checkpoint_path(folder, at_iteration)}")
 
-    total = tc.epochs * sampler.batches_per_epoch
+    # A warm start counts epochs from 0 while its iterations go on from the source's numbering.
+    first_iteration = iteration - (start_epoch * sampler.batches_per_epoch + batch_in_epoch)
+    total = first_iteration + tc.epochs * sampler.batches_per_epoch
     if tc.max_iterations:
         total = min(total, tc.max_iterations)
     if iteration >= total:
