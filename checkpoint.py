@@ -7,6 +7,13 @@ The layout is the original code's, so checkpoints go both ways: a dict
 order stands, for exact resumption) and `scaler` (mixed precision). Model
 weights keep the original names, including the `weight_g`/`weight_v` of weight
 norm; a `module.` prefix left by DataParallel is removed on reading.
+
+The original also leaves one entry in `model` that is no weight of the model:
+its training loop synthesizes a test clip at every checkpoint after the first,
+and for NanoFlow that synthesis stores the cached flow-embedding projections on
+the model as a parameter `h_cache` (`[n_flow, n_layer, 2 * res_channels, 1, 1]`),
+so every later checkpoint, the published ones included, holds it. Its own
+loaders delete it; so does `read_checkpoint`.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import torch
 
 CHECKPOINT_PREFIX = "waveflow_"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+ORIGINAL_CACHE_ENTRIES = ("h_cache",)  # what the original leaves in `model` besides the weights
 
 
 class CheckpointError(ValueError):
@@ -56,7 +64,8 @@ def save_checkpoint(path: str, *, model_state: dict, iteration: int, optimizer: 
 
 
 def read_checkpoint(path: str) -> dict:
-    """Read a checkpoint (ours or the original's) with the model weights' `module.` prefix removed."""
+    """Read a checkpoint (ours or the original's) with the model weights' `module.` prefix and the
+    original's `h_cache` removed."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: checkpoint not found")
     if os.path.isdir(path):
@@ -71,7 +80,9 @@ def read_checkpoint(path: str) -> dict:
                               f"of tensors, numbers and strings are read, never pickled code") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise CheckpointError(f"{path}: not a NanoFlow checkpoint (no 'model' weights)")
-    state = checkpoint["model"]
+    state = {name: value for name, value in checkpoint["model"].items()
+             if name.removeprefix("module.") not in ORIGINAL_CACHE_ENTRIES}
+    checkpoint["model"] = state
     if state and all(key.startswith("module.") for key in state):
         checkpoint["model"] = {key[len("module."):]: value for key, value in state.items()}
     return checkpoint

@@ -12,7 +12,9 @@ import pytest
 import soundfile
 import torch
 
+import train
 from checkpoint import average_checkpoints, list_checkpoints, read_checkpoint
+from model import build_model
 from train import EpochSampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +59,25 @@ def write_config(folder, name="config.json", **changes):
     with open(path, "w") as f:
         json.dump(config, f)
     return path
+
+
+def run_here(capsys, *args):
+    """train.py's main in this process (no start-up cost): -> (exit status, stdout, stderr)."""
+    status = train.main(list(args))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture
+def one_thread():
+    """Tests that train in this process use one thread: two threads on two busy cores are far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def run(*args, check=True, env=None):
@@ -324,3 +345,57 @@ def test_epoch_sampler_is_reproducible_and_resumable():
         shard.set_epoch(4)
         shards.append(list(shard))
     assert not set(shards[0]) & set(shards[1]) and len(shards[0]) == len(shards[1]) == 4
+
+
+def as_the_original_saves(checkpoint, config):
+    """A checkpoint of ours as the original's training loop saves it after an in-training synthesis:
+    its five keys, and for NanoFlow `model['h_cache']` [n_flow, n_layer, 2R, 1, 1], the output of every
+    block's filter_gate_conv_h for each flow's embedding, flows in reversed order."""
+    model = build_model(config["waveflow_config"])
+    model.load_state_dict(checkpoint["model"])
+    with torch.no_grad():
+        flow_embed = model.flow_embedding.normed_weight().flip(0)[:, :, None, None]  # [K, E, 1, 1]
+        blocks = model.estimator["net"].res_blocks
+        h_cache = torch.stack([block.filter_gate_conv_h(flow_embed) for block in blocks])  # [L, K, 2R, 1, 1]
+    saved = {key: checkpoint[key] for key in ("iteration", "optimizer", "scheduler", "learning_rate")}
+    saved["model"] = dict(checkpoint["model"], h_cache=h_cache.permute(1, 0, 2, 3, 4).clone())
+    return saved
+
+
+def test_original_checkpoints_holding_h_cache_load_everywhere(trained, tmp_path, capsys, one_thread):
+    folder, config_path, _ = trained
+    uninterrupted = os.path.join(folder, "exp", "tiny")
+    config = json.load(open(config_path))
+    originals = tmp_path / "original"
+    originals.mkdir()
+    # The original's first checkpoint comes before any synthesis: no h_cache; the later ones hold it.
+    first = read_checkpoint(os.path.join(uninterrupted, "waveflow_2"))
+    torch.save({key: first[key] for key in ("model", "iteration", "optimizer", "scheduler", "learning_rate")},
+               originals / "waveflow_2")
+    torch.save(as_the_original_saves(read_checkpoint(os.path.join(uninterrupted, "waveflow_4")), config),
+               originals / "waveflow_4")
+    raw = torch.load(originals / "waveflow_4", weights_only=True)
+    assert raw["model"]["h_cache"].shape == (2, 2, 16, 1, 1) and "epoch" not in raw
+    newest = str(originals / "waveflow_4")
+    output = str(tmp_path / "exp")
+    config_path = write_config(str(tmp_path), train_config__output_directory=output,
+                               data_config__training_files=os.path.join(folder, "train.txt"),
+                               data_config__test_files=os.path.join(folder, "test.txt"))
+
+    status, out, err = run_here(capsys, "-s", "-c", config_path, "--checkpoint_path", newest)
+    assert status == 0, err
+    assert out.count("_synthesis.wav") == 2
+    status, out, err = run_here(capsys, "-v", "-c", config_path, "--checkpoint_path", newest)
+    assert status == 0 and "log-likelihood (LL)" in out, err
+    status, out, err = run_here(capsys, "-a", "2", "-s", "-c", config_path, "--checkpoint_path", str(originals))
+    assert status == 0, err
+    status, out, err = run_here(capsys, "-w", "-c", config_path, "--checkpoint_path", newest, "--max_iterations", "5")
+    assert status == 0, err
+    assert "0 not" in out and "h_cache" not in out  # every tensor loaded, h_cache not listed as left out
+    # Resuming with the original's Adam state and schedule goes on exactly as the uninterrupted run did.
+    shutil.rmtree(output)
+    status, out, err = run_here(capsys, "-c", config_path, "--checkpoint_path", newest)
+    assert status == 0, err
+    assert f"resumed from {newest} at iteration 4" in out
+    assert_same_weights(weights(os.path.join(output, "tiny", "waveflow_6")),
+                        weights(os.path.join(uninterrupted, "waveflow_6")))
