@@ -143,7 +143,7 @@ def mel_file_name(audio_path: str) -> str:
 
 def write_mels(file_list: str, config_path: str, output_dir: str) -> int:
     """Write the mel [n_mels, F] of every clip in `file_list` to `output_dir`; returns the number written."""
-    data = load_config(config_path).data
+    data = load_config(config_path, sections=("data_config",)).data
     paths = read_file_list(file_list)
     outputs = {}
     for path in paths:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from checkpoint import (CheckpointError, average_checkpoints, checkpoint_path, list_checkpoints, load_checkpoint,
                         load_weights, read_checkpoint, save_checkpoint, warm_start)
-from config import Config, ConfigError, load_config
+from config import Config, ConfigError, check_model_rules, load_config
 from data import MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, load_mel
 from mel2samp import Mel2Samp, collate
 from model import WaveFlow, build_model, negative_log_likelihood
@@ -517,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             config.train.checkpoint_path = args.checkpoint_path
         if args.max_iterations is not None:
             config.train.max_iterations = args.max_iterations
+        check_model_rules(config, training=not (args.synthesize or args.evaluate))
         runtime = setup_runtime(config, args.device)
         if args.synthesize or args.evaluate:
             if runtime.is_main:

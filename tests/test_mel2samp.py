@@ -188,3 +188,15 @@ def test_command_refuses_two_clips_with_one_output_name(tmp_path, config_file):
     with pytest.raises(DataError, match="same.wav.pt"):
         write_mels(str(listing), config_file, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_command_needs_only_data_config(tmp_path, corpus, config_file):
+    file_list, paths = corpus
+    with open(config_file) as f:
+        data_only = {"data_config": json.load(f)["data_config"],
+                     "train_config": {"fp16_run": False}}  # the original's sections may be partial: not read
+    path = tmp_path / "data_only.json"
+    path.write_text(json.dumps(data_only))
+    result = run_command("-f", file_list, "-c", str(path), "-o", str(tmp_path / "mels"))
+    assert result.returncode == 0, result.stderr
+    assert len(os.listdir(tmp_path / "mels")) == len(paths)

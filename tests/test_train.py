@@ -399,3 +399,15 @@ def test_original_checkpoints_holding_h_cache_load_everywhere(trained, tmp_path,
     assert f"resumed from {newest} at iteration 4" in out
     assert_same_weights(weights(os.path.join(output, "tiny", "waveflow_6")),
                         weights(os.path.join(uninterrupted, "waveflow_6")))
+
+
+def test_rules_between_sections_stop_every_command_in_one_line(tmp_path, capsys):
+    make_corpus(str(tmp_path))
+    config = write_config(str(tmp_path), data_config__segment_length=2044)
+    status, _, err = run_here(capsys, "-c", config)
+    assert status == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: {config}: data_config.segment_length (2044) must be a multiple of "
+                          f"waveflow_config.n_height (8)")
+    config = write_config(str(tmp_path), "hop.json", data_config__hop_length=200)
+    status, _, err = run_here(capsys, "-s", "-c", config, "--checkpoint_path", str(tmp_path / "none"))
+    assert status == 1 and err.startswith(f"error: {config}: data_config.hop_length must be 256, got 200")
