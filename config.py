@@ -134,6 +134,7 @@ class DataConfig:
     n_mel_channels: int = 80
     num_workers: int = 2
     dequantize: bool = False
+    mel_directory: str = ""
 
     def __post_init__(self):
         s = "data_config"

@@ -14,6 +14,7 @@ import torch
 
 import train
 from checkpoint import average_checkpoints, list_checkpoints, read_checkpoint
+from mel2samp import write_mels
 from model import build_model
 from train import EpochSampler
 
@@ -411,3 +412,28 @@ def test_rules_between_sections_stop_every_command_in_one_line(tmp_path, capsys)
     config = write_config(str(tmp_path), "hop.json", data_config__hop_length=200)
     status, _, err = run_here(capsys, "-s", "-c", config, "--checkpoint_path", str(tmp_path / "none"))
     assert status == 1 and err.startswith(f"error: {config}: data_config.hop_length must be 256, got 200")
+
+
+def test_fine_tuning_on_an_acoustic_models_mels(trained, tmp_path, capsys, one_thread):
+    folder, trained_config, _ = trained
+    mels = str(tmp_path / "mels")
+    for listing in ("train.txt", "test.txt"):
+        write_mels(os.path.join(folder, listing), trained_config, mels)
+    source = os.path.join(folder, "exp", "tiny", "waveflow_6")
+    common = dict(train_config__output_directory=str(tmp_path / "exp"), train_config__iters_per_checkpoint=100,
+                  data_config__training_files=os.path.join(folder, "train.txt"),
+                  data_config__test_files=os.path.join(folder, "test.txt"))
+    config = write_config(str(tmp_path), data_config__mel_directory=mels, **common)
+    status, out, err = run_here(capsys, "-w", "-c", config, "--checkpoint_path", source, "--max_iterations", "7")
+    assert status == 0, err
+    assert "saved" in out and list_checkpoints(str(tmp_path / "exp" / "tiny"))[-1][0] == 7
+    status, out, err = run_here(capsys, "-v", "-c", config, "--checkpoint_path", source)
+    assert status == 0 and "log-likelihood (LL)" in out, err
+    os.remove(os.path.join(mels, "clip07.wav.pt"))
+    status, _, err = run_here(capsys, "-v", "-c", config, "--checkpoint_path", source)
+    assert status == 1 and err.strip() == (f"error: {os.path.join(mels, 'clip07.wav.pt')}: mel file not found "
+                                           f"(the mel of {os.path.join(folder, 'clip07.wav')}; also looked for "
+                                           f"clip07.wav.npy, clip07.pt, clip07.npy)")
+    os.remove(os.path.join(mels, "clip00.wav.pt"))
+    status, _, err = run_here(capsys, "-c", config)
+    assert status == 1 and err.startswith(f"error: {os.path.join(mels, 'clip00.wav.pt')}: mel file not found")
