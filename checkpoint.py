@@ -17,11 +17,14 @@ loaders delete it; so does `read_checkpoint`.
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import zipfile
 
 import torch
+
+from storage import write_atomically
 
 CHECKPOINT_PREFIX = "waveflow_"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
@@ -48,19 +51,45 @@ def list_checkpoints(folder: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def checkpoint_iteration(path: str) -> int | None:
+    """The iteration in a checkpoint's name (`waveflow_1200` -> 1200), None for another name."""
+    match = _CHECKPOINT_NAME.match(os.path.basename(path))
+    return int(match.group(1)) if match else None
+
+
+def rerun_checkpoint(run_dir: str, requested: str) -> str | None:
+    """The checkpoint that a rerun of an interrupted training command continues from: the newest
+    of its run folder, when `requested` (train_config.checkpoint_path) is empty or names an older
+    checkpoint of that folder. None when the folder holds none, or `requested` is to be used as
+    it is (a checkpoint from elsewhere, or the newest itself)."""
+    available = list_checkpoints(run_dir)
+    if not available:
+        return None
+    newest_iteration, newest = available[-1]
+    if not requested:
+        return newest
+    requested_iteration = checkpoint_iteration(requested)
+    same_folder = os.path.realpath(os.path.dirname(os.path.abspath(requested))) == os.path.realpath(run_dir)
+    if same_folder and requested_iteration is not None and requested_iteration < newest_iteration:
+        return newest
+    return None
+
+
 def save_checkpoint(path: str, *, model_state: dict, iteration: int, optimizer: torch.optim.Optimizer,
                     scheduler, learning_rate: float, config: dict, epoch: int, batch_in_epoch: int,
                     scaler: torch.amp.GradScaler | None = None) -> None:
-    """Write a checkpoint atomically: a crash leaves the previous file or the new one, never half of one."""
+    """Write a checkpoint atomically and durably: a crash, a kill or a full disk leaves the previous file
+    or the new one, never half of one. A failed write raises the OSError (ENOSPC, EACCES, EROFS, ...)."""
     checkpoint = {"model": model_state, "iteration": iteration, "optimizer": optimizer.state_dict(),
                   "scheduler": scheduler.state_dict(), "learning_rate": learning_rate, "config": config,
                   "epoch": epoch, "batch_in_epoch": batch_in_epoch}
     if scaler is not None and scaler.is_enabled():
         checkpoint["scaler"] = scaler.state_dict()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = path + ".partial"
-    torch.save(checkpoint, partial)
-    os.replace(partial, path)
+    # torch.save reports a failed file write as an opaque RuntimeError; serialized in memory and
+    # written here, a full disk is the OSError it is.
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    write_atomically(path, buffer.getbuffer())
 
 
 def read_checkpoint(path: str) -> dict:

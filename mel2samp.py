@@ -42,6 +42,7 @@ holding the whole clip's mel as a float32 tensor [n_mels, F].
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
@@ -55,6 +56,7 @@ from tqdm import tqdm
 from config import ConfigError, DataConfig, load_config
 from data import (LOG_FLOOR, MAX_WAV_VALUE, MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, audio_length,
                   load_audio, load_mel, mel_frame_count, read_file_list)
+from storage import write_atomically
 
 MODES = ("train", "eval", "synthesis")
 MEL_FRAME_TOLERANCE = 2  # frames a stored mel may differ from 1 + T // hop_length (other STFT paddings)
@@ -215,10 +217,9 @@ def write_mels(file_list: str, config_path: str, output_dir: str) -> int:
     for name, path in tqdm(outputs.items(), desc="mel", unit="file", disable=None):
         with torch.no_grad():
             mel = mel_spectrogram(load_audio(path, data.sampling_rate))  # [n_mels, F]
-        target = os.path.join(output_dir, name)
-        # Written beside the target and renamed, so an interrupted run never leaves a truncated file.
-        torch.save(mel.contiguous(), target + ".partial")
-        os.replace(target + ".partial", target)
+        buffer = io.BytesIO()
+        torch.save(mel.contiguous(), buffer)
+        write_atomically(os.path.join(output_dir, name), buffer.getbuffer(), durable=False)
     return len(outputs)
 
 
