@@ -241,8 +241,8 @@ def test_stored_mels_are_read_and_cropped_in_step_with_the_audio(tmp_path, corpu
     mel, audio = data[4]  # 1500 samples, zero-padded: its 6 frames, then silence
     assert torch.equal(mel[:, :6], stored[4]) and torch.all(mel[:, 6:] == np.log(1e-5))
     assert mel.shape == (80, frames) and audio.shape == (SEGMENT,)
-    evaluation = Mel2Samp(file_list=file_list, mode="eval", segment_length=SEGMENT, mel_directory=str(tmp_path / "mels"),
-                          **MEL_PARAMETERS)
+    evaluation = Mel2Samp(file_list=file_list, mode="eval", segment_length=SEGMENT,
+                          mel_directory=str(tmp_path / "mels"), **MEL_PARAMETERS)
     assert torch.equal(evaluation[1][0], stored[1][:, :frames])
     synthesis = Mel2Samp(file_list=file_list, mode="synthesis", segment_length=SEGMENT,
                          mel_directory=str(tmp_path / "mels"), **MEL_PARAMETERS)
