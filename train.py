@@ -265,7 +265,9 @@ def claim_run_folder(config: Config, args: argparse.Namespace, runtime: Runtime)
             remove_partial_files(samples_dir(config), contains="_iter")
             newest = None if args.warm_start or args.average_checkpoint else rerun_checkpoint(folder, start)
             if newest is not None:
-                print(f"{folder} holds this run's checkpoints: resuming from the newest, {os.path.basename(newest)}")
+                older = f" (not {start}: to go back to it, remove the newer ones)" if start else ""
+                print(f"{folder} holds this run's checkpoints: resuming from the newest, "
+                      f"{os.path.basename(newest)}{older}")
                 start = newest
         except OSError as error:
             failure = write_failure(folder, "the run folder", error)

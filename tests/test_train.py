@@ -149,7 +149,7 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(trained, tmp_path, capsys
     # The same command again names an older checkpoint of this run folder: it goes on from the newest.
     status, out, err = run_here(capsys, "-c", resumed)
     assert status == 0, err
-    assert "resuming from the newest, waveflow_6" in out and "nothing to train" in out
+    assert "resuming from the newest, waveflow_6 (not " in out and "nothing to train" in out
     # A checkpoint from elsewhere still wins; training from it would overwrite newer ones: refused.
     elsewhere = write_config(folder, "again.json", train_config__output_directory=output,
                              train_config__checkpoint_path=os.path.join(uninterrupted, "waveflow_2"))
