@@ -7,17 +7,28 @@ The layout is the original code's, so checkpoints go both ways: a dict
 order stands, for exact resumption) and `scaler` (mixed precision). Model
 weights keep the original names, including the `weight_g`/`weight_v` of weight
 norm; a `module.` prefix left by DataParallel is removed on reading.
+
+The original also leaves one entry in `model` that is no weight of the model:
+its training loop synthesizes a test clip at every checkpoint after the first,
+and for NanoFlow that synthesis stores the cached flow-embedding projections on
+the model as a parameter `h_cache` (`[n_flow, n_layer, 2 * res_channels, 1, 1]`),
+so every later checkpoint, the published ones included, holds it. Its own
+loaders delete it; so does `read_checkpoint`.
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import zipfile
 
 import torch
 
+from storage import write_atomically
+
 CHECKPOINT_PREFIX = "waveflow_"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+ORIGINAL_CACHE_ENTRIES = ("h_cache",)  # what the original leaves in `model` besides the weights
 
 
 class CheckpointError(ValueError):
@@ -40,23 +51,50 @@ def list_checkpoints(folder: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def checkpoint_iteration(path: str) -> int | None:
+    """The iteration in a checkpoint's name (`waveflow_1200` -> 1200), None for another name."""
+    match = _CHECKPOINT_NAME.match(os.path.basename(path))
+    return int(match.group(1)) if match else None
+
+
+def rerun_checkpoint(run_dir: str, requested: str) -> str | None:
+    """The checkpoint that a rerun of an interrupted training command continues from: the newest
+    of its run folder, when `requested` (train_config.checkpoint_path) is empty or names an older
+    checkpoint of that folder. None when the folder holds none, or `requested` is to be used as
+    it is (a checkpoint from elsewhere, or the newest itself)."""
+    available = list_checkpoints(run_dir)
+    if not available:
+        return None
+    newest_iteration, newest = available[-1]
+    if not requested:
+        return newest
+    requested_iteration = checkpoint_iteration(requested)
+    same_folder = os.path.realpath(os.path.dirname(os.path.abspath(requested))) == os.path.realpath(run_dir)
+    if same_folder and requested_iteration is not None and requested_iteration < newest_iteration:
+        return newest
+    return None
+
+
 def save_checkpoint(path: str, *, model_state: dict, iteration: int, optimizer: torch.optim.Optimizer,
                     scheduler, learning_rate: float, config: dict, epoch: int, batch_in_epoch: int,
                     scaler: torch.amp.GradScaler | None = None) -> None:
-    """Write a checkpoint atomically: a crash leaves the previous file or the new one, never half of one."""
+    """Write a checkpoint atomically and durably: a crash, a kill or a full disk leaves the previous file
+    or the new one, never half of one. A failed write raises the OSError (ENOSPC, EACCES, EROFS, ...)."""
     checkpoint = {"model": model_state, "iteration": iteration, "optimizer": optimizer.state_dict(),
                   "scheduler": scheduler.state_dict(), "learning_rate": learning_rate, "config": config,
                   "epoch": epoch, "batch_in_epoch": batch_in_epoch}
     if scaler is not None and scaler.is_enabled():
         checkpoint["scaler"] = scaler.state_dict()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = path + ".partial"
-    torch.save(checkpoint, partial)
-    os.replace(partial, path)
+    # torch.save reports a failed file write as an opaque RuntimeError; serialized in memory and
+    # written here, a full disk is the OSError it is.
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    write_atomically(path, buffer.getbuffer())
 
 
 def read_checkpoint(path: str) -> dict:
-    """Read a checkpoint (ours or the original's) with the model weights' `module.` prefix removed."""
+    """Read a checkpoint (ours or the original's) with the model weights' `module.` prefix and the
+    original's `h_cache` removed."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: checkpoint not found")
     if os.path.isdir(path):
@@ -71,7 +109,9 @@ def read_checkpoint(path: str) -> dict:
                               f"of tensors, numbers and strings are read, never pickled code") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise CheckpointError(f"{path}: not a NanoFlow checkpoint (no 'model' weights)")
-    state = checkpoint["model"]
+    state = {name: value for name, value in checkpoint["model"].items()
+             if name.removeprefix("module.") not in ORIGINAL_CACHE_ENTRIES}
+    checkpoint["model"] = state
     if state and all(key.startswith("module.") for key in state):
         checkpoint["model"] = {key[len("module."):]: value for key, value in state.items()}
     return checkpoint

@@ -6,6 +6,10 @@ same keys and meanings. Every section rejects unknown and missing keys with a
 ``ValueError`` that names the section and the key, so a misspelt key never
 silently falls back to a default. The original wrote booleans as the strings
 ``"True"``/``"False"``; both those and real JSON booleans are accepted.
+
+A command reads only the sections it uses (``load_config(path, sections)``:
+``mel2samp.py`` needs only ``data_config``), and the commands that run the
+model check the rules between sections (``check_model_rules``).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import typing
 from dataclasses import dataclass, field
 
 COUPLING_TYPES = ("waveflow", "nanoflow_naive", "nanoflow_decomp", "nanoflow")
+UPSAMPLE_FACTOR = 256  # the model's two transposed convs of stride 16: one mel frame per 256 samples
 
 
 class ConfigError(ValueError):
@@ -129,6 +134,7 @@ class DataConfig:
     n_mel_channels: int = 80
     num_workers: int = 2
     dequantize: bool = False
+    mel_directory: str = ""
 
     def __post_init__(self):
         s = "data_config"
@@ -184,11 +190,14 @@ class DistConfig:
 
 @dataclass
 class Config:
-    train: TrainConfig
-    data: DataConfig
-    waveflow: WaveFlowConfig
+    """The parsed sections; a section the command did not ask for (`load_config`) is None."""
+
+    train: TrainConfig | None = None
+    data: DataConfig | None = None
+    waveflow: WaveFlowConfig | None = None
     dist: DistConfig = field(default_factory=DistConfig)
     raw: dict = field(default_factory=dict)  # the JSON as read, stored in checkpoints
+    source: str = "config"  # the file name, which every error names
 
 
 SECTIONS = {
@@ -199,13 +208,18 @@ SECTIONS = {
 }
 
 
-def config_from_dict(raw: dict, source: str = "config") -> Config:
-    """Parse a whole config dict; `source` (usually the file name) prefixes every error."""
+MODEL_SECTIONS = ("train_config", "data_config", "waveflow_config", "dist_config")
+
+
+def config_from_dict(raw: dict, source: str = "config", sections: tuple[str, ...] = MODEL_SECTIONS) -> Config:
+    """Parse the `sections` of a config dict (the others are neither read nor checked; `dist_config`
+    may be absent); `source` (usually the file name) prefixes every error."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a JSON object")
     _reject_unknown(raw, list(SECTIONS), source, "section")
     parsed = {}
-    for section, (name, cls) in SECTIONS.items():
+    for section in sections:
+        name, cls = SECTIONS[section]
         if section not in raw:
             if section == "dist_config":
                 continue
@@ -214,11 +228,31 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
             parsed[name] = parse_section(cls, raw[section], section)
         except ConfigError as error:
             raise ConfigError(f"{source}: {error}") from None
-    return Config(raw=raw, **parsed)
+    return Config(raw=raw, source=source, **parsed)
 
 
-def load_config(path: str) -> Config:
-    """Read and validate a JSON config file."""
+def check_model_rules(config: Config, training: bool) -> None:
+    """The rules between keys of different sections that running the model needs, each refused in one
+    line naming both keys; `training` adds those of the training crops."""
+    data, model = config.data, config.waveflow
+    where = f"{config.source}: "
+    _require(data.n_mel_channels == model.cin_channels,
+             f"{where}data_config.n_mel_channels ({data.n_mel_channels}) and waveflow_config.cin_channels "
+             f"({model.cin_channels}) must be equal: the model reads every band of the mel")
+    _require(data.hop_length == UPSAMPLE_FACTOR,
+             f"{where}data_config.hop_length must be {UPSAMPLE_FACTOR}, got {data.hop_length}: the model's upsampler "
+             f"turns each mel frame into {UPSAMPLE_FACTOR} samples")
+    _require(data.hop_length % model.n_height == 0,
+             f"{where}waveflow_config.n_height ({model.n_height}) must divide data_config.hop_length "
+             f"({data.hop_length}): synthesis makes hop_length samples per mel frame, in columns of n_height")
+    if training:
+        _require(data.segment_length % model.n_height == 0,
+                 f"{where}data_config.segment_length ({data.segment_length}) must be a multiple of "
+                 f"waveflow_config.n_height ({model.n_height}): the model folds the audio into n_height rows")
+
+
+def load_config(path: str, sections: tuple[str, ...] = MODEL_SECTIONS) -> Config:
+    """Read a JSON config file and validate its `sections`."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: config file not found")
     with open(path) as f:
@@ -226,4 +260,4 @@ def load_config(path: str) -> Config:
             raw = json.load(f)
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}: not valid JSON ({error})") from None
-    return config_from_dict(raw, source=path)
+    return config_from_dict(raw, source=path, sections=sections)

@@ -122,13 +122,8 @@ def read_file_list(list_path: str) -> list[str]:
     return paths
 
 
-def load_mel(path: str, n_mel_channels: int = 80) -> torch.Tensor:
-    """A saved mel spectrogram as mel [n_mels, F] float32.
-
-    Reads ``.pt`` files written by ``mel2samp.py`` (or any ``torch.save`` of a
-    tensor) and ``.npy`` files. A leading batch dimension of 1, as a Tacotron 2
-    model's output has, is dropped.
-    """
+def _read_mel(path: str, n_mel_channels: int, mmap: bool):
+    """A mel file's array [n_mels, F], its shape checked; with `mmap` only what the header says is read."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: mel file not found")
     extension = os.path.splitext(path)[1].lower()
@@ -136,23 +131,44 @@ def load_mel(path: str, n_mel_channels: int = 80) -> torch.Tensor:
         raise DataError(f"{path}: unknown mel file type '{extension}', expected one of "
                         f"{', '.join(MEL_FILE_EXTENSIONS)}")
     try:
-        if extension == ".pt":
-            mel = torch.load(path, map_location="cpu", weights_only=True)
+        if extension == ".npy":
+            mel = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
         else:
-            mel = np.load(path, allow_pickle=False)
+            try:
+                mel = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                mel = torch.load(path, map_location="cpu", weights_only=True)  # a file in torch's legacy format
     except Exception as error:  # torch.load and np.load raise many types for a damaged file
         reason = " ".join(str(error).split()) or type(error).__name__
         raise DataError(f"{path}: cannot read mel ({reason})") from None
-    if isinstance(mel, np.ndarray):
-        mel = torch.from_numpy(mel)
-    if not isinstance(mel, torch.Tensor):
+    if not isinstance(mel, (np.ndarray, torch.Tensor)):
         raise DataError(f"{path}: expected a tensor, found {type(mel).__name__}")
-    if mel.dim() == 3 and mel.shape[0] == 1:
+    if mel.ndim == 3 and mel.shape[0] == 1:
         mel = mel[0]
-    if mel.dim() != 2 or mel.shape[0] != n_mel_channels or mel.shape[1] == 0:
-        transposed = mel.dim() == 2 and mel.shape[1] == n_mel_channels
+    if mel.ndim != 2 or mel.shape[0] != n_mel_channels or mel.shape[1] == 0:
+        transposed = mel.ndim == 2 and mel.shape[1] == n_mel_channels
         hint = " (transposed? the mel channels come first)" if transposed else ""
         raise DataError(f"{path}: mel has shape {list(mel.shape)}, expected [{n_mel_channels}, frames]{hint}")
+    return mel
+
+
+def mel_frame_count(path: str, n_mel_channels: int = 80) -> int:
+    """The number of frames of a saved mel [n_mels, F], read without loading the values."""
+    return int(_read_mel(path, n_mel_channels, mmap=True).shape[1])
+
+
+def load_mel(path: str, n_mel_channels: int = 80) -> torch.Tensor:
+    """A saved mel spectrogram as mel [n_mels, F] float32.
+
+    Reads ``.pt`` files written by ``mel2samp.py`` (or any ``torch.save`` of a
+    tensor) and ``.npy`` files. A leading batch dimension of 1, as a Tacotron 2
+    model's output has, is dropped.
+    """
+    mel = _read_mel(path, n_mel_channels, mmap=False)
+    if isinstance(mel, np.ndarray):
+        mel = torch.from_numpy(mel)
     if not mel.is_floating_point():
         raise DataError(f"{path}: mel has dtype {mel.dtype}, expected a floating point log-mel")
     mel = mel.float()

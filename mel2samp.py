@@ -18,6 +18,17 @@ is ``(mel [n_mels, F], audio [T])`` with ``F = 1 + T // hop_length``:
 - ``mode="synthesis"``: the mel of the whole clip (exactly what the command below
   writes and what Tacotron 2 is trained on) and the clip cut to
   ``hop_length * (F - 1)`` samples, a whole number of frames.
+- ``mel_directory``: fine-tuning on an acoustic model's own mels (ground-truth
+  aligned, from teacher forcing), HiFi-GAN's convention. Each clip's mel is read
+  from ``<mel_directory>/<audio file name>.pt`` (or ``.npy``, or the file name
+  without its extension: ``LJ001-0001.npy``) instead of computed. The mel of a
+  clip of T samples should have ``1 + T // hop_length`` frames; up to
+  ``MEL_FRAME_TOLERANCE`` more or fewer are cut or repeat the last frame, more is
+  an error naming both files. Training crops then start on a frame
+  (``start = hop_length * f``) and take frames ``f .. f + segment_length //
+  hop_length``, the frames the crop's own mel would have; past the end of a
+  clip shorter than a segment (zero-padded audio) the mel is silence,
+  ``log(1e-5)``.
 
 The mel is computed per item on the CPU in ``__getitem__``, so DataLoader workers
 compute it in parallel with the training step; one 16000-sample crop costs about
@@ -31,6 +42,8 @@ holding the whole clip's mel as a float32 tensor [n_mels, F].
 from __future__ import annotations
 
 import argparse
+import io
+import math
 import os
 import sys
 
@@ -41,9 +54,12 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from config import ConfigError, DataConfig, load_config
-from data import MAX_WAV_VALUE, DataError, MelSpectrogram, audio_length, load_audio, read_file_list
+from data import (LOG_FLOOR, MAX_WAV_VALUE, MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, audio_length,
+                  load_audio, load_mel, mel_frame_count, read_file_list)
+from storage import write_atomically
 
 MODES = ("train", "eval", "synthesis")
+MEL_FRAME_TOLERANCE = 2  # frames a stored mel may differ from 1 + T // hop_length (other STFT paddings)
 
 
 class Mel2Samp(Dataset):
@@ -51,7 +67,7 @@ class Mel2Samp(Dataset):
 
     def __init__(self, *, file_list: str, mode: str, segment_length: int, sampling_rate: int,
                  filter_length: int, hop_length: int, win_length: int, mel_fmin: float, mel_fmax: float,
-                 n_mel_channels: int = 80, seed: int = 1234, dequantize: bool = False):
+                 n_mel_channels: int = 80, seed: int = 1234, dequantize: bool = False, mel_directory: str = ""):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         if segment_length <= filter_length // 2:
@@ -61,6 +77,7 @@ class Mel2Samp(Dataset):
         self.segment_length = segment_length
         self.sampling_rate = sampling_rate
         self.hop_length = hop_length
+        self.n_mel_channels = n_mel_channels
         self.seed = seed
         self.dequantize = dequantize
         self.epoch = 0
@@ -75,6 +92,28 @@ class Mel2Samp(Dataset):
                 if length <= filter_length // 2:
                     raise DataError(f"{path}: clip of {length} samples is too short to synthesise "
                                     f"(need more than {filter_length // 2})")
+        self.mel_files = self._find_mels(mel_directory) if mel_directory else None
+
+    def _find_mels(self, mel_directory: str) -> list[str]:
+        """The stored mel of every clip, each checked against its clip's length before any work."""
+        if not os.path.isdir(mel_directory):
+            raise DataError(f"{mel_directory}: mel_directory not found")
+        found = []
+        for audio_path, length in zip(self.files, self.lengths):
+            name = os.path.basename(audio_path)
+            candidates = [os.path.join(mel_directory, base + extension)
+                          for base in (name, os.path.splitext(name)[0]) for extension in MEL_FILE_EXTENSIONS]
+            mel_path = next((path for path in candidates if os.path.isfile(path)), None)
+            if mel_path is None:
+                raise DataError(f"{candidates[0]}: mel file not found (the mel of {audio_path}; also looked for "
+                                f"{', '.join(os.path.basename(path) for path in candidates[1:])})")
+            frames, expected = mel_frame_count(mel_path, self.n_mel_channels), 1 + length // self.hop_length
+            if abs(frames - expected) > MEL_FRAME_TOLERANCE:
+                raise DataError(f"{mel_path}: mel has {frames} frames, its audio {audio_path} ({length} samples) "
+                                f"has {expected} (1 + samples // hop_length {self.hop_length}); "
+                                f"not the mel of that clip, or made with another hop length?")
+            found.append(mel_path)
+        return found
 
     @classmethod
     def from_config(cls, data: DataConfig, *, mode: str, seed: int = 1234,
@@ -86,7 +125,7 @@ class Mel2Samp(Dataset):
                    sampling_rate=data.sampling_rate, filter_length=data.filter_length,
                    hop_length=data.hop_length, win_length=data.win_length, mel_fmin=data.mel_fmin,
                    mel_fmax=data.mel_fmax, n_mel_channels=data.n_mel_channels, seed=seed,
-                   dequantize=data.dequantize)
+                   dequantize=data.dequantize, mel_directory=data.mel_directory)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose crops `__getitem__` returns; call before iterating a DataLoader.
@@ -100,24 +139,44 @@ class Mel2Samp(Dataset):
         return len(self.files)
 
     def crop_start(self, index: int) -> int:
-        """First sample of item `index`'s segment: random in training, a function of (seed, epoch, index)."""
+        """First sample of item `index`'s segment: random in training, a function of (seed, epoch, index);
+        with stored mels, the first sample of a frame."""
         max_start = self.lengths[index] - self.segment_length
         if self.mode != "train" or max_start <= 0:
             return 0
         # A generator per item, rather than one per worker, is what makes crops independent of worker count.
         generator = np.random.default_rng([self.seed % 2**64, self.epoch, index])
+        if self.mel_files:
+            return self.hop_length * int(generator.integers(0, max_start // self.hop_length + 1))
         return int(generator.integers(0, max_start + 1))
+
+    def stored_mel(self, index: int, first: int = 0, count: int | None = None) -> torch.Tensor:
+        """Frames `first .. first + count - 1` of item `index`'s stored mel -> mel [n_mels, count],
+        fitted to `1 + T // hop_length` frames for its T samples and silence past them."""
+        mel = load_mel(self.mel_files[index], self.n_mel_channels)  # [n_mels, F']
+        frames = 1 + self.lengths[index] // self.hop_length
+        if mel.shape[1] < frames:  # a frame or two short: repeat the last
+            mel = torch.cat([mel, mel[:, -1:].expand(-1, frames - mel.shape[1])], dim=1)
+        mel = mel[:, :frames]  # [n_mels, F]
+        if count is None:
+            return mel
+        mel = mel[:, first:first + count]
+        return F.pad(mel, (0, count - mel.shape[1]), value=math.log(LOG_FLOOR))  # [n_mels, count]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (mel [n_mels, F], audio [T]) with F = 1 + T // hop_length in training and evaluation."""
         path = self.files[index]
         if self.mode == "synthesis":
             audio = load_audio(path, self.sampling_rate)  # [T]
-            mel = self.mel(audio)  # [n_mels, 1 + T // hop]
+            mel = self.stored_mel(index) if self.mel_files else self.mel(audio)  # [n_mels, 1 + T // hop]
             return mel, audio[: self.hop_length * (mel.shape[-1] - 1)]
-        audio = load_audio(path, self.sampling_rate, start=self.crop_start(index), length=self.segment_length)
+        start = self.crop_start(index)
+        audio = load_audio(path, self.sampling_rate, start=start, length=self.segment_length)
         audio = F.pad(audio, (0, self.segment_length - audio.shape[0]))  # [segment_length]
-        mel = self.mel(audio)
+        if self.mel_files:
+            mel = self.stored_mel(index, start // self.hop_length, 1 + self.segment_length // self.hop_length)
+        else:
+            mel = self.mel(audio)
         if self.dequantize:
             epoch = self.epoch if self.mode == "train" else 0
             generator = np.random.default_rng([self.seed % 2**64, epoch, index, 1])
@@ -143,7 +202,7 @@ def mel_file_name(audio_path: str) -> str:
 
 def write_mels(file_list: str, config_path: str, output_dir: str) -> int:
     """Write the mel [n_mels, F] of every clip in `file_list` to `output_dir`; returns the number written."""
-    data = load_config(config_path).data
+    data = load_config(config_path, sections=("data_config",)).data
     paths = read_file_list(file_list)
     outputs = {}
     for path in paths:
@@ -158,10 +217,9 @@ def write_mels(file_list: str, config_path: str, output_dir: str) -> int:
     for name, path in tqdm(outputs.items(), desc="mel", unit="file", disable=None):
         with torch.no_grad():
             mel = mel_spectrogram(load_audio(path, data.sampling_rate))  # [n_mels, F]
-        target = os.path.join(output_dir, name)
-        # Written beside the target and renamed, so an interrupted run never leaves a truncated file.
-        torch.save(mel.contiguous(), target + ".partial")
-        os.replace(target + ".partial", target)
+        buffer = io.BytesIO()
+        torch.save(mel.contiguous(), buffer)
+        write_atomically(os.path.join(output_dir, name), buffer.getbuffer(), durable=False)
     return len(outputs)
 
 

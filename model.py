@@ -26,7 +26,6 @@ from torch.utils.checkpoint import checkpoint
 from config import WaveFlowConfig, parse_section
 from modules import FlowEmbedding, ProjLogST, WaveNet2D, WeightNormMixin, WNConvTranspose2d, shift_1d
 
-UPSAMPLE_FACTOR = 256  # two transposed convs of stride 16: one mel frame per 256 samples (the STFT hop)
 SYNTHESIS_TRIM = 768   # samples dropped at the end in synthesis, as the original did (3 frames)
 
 

@@ -1,6 +1,6 @@
 """Train, evaluate and synthesize with WaveFlow / NanoFlow, driven by the original's JSON configs.
 
-    python train.py -c configs/nanoflow-h16-r128-emb512.json   # train (resumes from checkpoint_path)
+    python train.py -c configs/nanoflow-h16-r128-emb512.json   # train (again: resumes from the newest checkpoint)
     python train.py -v -c config.json                            # test-set log-likelihood on full clips
     python train.py -s -c config.json [-t 0.8]                   # synthesize the test clips
     python train.py -s --mels mels/ -c config.json               # synthesize precomputed mels (.pt, .npy)
@@ -9,11 +9,16 @@
     torchrun --nproc_per_node=N train.py -c config.json          # DistributedDataParallel, one GPU per process
 
 `main` dispatches to `train`, `evaluate` and `synthesize`; bad input ends the
-command with a one-line `error:` message and exit status 1.
+command with a one-line `error:` message and exit status 1. Training survives
+what long runs meet: the same command after a crash or a preemption resumes
+from the run folder's newest checkpoint; one process at a time trains into a
+run folder; a full disk ends it in one line naming the newest intact
+checkpoint, failing logs or samples are warnings (see storage.py).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -28,11 +33,13 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from checkpoint import (CheckpointError, average_checkpoints, checkpoint_path, list_checkpoints, load_checkpoint,
-                        load_weights, read_checkpoint, save_checkpoint, warm_start)
-from config import Config, ConfigError, load_config
+                        load_weights, read_checkpoint, rerun_checkpoint, save_checkpoint, warm_start)
+from config import Config, ConfigError, check_model_rules, load_config
 from data import MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, load_mel
 from mel2samp import Mel2Samp, collate
 from model import WaveFlow, build_model, negative_log_likelihood
+from storage import (RunLock, StorageError, TrainingLogs, describe, remove_partial_files, warn,
+                     write_atomically)
 
 
 class TrainingStopped(RuntimeError):
@@ -55,10 +62,6 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -230,11 +233,63 @@ def train_step(model: torch.nn.Module, batch, optimizer, scheduler, scaler, runt
             "learning_rate": optimizer.param_groups[0]["lr"], "samples": audio.numel() * runtime.world_size}
 
 
-def restore(model: WaveFlow, optimizer, scheduler, scaler, config: Config, args,
+def write_failure(folder: str, what: str, error: OSError) -> StorageError:
+    """A failed write in the run folder, as one line naming the folder and the newest intact checkpoint."""
+    available = list_checkpoints(folder)
+    return StorageError(f"{folder}: cannot write {what} ({describe(error)}); the newest intact checkpoint is "
+                        f"{available[-1][1] if available else 'none'}")
+
+
+def write_on_main(write, what: str, folder: str, runtime: Runtime) -> None:
+    """Rank 0 calls `write()`; a failed write (full disk, unwritable folder) stops every rank."""
+    failure = None
+    if runtime.is_main:
+        try:
+            write()
+        except OSError as error:
+            failure = write_failure(folder, what, error)
+    if _global_any(failure is not None, runtime):
+        raise failure or StorageError(f"{folder}: rank 0 could not write {what}; training stopped")
+
+
+def claim_run_folder(config: Config, args: argparse.Namespace, runtime: Runtime) -> tuple[RunLock | None, str]:
+    """Rank 0 locks the run folder and removes the partial files a killed run left. Returns the lock
+    and the checkpoint that every rank starts from: checkpoint_path or, when the same command runs
+    again after an interruption, the newest checkpoint of the run folder."""
+    folder, start = run_dir(config), config.train.checkpoint_path
+    lock, failure = None, None
+    if runtime.is_main:
+        try:
+            lock = RunLock(folder)
+            remove_partial_files(folder)
+            remove_partial_files(samples_dir(config), contains="_iter")
+            newest = None if args.warm_start or args.average_checkpoint else rerun_checkpoint(folder, start)
+            if newest is not None:
+                older = f" (not {start}: to go back to it, remove the newer ones)" if start else ""
+                print(f"{folder} holds this run's checkpoints: resuming from the newest, "
+                      f"{os.path.basename(newest)}{older}")
+                start = newest
+        except OSError as error:
+            failure = write_failure(folder, "the run folder", error)
+        except StorageError as error:
+            failure = error
+    if runtime.distributed:  # every rank starts from rank 0's choice, or stops with it
+        shared = [start, None if failure is None else str(failure)]
+        dist.broadcast_object_list(shared, src=0)
+        start, message = shared
+        if message is not None and failure is None:
+            failure = StorageError(f"rank 0 cannot train: {message}")
+    if failure is not None:
+        if lock is not None:
+            lock.release()
+        raise failure
+    return lock, start
+
+
+def restore(model: WaveFlow, optimizer, scheduler, scaler, path: str, args,
             verbose: bool) -> tuple[int, int, int]:
-    """Load what checkpoint_path asks for; returns `(iteration, epoch, batch_in_epoch)` to start from
-    (epoch -1 when the checkpoint does not record it)."""
-    path = config.train.checkpoint_path
+    """Load what checkpoint `path` (or with -a the folder) asks for; returns `(iteration, epoch,
+    batch_in_epoch)` to start from (epoch -1 when the checkpoint does not record it)."""
     if not path:
         return 0, 0, 0
     if not (args.warm_start or args.average_checkpoint):
@@ -257,13 +312,24 @@ def restore(model: WaveFlow, optimizer, scheduler, scaler, config: Config, args,
 
 
 def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
+    """Train into the run folder, which rank 0 holds locked until the run ends."""
+    lock, start = claim_run_folder(config, args, runtime)
+    try:
+        train_from(start, config, args, runtime)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
+    """The training loop, from checkpoint `start` (none when empty)."""
     tc, dc = config.train, config.data
     torch.manual_seed(tc.seed)
     model = build_model(config.waveflow).to(runtime.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=tc.lr_decay_step, gamma=tc.lr_decay_gamma)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
-    iteration, start_epoch, batch_in_epoch = restore(model, optimizer, scheduler, scaler, config, args, runtime.is_main)
+    iteration, start_epoch, batch_in_epoch = restore(model, optimizer, scheduler, scaler, start, args, runtime.is_main)
 
     train_set = Mel2Samp.from_config(dc, mode="train", seed=tc.seed)
     report = CheckpointReport(config, runtime) if runtime.is_main else None
@@ -277,12 +343,12 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
     newer = [path for it, path in list_checkpoints(folder) if it > iteration]
     if newer:
         raise CheckpointError(f"{folder} already holds checkpoints after iteration {iteration} "
-                              f"({os.path.basename(newer[-1])}); training would overwrite them. Resume from the "
-                              f"newest (train_config.checkpoint_path), or choose another output_directory or model_name")
-    if runtime.is_main:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(config.raw, f, indent=4)
+                              f"({os.path.basename(newer[-1])}); training would overwrite them. To go on with that "
+                              f"run, resume from {newer[-1]} (--checkpoint_path, without -w or -a); or choose "
+                              f"another output_directory or model_name")
+    config_copy = json.dumps(config.raw, indent=4).encode()
+    write_on_main(lambda: write_atomically(os.path.join(folder, "config.json"), config_copy), "config.json", folder,
+                  runtime)
 
     if runtime.distributed:
         wrapped = torch.nn.parallel.DistributedDataParallel(
@@ -291,22 +357,23 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
         wrapped = torch.nn.DataParallel(model)
     else:
         wrapped = model
-    writer = None
-    if runtime.is_main and tc.with_tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(folder, "logs"))
 
     def save(at_iteration: int, at_epoch: int, at_batch: int) -> None:
-        if runtime.is_main:
-            if at_batch == sampler.batches_per_epoch:
-                at_epoch, at_batch = at_epoch + 1, 0
-            save_checkpoint(checkpoint_path(folder, at_iteration), model_state=model.state_dict(),
-                            iteration=at_iteration, optimizer=optimizer, scheduler=scheduler,
-                            learning_rate=tc.learning_rate, config=config.raw, epoch=at_epoch,
-                            batch_in_epoch=at_batch, scaler=scaler)
-            print(f"saved {checkpoint_path(folder, at_iteration)}")
+        path = checkpoint_path(folder, at_iteration)
+        if at_batch == sampler.batches_per_epoch:
+            at_epoch, at_batch = at_epoch + 1, 0
 
-    total = tc.epochs * sampler.batches_per_epoch
+        def write() -> None:
+            save_checkpoint(path, model_state=model.state_dict(), iteration=at_iteration, optimizer=optimizer,
+                            scheduler=scheduler, learning_rate=tc.learning_rate, config=config.raw,
+                            epoch=at_epoch, batch_in_epoch=at_batch, scaler=scaler)
+            print(f"saved {path}")
+
+        write_on_main(write, f"checkpoint {os.path.basename(path)}", folder, runtime)
+
+    # A warm start counts epochs from 0 while its iterations go on from the source's numbering.
+    first_iteration = iteration - (start_epoch * sampler.batches_per_epoch + batch_in_epoch)
+    total = first_iteration + tc.epochs * sampler.batches_per_epoch
     if tc.max_iterations:
         total = min(total, tc.max_iterations)
     if iteration >= total:
@@ -314,6 +381,7 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
             print(f"nothing to train: the run is at iteration {iteration}, its end is iteration {total} "
                   f"(train_config.epochs, max_iterations)")
         return
+    logs = TrainingLogs(os.path.join(folder, "logs")) if runtime.is_main and tc.with_tensorboard else None
     stop = StopRequest()
     bad_steps, saved_at = 0, iteration
     position = (start_epoch, batch_in_epoch)  # (epoch, batches done in it) after the last step
@@ -343,14 +411,14 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
                     speed = metrics["samples"] / (time.perf_counter() - started) / 1000
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", kHz=f"{speed:.1f}", refresh=False)
                     progress.update()
-                    if writer is not None:
+                    if logs is not None:
                         for key in ("loss", "grad_norm", "learning_rate"):
-                            writer.add_scalar(f"training/{key}", metrics[key], iteration)
+                            logs.add("scalar", f"training/{key}", metrics[key], iteration)
                 if iteration % tc.iters_per_checkpoint == 0 and bad_steps == 0:  # never save mid-divergence
                     save(iteration, epoch, batch_in_epoch)
                     saved_at = iteration
                     if report is not None:
-                        report(model, writer, iteration, args.temp)
+                        report(model, logs, iteration, args.temp)
                     if runtime.distributed:
                         dist.barrier()
                     model.train()
@@ -366,7 +434,7 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
         if saved_at != iteration:
             save(iteration, *position)
             if report is not None:
-                report(model, writer, iteration, args.temp)
+                report(model, logs, iteration, args.temp)
         if runtime.is_main:
             progress.close()
             print(f"training finished at iteration {iteration}.\n"
@@ -377,8 +445,8 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
     finally:
         stop.restore()
         progress.close()
-        if writer is not None:
-            writer.close()
+        if logs is not None:
+            logs.close()
 
 
 # ----------------------------------------------------------------------------- evaluation and samples
@@ -409,7 +477,7 @@ class CheckpointReport:
         self.clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
         self.mel_spectrogram = MelSpectrogram.from_config(config.data)
 
-    def __call__(self, model: WaveFlow, writer, iteration: int, temperature: float) -> None:
+    def __call__(self, model: WaveFlow, logs: TrainingLogs | None, iteration: int, temperature: float) -> None:
         config, runtime = self.config, self.runtime
         loss, _ = test_loss(model, self.eval_set, runtime, config.train.sigma, config.train.batch_size)
         print(f"iteration {iteration}: test loss {loss:.4f}")
@@ -417,11 +485,15 @@ class CheckpointReport:
         generator = torch.Generator(device=runtime.device).manual_seed(config.train.seed)
         audio = model.infer(mel[None].to(runtime.device), sigma=temperature, generator=generator)[0].cpu()
         rate = config.data.sampling_rate
-        write_wav(os.path.join(samples_dir(config), f"{stem(self.clips.files[0])}_iter{iteration}.wav"), audio, rate)
-        if writer is not None:
-            writer.add_scalar("eval/loss", loss, iteration)
-            writer.add_audio("eval/sample", audio.clamp(-1, 1), iteration, sample_rate=rate)
-            writer.add_figure("eval/mel", mel_figure(self.mel_spectrogram(audio), mel), iteration)
+        path = os.path.join(samples_dir(config), f"{stem(self.clips.files[0])}_iter{iteration}.wav")
+        try:
+            write_wav(path, audio, rate)
+        except OSError as error:
+            warn(f"{path}: cannot write the sample ({describe(error)}); training goes on")
+        if logs is not None:
+            logs.add("scalar", "eval/loss", loss, iteration)
+            logs.add("audio", "eval/sample", audio.clamp(-1, 1), iteration, sample_rate=rate)
+            logs.add("figure", "eval/mel", mel_figure(self.mel_spectrogram(audio), mel), iteration)
 
 
 def mel_figure(synthesized: torch.Tensor, target: torch.Tensor):
@@ -437,12 +509,11 @@ def mel_figure(synthesized: torch.Tensor, target: torch.Tensor):
 
 
 def write_wav(path: str, audio: torch.Tensor, sampling_rate: int) -> None:
-    """16-bit PCM, written beside the target and renamed so no half-written file is left behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """16-bit PCM, written atomically: a failed write (OSError) leaves no half-written file."""
     pcm = (audio.clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16).numpy()
-    partial = path + ".partial"
-    soundfile.write(partial, pcm, sampling_rate, subtype="PCM_16", format="WAV")
-    os.replace(partial, path)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, pcm, sampling_rate, subtype="PCM_16", format="WAV")
+    write_atomically(path, buffer.getbuffer(), durable=False)
 
 
 def stem(path: str) -> str:
@@ -463,10 +534,11 @@ def evaluate(config: Config, args: argparse.Namespace, runtime: Runtime) -> None
 
 
 def synthesis_inputs(config: Config, args: argparse.Namespace):
-    """`(name, mel [80, F])` for every clip to synthesize: the mels given with --mels, or the test list's."""
+    """`(name, source file, read mel [80, F])` for every clip to synthesize: the mels given with --mels,
+    or the test list's."""
     if not args.mels:
         clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
-        return [(stem(path), lambda index=index: clips[index][0]) for index, path in enumerate(clips.files)]
+        return [(stem(path), path, lambda index=index: clips[index][0]) for index, path in enumerate(clips.files)]
     files = []
     for path in args.mels:
         if os.path.isdir(path):
@@ -476,7 +548,7 @@ def synthesis_inputs(config: Config, args: argparse.Namespace):
             files.append(path)
     if not files:
         raise DataError(f"{', '.join(args.mels)}: no mel files (.pt, .npy) found")
-    return [(stem(path), lambda path=path: load_mel(path, config.data.n_mel_channels)) for path in files]
+    return [(stem(path), path, lambda path=path: load_mel(path, config.data.n_mel_channels)) for path in files]
 
 
 def synthesize(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
@@ -486,10 +558,10 @@ def synthesize(config: Config, args: argparse.Namespace, runtime: Runtime) -> No
         model = model.to(runtime.amp_dtype)
     folder = samples_dir(config)
     rate = config.data.sampling_rate
-    for name, read_mel in inputs:
+    for name, source, read_mel in inputs:
         mel = read_mel()
         if mel.shape[-1] <= 3:
-            raise DataError(f"{name}: a mel of {mel.shape[-1]} frames is too short to synthesize (need at least 4)")
+            raise DataError(f"{source}: a mel of {mel.shape[-1]} frames is too short to synthesize (need at least 4)")
         if runtime.device.type == "cuda":
             torch.cuda.synchronize(runtime.device)
         started = time.perf_counter()
@@ -498,7 +570,10 @@ def synthesize(config: Config, args: argparse.Namespace, runtime: Runtime) -> No
             torch.cuda.synchronize(runtime.device)
         elapsed = time.perf_counter() - started
         path = os.path.join(folder, f"{name}_synthesis.wav")
-        write_wav(path, audio.float().cpu(), rate)
+        try:
+            write_wav(path, audio.float().cpu(), rate)
+        except OSError as error:
+            raise StorageError(f"{path}: cannot write ({describe(error)})") from None
         seconds = audio.shape[-1] / rate
         print(f"{path}: {seconds:.2f} s of audio in {elapsed:.2f} s, {audio.shape[-1] / elapsed / 1000:.1f} kHz, "
               f"{seconds / elapsed:.2f}x real time")
@@ -515,14 +590,18 @@ def main(argv: list[str] | None = None) -> int:
             config.train.checkpoint_path = args.checkpoint_path
         if args.max_iterations is not None:
             config.train.max_iterations = args.max_iterations
+        check_model_rules(config, training=not (args.synthesize or args.evaluate))
         runtime = setup_runtime(config, args.device)
         if args.synthesize or args.evaluate:
             if runtime.is_main:
                 (synthesize if args.synthesize else evaluate)(config, args, runtime)
         else:
             train(config, args, runtime)
-    except (ConfigError, DataError, CheckpointError, TrainingStopped) as error:
+    except (ConfigError, DataError, CheckpointError, TrainingStopped, StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a file the command could not read or write, beyond those named above
+        print(f"error: {'' if error.filename is None else f'{error.filename}: '}{describe(error)}", file=sys.stderr)
         return 1
     finally:
         if runtime is not None and runtime.distributed and dist.is_initialized():

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from config import ConfigError, config_from_dict, load_config
+from config import ConfigError, check_model_rules, config_from_dict, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,3 +49,40 @@ def test_dist_config_is_optional_and_files_are_checked(tmp_path):
     (tmp_path / "broken.json").write_text("{ not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(str(tmp_path / "broken.json"))
+
+
+def test_a_command_reads_only_the_sections_it_asks_for():
+    config = demo()
+    del config["train_config"]["epochs"]
+    config.pop("waveflow_config")
+    with pytest.raises(ConfigError, match="missing required key 'epochs'"):
+        config_from_dict(config, "demo.json")
+    parsed = config_from_dict(config, "demo.json", sections=("data_config",))
+    assert parsed.data.hop_length == 256 and parsed.train is None and parsed.waveflow is None
+    config["data_config"]["hop_lenght"] = 256
+    with pytest.raises(ConfigError, match="did you mean 'hop_length'"):  # the sections asked for are still checked
+        config_from_dict(config, "demo.json", sections=("data_config",))
+
+
+@pytest.mark.parametrize("changes,training,message", [
+    ({"data_config": {"segment_length": 8200}}, True,
+     r"data_config\.segment_length \(8200\) must be a multiple of waveflow_config\.n_height \(16\)"),
+    ({"waveflow_config": {"cin_channels": 64}}, False,
+     r"data_config\.n_mel_channels \(80\) and waveflow_config\.cin_channels \(64\) must be equal"),
+    ({"data_config": {"hop_length": 200}}, False, r"data_config\.hop_length must be 256, got 200"),
+    ({"waveflow_config": {"n_height": 24}, "data_config": {"segment_length": 8208}}, False,
+     r"waveflow_config\.n_height \(24\) must divide data_config\.hop_length \(256\)"),
+])
+def test_rules_between_sections_name_both_keys(changes, training, message):
+    config = copy.deepcopy(demo())
+    for section, values in changes.items():
+        config[section].update(values)
+    with pytest.raises(ConfigError, match=f"demo.json: {message}"):
+        check_model_rules(config_from_dict(config, "demo.json"), training=training)
+
+
+def test_synthesis_does_not_need_the_training_crop_rules():
+    config = demo()
+    config["data_config"]["segment_length"] = 8200
+    check_model_rules(config_from_dict(config, "demo.json"), training=False)
+    check_model_rules(config_from_dict(demo(), "demo.json"), training=True)

@@ -188,3 +188,96 @@ def test_command_refuses_two_clips_with_one_output_name(tmp_path, config_file):
     with pytest.raises(DataError, match="same.wav.pt"):
         write_mels(str(listing), config_file, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_command_needs_only_data_config(tmp_path, corpus, config_file):
+    file_list, paths = corpus
+    with open(config_file) as f:
+        data_only = {"data_config": json.load(f)["data_config"],
+                     "train_config": {"fp16_run": False}}  # the original's sections may be partial: not read
+    path = tmp_path / "data_only.json"
+    path.write_text(json.dumps(data_only))
+    result = run_command("-f", file_list, "-c", str(path), "-o", str(tmp_path / "mels"))
+    assert result.returncode == 0, result.stderr
+    assert len(os.listdir(tmp_path / "mels")) == len(paths)
+
+
+def store_mels(folder, paths, name=lambda path: os.path.basename(path) + ".pt", frames_off=0):
+    """Each clip's Tacotron 2 mel saved in `folder` as `name(path)` (.pt or .npy), as an acoustic model's
+    ground-truth aligned mels would be; `frames_off` frames cut (< 0) or added (repeating the last)."""
+    os.makedirs(folder, exist_ok=True)
+    mels = []
+    for path in paths:
+        mel = MelSpectrogram(**MEL_PARAMETERS)(load_audio(path, RATE))  # [80, 1 + T // HOP]
+        if frames_off < 0:
+            mel = mel[:, :frames_off]
+        elif frames_off > 0:
+            mel = torch.cat([mel, mel[:, -1:].expand(-1, frames_off)], dim=1)
+        target = os.path.join(folder, name(path))
+        np.save(target, mel.numpy()) if target.endswith(".npy") else torch.save(mel, target)
+        mels.append(mel)
+    return mels
+
+
+def test_stored_mels_are_read_and_cropped_in_step_with_the_audio(tmp_path, corpus):
+    file_list, paths = corpus
+    stored = store_mels(str(tmp_path / "mels"), paths)
+    data = Mel2Samp(file_list=file_list, mode="train", segment_length=SEGMENT, seed=1234,
+                    mel_directory=str(tmp_path / "mels"), **MEL_PARAMETERS)
+    frames = 1 + SEGMENT // HOP
+    mel_spectrogram = MelSpectrogram(**MEL_PARAMETERS)
+    for epoch in (0, 1):
+        data.set_epoch(epoch)
+        for index in range(4):
+            start = data.crop_start(index)
+            assert start % HOP == 0
+            mel, audio = data[index]
+            first = start // HOP
+            assert torch.equal(mel, stored[index][:, first:first + frames])
+            assert torch.equal(audio, load_audio(paths[index], RATE)[start:start + SEGMENT])
+            # The frames the crop's own mel would have, but for its edges' reflect padding.
+            assert torch.allclose(mel[:, 2:-2], mel_spectrogram(audio)[:, 2:-2], atol=1e-4)
+    assert len({data.crop_start(index) for index in range(4)}) > 1
+    mel, audio = data[4]  # 1500 samples, zero-padded: its 6 frames, then silence
+    assert torch.equal(mel[:, :6], stored[4]) and torch.all(mel[:, 6:] == np.log(1e-5))
+    assert mel.shape == (80, frames) and audio.shape == (SEGMENT,)
+    evaluation = Mel2Samp(file_list=file_list, mode="eval", segment_length=SEGMENT,
+                          mel_directory=str(tmp_path / "mels"), **MEL_PARAMETERS)
+    assert torch.equal(evaluation[1][0], stored[1][:, :frames])
+    synthesis = Mel2Samp(file_list=file_list, mode="synthesis", segment_length=SEGMENT,
+                         mel_directory=str(tmp_path / "mels"), **MEL_PARAMETERS)
+    mel, audio = synthesis[2]
+    assert torch.equal(mel, stored[2]) and audio.shape[0] == HOP * (mel.shape[1] - 1)
+
+
+def test_stored_mels_keep_dequantized_audio_and_names_of_either_convention(tmp_path, corpus):
+    file_list, paths = corpus
+    stem = lambda path: os.path.splitext(os.path.basename(path))[0] + ".npy"  # noqa: E731  HiFi-GAN's naming
+    stored = store_mels(str(tmp_path / "mels"), paths, name=stem, frames_off=-2)
+    data = Mel2Samp(file_list=file_list, mode="train", segment_length=SEGMENT, seed=5, dequantize=True,
+                    mel_directory=str(tmp_path / "mels"), **MEL_PARAMETERS)
+    mel, audio = data[0]
+    start = data.crop_start(0)
+    crop = load_audio(paths[0], RATE)[start:start + SEGMENT]
+    assert 0 < (audio - crop).abs().max() <= 0.5 / 32768
+    assert torch.equal(mel, stored[0][:, start // HOP:start // HOP + 1 + SEGMENT // HOP])
+    synthesis = Mel2Samp(file_list=file_list, mode="synthesis", segment_length=SEGMENT,
+                         mel_directory=str(tmp_path / "mels"), **MEL_PARAMETERS)
+    mel, _ = synthesis[1]  # two frames short: the last one repeated up to 1 + T // hop
+    assert mel.shape[1] == 1 + 21000 // HOP and torch.equal(mel[:, -3:], stored[1][:, -1:].expand(-1, 3))
+
+
+@pytest.mark.parametrize("problem", ["missing", "frames"])
+def test_a_stored_mel_that_does_not_fit_is_a_one_line_error_naming_it(tmp_path, corpus, problem):
+    file_list, paths = corpus
+    store_mels(str(tmp_path / "mels"), paths, frames_off=3 if problem == "frames" else 0)
+    if problem == "missing":
+        os.remove(tmp_path / "mels" / "clip2.wav.pt")
+        message = f"{tmp_path / 'mels' / 'clip2.wav.pt'}: mel file not found (the mel of {paths[2]}"
+    else:
+        message = (f"{tmp_path / 'mels' / 'clip0.wav.pt'}: mel has {1 + 20000 // HOP + 3} frames, its audio "
+                   f"{paths[0]} (20000 samples) has {1 + 20000 // HOP}")
+    with pytest.raises(DataError) as error:
+        Mel2Samp(file_list=file_list, mode="train", segment_length=SEGMENT, mel_directory=str(tmp_path / "mels"),
+                 **MEL_PARAMETERS)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)

@@ -1,10 +1,15 @@
 """train.py end to end, run as a user runs it, on a tiny corpus made here."""
+import builtins
+import errno
+import io
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -12,7 +17,10 @@ import pytest
 import soundfile
 import torch
 
+import train
 from checkpoint import average_checkpoints, list_checkpoints, read_checkpoint
+from mel2samp import write_mels
+from model import build_model
 from train import EpochSampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +65,25 @@ def write_config(folder, name="config.json", **changes):
     with open(path, "w") as f:
         json.dump(config, f)
     return path
+
+
+def run_here(capsys, *args):
+    """train.py's main in this process (no start-up cost): -> (exit status, stdout, stderr)."""
+    status = train.main(list(args))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture
+def one_thread():
+    """Tests that train in this process use one thread: two threads on two busy cores are far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def run(*args, check=True, env=None):
@@ -105,7 +132,7 @@ def test_training_writes_checkpoints_logs_and_samples(trained):
     assert not any(name.endswith(".partial") for name in os.listdir(run_dir))
 
 
-def test_resume_mid_epoch_matches_an_uninterrupted_run(trained, tmp_path):
+def test_resume_mid_epoch_matches_an_uninterrupted_run(trained, tmp_path, capsys, one_thread):
     folder, config, _ = trained
     uninterrupted = os.path.join(folder, "exp", "tiny")
     # Interrupted run: keep only the checkpoint of iteration 2, in the middle of epoch 0 (3 batches).
@@ -119,10 +146,15 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(trained, tmp_path):
     for iteration in (4, 6):
         assert_same_weights(weights(os.path.join(output, "tiny", f"waveflow_{iteration}")),
                             weights(os.path.join(uninterrupted, f"waveflow_{iteration}")))
-    # Fresh training into a folder that holds later checkpoints would overwrite them: refused.
-    result = run("-c", write_config(folder, "again.json", train_config__output_directory=output), check=False)
-    assert result.returncode == 1
-    assert "already holds checkpoints" in result.stderr and "Traceback" not in result.stderr
+    # The same command again names an older checkpoint of this run folder: it goes on from the newest.
+    status, out, err = run_here(capsys, "-c", resumed)
+    assert status == 0, err
+    assert "resuming from the newest, waveflow_6 (not " in out and "nothing to train" in out
+    # A checkpoint from elsewhere still wins; training from it would overwrite newer ones: refused.
+    elsewhere = write_config(folder, "again.json", train_config__output_directory=output,
+                             train_config__checkpoint_path=os.path.join(uninterrupted, "waveflow_2"))
+    status, out, err = run_here(capsys, "-c", elsewhere)
+    assert status == 1 and "already holds checkpoints after iteration 2" in err and len(err.strip().splitlines()) == 1
 
 
 def test_synthesize_writes_one_wav_per_test_clip(trained):
@@ -297,13 +329,17 @@ def test_torchrun_two_processes_match_one_process_with_the_combined_batch(traine
     double = write_config(str(tmp_path), "double.json", train_config__batch_size=1,
                           train_config__output_directory=str(tmp_path / "ddp"), **common)
     run("-c", single)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             os.path.join(ROOT, "train.py"), "-c", double], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, env=env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                os.path.join(ROOT, "train.py"), "-c", double]
+    # Stopped after 2 iterations, then the same command again: every rank resumes from rank 0's choice.
+    result = subprocess.run(torchrun + ["--max_iterations", "2"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
+    result = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from the newest, waveflow_2" in result.stdout
     assert result.stdout.count("saved ") == 1  # only rank 0 writes
-    [(iteration, ddp_path)] = list_checkpoints(str(tmp_path / "ddp" / "tiny"))
+    [_, (iteration, ddp_path)] = list_checkpoints(str(tmp_path / "ddp" / "tiny"))
     [(_, single_path)] = list_checkpoints(str(tmp_path / "single" / "tiny"))
     assert iteration == 3
     assert_same_weights(weights(ddp_path), weights(single_path), atol=1e-5)
@@ -324,3 +360,302 @@ def test_epoch_sampler_is_reproducible_and_resumable():
         shard.set_epoch(4)
         shards.append(list(shard))
     assert not set(shards[0]) & set(shards[1]) and len(shards[0]) == len(shards[1]) == 4
+
+
+def as_the_original_saves(checkpoint, config):
+    """A checkpoint of ours as the original's training loop saves it after an in-training synthesis:
+    its five keys, and for NanoFlow `model['h_cache']` [n_flow, n_layer, 2R, 1, 1], the output of every
+    block's filter_gate_conv_h for each flow's embedding, flows in reversed order."""
+    model = build_model(config["waveflow_config"])
+    model.load_state_dict(checkpoint["model"])
+    with torch.no_grad():
+        flow_embed = model.flow_embedding.normed_weight().flip(0)[:, :, None, None]  # [K, E, 1, 1]
+        blocks = model.estimator["net"].res_blocks
+        h_cache = torch.stack([block.filter_gate_conv_h(flow_embed) for block in blocks])  # [L, K, 2R, 1, 1]
+    saved = {key: checkpoint[key] for key in ("iteration", "optimizer", "scheduler", "learning_rate")}
+    saved["model"] = dict(checkpoint["model"], h_cache=h_cache.permute(1, 0, 2, 3, 4).clone())
+    return saved
+
+
+def test_original_checkpoints_holding_h_cache_load_everywhere(trained, tmp_path, capsys, one_thread):
+    folder, config_path, _ = trained
+    uninterrupted = os.path.join(folder, "exp", "tiny")
+    config = json.load(open(config_path))
+    originals = tmp_path / "original"
+    originals.mkdir()
+    # The original's first checkpoint comes before any synthesis: no h_cache; the later ones hold it.
+    first = read_checkpoint(os.path.join(uninterrupted, "waveflow_2"))
+    torch.save({key: first[key] for key in ("model", "iteration", "optimizer", "scheduler", "learning_rate")},
+               originals / "waveflow_2")
+    torch.save(as_the_original_saves(read_checkpoint(os.path.join(uninterrupted, "waveflow_4")), config),
+               originals / "waveflow_4")
+    raw = torch.load(originals / "waveflow_4", weights_only=True)
+    assert raw["model"]["h_cache"].shape == (2, 2, 16, 1, 1) and "epoch" not in raw
+    newest = str(originals / "waveflow_4")
+    output = str(tmp_path / "exp")
+    config_path = write_config(str(tmp_path), train_config__output_directory=output,
+                               data_config__training_files=os.path.join(folder, "train.txt"),
+                               data_config__test_files=os.path.join(folder, "test.txt"))
+
+    status, out, err = run_here(capsys, "-s", "-c", config_path, "--checkpoint_path", newest)
+    assert status == 0, err
+    assert out.count("_synthesis.wav") == 2
+    status, out, err = run_here(capsys, "-v", "-c", config_path, "--checkpoint_path", newest)
+    assert status == 0 and "log-likelihood (LL)" in out, err
+    status, out, err = run_here(capsys, "-a", "2", "-s", "-c", config_path, "--checkpoint_path", str(originals))
+    assert status == 0, err
+    status, out, err = run_here(capsys, "-w", "-c", config_path, "--checkpoint_path", newest, "--max_iterations", "5")
+    assert status == 0, err
+    assert "0 not" in out and "h_cache" not in out  # every tensor loaded, h_cache not listed as left out
+    # Resuming with the original's Adam state and schedule goes on exactly as the uninterrupted run did.
+    shutil.rmtree(output)
+    status, out, err = run_here(capsys, "-c", config_path, "--checkpoint_path", newest)
+    assert status == 0, err
+    assert f"resumed from {newest} at iteration 4" in out
+    assert_same_weights(weights(os.path.join(output, "tiny", "waveflow_6")),
+                        weights(os.path.join(uninterrupted, "waveflow_6")))
+
+
+def test_rules_between_sections_stop_every_command_in_one_line(tmp_path, capsys):
+    make_corpus(str(tmp_path))
+    config = write_config(str(tmp_path), data_config__segment_length=2044)
+    status, _, err = run_here(capsys, "-c", config)
+    assert status == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: {config}: data_config.segment_length (2044) must be a multiple of "
+                          f"waveflow_config.n_height (8)")
+    config = write_config(str(tmp_path), "hop.json", data_config__hop_length=200)
+    status, _, err = run_here(capsys, "-s", "-c", config, "--checkpoint_path", str(tmp_path / "none"))
+    assert status == 1 and err.startswith(f"error: {config}: data_config.hop_length must be 256, got 200")
+
+
+def test_fine_tuning_on_an_acoustic_models_mels(trained, tmp_path, capsys, one_thread):
+    folder, trained_config, _ = trained
+    mels = str(tmp_path / "mels")
+    for listing in ("train.txt", "test.txt"):
+        write_mels(os.path.join(folder, listing), trained_config, mels)
+    source = os.path.join(folder, "exp", "tiny", "waveflow_6")
+    common = dict(train_config__output_directory=str(tmp_path / "exp"), train_config__iters_per_checkpoint=100,
+                  data_config__training_files=os.path.join(folder, "train.txt"),
+                  data_config__test_files=os.path.join(folder, "test.txt"))
+    config = write_config(str(tmp_path), data_config__mel_directory=mels, **common)
+    status, out, err = run_here(capsys, "-w", "-c", config, "--checkpoint_path", source, "--max_iterations", "7")
+    assert status == 0, err
+    assert "saved" in out and list_checkpoints(str(tmp_path / "exp" / "tiny"))[-1][0] == 7
+    status, out, err = run_here(capsys, "-v", "-c", config, "--checkpoint_path", source)
+    assert status == 0 and "log-likelihood (LL)" in out, err
+    os.remove(os.path.join(mels, "clip07.wav.pt"))
+    status, _, err = run_here(capsys, "-v", "-c", config, "--checkpoint_path", source)
+    assert status == 1 and err.strip() == (f"error: {os.path.join(mels, 'clip07.wav.pt')}: mel file not found "
+                                           f"(the mel of {os.path.join(folder, 'clip07.wav')}; also looked for "
+                                           f"clip07.wav.npy, clip07.pt, clip07.npy)")
+    os.remove(os.path.join(mels, "clip00.wav.pt"))
+    status, _, err = run_here(capsys, "-c", config)
+    assert status == 1 and err.startswith(f"error: {os.path.join(mels, 'clip00.wav.pt')}: mel file not found")
+
+
+# ----------------------------------------------------------------------------- faults of long runs
+
+# train.py's main with each checkpoint's rename delayed by $RENAME_DELAY seconds: its .partial file,
+# whole and synced, waits on disk that long, time to kill the run in the middle of a checkpoint write.
+SLOW_CHECKPOINT_WRITES = """
+import os, sys, time
+replace = os.replace
+def slow_replace(source, target):
+    if os.path.basename(source).startswith("waveflow_"):
+        time.sleep(float(os.environ["RENAME_DELAY"]))
+    replace(source, target)
+os.replace = slow_replace
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def start_training(config, log, rename_delay=0.0):
+    return subprocess.Popen([sys.executable, "-c", SLOW_CHECKPOINT_WRITES, "-c", config], cwd=ROOT,
+                            stdout=open(log + ".out", "w"), stderr=open(log, "w"),
+                            env=dict(ONE_THREAD, RENAME_DELAY=str(rename_delay)))
+
+
+def wait_for(process, condition, timeout=120.0):
+    """Poll until `condition()` holds (True) or the process ends (False)."""
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def kill(process):
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_killed_at_random_moments_the_same_command_ends_as_an_uninterrupted_run(trained, tmp_path):
+    folder, _, _ = trained
+    uninterrupted = os.path.join(folder, "exp", "tiny")
+    config = write_config(str(tmp_path), train_config__output_directory=str(tmp_path / "exp"),
+                          data_config__num_workers=1, data_config__training_files=os.path.join(folder, "train.txt"),
+                          data_config__test_files=os.path.join(folder, "test.txt"))
+    run_dir, log = tmp_path / "exp" / "tiny", str(tmp_path / "stderr.txt")
+    writing = lambda iteration: (run_dir / f"waveflow_{iteration}.partial").exists  # noqa: E731
+    stepping = lambda: "it/s" in open(log).read() or "s/it" in open(log).read()  # noqa: E731
+    rng = random.Random(13)
+
+    # During the first checkpoint write; meanwhile a second process is refused the run folder.
+    process = start_training(config, log, rename_delay=60)
+    assert wait_for(process, writing(2))
+    before = sorted(os.listdir(run_dir))
+    second = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "-c", config], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert second.returncode == 1 and len(second.stderr.strip().splitlines()) == 1
+    assert f"{run_dir}: another training process (pid {process.pid} on " in second.stderr
+    assert sorted(os.listdir(run_dir)) == before
+    kill(process)
+    assert writing(2)() and not (run_dir / "waveflow_2").exists()
+    # At a random moment of the training steps; during the write of waveflow_4, with waveflow_2 whole;
+    # at a random moment of the whole run.
+    process = start_training(config, log)
+    if wait_for(process, stepping):
+        time.sleep(rng.uniform(0.0, 0.5))
+    kill(process)
+    process = start_training(config, log, rename_delay=0.5)
+    if wait_for(process, writing(4)):
+        time.sleep(rng.uniform(0.0, 0.4))
+    kill(process)
+    assert (run_dir / "waveflow_2").exists()
+    process = start_training(config, log, rename_delay=0.2)
+    time.sleep(rng.uniform(0.0, 6.0))
+    kill(process)
+
+    process = start_training(config, log)
+    assert process.wait(timeout=300) == 0, open(log).read()
+    assert "resuming from the newest, waveflow_" in open(log + ".out").read()
+    for iteration in (2, 4, 6):
+        assert_same_weights(weights(str(run_dir / f"waveflow_{iteration}")),
+                            weights(os.path.join(uninterrupted, f"waveflow_{iteration}")))
+    assert sorted(os.listdir(run_dir)) == ["config.json", "train.lock", "waveflow_2", "waveflow_4", "waveflow_6"]
+    assert not [name for name in os.listdir(tmp_path / "exp" / "samples" / "tiny") if name.endswith(".partial")]
+
+
+@pytest.fixture
+def small_disk(monkeypatch):
+    """`small_disk(folder)` -> `fill(free_bytes, read_only=False)`: from then on only `free_bytes` more
+    fit in `folder` (or nothing: read-only). A tmpfs mounted there where the tests may mount one (as
+    root); elsewhere `open` is patched so that writes under `folder` fail with ENOSPC once `free_bytes`
+    are written (EROFS at once)."""
+    mounted = []
+
+    def make(folder):
+        os.makedirs(folder, exist_ok=True)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0:
+            mounted.append(folder)
+
+            def fill(free_bytes, read_only=False):
+                stats = os.statvfs(folder)
+                used = (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+                options = "remount,ro" if read_only else f"remount,size={used + free_bytes}"
+                subprocess.run(["mount", "-o", options, str(folder)], check=True)
+            return fill
+
+        def fill(free_bytes, read_only=False):
+            free, real_open, limited = [free_bytes], io.open, os.path.realpath(folder) + os.sep
+            failure = errno.EROFS if read_only else errno.ENOSPC
+
+            class OnSmallDisk:
+                def __init__(self, file):
+                    self.file = file
+
+                def write(self, data):
+                    size = len(data.encode() if isinstance(data, str) else memoryview(data).cast("B"))
+                    if size > free[0] or read_only:
+                        free[0] = 0
+                        raise OSError(failure, os.strerror(failure))
+                    free[0] -= size
+                    return self.file.write(data)
+
+                def __getattr__(self, name):
+                    return getattr(self.file, name)
+
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *failure):
+                    self.file.close()
+
+            def small_open(file, mode="r", *args, **kwargs):
+                opened = real_open(file, mode, *args, **kwargs)
+                writing = any(flag in mode for flag in "wax+") and not isinstance(file, int)
+                inside = writing and os.fsdecode(os.path.realpath(file)).startswith(limited)
+                return OnSmallDisk(opened) if inside else opened
+
+            monkeypatch.setattr(builtins, "open", small_open)
+            monkeypatch.setattr(io, "open", small_open)
+        return fill
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)])
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_a_full_or_read_only_disk_ends_training_in_one_line_naming_the_newest_intact_checkpoint(
+        trained, tmp_path, capsys, one_thread, small_disk, fault):
+    folder, _, _ = trained
+    disk = tmp_path / "disk"
+    fill = small_disk(disk)
+    config = write_config(str(tmp_path), train_config__output_directory=str(disk / "exp"),
+                          data_config__training_files=os.path.join(folder, "train.txt"),
+                          data_config__test_files=os.path.join(folder, "test.txt"))
+    status, _, err = run_here(capsys, "-c", config, "--max_iterations", "4")
+    assert status == 0, err
+    fill(8192, read_only=fault == "read-only")  # room for the config's copy, not for a checkpoint
+    status, out, err = run_here(capsys, "-c", config)
+    run_dir = disk / "exp" / "tiny"
+    if fault == "full":
+        assert "resuming from the newest, waveflow_4" in out
+        failure = "checkpoint waveflow_6 ([Errno 28] No space left on device)"
+    else:
+        failure = "the run folder ([Errno 30] Read-only file system)"
+    assert status == 1
+    assert err.strip().splitlines()[-1] == (f"error: {run_dir}: cannot write {failure}; the newest intact "
+                                            f"checkpoint is {run_dir / 'waveflow_4'}")
+    assert err.count("error") == 1 and "Traceback" not in err
+    assert sorted(os.listdir(run_dir)) == ["config.json", "train.lock", "waveflow_2", "waveflow_4"]
+    assert_same_weights(weights(str(run_dir / "waveflow_4")),
+                        weights(os.path.join(folder, "exp", "tiny", "waveflow_4")))
+
+
+def test_failing_logs_and_samples_are_warnings_and_training_goes_on(trained, tmp_path, capsys, one_thread,
+                                                                     small_disk, monkeypatch):
+    folder, _, _ = trained
+    unhandled = []  # what a thread's uncaught exception would print as a traceback
+    monkeypatch.setattr(threading, "excepthook", unhandled.append)
+    run_dir = tmp_path / "exp" / "tiny"
+    small_disk(run_dir / "logs")(4096)  # TensorBoard's writer thread dies with ENOSPC at the first audio
+    (tmp_path / "exp" / "samples").mkdir(parents=True)
+    (tmp_path / "exp" / "samples" / "tiny").write_text("a file where the samples' folder should be")
+    config = write_config(str(tmp_path), train_config__output_directory=str(tmp_path / "exp"),
+                          train_config__with_tensorboard=True,
+                          data_config__training_files=os.path.join(folder, "train.txt"),
+                          data_config__test_files=os.path.join(folder, "test.txt"))
+    status, out, err = run_here(capsys, "-c", config)
+    assert status == 0, err
+    assert err.count(f"warning: {run_dir / 'logs'}: TensorBoard logs stopped ([Errno 28] No space left on "
+                     f"device); training goes on without logs") == 1
+    assert err.count("clip06_iter") == 3 and err.count("cannot write the sample") == 3
+    assert "Traceback" not in err and not unhandled
+    for iteration in (2, 4, 6):
+        assert_same_weights(weights(str(run_dir / f"waveflow_{iteration}")),
+                            weights(os.path.join(folder, "exp", "tiny", f"waveflow_{iteration}")))
+
+
+def test_a_mel_too_short_to_synthesize_is_named_by_its_path(trained, tmp_path, capsys):
+    folder, config, _ = trained
+    torch.save(torch.zeros(80, 3), tmp_path / "tiny.pt")
+    status, _, err = run_here(capsys, "-s", "--mels", str(tmp_path / "tiny.pt"), "-c", config,
+                              "--checkpoint_path", os.path.join(folder, "exp", "tiny", "waveflow_6"))
+    assert status == 1
+    assert err.strip() == (f"error: {tmp_path / 'tiny.pt'}: a mel of 3 frames is too short to synthesize "
+                           f"(need at least 4)")

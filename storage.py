@@ -1,0 +1,169 @@
+"""What training writes to disk, made to survive the faults of long runs.
+
+- `write_atomically`: every file (checkpoint, sample, mel, config copy) is written
+  to `<name>.partial` and renamed, so a crash, a SIGKILL or a full disk leaves
+  the previous file or the new one, never half of one; a failed write removes
+  its partial file, and a run started again removes those a killed run left
+  (`remove_partial_files`).
+- `RunLock`: one training process per run folder. A POSIX lock, which the
+  operating system releases when its process ends however it ends, so a killed
+  run never leaves it stuck.
+- `TrainingLogs`: TensorBoard logs whose failure (a full disk kills the
+  writer's thread) becomes one warning while training goes on without logs.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import sys
+import threading
+
+PARTIAL_SUFFIX = ".partial"
+LOCK_FILE = "train.lock"
+
+
+class StorageError(RuntimeError):
+    """A run folder that cannot be used (locked by another process, unwritable); the message is one line."""
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def describe(error: OSError) -> str:
+    """`[Errno 28] No space left on device` without the file name, which messages give themselves."""
+    return f"[Errno {error.errno}] {error.strerror}" if error.strerror else str(error)
+
+
+def write_atomically(path: str, data: bytes | memoryview, durable: bool = True) -> None:
+    """Write `data` to `path` through `path + '.partial'` and a rename. A failure (OSError: ENOSPC,
+    EACCES, EROFS, ...) removes the partial file and leaves `path` as it was. `durable` syncs the
+    data and the folder first, so that the renamed file is whole even after the machine itself stops."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    partial = path + PARTIAL_SUFFIX
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:  # a second Ctrl-C included: no partial file is left behind
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
+    if durable:
+        _sync_folder(folder)
+
+
+def _sync_folder(folder: str) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some filesystems cannot sync a folder; the file itself is synced
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def remove_partial_files(folder: str, contains: str = "") -> list[str]:
+    """Remove the `*.partial` files (whose names hold `contains`) that a killed process left in `folder`."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(PARTIAL_SUFFIX) and contains in name:
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
+class RunLock:
+    """Held while one process trains into `folder`; a second process is refused with a one-line error.
+
+    `fcntl.lockf` on `<folder>/train.lock`, which names the holder. A POSIX lock belongs to its
+    process: DataLoader workers forked from it do not hold it, so it goes the moment the training
+    process dies, even by SIGKILL, and a rerun never finds it stuck. The file stays in the folder.
+    """
+
+    def __init__(self, folder: str):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, LOCK_FILE)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise StorageError(f"{folder}: another training process ({holder}) is writing to this run folder; "
+                               f"wait for it to end, or choose another output_directory or model_name") from None
+        try:
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            self.file.flush()
+        except OSError:
+            self.file.close()
+            raise
+
+    def release(self) -> None:
+        if not self.file.closed:
+            self.file.close()  # closing the file releases the lock
+
+
+class TrainingLogs:
+    """TensorBoard's `SummaryWriter` in `folder`, or nothing when it fails.
+
+    The writer writes from a thread; on a full disk that thread dies with an OSError, which the
+    next call (or `close`) raises again. The first failure is one warning and ends the logs;
+    training goes on. While the logs are open, the writer thread's own traceback is kept off
+    the terminal (`threading.excepthook`), since the warning says it in one line.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.writer = None
+        self._threads: set[threading.Thread] = set()
+        self._previous_hook = threading.excepthook
+        threading.excepthook = self._thread_failed
+        before = set(threading.enumerate())
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(folder)
+        except OSError as error:
+            self._fail(error)
+        self._threads = set(threading.enumerate()) - before
+
+    def _thread_failed(self, failure) -> None:
+        if failure.thread not in self._threads or not isinstance(failure.exc_value, OSError):
+            self._previous_hook(failure)
+
+    def _fail(self, error: OSError) -> None:
+        warn(f"{self.folder}: TensorBoard logs stopped ({describe(error)}); training goes on without logs")
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                writer.close()
+
+    def add(self, kind: str, *args, **kwargs) -> None:
+        """`writer.add_<kind>(*args, **kwargs)`, e.g. `add("scalar", "training/loss", 1.2, 100)`."""
+        if self.writer is None:
+            return
+        try:
+            getattr(self.writer, f"add_{kind}")(*args, **kwargs)
+        except OSError as error:
+            self._fail(error)
+
+    def close(self) -> None:
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except OSError as error:
+            self._fail(error)
+        finally:
+            self.writer = None
+            threading.excepthook = self._previous_hook
