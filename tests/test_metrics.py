@@ -1,16 +1,25 @@
-"""metrics.py on signals whose answers are known."""
+"""metrics.py on signals whose answers are known, and the measures through train.py (-v, --json, --mels,
+TensorBoard at checkpoints) on a tiny corpus."""
+import contextlib
+import io
+import json
 import math
 import os
+import shutil
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import metrics
-from data import load_audio
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import train
+from config import load_config
+from data import DataError, load_audio
+from mel2samp import write_mels
+from test_train import ROOT, make_corpus, run, write_config
 
 RATE = 22050
 SPEECH = os.path.join(ROOT, "data", "demo", "wavs", "demo_001.wav")  # espeak-ng, about 100 Hz
@@ -144,3 +153,104 @@ def test_summary_is_the_mean_with_a_student_t_interval():
     assert "[0.446, 4.554]" in table and "3/4" in table
     for label, _ in metrics.MEASURES.values():
         assert label in table
+
+
+# ----------------------------------------------------------------------------- through train.py
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """3 training steps with TensorBoard and one checkpoint at the end, on 2 test clips."""
+    folder = str(tmp_path_factory.mktemp("metrics"))
+    make_corpus(folder)
+    config = write_config(folder, train_config__with_tensorboard=True, train_config__epochs=1,
+                          train_config__iters_per_checkpoint=3)
+    # One thread: a tiny model gains nothing from more, and on a busy machine they only wait for each other.
+    result = run("-c", config, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return folder, config, os.path.join(folder, "exp", "tiny", "waveflow_3"), result
+
+
+def test_training_writes_the_measures_to_tensorboard(trained):
+    folder, _, _, result = trained
+    assert "iteration 3: 2 test clips at temperature 0.8" in result.stdout and "log-mel L1" in result.stdout
+    events = EventAccumulator(os.path.join(folder, "exp", "tiny", "logs"))
+    events.Reload()
+    for name in ("log_mel_l1", "mr_stft", "vuv_f1", "periodicity_rmse"):
+        [scalar] = events.Scalars(f"eval/{name}")
+        assert scalar.step == 3 and np.isfinite(scalar.value)
+    assert ("eval/pesq_wb" in events.Tags()["scalars"]) == metrics.pesq_available()
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tmp_path_factory):
+    """`train.py -v --json PATH` on the trained checkpoint: (its stdout, the JSON document)."""
+    _, config, checkpoint, _ = trained
+    path = str(tmp_path_factory.mktemp("evaluation") / "results.json")
+    stdout, _ = evaluate("-v", "-c", config, "--checkpoint_path", checkpoint, "--json", path)
+    return stdout, json.load(open(path))
+
+
+def evaluate(*args) -> tuple[str, str]:
+    """train.py's command line in this process (no second interpreter to start): -> (stdout, stderr)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = train.main(list(args))
+    assert status == 0, stderr.getvalue()
+    return stdout.getvalue(), stderr.getvalue()
+
+
+def test_evaluate_prints_the_table_and_writes_json(trained, evaluated):
+    folder, _, checkpoint, _ = trained
+    stdout, document = evaluated
+    assert "2 clips synthesized at temperature 0.8 (seed 1234)" in stdout
+    for label, _ in metrics.MEASURES.values():
+        assert label in stdout
+    assert "log-likelihood (LL)" in stdout.strip().splitlines()[-2]  # then "wrote PATH"
+    assert document["temperature"] == 0.8 and document["checkpoint"] == checkpoint
+    assert [clip["name"] for clip in document["clips"]] == ["clip06", "clip07"]
+    assert np.isfinite(document["log_likelihood"]["log_likelihood"])
+    for name in ("log_mel_l1", "mr_stft", "vuv_f1", "periodicity_rmse"):
+        values = [clip[name] for clip in document["clips"]]
+        assert document["measures"][name]["mean"] == pytest.approx(np.mean(values))
+        assert document["measures"][name]["n"] == 2
+    # The checkpoint report synthesized the same clips with the same noise (weight norm not yet folded there).
+    events = EventAccumulator(os.path.join(folder, "exp", "tiny", "logs"))
+    events.Reload()
+    for name in ("log_mel_l1", "mr_stft"):
+        assert events.Scalars(f"eval/{name}")[0].value == pytest.approx(document["measures"][name]["mean"], rel=1e-3)
+
+
+def test_evaluate_precomputed_mels_against_their_audio(trained, evaluated, tmp_path):
+    folder, config, checkpoint, _ = trained
+    mels = tmp_path / "mels"
+    write_mels(os.path.join(folder, "test.txt"), config, str(mels))  # as mel2samp.py does
+    # clip06.wav.pt finds its audio in the test list; other.npy finds other.wav beside it.
+    np.save(mels / "other.npy", torch.load(mels / "clip07.wav.pt").numpy())
+    shutil.copy(os.path.join(folder, "clip07.wav"), mels / "other.wav")
+    os.remove(mels / "clip07.wav.pt")
+    stdout, stderr = evaluate("-v", "--mels", str(mels), "-c", config, "--checkpoint_path", checkpoint, "--json", "-")
+    document = json.loads(stdout)  # stdout holds only the JSON; the table went to stderr
+    assert "log-mel L1" in stderr and document["log_likelihood"] is None
+    assert [clip["name"] for clip in document["clips"]] == ["clip06", "other"]
+    # The same mels and recordings as the test list's clips: the same synthesis and the same values.
+    for clip, same in zip(document["clips"], evaluated[1]["clips"]):
+        for name in ("log_mel_l1", "mr_stft", "vuv_f1", "periodicity_rmse"):
+            assert clip[name] == pytest.approx(same[name], rel=1e-6)
+
+
+def test_a_mel_without_audio_is_an_error_naming_where_it_looked(trained, tmp_path):
+    _, config, _, _ = trained
+    np.save(tmp_path / "lonely.npy", np.zeros((80, 10), dtype=np.float32))
+    args = SimpleNamespace(mels=[str(tmp_path)])
+    with pytest.raises(DataError, match=r"lonely.npy: no audio to measure it against: looked for lonely.wav or "
+                                        r"lonely.flac beside it and in .*test.txt"):
+        train.evaluation_inputs(load_config(config), args)
+
+
+def test_default_temperatures_and_argument_checks():
+    assert train.parse_args(["-s", "-c", "x.json"]).temp == 1.0  # the original's synthesis default
+    assert train.parse_args(["-v", "-c", "x.json"]).temp == train.MEASURE_TEMPERATURE == 0.8
+    assert train.parse_args(["-c", "x.json"]).temp == 0.8  # the checkpoint reports in training
+    assert train.parse_args(["-v", "-t", "0.6", "-c", "x.json"]).temp == 0.6
+    for wrong in (["--json", "-", "-c", "x.json"], ["-s", "--json", "r.json", "-c", "x.json"], ["--mels", "m", "-c", "x.json"]):
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+            train.parse_args(wrong)
