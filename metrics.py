@@ -31,7 +31,6 @@ and left out of the mean.
 from __future__ import annotations
 
 import math
-from math import gcd
 
 import librosa
 import numpy as np
@@ -49,6 +48,7 @@ PITCH_FMIN, PITCH_FMAX = 50.0, 550.0
 PITCH_HOP_LENGTH = 256  # one pitch frame per mel frame at 22,050 Hz
 PITCH_FRAME_LENGTH = 1024  # the mel's window; 512-sample YIN windows reach down to 43 Hz
 PESQ_RATE = 16000
+MIN_SAMPLES = max(fft_size for fft_size, _, _ in STFT_RESOLUTIONS) // 2 + 1  # for the largest STFT's reflect padding
 INTERVAL_LEVEL = 0.95
 
 # name -> (label in tables, whether higher is better)
@@ -142,7 +142,7 @@ def pesq_wideband(synthesis: np.ndarray, reference: np.ndarray, sampling_rate: i
     """Wide band PESQ of aligned inputs [T], resampled to 16 kHz; NaN where the pesq package cannot
     score them (it finds no speech in the recording, or fails on an all-zero synthesis)."""
     from pesq import NoUtterancesError, pesq
-    divisor = gcd(PESQ_RATE, sampling_rate)
+    divisor = math.gcd(PESQ_RATE, sampling_rate)
     up, down = PESQ_RATE // divisor, sampling_rate // divisor
     degraded = scipy.signal.resample_poly(synthesis, up, down).astype(np.float32)
     clean = scipy.signal.resample_poly(reference, up, down).astype(np.float32)
@@ -156,6 +156,8 @@ def measure(synthesis, reference, sampling_rate: int = 22050) -> dict[str, float
     """Every measure of one synthesis [T] against its recording [T'] (tensors or arrays);
     `pesq_wb` only when the pesq package is installed."""
     synthesis, reference = align(synthesis, reference)
+    if synthesis.shape[0] < MIN_SAMPLES:
+        raise ValueError(f"{synthesis.shape[0]} samples are too few to measure (need at least {MIN_SAMPLES})")
     results = {"log_mel_l1": log_mel_l1(synthesis, reference, sampling_rate),
                "mr_stft": multi_resolution_stft(synthesis, reference),
                **pitch_measures(synthesis, reference, sampling_rate)}

@@ -515,7 +515,10 @@ def evaluate(config: Config, args: argparse.Namespace, runtime: Runtime) -> None
         if mel.shape[-1] <= 3:
             raise DataError(f"{name}: a mel of {mel.shape[-1]} frames is too short to synthesize (need at least 4)")
         audio = synthesize_clip(model, mel, args.temp, config.train.seed, runtime.device)
-        results.append({"name": name, **measure(audio, reference, config.data.sampling_rate)})
+        try:
+            results.append({"name": name, **measure(audio, reference, config.data.sampling_rate)})
+        except ValueError as error:  # a clip too short to measure
+            raise DataError(f"{name}: {error}") from None
     summary = summarize(results)
     print(f"{len(results)} clips synthesized at temperature {args.temp} (seed {config.train.seed}) and measured "
           f"against their recordings:\n{format_table(summary, len(results))}", file=human)

@@ -108,6 +108,8 @@ def test_lengths_are_cut_to_the_shorter():
     longer = np.concatenate([reference, np.ones(700, dtype=np.float32)])  # what follows the cut is never seen
     results = metrics.measure(reference[:-300], longer)
     assert results["log_mel_l1"] == 0 and results["mr_stft"] == 0 and results["vuv_f1"] == 1
+    with pytest.raises(ValueError, match="too few to measure"):
+        metrics.measure(reference[:1000], reference)
     loud = metrics.align(torch.full((10,), 3.0), np.array([np.nan, -np.inf, 0.5]))
     assert loud[0].tolist() == [1.0, 1.0, 1.0] and loud[1].tolist() == [0.0, -1.0, 0.5]  # as a 16-bit file plays
 
