@@ -324,7 +324,9 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
                             batch_in_epoch=at_batch, scaler=scaler)
             print(f"saved {checkpoint_path(folder, at_iteration)}")
 
-    total = tc.epochs * sampler.batches_per_epoch
+    # The steps left in the epochs, counted from where the data order stands: after a warm start the numbering
+    # goes on from the source's iteration while the data starts at epoch 0.
+    total = iteration + (tc.epochs - start_epoch) * sampler.batches_per_epoch - batch_in_epoch
     if tc.max_iterations:
         total = min(total, tc.max_iterations)
     if iteration >= total:
