@@ -181,7 +181,8 @@ class MelSpectrogram(nn.Module):
     """Tacotron 2's log-mel spectrogram: audio [B, T] -> mel [B, n_mels, 1 + T // hop_length].
 
     STFT with a periodic Hann window centred with reflect padding, magnitude,
-    librosa's Slaney-normalised mel filterbank, then ``log(clamp(x, min=1e-5))``.
+    librosa's Slaney-normalised mel filterbank, then ``log(clamp(x, min=log_floor))``
+    (Tacotron 2's 1e-5 by default; the log-mel distance of metrics.py floors at 1e-2).
     The window and filterbank are non-persistent buffers, so ``.to(device)``
     moves them and they never enter a checkpoint. Always computes in float32:
     half precision loses the quiet bands that the log floor is about.
@@ -189,11 +190,12 @@ class MelSpectrogram(nn.Module):
 
     def __init__(self, *, sampling_rate: int = 22050, filter_length: int = 1024, hop_length: int = 256,
                  win_length: int = 1024, n_mel_channels: int = 80, mel_fmin: float = 0.0,
-                 mel_fmax: float = 8000.0):
+                 mel_fmax: float = 8000.0, log_floor: float = LOG_FLOOR):
         super().__init__()
         self.filter_length = filter_length
         self.hop_length = hop_length
         self.win_length = win_length
+        self.log_floor = log_floor
         filterbank = librosa.filters.mel(sr=sampling_rate, n_fft=filter_length, n_mels=n_mel_channels,
                                          fmin=mel_fmin, fmax=mel_fmax)  # [n_mels, filter_length // 2 + 1]
         self.register_buffer("mel_basis", torch.from_numpy(filterbank).float(), persistent=False)
@@ -218,4 +220,4 @@ class MelSpectrogram(nn.Module):
                               win_length=self.win_length, window=self.window.float(), center=True,
                               pad_mode="reflect", return_complex=True)  # [B, n_fft // 2 + 1, F]
         mel = torch.matmul(self.mel_basis.float(), spectrum.abs())  # [B, n_mels, F]
-        return torch.log(torch.clamp(mel, min=LOG_FLOOR))
+        return torch.log(torch.clamp(mel, min=self.log_floor))

@@ -1,7 +1,8 @@
 """Train, evaluate and synthesize with WaveFlow / NanoFlow, driven by the original's JSON configs.
 
     python train.py -c configs/nanoflow-h16-r128-emb512.json   # train (again: resumes from the newest checkpoint)
-    python train.py -v -c config.json                            # test-set log-likelihood on full clips
+    python train.py -v -c config.json [--json results.json]      # test-set log-likelihood and speech measures
+    python train.py -v --mels mels/ -c config.json               # the measures for mels beside their audio
     python train.py -s -c config.json [-t 0.8]                   # synthesize the test clips
     python train.py -s --mels mels/ -c config.json               # synthesize precomputed mels (.pt, .npy)
     python train.py -a 10 -s -c config.json                      # ... with the newest 10 checkpoints averaged
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import signal
 import sys
@@ -35,11 +37,16 @@ from tqdm import tqdm
 from checkpoint import (CheckpointError, average_checkpoints, checkpoint_path, list_checkpoints, load_checkpoint,
                         load_weights, read_checkpoint, rerun_checkpoint, save_checkpoint, warm_start)
 from config import Config, ConfigError, check_model_rules, load_config
-from data import MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, load_mel
+from data import MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, load_audio, load_mel, read_file_list
 from mel2samp import Mel2Samp, collate
+from metrics import MEASURES, format_table, measure, summarize
 from model import WaveFlow, build_model, negative_log_likelihood
 from storage import (RunLock, StorageError, TrainingLogs, describe, remove_partial_files, warn,
                      write_atomically)
+
+# The speech measures synthesize at this temperature unless -t says otherwise (-s keeps the original's 1.0).
+MEASURE_TEMPERATURE = 0.8
+MEASURED_CLIPS = 3  # the first test clips, measured at every checkpoint
 
 
 class TrainingStopped(RuntimeError):
@@ -71,15 +78,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-c", "--config", required=True, help="JSON config file")
     parser.add_argument("-w", "--warm_start", action="store_true",
                         help="load the weights of checkpoint_path that fit, start a fresh optimizer and schedule")
-    parser.add_argument("-v", "--evaluate", action="store_true", help="test-set log-likelihood on full clips")
+    parser.add_argument("-v", "--evaluate", action="store_true",
+                        help="test-set log-likelihood on full clips and the speech measures of metrics.py")
     parser.add_argument("-s", "--synthesize", action="store_true", help="write audio for the test clips")
-    parser.add_argument("-t", "--temp", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("-t", "--temp", type=float, default=None,
+                        help=f"sampling temperature (default 1.0 with -s; {MEASURE_TEMPERATURE} for the measures "
+                             f"of -v and for the checkpoint reports in training)")
     parser.add_argument("-a", "--average_checkpoint", type=int, default=0, metavar="N",
                         help="average the newest N checkpoints of the folder checkpoint_path names")
     parser.add_argument("-e", "--epsilon", type=float, default=None,
                         help="with -a: Polyak averaging, average = eps * average + (1 - eps) * newer")
     parser.add_argument("--mels", nargs="+", metavar="PATH",
-                        help="with -s: mel files [80, F] (.pt, .npy) or folders of them, instead of the test list")
+                        help="with -s or -v: mel files [80, F] (.pt, .npy) or folders of them, instead of the test "
+                             "list; with -v, NAME.pt or NAME.npy is measured against the audio file NAME "
+                             "(or NAME.wav, NAME.flac) beside it or in the test list")
+    parser.add_argument("--json", metavar="PATH",
+                        help="with -v: also write the results as JSON to PATH ('-': to stdout, the table to stderr)")
     parser.add_argument("--checkpoint_path", default=None, help="override train_config.checkpoint_path")
     parser.add_argument("--max_iterations", type=int, default=None, metavar="N",
                         help="override train_config.max_iterations: stop training at iteration N (0: no limit)")
@@ -87,8 +101,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.evaluate and args.synthesize:
         parser.error("choose one of -v/--evaluate and -s/--synthesize")
-    if args.mels and not args.synthesize:
-        parser.error("--mels goes with -s/--synthesize")
+    if args.mels and not (args.synthesize or args.evaluate):
+        parser.error("--mels goes with -s/--synthesize or -v/--evaluate")
+    if args.json and not args.evaluate:
+        parser.error("--json goes with -v/--evaluate")
+    if args.temp is None:
+        args.temp = 1.0 if args.synthesize else MEASURE_TEMPERATURE
     if args.temp <= 0:
         parser.error("-t/--temp must be positive")
     if args.max_iterations is not None and args.max_iterations < 0:
@@ -467,33 +485,54 @@ def test_loss(model: WaveFlow, dataset: Mel2Samp, runtime: Runtime, sigma: float
     return total / count, count
 
 
+def synthesize_clip(model: WaveFlow, mel: torch.Tensor, temperature: float, seed: int,
+                    device: torch.device) -> torch.Tensor:
+    """mel [n_mels, F] -> audio [256 * (F - 3)] float32 on the CPU, from noise fixed by `seed`, so that a
+    clip gets the same noise at every checkpoint and in -v."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return model.infer(mel[None].to(device), sigma=temperature, generator=generator)[0].float().cpu()
+
+
 class CheckpointReport:
-    """At each checkpoint: the test-set loss on first segments, and one test clip synthesized.
-    The datasets and the mel spectrogram are built once, with the training run."""
+    """At each checkpoint: the test-set loss on first segments, and the first `MEASURED_CLIPS` test clips
+    synthesized and measured against their recordings (metrics.py); the first is kept as a sample.
+    The datasets, the measured clips and the mel spectrogram are read and built once, with the training run."""
 
     def __init__(self, config: Config, runtime: Runtime):
         self.config, self.runtime = config, runtime
         self.eval_set = Mel2Samp.from_config(config.data, mode="eval", seed=config.train.seed)
-        self.clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
+        clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
+        self.clips = [(stem(clips.files[index]), *clips[index]) for index in range(min(MEASURED_CLIPS, len(clips)))]
         self.mel_spectrogram = MelSpectrogram.from_config(config.data)
 
     def __call__(self, model: WaveFlow, logs: TrainingLogs | None, iteration: int, temperature: float) -> None:
         config, runtime = self.config, self.runtime
         loss, _ = test_loss(model, self.eval_set, runtime, config.train.sigma, config.train.batch_size)
         print(f"iteration {iteration}: test loss {loss:.4f}")
-        mel, _ = self.clips[0]
-        generator = torch.Generator(device=runtime.device).manual_seed(config.train.seed)
-        audio = model.infer(mel[None].to(runtime.device), sigma=temperature, generator=generator)[0].cpu()
         rate = config.data.sampling_rate
-        path = os.path.join(samples_dir(config), f"{stem(self.clips.files[0])}_iter{iteration}.wav")
-        try:
-            write_wav(path, audio, rate)
-        except OSError as error:
-            warn(f"{path}: cannot write the sample ({describe(error)}); training goes on")
+        started = time.perf_counter()
+        results = []
+        for index, (name, mel, reference) in enumerate(self.clips):
+            audio = synthesize_clip(model, mel, temperature, config.train.seed, runtime.device)
+            if index == 0:
+                path = os.path.join(samples_dir(config), f"{name}_iter{iteration}.wav")
+                try:
+                    write_wav(path, audio, rate)
+                except OSError as error:
+                    warn(f"{path}: cannot write the sample ({describe(error)}); training goes on")
+                if logs is not None:
+                    logs.add("audio", "eval/sample", audio.clamp(-1, 1), iteration, sample_rate=rate)
+                    logs.add("figure", "eval/mel", mel_figure(self.mel_spectrogram(audio), mel), iteration)
+            results.append(measure(audio, reference, rate))
+        summary = summarize(results)
+        defined = {name: entry["mean"] for name, entry in summary.items() if entry["mean"] is not None}
+        print(f"iteration {iteration}: {len(results)} test clips at temperature {temperature} "
+              f"({time.perf_counter() - started:.1f} s): "
+              + ", ".join(f"{MEASURES[name][0]} {value:.3f}" for name, value in defined.items()))
         if logs is not None:
             logs.add("scalar", "eval/loss", loss, iteration)
-            logs.add("audio", "eval/sample", audio.clamp(-1, 1), iteration, sample_rate=rate)
-            logs.add("figure", "eval/mel", mel_figure(self.mel_spectrogram(audio), mel), iteration)
+            for name, value in defined.items():
+                logs.add("scalar", f"eval/{name}", value, iteration)
 
 
 def mel_figure(synthesized: torch.Tensor, target: torch.Tensor):
@@ -526,11 +565,91 @@ def stem(path: str) -> str:
 
 
 def evaluate(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
+    """The test-set log-likelihood (not with --mels: a TTS model's mel has no audio of its own to score), then
+    every clip synthesized at -t with the seed of the config and measured against its recording."""
     model = trained_model(config, args, runtime.device)
-    clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
-    nll, samples = test_loss(model, clips, runtime, config.train.sigma, batch_size=1)
-    print(f"{len(clips)} test clips, {samples} samples: negative log-likelihood {nll:.4f} nats per sample, "
-          f"log-likelihood (LL) {-nll:.4f}")
+    human = sys.stderr if args.json == "-" else sys.stdout  # with --json -, stdout holds only the JSON
+    likelihood = None
+    if args.mels:
+        inputs = evaluation_inputs(config, args)
+    else:
+        clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
+        nll, samples = test_loss(model, clips, runtime, config.train.sigma, batch_size=1)
+        likelihood = {"clips": len(clips), "samples": samples, "negative_log_likelihood": nll, "log_likelihood": -nll}
+        inputs = [(stem(path), lambda index=index: clips[index]) for index, path in enumerate(clips.files)]
+    model = model.remove_weight_norm()  # the fast synthesis path, as -s runs it
+    if runtime.amp_dtype is not None:
+        model = model.to(runtime.amp_dtype)
+    results = []
+    for name, read in tqdm(inputs, desc="measures", unit="clip", disable=None):
+        mel, reference = read()
+        if mel.shape[-1] <= 3:
+            raise DataError(f"{name}: a mel of {mel.shape[-1]} frames is too short to synthesize (need at least 4)")
+        audio = synthesize_clip(model, mel, args.temp, config.train.seed, runtime.device)
+        try:
+            results.append({"name": name, **measure(audio, reference, config.data.sampling_rate)})
+        except ValueError as error:  # a clip too short to measure
+            raise DataError(f"{name}: {error}") from None
+    summary = summarize(results)
+    print(f"{len(results)} clips synthesized at temperature {args.temp} (seed {config.train.seed}) and measured "
+          f"against their recordings:\n{format_table(summary, len(results))}", file=human)
+    if likelihood is not None:
+        print(f"{likelihood['clips']} test clips, {likelihood['samples']} samples: negative log-likelihood "
+              f"{likelihood['negative_log_likelihood']:.4f} nats per sample, log-likelihood (LL) "
+              f"{likelihood['log_likelihood']:.4f}", file=human)
+    if args.json:
+        document = {"config": args.config, "checkpoint": config.train.checkpoint_path,
+                    "average_checkpoint": args.average_checkpoint, "temperature": args.temp,
+                    "seed": config.train.seed, "log_likelihood": likelihood, "measures": summary,
+                    "clips": [{key: None if isinstance(value, float) and math.isnan(value) else value
+                               for key, value in result.items()} for result in results]}  # NaN is not JSON
+        text = json.dumps(document, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+            print(f"wrote {args.json}", file=human)
+
+
+def mel_files(paths: list[str]) -> list[str]:
+    """The mel files (.pt, .npy) named on the command line, folders expanded in sorted order."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(path, name) for name in os.listdir(path)
+                            if name.lower().endswith(MEL_FILE_EXTENSIONS))
+        else:
+            files.append(path)
+    if not files:
+        raise DataError(f"{', '.join(paths)}: no mel files (.pt, .npy) found")
+    return files
+
+
+def evaluation_inputs(config: Config, args: argparse.Namespace):
+    """`(name, read)` for every mel of --mels, `read() -> (mel [80, F], audio [T])`.
+
+    The audio of `NAME.pt` or `NAME.npy` is the file `NAME` (mel2samp.py writes the mel of
+    `LJ001-0001.wav` as `LJ001-0001.wav.pt`), or `NAME.wav` or `NAME.flac` when NAME has no
+    audio extension; it is looked for beside the mel file, then among the test list's files.
+    """
+    test_files = None
+    inputs = []
+    for path in mel_files(args.mels):
+        name = os.path.basename(path)[:-len(os.path.splitext(path)[1])]
+        candidates = [name] if name.lower().endswith((".wav", ".flac")) else [name + ".wav", name + ".flac"]
+        found = [os.path.join(os.path.dirname(path), candidate) for candidate in candidates
+                 if os.path.isfile(os.path.join(os.path.dirname(path), candidate))]
+        if not found:
+            if test_files is None:
+                test_files = {os.path.basename(audio): audio for audio in read_file_list(config.data.test_files)}
+            found = [test_files[candidate] for candidate in candidates if candidate in test_files]
+        if not found:
+            raise DataError(f"{path}: no audio to measure it against: looked for {' or '.join(candidates)} beside "
+                            f"it and in {config.data.test_files}")
+        inputs.append((stem(path), lambda path=path, audio=found[0]: (
+            load_mel(path, config.data.n_mel_channels), load_audio(audio, config.data.sampling_rate))))
+    return inputs
 
 
 def synthesis_inputs(config: Config, args: argparse.Namespace):
@@ -539,16 +658,8 @@ def synthesis_inputs(config: Config, args: argparse.Namespace):
     if not args.mels:
         clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
         return [(stem(path), path, lambda index=index: clips[index][0]) for index, path in enumerate(clips.files)]
-    files = []
-    for path in args.mels:
-        if os.path.isdir(path):
-            files += sorted(os.path.join(path, name) for name in os.listdir(path)
-                            if name.lower().endswith(MEL_FILE_EXTENSIONS))
-        else:
-            files.append(path)
-    if not files:
-        raise DataError(f"{', '.join(args.mels)}: no mel files (.pt, .npy) found")
-    return [(stem(path), path, lambda path=path: load_mel(path, config.data.n_mel_channels)) for path in files]
+    return [(stem(path), path, lambda path=path: load_mel(path, config.data.n_mel_channels))
+            for path in mel_files(args.mels)]
 
 
 def synthesize(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
