@@ -89,7 +89,7 @@ def test_training_stops_at_max_iterations_and_says_where_its_outputs_are(tmp_pat
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "exp" / "tiny"
-    assert sorted(os.listdir(folder)) == ["config.json", "waveflow_2", "waveflow_3"]
+    assert sorted(os.listdir(folder)) == ["config.json", "train.lock", "waveflow_2", "waveflow_3"]
     assert "training finished at iteration 3" in result.stdout
     assert str(folder) in result.stdout and "python train.py -s -c" in result.stdout
     checkpoint = torch.load(folder / "waveflow_3", weights_only=True)
