@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Regenerate the bundled demo corpus in data/demo/ from data/demo/sentences.txt.
+# Regenerate the bundled demo corpus in data/demo/ from data/demo/sentences.txt:
+#
+#     bash scripts/make_demo_corpus.sh                   # the demo corpus (6 test clips, 26 training clips)
+#     bash scripts/make_demo_corpus.sh heldout           # data/demo/heldout/: other sentences, same voice
 #
 # Each line of sentences.txt (Harvard sentences, IEEE 1969) is spoken by espeak-ng's
 # American English voice, which writes 22,050 Hz mono 16-bit wav natively, the
@@ -12,9 +15,16 @@ cd "$(dirname "$0")/.."
 
 VOICE=en-us
 WORDS_PER_MINUTE=150  # espeak-ng's default of 175 runs words together
-TEST_CLIPS=6
 NOISE_FLOOR_DB=-70
-DEMO=data/demo
+if [ "${1:-}" = heldout ]; then
+    # Sentences the demo never trains or tests on, to measure a demo model on speech it has not seen:
+    # every clip goes to test_files.txt.
+    DEMO=data/demo/heldout
+    TEST_CLIPS=1000
+else
+    DEMO=data/demo
+    TEST_CLIPS=6
+fi
 
 command -v espeak-ng >/dev/null || { echo "error: espeak-ng not found (apt-get install espeak-ng)" >&2; exit 1; }
 rm -rf "$DEMO/wavs"
@@ -36,4 +46,5 @@ done < "$DEMO/sentences.txt"
 # give the corpus the low noise floor every recording has (see scripts/add_noise_floor.py).
 python scripts/add_noise_floor.py --level_db "$NOISE_FLOOR_DB" "$DEMO"/wavs/*.wav
 
+[ "$DEMO" = data/demo/heldout ] && rm -f "$DEMO/train_files.txt"
 echo "wrote $number clips to $DEMO/wavs with $(espeak-ng --version | sed "s/  Data at.*//")"
