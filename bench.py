@@ -8,8 +8,9 @@ The estimator's convolutions dominate both directions, so the useful arithmetic
 per audio sample (a multiply-add counts 2, R = res_channels, L = n_layer,
 K = n_flow) is `K * 2 * (R + 20 * L * R^2 + 2 * R) + 2 * 80 * 2 * R * L` in
 synthesis (the conditioning projected once), and three times that per sample
-in a training step. Every figure is divided by the throughput of a 2048 x 2048
-matmul in the same dtype, measured in the same run before and after the
+in a training step. Every figure is divided by the throughput of a square
+matmul in the same dtype (2048 x 2048 on a CPU; 8192 x 8192 on a GPU, where a
+smaller one measures the launch, not the tensor cores), and by that of a bf16 one, measured in the same run before and after the
 workloads. Times are medians over repeated runs after warm-up runs (synthesis
 warms up on the shortest length); cases that take longer than --max_seconds
 stop repeating. Data loading is the
@@ -60,12 +61,17 @@ def timed(run, device: torch.device, repeats: int, warmup: int, max_seconds: flo
     return times
 
 
+def matmul_size(device: torch.device) -> int:
+    return 8192 if device.type == "cuda" else 2048
+
+
 def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 30) -> float:
-    """Median throughput of a 2048 x 2048 matmul, the yardstick for every figure."""
-    a = torch.randn(2048, 2048, device=device, dtype=dtype)
-    b = torch.randn(2048, 2048, device=device, dtype=dtype)
+    """Median throughput of a square matmul (`matmul_size`), the yardstick for every figure."""
+    size = matmul_size(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     times = timed(lambda: a @ b, device, repeats, warmup=5, max_seconds=60)
-    return 2 * 2048 ** 3 / statistics.median(times) / 1e9
+    return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
 def device_name(device: torch.device) -> str:
@@ -149,6 +155,7 @@ def bench_synthesis(model, device, dtype, seconds: float, batch: int, warmup: in
 
 def bench_training(config, device, dtype, batch: int, segment: int, checkpointing: bool, args) -> dict:
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as train.py does: one segment size
     model = build_model(replace(config.waveflow, gradient_checkpointing=checkpointing)).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -241,12 +248,12 @@ def main() -> None:
     report = {"config": args.config, "device": device_name(device), "dtype": args.dtype,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
               "cuda_graphs": device.type == "cuda" and not args.eager,
-              "matmul_2048_gflops": matmul, "bf16_matmul_2048_gflops": bf16_matmul, "results": results}
+              "matmul_size": matmul_size(device), "matmul_gflops": matmul, "bf16_matmul_gflops": bf16_matmul, "results": results}
     if args.json:
         print(json.dumps(report, indent=2))
         return
     print(f"{args.config} on {report['device']} ({torch.get_num_threads()} threads), {args.dtype}, "
-          f"torch {torch.__version__}: 2048x2048 matmul {matmul:.0f} GFLOP/s ({bf16_matmul:.0f} in bf16)")
+          f"torch {torch.__version__}: {report['matmul_size']}^2 matmul {matmul:.0f} GFLOP/s ({bf16_matmul:.0f} in bf16)")
     columns = [("case", "{}", 32), ("seconds", "{:.3f}", 9), ("runs", "{}", 5), ("kHz", "{:.1f}", 9),
                ("real_time_factor", "{:.2f}", 9), ("gflops", "{:.0f}", 7), ("fraction_of_matmul", "{:.2f}", 9),
                ("fraction_of_bf16_matmul", "{:.2f}", 9),

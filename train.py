@@ -343,6 +343,10 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
     """The training loop, from checkpoint `start` (none when empty)."""
     tc, dc = config.train, config.data
     torch.manual_seed(tc.seed)
+    if runtime.device.type == "cuda":
+        # Training segments have one size: let cuDNN time its algorithms once. Its default choice for
+        # the dilated convolutions in half precision was measured 18x slower than fp32 on an H200.
+        torch.backends.cudnn.benchmark = True
     model = build_model(config.waveflow).to(runtime.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=tc.lr_decay_step, gamma=tc.lr_decay_gamma)

@@ -18,13 +18,13 @@ def test_bench_reports_every_case_as_json(tmp_path):
                              "2048", "--repeats", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["matmul_2048_gflops"] > 0
+    assert report["matmul_size"] == 2048 and report["matmul_gflops"] > 0 and report["bf16_matmul_gflops"] > 0
     cases = {item["case"]: item for item in report["results"]}
     assert set(cases) == {"synthesis 0.1 s x 1", "synthesis 0.1 s x 2", "training 2 x 2048",
                           "training 2 x 2048 checkpointed", "data loading 2 x 2048"}
     for name, item in cases.items():
         assert item["seconds"] > 0 and item["runs"] >= 1
         if not name.startswith("data"):
-            assert 0 < item["fraction_of_matmul"] and item["gflops"] > 0 and item["peak_memory_mb"] >= 0
+            assert 0 < item["fraction_of_matmul"] and 0 < item["fraction_of_bf16_matmul"] and item["gflops"] > 0 and item["peak_memory_mb"] >= 0
     assert cases["synthesis 0.1 s x 2"]["kHz"] > 0 and cases["synthesis 0.1 s x 1"]["real_time_factor"] > 0
     assert 0 < cases["data loading 2 x 2048"]["percent_of_training_step"]
