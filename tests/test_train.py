@@ -169,6 +169,22 @@ def test_synthesize_writes_one_wav_per_test_clip(trained):
     assert "kHz" in result.stdout and "x real time" in result.stdout
 
 
+def test_synthesis_precision_is_chosen_on_the_command_line_and_said(trained):
+    folder, config, _ = trained
+    checkpoint = ["--checkpoint_path", os.path.join(folder, "exp", "tiny", "waveflow_6")]
+    wav = os.path.join(folder, "exp", "samples", "tiny", "clip06_synthesis.wav")
+    # auto: a model of 8 channels stays in fp32, where bf16 would not be faster
+    assert "synthesis in fp32" in run("-s", "-t", "0.6", "-c", config, *checkpoint).stdout
+    full = soundfile.read(wav)[0]
+    result = run("-s", "-t", "0.6", "--precision", "bf16", "-c", config, *checkpoint)
+    assert "synthesis in bf16" in result.stdout
+    reduced = soundfile.read(wav)[0]
+    assert reduced.shape == full.shape and 0 < np.abs(reduced - full).max() < 0.1
+    refused = run("-s", "--precision", "fp16", "--device", "cpu", "-c", config, *checkpoint, check=False)
+    assert refused.returncode == 1 and refused.stderr.strip() == \
+        "error: --precision fp16 needs a CUDA device; use bf16 or fp32 on a CPU"
+
+
 def test_synthesize_from_precomputed_mels(trained, tmp_path):
     folder, config, _ = trained
     mels = tmp_path / "mels"
