@@ -1,0 +1,73 @@
+"""A picture of a recording's mel spectrogram beside the synthesis of its mel, as a PNG.
+
+    python scripts/plot_synthesis.py -c configs/demo.json --checkpoint_path pretrained/nanoflow-demo.pt \
+        data/demo/heldout/wavs/demo_002.wav -o pretrained/nanoflow-demo.png
+
+The recording's Tacotron 2 mel is synthesized at temperature `-t` (0.8) with the config's seed,
+and both mels are drawn one above the other on the same axes, with the measures of metrics.py
+in the title.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from config import ConfigError, load_config  # noqa: E402
+from data import DataError, MelSpectrogram, load_audio  # noqa: E402
+from metrics import measure  # noqa: E402
+from model import build_model  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Mel of a recording beside the synthesis of that mel, as a PNG.")
+    parser.add_argument("audio", help="a recording (wav or flac at the config's rate)")
+    parser.add_argument("-c", "--config", required=True)
+    parser.add_argument("--checkpoint_path", required=True)
+    parser.add_argument("-o", "--output", required=True, help="PNG file to write")
+    parser.add_argument("-t", "--temp", type=float, default=0.8)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, sections=("train_config", "data_config", "waveflow_config"))
+        model = build_model(config.waveflow)
+        load_checkpoint(args.checkpoint_path, model)
+        model = model.eval().remove_weight_norm()
+        rate = config.data.sampling_rate
+        recording = load_audio(args.audio, rate)
+        mel_spectrogram = MelSpectrogram.from_config(config.data)
+        mel = mel_spectrogram(recording)  # [80, F]
+        generator = torch.Generator().manual_seed(config.train.seed)
+        audio = model.infer(mel[None], sigma=args.temp, generator=generator)[0]
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    result = measure(audio, recording, rate)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    synthesized = mel_spectrogram(audio)
+    figure, axes = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
+    frames = synthesized.shape[-1]
+    for axis, image, title in ((axes[0], mel[:, :frames], f"recording: {os.path.basename(args.audio)}"),
+                               (axes[1], synthesized, f"synthesis at temperature {args.temp:g}")):
+        axis.imshow(image.numpy(), origin="lower", aspect="auto", interpolation="none", vmin=-11.5, vmax=2)
+        axis.set_title(title)
+        axis.set_ylabel("mel band")
+    axes[1].set_xlabel(f"frame ({config.data.hop_length} samples)")
+    figure.suptitle(f"{os.path.basename(args.checkpoint_path)}: log-mel L1 {result['log_mel_l1']:.2f}, "
+                    f"F0 error {result['f0_rmse_cents']:.0f} cents, V/UV F1 {result['vuv_f1']:.2f}")
+    figure.tight_layout()
+    partial = args.output + ".partial.png"
+    figure.savefig(partial, dpi=80)
+    os.replace(partial, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
