@@ -65,7 +65,7 @@ def test_a_command_reads_only_the_sections_it_asks_for():
 
 
 @pytest.mark.parametrize("changes,training,message", [
-    ({"data_config": {"segment_length": 8200}}, True,
+    ({"data_config": {"segment_length": 8200}, "waveflow_config": {"n_height": 16}}, True,
      r"data_config\.segment_length \(8200\) must be a multiple of waveflow_config\.n_height \(16\)"),
     ({"waveflow_config": {"cin_channels": 64}}, False,
      r"data_config\.n_mel_channels \(80\) and waveflow_config\.cin_channels \(64\) must be equal"),
