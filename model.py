@@ -108,10 +108,6 @@ class CudaGraphCache:
                 static_output = function(*static_inputs)
         return graph, static_inputs, static_output
 
-    def clear(self) -> None:
-        self.graphs.clear()
-        self.seen.clear()
-
 
 class Coupling(nn.Module):
     """The parameters of one affine coupling that are not shared with other flows.
