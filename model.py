@@ -160,7 +160,7 @@ class WaveFlow(nn.Module):
         self.condition_cache_bytes = 2 ** 31
         # Synthesis on a CPU processes at most this many columns (batch x width) at once, when the
         # batch allows: beyond, a row's working set falls out of the caches.
-        self.max_inference_columns = 2 ** 14
+        self.max_inference_columns = 2 ** 11
         # Synthesis on a GPU replays CUDA graphs for lengths it has seen before (CudaGraphCache);
         # False runs every kernel eagerly.
         self.cuda_graphs = True

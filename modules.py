@@ -26,6 +26,7 @@ import torch.nn.functional as F
 SQRT_HALF = math.sqrt(0.5)
 
 
+
 # ----------------------------------------------------------------------------- weight norm
 
 def _norm_except_dim0(v: torch.Tensor) -> torch.Tensor:
@@ -331,9 +332,9 @@ class ResidualBlock(nn.Module):
         input row r lives in phase `r % dh`, ring position `k = (r // dh) % 3`, channels
         `[k C, (k + 1) C)`, and the last column is ones. The three rows the causal conv reads
         for row r (r - 2 dh, r - dh, r) are then the three ring positions of one phase, one
-        `[B * W, 3 C + 1]` matrix, and a single matrix product against the conv weight
-        (rotated to the ring's current order, the bias in the ones row) gives all three width
-        taps at once.
+        `[B, W, 3 C + 1]` tensor, and three matrix products against the conv weight (rotated
+        to the ring's current order, the bias in the ones row), one per width tap, each on the
+        columns that tap reads, add all of the 3x3 conv into the gate input.
 
         `input_map [C, R]`: the queue holds C channels from which the block's input is
         `row @ input_map` (the first block: `[x, 1]` and the front conv, so that its 3x3 conv
@@ -351,7 +352,7 @@ class ResidualBlock(nn.Module):
         gate_weight = self.step_gate_weight
         if gate_weight is None or gate_weight.dtype != like.dtype or gate_weight.device != like.device:
             gate_weight = self.step_gate_weight = self._rotated_gate_weight(input_map).to(like)
-        gate_weight[:, -1, 2 * channels:4 * channels] = gate_bias.detach()  # added with the centre width tap
+        gate_weight[:, 1, -1] = gate_bias.detach()  # added with the centre width tap
         augmented = torch.cat([out_weight, out_bias[:, None]], dim=1).detach().to(like.dtype)  # [R + 2, R + 1]
         self.step_out_weight = augmented.t()  # [R + 1, R + 2]: residual update, then the share of (log_s, t)
         self.step_out = like.new_empty(batch * width, 2 if self.is_last else channels + 2)
@@ -359,11 +360,12 @@ class ResidualBlock(nn.Module):
         self.step_input_map = None if input_map is None else (residual_keep * input_map).detach().to(like.dtype)
 
     def _rotated_gate_weight(self, input_map: torch.Tensor | None) -> torch.Tensor:
-        """`filter_gate_conv`'s weight as the queue's matrix product needs it: `[3, 3 C + 1, 3 * 2R]`.
+        """`filter_gate_conv`'s weight as the queue's matrix products need it: `[3, 3, 3 C + 1, 2R]`.
 
-        Entry `turn` serves rows with `(r // dh) % 3 == turn`; its row `k C + i` (ring position k,
-        queue channel i) and column `tap * 2R + o` (width tap, output channel) hold the weight of
-        the height tap whose row sits at ring position k. The last row (the bias) is zero here.
+        Entry `[turn, tap]` serves rows with `(r // dh) % 3 == turn` and width tap `tap` (0: the
+        column `dw` to the left, 1: the centre, 2: `dw` to the right); its row `k C + i` (ring
+        position k, queue channel i) and column o (output channel) hold the weight of the height
+        tap whose row sits at ring position k. The last row (the bias) is zero here.
         """
         weight = self.filter_gate_conv.conv.normed_weight().detach()  # [2R, R, 3 (height tap), 3 (width tap)]
         if input_map is not None:
@@ -372,8 +374,9 @@ class ResidualBlock(nn.Module):
         weight = weight.permute(2, 1, 3, 0).reshape(3, in_channels, 3 * out_channels)  # [height tap, i, (tap, o)]
         bias_row = weight.new_zeros(1, 3 * out_channels)
         # With (r // dh) % 3 == turn, ring position k holds row r - ((turn - k) % 3) * dh: height tap 2 - that.
-        return torch.stack([torch.cat([*(weight[2 - (turn - k) % 3] for k in range(3)), bias_row])
-                            for turn in range(3)])
+        rotated = torch.stack([torch.cat([*(weight[2 - (turn - k) % 3] for k in range(3)), bias_row])
+                               for turn in range(3)])  # [turn, 3 C + 1, (tap, o)]
+        return rotated.view(3, 3 * in_channels + 1, 3, out_channels).transpose(1, 2).contiguous()
 
     def end_inference(self, keep_weights: bool = False) -> None:
         """Free the queue; `keep_weights` keeps the prepared conv weight for the next flow that
@@ -388,25 +391,25 @@ class ResidualBlock(nn.Module):
         phases = len(self.step_slots)
         return self.step_slots[row % phases][(row // phases) % 3]
 
-    def step(self, row: int, cond_row: torch.Tensor, taps_out: torch.Tensor, log_s_t: torch.Tensor,
+    def step(self, row: int, cond_row: torch.Tensor, a: torch.Tensor, log_s_t: torch.Tensor,
              next_slot: torch.Tensor | None) -> None:
         """Row `row` of the block, once its input row is in the queue (`slot(row)`).
 
-        `cond_row [B, W, 2R]` is the row's conditioning projection (no bias) and `taps_out`
-        `[B, W, 3 * 2R]` scratch space. The block's share of the row's `(log_s, t)` is added to
+        `cond_row [B, W, 2R]` is the row's conditioning projection (no bias) and `a [B, W, 2R]`
+        scratch space for the gate input. The block's share of the row's `(log_s, t)` is added to
         `log_s_t [B * W, 2]`, and the next block's input row is written into `next_slot [B * W, R]`.
         """
         phases, channels = len(self.step_slots), self.res_channels
-        batch, width, _ = taps_out.shape
-        queue = self.queue[row % phases].view(batch * width, -1)  # [B * W, 3 C + 1]
-        torch.mm(queue, self.step_gate_weight[(row // phases) % 3], out=taps_out.view(batch * width, -1))
-        # The gate input: centre tap + conditioning + the side taps shifted by the width dilation.
-        a = taps_out[..., 2 * channels:4 * channels]  # [B, W, 2R]
-        a += cond_row
+        batch, width, _ = a.shape
+        queue = self.queue[row % phases]  # [B, W, 3 C + 1]
+        weight = self.step_gate_weight[(row // phases) % 3]  # [3 width taps, 3 C + 1, 2R]
+        # The gate input: conditioning + centre tap (with the bias), then each side tap added to the
+        # columns it reaches; the products accumulate into `a`, so no tap is ever stored apart.
+        torch.baddbmm(cond_row, queue, weight[1].expand(batch, -1, -1), out=a)
         shift = self.filter_gate_conv.conv.dilation[1]
         if shift < width:
-            a[:, shift:] += taps_out[:, :-shift, :2 * channels]
-            a[:, :-shift] += taps_out[:, shift:, 4 * channels:]
+            a[:, shift:].baddbmm_(queue[:, :-shift], weight[0].expand(batch, -1, -1))
+            a[:, :-shift].baddbmm_(queue[:, shift:], weight[2].expand(batch, -1, -1))
         gated = self.step_gated  # [B, W, R + 1], last column ones
         torch.mul(torch.tanh_(a[..., :channels]), torch.sigmoid_(a[..., channels:]), out=gated[..., :channels])
         gated = gated.view(batch * width, channels + 1)
@@ -443,7 +446,7 @@ class WaveNet2D(nn.Module):
             ResidualBlock(res_channels, cin_channels, (2 ** (j % n_layer_per_cycle), 2 ** j), size_flow_embed,
                           is_last=j == n_layer - 1)
             for j in range(n_layer))
-        for name in ("step_output_bias", "step_log_s_t", "step_taps"):
+        for name in ("step_output_bias", "step_log_s_t", "step_gate_input"):
             self.register_buffer(name, None, persistent=False)
 
     def condition(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -522,13 +525,13 @@ class WaveNet2D(nn.Module):
         accumulate = torch.promote_types(like.dtype, torch.float32)
         self.step_output_bias = projection_bias.detach().to(accumulate)  # [2]
         self.step_log_s_t = like.new_empty(batch * width, 2, dtype=accumulate)
-        self.step_taps = like.new_empty(batch, width, 3 * 2 * self.res_channels)  # scratch shared by the blocks
+        self.step_gate_input = like.new_empty(batch, width, 2 * self.res_channels)  # scratch shared by the blocks
 
     def end_inference(self, keep_weights: bool = False) -> None:
         """Free the queues; `keep_weights`: the next flow uses this estimator too (`ResidualBlock.end_inference`)."""
         for block in self.res_blocks:
             block.end_inference(keep_weights)
-        self.step_output_bias = self.step_log_s_t = self.step_taps = None
+        self.step_output_bias = self.step_log_s_t = self.step_gate_input = None
 
     def step(self, x_row: torch.Tensor, cond_row: torch.Tensor, row: int) -> torch.Tensor:
         """Row `row` of the flow's `(log_s, t)`; rows are fed in order 0, 1, ... after `start_inference`.
@@ -545,5 +548,5 @@ class WaveNet2D(nn.Module):
         log_s_t = self.step_log_s_t.copy_(self.step_output_bias.expand_as(self.step_log_s_t))
         for j, block in enumerate(blocks):
             next_slot = blocks[j + 1].slot(row) if j + 1 < len(blocks) else None
-            block.step(row, cond_row[:, :, j], self.step_taps, log_s_t, next_slot)
+            block.step(row, cond_row[:, :, j], self.step_gate_input, log_s_t, next_slot)
         return log_s_t.view(*x_row.shape, 2)
