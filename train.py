@@ -9,7 +9,7 @@
     python train.py -w -c config.json                            # warm start: weights only, fresh optimizer
     torchrun --nproc_per_node=N train.py -c config.json          # DistributedDataParallel, one GPU per process
 
-`main` dispatches to `train`, `evaluate` and `synthesize`; bad input ends the
+`main` dispatches to `train`, or to `evaluate` and `synthesize` (synthesis.py); bad input ends the
 command with a one-line `error:` message and exit status 1. Training survives
 what long runs meet: the same command after a crash or a preemption resumes
 from the run folder's newest checkpoint; one process at a time trains into a
@@ -19,40 +19,27 @@ checkpoint, failing logs or samples are warnings (see storage.py).
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import math
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
 
-import soundfile
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from checkpoint import (CheckpointError, average_checkpoints, checkpoint_path, list_checkpoints, load_checkpoint,
-                        load_weights, read_checkpoint, rerun_checkpoint, save_checkpoint, warm_start)
+                        read_checkpoint, rerun_checkpoint, save_checkpoint, warm_start)
 from config import Config, ConfigError, check_model_rules, load_config
-from data import MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, load_audio, load_mel, read_file_list
+from data import DataError
 from mel2samp import Mel2Samp, collate
-from metrics import MEASURES, format_table, measure, summarize
 from model import WaveFlow, build_model, negative_log_likelihood
-from storage import (RunLock, StorageError, TrainingLogs, describe, remove_partial_files, warn,
-                     write_atomically)
-
-# The speech measures synthesize at this temperature unless -t says otherwise (-s keeps the original's 1.0).
-MEASURE_TEMPERATURE = 0.8
-MEASURED_CLIPS = 3  # the first test clips, measured at every checkpoint
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Below this width the estimator's matrices are too small for bf16 to pay for its conversions on a CPU:
-# a 32-channel model synthesized 1.2x slower in bf16 than in fp32, a 128-channel one 1.7x faster
-# (2-core AMD EPYC with avx512_bf16, one thread).
-BF16_MIN_CHANNELS = 64
-PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
+from storage import RunLock, StorageError, TrainingLogs, describe, remove_partial_files, warn, write_atomically
+from synthesis import (BF16_MIN_CHANNELS, MEASURE_TEMPERATURE, PRECISIONS, CheckpointReport, evaluate, samples_dir,
+                       synthesize)
 
 
 class TrainingStopped(RuntimeError):
@@ -151,52 +138,6 @@ def setup_runtime(config: Config, device_name: str | None) -> Runtime:
 
 def run_dir(config: Config) -> str:
     return os.path.join(config.train.output_directory, config.waveflow.model_name)
-
-
-def samples_dir(config: Config) -> str:
-    return os.path.join(config.train.output_directory, "samples", config.waveflow.model_name)
-
-
-def has_bf16_matrix_units(device: torch.device) -> bool:
-    """Tensor cores, or a CPU with AMX or AVX-512 bf16 instructions."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return False
-
-
-def synthesis_precision(config: Config, choice: str, device: torch.device) -> tuple[torch.dtype, str]:
-    """The dtype of the estimator in synthesis for `--precision choice`, and a line saying why."""
-    if choice != "auto":
-        if choice == "fp16" and device.type != "cuda":
-            raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on a CPU")
-        return PRECISIONS[choice], f"synthesis in {choice} (--precision)"
-    if config.train.fp16_run and device.type == "cuda":
-        return torch.float16, "synthesis in fp16 (fp16_run; --precision fp32 for full precision)"
-    channels = config.waveflow.res_channels
-    if not has_bf16_matrix_units(device):
-        return torch.float32, f"synthesis in fp32 (this {device.type} has no bf16 matrix units)"
-    if channels < BF16_MIN_CHANNELS:
-        return torch.float32, (f"synthesis in fp32 (res_channels {channels} < {BF16_MIN_CHANNELS}: bf16 is not "
-                               f"faster for so small a model; --precision bf16 to try)")
-    return torch.bfloat16, (f"synthesis in bf16 (this {device.type} has bf16 matrix units; --precision fp32 "
-                            f"for full precision)")
-
-
-def trained_model(config: Config, args: argparse.Namespace, device: torch.device) -> WaveFlow:
-    """The model of checkpoint_path (or the average of its newest -a N checkpoints), for evaluation and synthesis."""
-    path = config.train.checkpoint_path
-    if not path:
-        raise ConfigError(f"{args.config}: train_config.checkpoint_path is empty; name a checkpoint "
-                          f"(or with -a N a folder of checkpoints) to evaluate or synthesize")
-    model = build_model(config.waveflow)
-    if args.average_checkpoint:
-        weights, _ = average_checkpoints(path, args.average_checkpoint, args.epsilon)
-        load_weights(model, weights, path)
-    else:
-        load_checkpoint(path, model)
-    return model.to(device).eval()
 
 
 # ----------------------------------------------------------------------------- training
@@ -393,7 +334,7 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
     iteration, start_epoch, batch_in_epoch = restore(model, optimizer, scheduler, scaler, start, args, runtime.is_main)
 
     train_set = Mel2Samp.from_config(dc, mode="train", seed=tc.seed)
-    report = CheckpointReport(config, runtime) if runtime.is_main else None
+    report = CheckpointReport(config, runtime.device, runtime.amp_dtype) if runtime.is_main else None
     sampler = EpochSampler(len(train_set), tc.batch_size, tc.seed, runtime.rank, runtime.world_size)
     if sampler.batches_per_epoch == 0:
         raise DataError(f"{dc.training_files}: {len(train_set)} clips cannot fill one batch of "
@@ -510,228 +451,6 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
             logs.close()
 
 
-# ----------------------------------------------------------------------------- evaluation and samples
-
-@torch.no_grad()
-def test_loss(model: WaveFlow, dataset: Mel2Samp, runtime: Runtime, sigma: float, batch_size: int) -> tuple[float, int]:
-    """Mean negative log-likelihood per sample over `dataset`, and the number of samples."""
-    model.eval()
-    total, count = 0.0, 0
-    for mel, audio in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-        mel, audio = mel.to(runtime.device), audio.to(runtime.device)
-        audio = audio[:, :audio.shape[1] // model.config.n_height * model.config.n_height]
-        with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
-                            enabled=runtime.amp_dtype is not None):
-            z, logdet = model(audio, mel)
-        total += negative_log_likelihood(z, logdet, sigma).item() * audio.numel()
-        count += audio.numel()
-    return total / count, count
-
-
-def synthesize_clip(model: WaveFlow, mel: torch.Tensor, temperature: float, seed: int,
-                    device: torch.device) -> torch.Tensor:
-    """mel [n_mels, F] -> audio [256 * (F - 3)] float32 on the CPU, from noise fixed by `seed`, so that a
-    clip gets the same noise at every checkpoint and in -v."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    return model.infer(mel[None].to(device), sigma=temperature, generator=generator)[0].float().cpu()
-
-
-class CheckpointReport:
-    """At each checkpoint: the test-set loss on first segments, and the first `MEASURED_CLIPS` test clips
-    synthesized and measured against their recordings (metrics.py); the first is kept as a sample.
-    The datasets, the measured clips and the mel spectrogram are read and built once, with the training run."""
-
-    def __init__(self, config: Config, runtime: Runtime):
-        self.config, self.runtime = config, runtime
-        self.eval_set = Mel2Samp.from_config(config.data, mode="eval", seed=config.train.seed)
-        clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
-        self.clips = [(stem(clips.files[index]), *clips[index]) for index in range(min(MEASURED_CLIPS, len(clips)))]
-        self.mel_spectrogram = MelSpectrogram.from_config(config.data)
-
-    def __call__(self, model: WaveFlow, logs: TrainingLogs | None, iteration: int, temperature: float) -> None:
-        config, runtime = self.config, self.runtime
-        loss, _ = test_loss(model, self.eval_set, runtime, config.train.sigma, config.train.batch_size)
-        print(f"iteration {iteration}: test loss {loss:.4f}")
-        rate = config.data.sampling_rate
-        started = time.perf_counter()
-        results = []
-        for index, (name, mel, reference) in enumerate(self.clips):
-            audio = synthesize_clip(model, mel, temperature, config.train.seed, runtime.device)
-            if index == 0:
-                path = os.path.join(samples_dir(config), f"{name}_iter{iteration}.wav")
-                try:
-                    write_wav(path, audio, rate)
-                except OSError as error:
-                    warn(f"{path}: cannot write the sample ({describe(error)}); training goes on")
-                if logs is not None:
-                    logs.add("audio", "eval/sample", audio.clamp(-1, 1), iteration, sample_rate=rate)
-                    logs.add("figure", "eval/mel", mel_figure(self.mel_spectrogram(audio), mel), iteration)
-            results.append(measure(audio, reference, rate))
-        summary = summarize(results)
-        defined = {name: entry["mean"] for name, entry in summary.items() if entry["mean"] is not None}
-        print(f"iteration {iteration}: {len(results)} test clips at temperature {temperature} "
-              f"({time.perf_counter() - started:.1f} s): "
-              + ", ".join(f"{MEASURES[name][0]} {value:.3f}" for name, value in defined.items()))
-        if logs is not None:
-            logs.add("scalar", "eval/loss", loss, iteration)
-            for name, value in defined.items():
-                logs.add("scalar", f"eval/{name}", value, iteration)
-
-
-def mel_figure(synthesized: torch.Tensor, target: torch.Tensor):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-    for axis, mel, title in zip(axes, (target, synthesized), ("target", "synthesized")):
-        axis.imshow(mel.numpy(), origin="lower", aspect="auto", interpolation="none")
-        axis.set_title(f"{title} mel")
-    figure.tight_layout()
-    return figure
-
-
-def write_wav(path: str, audio: torch.Tensor, sampling_rate: int) -> None:
-    """16-bit PCM, written atomically: a failed write (OSError) leaves no half-written file."""
-    pcm = (audio.clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16).numpy()
-    buffer = io.BytesIO()
-    soundfile.write(buffer, pcm, sampling_rate, subtype="PCM_16", format="WAV")
-    write_atomically(path, buffer.getbuffer(), durable=False)
-
-
-def stem(path: str) -> str:
-    """`LJ001-0001.wav.pt` -> `LJ001-0001`."""
-    name = os.path.basename(path)
-    for suffix in MEL_FILE_EXTENSIONS + (".wav", ".flac"):
-        if name.lower().endswith(suffix):
-            name = name[:-len(suffix)]
-    return name
-
-
-def evaluate(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
-    """The test-set log-likelihood (not with --mels: a TTS model's mel has no audio of its own to score), then
-    every clip synthesized at -t with the seed of the config and measured against its recording."""
-    dtype, precision = synthesis_precision(config, args.precision, runtime.device)
-    model = trained_model(config, args, runtime.device)
-    human = sys.stderr if args.json == "-" else sys.stdout  # with --json -, stdout holds only the JSON
-    likelihood = None
-    if args.mels:
-        inputs = evaluation_inputs(config, args)
-    else:
-        clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
-        nll, samples = test_loss(model, clips, runtime, config.train.sigma, batch_size=1)
-        likelihood = {"clips": len(clips), "samples": samples, "negative_log_likelihood": nll, "log_likelihood": -nll}
-        inputs = [(stem(path), lambda index=index: clips[index]) for index, path in enumerate(clips.files)]
-    print(precision, file=human)
-    model = model.remove_weight_norm().to(dtype)  # the fast synthesis path, as -s runs it
-    results = []
-    for name, read in tqdm(inputs, desc="measures", unit="clip", disable=None):
-        mel, reference = read()
-        if mel.shape[-1] <= 3:
-            raise DataError(f"{name}: a mel of {mel.shape[-1]} frames is too short to synthesize (need at least 4)")
-        audio = synthesize_clip(model, mel, args.temp, config.train.seed, runtime.device)
-        try:
-            results.append({"name": name, **measure(audio, reference, config.data.sampling_rate)})
-        except ValueError as error:  # a clip too short to measure
-            raise DataError(f"{name}: {error}") from None
-    summary = summarize(results)
-    print(f"{len(results)} clips synthesized at temperature {args.temp} (seed {config.train.seed}) and measured "
-          f"against their recordings:\n{format_table(summary, len(results))}", file=human)
-    if likelihood is not None:
-        print(f"{likelihood['clips']} test clips, {likelihood['samples']} samples: negative log-likelihood "
-              f"{likelihood['negative_log_likelihood']:.4f} nats per sample, log-likelihood (LL) "
-              f"{likelihood['log_likelihood']:.4f}", file=human)
-    if args.json:
-        document = {"config": args.config, "checkpoint": config.train.checkpoint_path, "precision": PRECISION_NAMES[dtype],
-                    "average_checkpoint": args.average_checkpoint, "temperature": args.temp,
-                    "seed": config.train.seed, "log_likelihood": likelihood, "measures": summary,
-                    "clips": [{key: None if isinstance(value, float) and math.isnan(value) else value
-                               for key, value in result.items()} for result in results]}  # NaN is not JSON
-        text = json.dumps(document, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-            print(f"wrote {args.json}", file=human)
-
-
-def mel_files(paths: list[str]) -> list[str]:
-    """The mel files (.pt, .npy) named on the command line, folders expanded in sorted order."""
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            files += sorted(os.path.join(path, name) for name in os.listdir(path)
-                            if name.lower().endswith(MEL_FILE_EXTENSIONS))
-        else:
-            files.append(path)
-    if not files:
-        raise DataError(f"{', '.join(paths)}: no mel files (.pt, .npy) found")
-    return files
-
-
-def evaluation_inputs(config: Config, args: argparse.Namespace):
-    """`(name, read)` for every mel of --mels, `read() -> (mel [80, F], audio [T])`.
-
-    The audio of `NAME.pt` or `NAME.npy` is the file `NAME` (mel2samp.py writes the mel of
-    `LJ001-0001.wav` as `LJ001-0001.wav.pt`), or `NAME.wav` or `NAME.flac` when NAME has no
-    audio extension; it is looked for beside the mel file, then among the test list's files.
-    """
-    test_files = None
-    inputs = []
-    for path in mel_files(args.mels):
-        name = os.path.basename(path)[:-len(os.path.splitext(path)[1])]
-        candidates = [name] if name.lower().endswith((".wav", ".flac")) else [name + ".wav", name + ".flac"]
-        found = [os.path.join(os.path.dirname(path), candidate) for candidate in candidates
-                 if os.path.isfile(os.path.join(os.path.dirname(path), candidate))]
-        if not found:
-            if test_files is None:
-                test_files = {os.path.basename(audio): audio for audio in read_file_list(config.data.test_files)}
-            found = [test_files[candidate] for candidate in candidates if candidate in test_files]
-        if not found:
-            raise DataError(f"{path}: no audio to measure it against: looked for {' or '.join(candidates)} beside "
-                            f"it and in {config.data.test_files}")
-        inputs.append((stem(path), lambda path=path, audio=found[0]: (
-            load_mel(path, config.data.n_mel_channels), load_audio(audio, config.data.sampling_rate))))
-    return inputs
-
-
-def synthesis_inputs(config: Config, args: argparse.Namespace):
-    """`(name, source file, read mel [80, F])` for every clip to synthesize: the mels given with --mels,
-    or the test list's."""
-    if not args.mels:
-        clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
-        return [(stem(path), path, lambda index=index: clips[index][0]) for index, path in enumerate(clips.files)]
-    return [(stem(path), path, lambda path=path: load_mel(path, config.data.n_mel_channels))
-            for path in mel_files(args.mels)]
-
-
-def synthesize(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
-    inputs = synthesis_inputs(config, args)
-    dtype, precision = synthesis_precision(config, args.precision, runtime.device)
-    print(precision)
-    model = trained_model(config, args, runtime.device).remove_weight_norm().to(dtype)
-    folder = samples_dir(config)
-    rate = config.data.sampling_rate
-    for name, source, read_mel in inputs:
-        mel = read_mel()
-        if mel.shape[-1] <= 3:
-            raise DataError(f"{source}: a mel of {mel.shape[-1]} frames is too short to synthesize (need at least 4)")
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize(runtime.device)
-        started = time.perf_counter()
-        generator = torch.Generator(device=runtime.device).manual_seed(config.train.seed)  # reproducible
-        audio = model.infer(mel[None].to(runtime.device), sigma=args.temp, generator=generator)[0]
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize(runtime.device)
-        elapsed = time.perf_counter() - started
-        path = os.path.join(folder, f"{name}_synthesis.wav")
-        try:
-            write_wav(path, audio.float().cpu(), rate)
-        except OSError as error:
-            raise StorageError(f"{path}: cannot write ({describe(error)})") from None
-        seconds = audio.shape[-1] / rate
-        print(f"{path}: {seconds:.2f} s of audio in {elapsed:.2f} s, {audio.shape[-1] / elapsed / 1000:.1f} kHz, "
-              f"{seconds / elapsed:.2f}x real time")
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -749,7 +468,10 @@ def main(argv: list[str] | None = None) -> int:
         runtime = setup_runtime(config, args.device)
         if args.synthesize or args.evaluate:
             if runtime.is_main:
-                (synthesize if args.synthesize else evaluate)(config, args, runtime)
+                if args.synthesize:
+                    synthesize(config, args, runtime.device)
+                else:
+                    evaluate(config, args, runtime.device, runtime.amp_dtype)
         else:
             train(config, args, runtime)
     except (ConfigError, DataError, CheckpointError, TrainingStopped, StorageError) as error:

@@ -15,6 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import metrics
+import synthesis
 import train
 from config import load_config
 from data import DataError, load_audio
@@ -245,7 +246,7 @@ def test_a_mel_without_audio_is_an_error_naming_where_it_looked(trained, tmp_pat
     args = SimpleNamespace(mels=[str(tmp_path)])
     with pytest.raises(DataError, match=r"lonely.npy: no audio to measure it against: looked for lonely.wav or "
                                         r"lonely.flac beside it and in .*test.txt"):
-        train.evaluation_inputs(load_config(config), args)
+        synthesis.evaluation_inputs(load_config(config), args)
 
 
 def test_default_temperatures_and_argument_checks():
