@@ -26,7 +26,6 @@ import torch.nn.functional as F
 SQRT_HALF = math.sqrt(0.5)
 
 
-
 # ----------------------------------------------------------------------------- weight norm
 
 def _norm_except_dim0(v: torch.Tensor) -> torch.Tensor:
@@ -370,13 +369,11 @@ class ResidualBlock(nn.Module):
         weight = self.filter_gate_conv.conv.normed_weight().detach()  # [2R, R, 3 (height tap), 3 (width tap)]
         if input_map is not None:
             weight = torch.einsum("oihw,ci->ochw", weight, input_map.detach())
-        out_channels, in_channels = weight.shape[:2]
-        weight = weight.permute(2, 1, 3, 0).reshape(3, in_channels, 3 * out_channels)  # [height tap, i, (tap, o)]
-        bias_row = weight.new_zeros(1, 3 * out_channels)
+        weight = weight.permute(2, 3, 1, 0)  # [height tap, width tap, i, o]
+        bias_row = weight.new_zeros(3, 1, weight.shape[-1])  # [width tap, 1, o]
         # With (r // dh) % 3 == turn, ring position k holds row r - ((turn - k) % 3) * dh: height tap 2 - that.
-        rotated = torch.stack([torch.cat([*(weight[2 - (turn - k) % 3] for k in range(3)), bias_row])
-                               for turn in range(3)])  # [turn, 3 C + 1, (tap, o)]
-        return rotated.view(3, 3 * in_channels + 1, 3, out_channels).transpose(1, 2).contiguous()
+        return torch.stack([torch.cat([*(weight[2 - (turn - k) % 3] for k in range(3)), bias_row], dim=1)
+                            for turn in range(3)])  # [turn, width tap, 3 C + 1, o]
 
     def end_inference(self, keep_weights: bool = False) -> None:
         """Free the queue; `keep_weights` keeps the prepared conv weight for the next flow that
