@@ -27,8 +27,9 @@ from data import DataError  # noqa: E402
 from mel2samp import Mel2Samp  # noqa: E402
 from metrics import log_mel_l1  # noqa: E402
 from model import build_model  # noqa: E402
+from synthesis import PRECISIONS as SYNTHESIS_PRECISIONS  # noqa: E402
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {name: dtype for name, dtype in SYNTHESIS_PRECISIONS.items() if dtype != torch.float32}  # against fp32
 
 
 def main(argv: list[str] | None = None) -> int:
