@@ -202,9 +202,16 @@ def _global_any(flag: bool, runtime: Runtime) -> bool:
     return bool(value.item())
 
 
+# Why `train_step` skipped an update; the first two count towards `max_bad_steps`.
+NON_FINITE_LOSS = "non-finite loss"
+NON_FINITE_GRADIENT = "non-finite gradient"
+GRADIENT_OVERFLOW = "fp16 gradient overflow"  # the GradScaler's calibration of its loss scale, not divergence
+
+
 def train_step(model: torch.nn.Module, batch, optimizer, scheduler, scaler, runtime: Runtime,
                config: Config) -> dict:
-    """One optimisation step; a non-finite loss or gradient skips the update. Returns metrics."""
+    """One optimisation step; a non-finite loss or gradient skips the update. Returns metrics, with
+    `skipped` the reason for a skipped update (None when it was made)."""
     mel, audio = (tensor.to(runtime.device, non_blocking=True) for tensor in batch)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
@@ -212,23 +219,44 @@ def train_step(model: torch.nn.Module, batch, optimizer, scheduler, scaler, runt
         z, logdet = model(audio, mel)
     loss = negative_log_likelihood(z, logdet, config.train.sigma)
     # Backward even on a bad loss: under DDP every rank must join the gradient all-reduce,
-    # after which all ranks see the same non-finite gradient norm and skip together.
+    # after which all ranks see the same gradient norm and the same mean loss, and skip together.
     scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip_thresh)
-    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
-    if scaler.is_enabled():
-        scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
-        scaler.update()
-    elif finite:
-        optimizer.step()
-    scheduler.step()
     loss_value = loss.detach()
     if runtime.distributed:
         dist.all_reduce(loss_value)
         loss_value /= runtime.world_size
-    return {"loss": loss_value.item(), "grad_norm": grad_norm.item(), "skipped": not bool(torch.isfinite(loss_value)),
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip_thresh)
+    skipped = None if bool(torch.isfinite(loss_value)) else NON_FINITE_LOSS
+    if scaler.is_enabled():
+        scale = scaler.get_scale()
+        if skipped is None:
+            scaler.step(optimizer)  # skips the update itself when the fp16 gradients overflowed
+        scaler.update()
+        if skipped is None and scaler.get_scale() < scale:  # the scaler lowers its scale when, and only when, it skips
+            # Above 1 the scale amplifies the gradients and an overflow says it is too large: lowering it
+            # is the scaler's normal calibration. At 1 or below, the gradient itself is not finite.
+            skipped = GRADIENT_OVERFLOW if scale > 1 else NON_FINITE_GRADIENT
+    elif skipped is None:
+        if bool(torch.isfinite(grad_norm)):
+            optimizer.step()
+        else:
+            skipped = NON_FINITE_GRADIENT
+    scheduler.step()
+    return {"loss": loss_value.item(), "grad_norm": grad_norm.item(), "skipped": skipped,
+            "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
             "learning_rate": optimizer.param_groups[0]["lr"], "samples": audio.numel() * runtime.world_size}
+
+
+def skipped_step_warning(metrics: dict, iteration: int) -> str:
+    """One line saying why the update of `iteration` was skipped."""
+    if metrics["skipped"] == NON_FINITE_LOSS:
+        return f"iteration {iteration}: loss is {metrics['loss']}, step skipped"
+    if metrics["skipped"] == NON_FINITE_GRADIENT:
+        return (f"iteration {iteration}: gradient norm is {metrics['grad_norm']} (loss {metrics['loss']:.4f}), "
+                f"step skipped")
+    return (f"iteration {iteration}: fp16 gradient overflow, step skipped; the loss scale drops to "
+            f"{metrics['loss_scale']:g}")
 
 
 def write_failure(folder: str, what: str, error: OSError) -> StorageError:
@@ -402,13 +430,17 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
                 metrics = train_step(wrapped, batch, optimizer, scheduler, scaler, runtime, config)
                 iteration, batch_in_epoch = iteration + 1, batch_in_epoch + 1
                 position = (epoch, batch_in_epoch)
-                bad_steps = bad_steps + 1 if metrics["skipped"] else 0
+                if metrics["skipped"] is None:
+                    bad_steps = 0
+                elif metrics["skipped"] != GRADIENT_OVERFLOW:  # the scaler's calibration neither counts nor resets
+                    bad_steps += 1
                 if metrics["skipped"] and runtime.is_main:
-                    warn(f"iteration {iteration}: loss is {metrics['loss']}, step skipped")
+                    warn(skipped_step_warning(metrics, iteration))
                 if bad_steps >= tc.max_bad_steps:
                     raise TrainingStopped(
-                        f"{bad_steps} non-finite losses in a row at iteration {iteration}: training stopped; "
-                        f"the last good checkpoint is {checkpoint_path(folder, saved_at) if saved_at else 'none'}")
+                        f"{bad_steps} steps in a row skipped for a non-finite loss or gradient at iteration "
+                        f"{iteration}: training stopped; the last good checkpoint is "
+                        f"{checkpoint_path(folder, saved_at) if saved_at else 'none'}")
                 if runtime.is_main:
                     speed = metrics["samples"] / (time.perf_counter() - started) / 1000
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", kHz=f"{speed:.1f}", refresh=False)

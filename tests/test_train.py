@@ -19,6 +19,7 @@ import torch
 
 import train
 from checkpoint import average_checkpoints, list_checkpoints, read_checkpoint
+from config import load_config
 from mel2samp import write_mels
 from model import build_model
 from train import EpochSampler
@@ -303,7 +304,7 @@ def test_non_finite_losses_stop_training_and_keep_the_last_checkpoint(trained, t
                           data_config__test_files=os.path.join(folder, "test.txt"))
     result = run("-c", config, check=False)
     assert result.returncode == 1
-    assert "3 non-finite losses in a row at iteration 9" in result.stderr
+    assert "3 steps in a row skipped for a non-finite loss or gradient at iteration 9" in result.stderr
     assert result.stderr.count("step skipped") == 3
     assert [it for it, _ in list_checkpoints(str(output))] == [6]
 
@@ -675,3 +676,66 @@ def test_a_mel_too_short_to_synthesize_is_named_by_its_path(trained, tmp_path, c
     assert status == 1
     assert err.strip() == (f"error: {tmp_path / 'tiny.pt'}: a mel of 3 frames is too short to synthesize "
                            f"(need at least 4)")
+
+
+# ----------------------------------------------------------------------------- skipped updates
+
+def one_step_setup(tmp_path, amp_dtype=None, init_scale=2.0 ** 16):
+    """A tiny model, its optimizer, schedule and scaler, and one batch: what `train_step` takes."""
+    config = load_config(write_config(str(tmp_path)))
+    torch.manual_seed(0)
+    model = build_model(config.waveflow)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, enabled=amp_dtype == torch.float16)
+    runtime = train.Runtime(device=torch.device("cpu"), amp_dtype=amp_dtype)
+    batch = (torch.randn(2, 80, 9), 0.1 * torch.randn(2, 2048))
+    return model, optimizer, scheduler, scaler, runtime, config, batch
+
+
+def infinite_gradient(model):
+    """Give one weight an infinite gradient while the loss stays finite."""
+    model.flows[0].proj_log_s_t.conv.bias.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_is_a_skipped_step(tmp_path, one_thread):
+    model, optimizer, scheduler, scaler, runtime, config, batch = one_step_setup(tmp_path)
+    infinite_gradient(model)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    metrics = train.train_step(model, batch, optimizer, scheduler, scaler, runtime, config)
+    assert np.isfinite(metrics["loss"]) and not np.isfinite(metrics["grad_norm"])
+    assert metrics["skipped"] == "non-finite gradient"
+    assert_same_weights(model.state_dict(), before, atol=0)
+    assert "gradient norm is inf" in train.skipped_step_warning(metrics, 7)
+
+
+def test_fp16_overflow_is_the_scalers_calibration_and_an_overflow_at_scale_one_is_not(tmp_path, one_thread):
+    model, optimizer, scheduler, scaler, runtime, config, batch = one_step_setup(
+        tmp_path, amp_dtype=torch.float16, init_scale=2.0 ** 60)  # so large a scale overflows fp16
+    metrics = train.train_step(model, batch, optimizer, scheduler, scaler, runtime, config)
+    assert np.isfinite(metrics["loss"])
+    assert metrics["skipped"] == "fp16 gradient overflow" and metrics["loss_scale"] == 2.0 ** 59
+    assert train.skipped_step_warning(metrics, 1) == ("iteration 1: fp16 gradient overflow, step skipped; "
+                                                       "the loss scale drops to 5.76461e+17")
+    model, optimizer, scheduler, scaler, runtime, config, batch = one_step_setup(
+        tmp_path, amp_dtype=torch.float16, init_scale=1.0)
+    infinite_gradient(model)
+    metrics = train.train_step(model, batch, optimizer, scheduler, scaler, runtime, config)
+    assert metrics["skipped"] == "non-finite gradient"
+
+
+def test_non_finite_gradients_in_a_row_stop_training(tmp_path, capsys, monkeypatch, one_thread):
+    make_corpus(str(tmp_path))
+    config = write_config(str(tmp_path), train_config__max_bad_steps=3, train_config__iters_per_checkpoint=100)
+
+    def diverging_model(waveflow_config):
+        model = build_model(waveflow_config)
+        infinite_gradient(model)
+        return model
+
+    monkeypatch.setattr(train, "build_model", diverging_model)
+    status, _, err = run_here(capsys, "-c", config)
+    assert status == 1
+    assert err.count("gradient norm is inf") == 3 and err.count("step skipped") == 3
+    assert err.strip().splitlines()[-1] == ("error: 3 steps in a row skipped for a non-finite loss or gradient at "
+                                            "iteration 3: training stopped; the last good checkpoint is none")
