@@ -147,15 +147,33 @@ def architecture(state: dict) -> str:
     return f"{kind} ({', '.join(detail for detail in details if detail)})"
 
 
+WEIGHT_NORM_NAMES = ("weight_g", "weight_v")  # weight norm's pair, folded into `weight` by remove_weight_norm()
+
+
+def _folded_name(name: str) -> str:
+    """`conv.weight_g` and `conv.weight_v` -> `conv.weight`: the name of the weight after folding."""
+    prefix, _, last = name.rpartition(".")
+    return f"{prefix}{'.' if prefix else ''}weight" if last in WEIGHT_NORM_NAMES else name
+
+
+def _folded_shapes(state: dict) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of `state` as a model with weight norm folded holds them (`weight_v` has the
+    weight's shape): what two state dicts must share to load into each other in either layout."""
+    return {_folded_name(name): tuple(value.shape) for name, value in state.items()
+            if not name.endswith("weight_g")}
+
+
 def check_fits(model: torch.nn.Module, state: dict, path: str) -> None:
-    """Refuse, in one line, weights whose names or shapes differ from `model`'s."""
-    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
-    found = {name: tuple(value.shape) for name, value in state.items()}
+    """Refuse, in one line, weights whose names or shapes differ from `model`'s. Weight norm's layout
+    does not count: `weight_g`/`weight_v` load into a folded `weight` and back (modules.WeightNormMixin)."""
+    expected, found = _folded_shapes(model.state_dict()), _folded_shapes(state)
     missing = [name for name in expected if name not in found]
     unexpected = [name for name in found if name not in expected]
     reshaped = [f"{name} {list(found[name])} vs {list(shape)}" for name, shape in expected.items()
                 if name in found and found[name] != shape]
-    if missing or unexpected or reshaped:
+    halves = [name for name in state if name.rpartition(".")[2] in WEIGHT_NORM_NAMES
+              and name[:-1] + ("v" if name.endswith("g") else "g") not in state]
+    if missing or unexpected or reshaped or halves:
         problems = []
         if missing:
             problems.append(f"{len(missing)} tensors missing ({_describe(missing)})")
@@ -163,12 +181,15 @@ def check_fits(model: torch.nn.Module, state: dict, path: str) -> None:
             problems.append(f"{len(unexpected)} unexpected ({_describe(unexpected)})")
         if reshaped:
             problems.append(f"{len(reshaped)} of another shape ({_describe(reshaped)})")
+        if halves:
+            problems.append(f"{len(halves)} weight-norm tensors without their other half ({_describe(halves)})")
         raise CheckpointError(f"{path}: checkpoint holds a {architecture(state)} model, waveflow_config "
                               f"describes a {architecture(model.state_dict())} model: " + "; ".join(problems))
 
 
 def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
-    """Load weights strictly, after refusing in one line those of another model (`source` names them)."""
+    """Load weights strictly, in either weight-norm layout, after refusing in one line those of another
+    model (`source` names them)."""
     check_fits(model, state, source)
     model.load_state_dict(state)
 
@@ -229,13 +250,15 @@ def average_checkpoints(folder: str, count: int, epsilon: float | None = None) -
 
 
 def warm_start(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
-    """Load the tensors of `state` whose names and shapes match `model`; returns `(loaded, skipped)`
-    where `skipped` describes every tensor of either side that was not loaded."""
-    own = model.state_dict()
-    loaded = [name for name, value in state.items() if name in own and own[name].shape == value.shape]
-    skipped = [f"{name} (shape {list(value.shape)} vs {list(own[name].shape)})"
-               for name, value in state.items() if name in own and own[name].shape != value.shape]
-    skipped += [f"{name} (not in this model)" for name in state if name not in own]
-    skipped += [f"{name} (not in the checkpoint, kept as initialised)" for name in own if name not in state]
+    """Load the tensors of `state` whose names and shapes match `model`'s (weight norm's layout aside, as
+    in `check_fits`); returns `(loaded, skipped)` where `skipped` describes every tensor of either side
+    that was not loaded."""
+    own, offered = _folded_shapes(model.state_dict()), _folded_shapes(state)
+    fits = {name for name, shape in offered.items() if own.get(name) == shape}
+    loaded = [name for name in state if _folded_name(name) in fits]
+    skipped = [f"{name} (shape {list(shape)} vs {list(own[name])})"
+               for name, shape in offered.items() if name in own and own[name] != shape]
+    skipped += [f"{name} (not in this model)" for name in offered if name not in own]
+    skipped += [f"{name} (not in the checkpoint, kept as initialised)" for name in own if name not in offered]
     model.load_state_dict({name: state[name] for name in loaded}, strict=False)
     return loaded, skipped
