@@ -65,7 +65,7 @@ MEL_FRAME_TOLERANCE = 2  # frames a stored mel may differ from 1 + T // hop_leng
 class Mel2Samp(Dataset):
     """(mel [n_mels, F], audio [T]) pairs from the audio files of a file list; see the module docstring."""
 
-    def __init__(self, *, file_list: str, mode: str, segment_length: int, sampling_rate: int,
+    def __init__(self, *, file_list: str | list[str], mode: str, segment_length: int, sampling_rate: int,
                  filter_length: int, hop_length: int, win_length: int, mel_fmin: float, mel_fmax: float,
                  n_mel_channels: int = 80, seed: int = 1234, dequantize: bool = False, mel_directory: str = ""):
         if mode not in MODES:
@@ -84,7 +84,7 @@ class Mel2Samp(Dataset):
         self.mel = MelSpectrogram(sampling_rate=sampling_rate, filter_length=filter_length,
                                   hop_length=hop_length, win_length=win_length,
                                   n_mel_channels=n_mel_channels, mel_fmin=mel_fmin, mel_fmax=mel_fmax)
-        self.files = read_file_list(file_list)
+        self.files = read_file_list(file_list) if isinstance(file_list, str) else list(file_list)
         # Checking every header now reports a bad file before training starts, not in a worker hours later.
         self.lengths = [audio_length(path, sampling_rate) for path in self.files]
         if mode == "synthesis":
@@ -117,8 +117,9 @@ class Mel2Samp(Dataset):
 
     @classmethod
     def from_config(cls, data: DataConfig, *, mode: str, seed: int = 1234,
-                    file_list: str | None = None) -> "Mel2Samp":
-        """The dataset for `mode`, reading `data.training_files` for training and `data.test_files` otherwise."""
+                    file_list: str | list[str] | None = None) -> "Mel2Samp":
+        """The dataset for `mode` of `file_list` (a file list's path, or the audio paths themselves); by
+        default `data.training_files` for training and `data.test_files` otherwise."""
         if file_list is None:
             file_list = data.training_files if mode == "train" else data.test_files
         return cls(file_list=file_list, mode=mode, segment_length=data.segment_length,

@@ -26,8 +26,8 @@ from checkpoint import average_checkpoints, load_checkpoint, load_weights
 from config import Config, ConfigError
 from data import MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, load_audio, load_mel, read_file_list
 from mel2samp import Mel2Samp, collate
-from metrics import MEASURES, format_table, measure, summarize
-from model import WaveFlow, build_model, negative_log_likelihood
+from metrics import MEASURES, MIN_SAMPLES, format_table, measure, summarize
+from model import SYNTHESIS_TRIM, WaveFlow, build_model, negative_log_likelihood
 from storage import StorageError, TrainingLogs, describe, warn, write_atomically
 
 # The speech measures synthesize at this temperature unless -t says otherwise (-s keeps the original's 1.0).
@@ -103,6 +103,18 @@ def test_loss(model: WaveFlow, dataset: Mel2Samp, device: torch.device, amp_dtyp
     return total / count, count
 
 
+def unmeasurable(frames: int, hop_length: int) -> str | None:
+    """Why a mel of `frames` frames cannot be synthesized and measured against its recording (its
+    synthesis has `hop_length * frames - SYNTHESIS_TRIM` samples); None when it can."""
+    samples = hop_length * frames - SYNTHESIS_TRIM
+    if samples <= 0:
+        return (f"a mel of {frames} frames is too short to synthesize "
+                f"(need at least {SYNTHESIS_TRIM // hop_length + 1})")
+    if samples < MIN_SAMPLES:
+        return f"its synthesis of {samples} samples is too short to measure (need at least {MIN_SAMPLES})"
+    return None
+
+
 def synthesize_clip(model: WaveFlow, mel: torch.Tensor, temperature: float, seed: int,
                     device: torch.device) -> torch.Tensor:
     """mel [n_mels, F] -> audio [256 * (F - 3)] float32 on the CPU, from noise fixed by `seed`, so that a
@@ -148,8 +160,21 @@ class CheckpointReport:
     def __init__(self, config: Config, device: torch.device, amp_dtype: torch.dtype | None):
         self.config, self.device, self.amp_dtype = config, device, amp_dtype
         self.eval_set = Mel2Samp.from_config(config.data, mode="eval", seed=config.train.seed)
-        clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
-        self.clips = [(stem(clips.files[index]), *clips[index]) for index in range(min(MEASURED_CLIPS, len(clips)))]
+        hop_length = config.data.hop_length
+        measured = []
+        for path, length in zip(self.eval_set.files, self.eval_set.lengths):  # the clip lengths are known now
+            if len(measured) == MEASURED_CLIPS:
+                break
+            reason = unmeasurable(1 + length // hop_length, hop_length)
+            if reason is None:
+                measured.append(path)
+            else:
+                warn(f"{path}: a clip of {length} samples, {reason}: left out of the checkpoint reports")
+        if not measured:
+            warn(f"{config.data.test_files}: no test clip is long enough to synthesize and measure: the checkpoint "
+                 f"reports give the test loss only, and no sample is written")
+        clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed, file_list=measured)
+        self.clips = [(stem(path), *clips[index]) for index, path in enumerate(clips.files)]
         self.mel_spectrogram = MelSpectrogram.from_config(config.data)
 
     def __call__(self, model: WaveFlow, logs: TrainingLogs | None, iteration: int, temperature: float) -> None:
@@ -171,16 +196,25 @@ class CheckpointReport:
                 if logs is not None:
                     logs.add("audio", "eval/sample", audio.clamp(-1, 1), iteration, sample_rate=rate)
                     logs.add("figure", "eval/mel", mel_figure(self.mel_spectrogram(audio), mel), iteration)
-            results.append(measure(audio, reference, rate))
+            try:
+                results.append(measure(audio, reference, rate))
+            except Exception as error:  # a measure is a report: whatever its failure, training goes on
+                warn(f"iteration {iteration}: {name}: cannot measure the synthesis "
+                     f"({type(error).__name__}: {_first_line(error)}); training goes on")
         summary = summarize(results)
         defined = {name: entry["mean"] for name, entry in summary.items() if entry["mean"] is not None}
-        print(f"iteration {iteration}: {len(results)} test clips at temperature {temperature} "
-              f"({time.perf_counter() - started:.1f} s): "
-              + ", ".join(f"{MEASURES[name][0]} {value:.3f}" for name, value in defined.items()))
+        if results:
+            print(f"iteration {iteration}: {len(results)} test clips at temperature {temperature} "
+                  f"({time.perf_counter() - started:.1f} s): "
+                  + ", ".join(f"{MEASURES[name][0]} {value:.3f}" for name, value in defined.items()))
         if logs is not None:
             logs.add("scalar", "eval/loss", loss, iteration)
             for name, value in defined.items():
                 logs.add("scalar", f"eval/{name}", value, iteration)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
 
 
 def evaluate(config: Config, args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None) -> None:
@@ -196,22 +230,23 @@ def evaluate(config: Config, args: argparse.Namespace, device: torch.device, amp
         clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
         nll, samples = test_loss(model, clips, device, amp_dtype, config.train.sigma, batch_size=1)
         likelihood = {"clips": len(clips), "samples": samples, "negative_log_likelihood": nll, "log_likelihood": -nll}
-        inputs = [(stem(path), lambda index=index: clips[index]) for index, path in enumerate(clips.files)]
+        inputs = [(stem(path), path, lambda index=index: clips[index]) for index, path in enumerate(clips.files)]
     print(precision, file=human)
     model = model.remove_weight_norm().to(dtype)  # the fast synthesis path, as -s runs it
-    results = []
-    for name, read in tqdm(inputs, desc="measures", unit="clip", disable=None):
+    results, left_out = [], []
+    for name, source, read in tqdm(inputs, desc="measures", unit="clip", disable=None):
         mel, reference = read()
-        if mel.shape[-1] <= 3:
-            raise DataError(f"{name}: a mel of {mel.shape[-1]} frames is too short to synthesize (need at least 4)")
+        reason = unmeasurable(mel.shape[-1], config.data.hop_length)
+        if reason is not None:
+            warn(f"{source}: {reason}: left out of the measures")
+            left_out.append({"name": name, "file": source, "reason": reason})
+            continue
         audio = synthesize_clip(model, mel, args.temp, config.train.seed, device)
-        try:
-            results.append({"name": name, **measure(audio, reference, config.data.sampling_rate)})
-        except ValueError as error:  # a clip too short to measure
-            raise DataError(f"{name}: {error}") from None
+        results.append({"name": name, **measure(audio, reference, config.data.sampling_rate)})
     summary = summarize(results)
     print(f"{len(results)} clips synthesized at temperature {args.temp} (seed {config.train.seed}) and measured "
-          f"against their recordings:\n{format_table(summary, len(results))}", file=human)
+          f"against their recordings{f' ({len(left_out)} too short, left out)' if left_out else ''}:\n"
+          f"{format_table(summary, len(results))}", file=human)
     if likelihood is not None:
         print(f"{likelihood['clips']} test clips, {likelihood['samples']} samples: negative log-likelihood "
               f"{likelihood['negative_log_likelihood']:.4f} nats per sample, log-likelihood (LL) "
@@ -219,7 +254,7 @@ def evaluate(config: Config, args: argparse.Namespace, device: torch.device, amp
     if args.json:
         document = {"config": args.config, "checkpoint": config.train.checkpoint_path, "precision": PRECISION_NAMES[dtype],
                     "average_checkpoint": args.average_checkpoint, "temperature": args.temp,
-                    "seed": config.train.seed, "log_likelihood": likelihood, "measures": summary,
+                    "seed": config.train.seed, "log_likelihood": likelihood, "measures": summary, "left_out": left_out,
                     "clips": [{key: None if isinstance(value, float) and math.isnan(value) else value
                                for key, value in result.items()} for result in results]}  # NaN is not JSON
         text = json.dumps(document, indent=2)
@@ -246,7 +281,7 @@ def mel_files(paths: list[str]) -> list[str]:
 
 
 def evaluation_inputs(config: Config, args: argparse.Namespace):
-    """`(name, read)` for every mel of --mels, `read() -> (mel [80, F], audio [T])`.
+    """`(name, mel file, read)` for every mel of --mels, `read() -> (mel [80, F], audio [T])`.
 
     The audio of `NAME.pt` or `NAME.npy` is the file `NAME` (mel2samp.py writes the mel of
     `LJ001-0001.wav` as `LJ001-0001.wav.pt`), or `NAME.wav` or `NAME.flac` when NAME has no
@@ -266,7 +301,7 @@ def evaluation_inputs(config: Config, args: argparse.Namespace):
         if not found:
             raise DataError(f"{path}: no audio to measure it against: looked for {' or '.join(candidates)} beside "
                             f"it and in {config.data.test_files}")
-        inputs.append((stem(path), lambda path=path, audio=found[0]: (
+        inputs.append((stem(path), path, lambda path=path, audio=found[0]: (
             load_mel(path, config.data.n_mel_channels), load_audio(audio, config.data.sampling_rate))))
     return inputs
 

@@ -17,6 +17,7 @@ import pytest
 import soundfile
 import torch
 
+import synthesis
 import train
 from checkpoint import average_checkpoints, list_checkpoints, read_checkpoint
 from config import load_config
@@ -739,3 +740,63 @@ def test_non_finite_gradients_in_a_row_stop_training(tmp_path, capsys, monkeypat
     assert err.count("gradient norm is inf") == 3 and err.count("step skipped") == 3
     assert err.strip().splitlines()[-1] == ("error: 3 steps in a row skipped for a non-finite loss or gradient at "
                                             "iteration 3: training stopped; the last good checkpoint is none")
+
+
+# ----------------------------------------------------------------------------- test clips too short to measure
+
+def short_test_clips(folder):
+    """The tiny corpus, with two clips first in the test list that pass the data checks but are too short:
+    600 samples (3 mel frames: nothing to synthesize) and 1,500 (768 samples synthesized: too few to measure)."""
+    make_corpus(folder)
+    shorts = []
+    for length in (600, 1500):
+        path = os.path.join(folder, f"short{length}.wav")
+        soundfile.write(path, (0.3 * np.sin(np.arange(length) / 5) * 32767).astype(np.int16), RATE, subtype="PCM_16")
+        shorts.append(path)
+    with open(os.path.join(folder, "test.txt"), "w") as f:
+        f.write("\n".join([*shorts, os.path.join(folder, "clip06.wav"), os.path.join(folder, "clip07.wav")]) + "\n")
+    return shorts
+
+
+def test_test_clips_too_short_to_measure_are_named_at_start_and_left_out(tmp_path, capsys, monkeypatch, one_thread):
+    shorts = short_test_clips(str(tmp_path))
+    monkeypatch.setattr(synthesis, "MEASURED_CLIPS", 1)
+    config = write_config(str(tmp_path), train_config__epochs=1, train_config__iters_per_checkpoint=100)
+    status, out, err = run_here(capsys, "-c", config)
+    assert status == 0, err
+    assert (f"warning: {shorts[0]}: a clip of 600 samples, a mel of 3 frames is too short to synthesize (need at "
+            f"least 4): left out of the checkpoint reports") in err
+    assert (f"warning: {shorts[1]}: a clip of 1500 samples, its synthesis of 768 samples is too short to measure "
+            f"(need at least 1025): left out of the checkpoint reports") in err
+    assert "iteration 3: 1 test clips at temperature" in out and "Traceback" not in err
+    assert os.listdir(tmp_path / "exp" / "samples" / "tiny") == ["clip06_iter3.wav"]
+    # -v measures the others and names each clip it leaves out in one line.
+    status, out, err = run_here(capsys, "-v", "-c", config, "--checkpoint_path",
+                                str(tmp_path / "exp" / "tiny" / "waveflow_3"), "--json", str(tmp_path / "v.json"))
+    assert status == 0, err
+    assert f"warning: {shorts[0]}: a mel of 3 frames is too short to synthesize (need at least 4): " \
+           f"left out of the measures" in err
+    assert f"warning: {shorts[1]}: its synthesis of 768 samples is too short to measure (need at least 1025): " \
+           f"left out of the measures" in err
+    assert "2 clips synthesized at temperature 0.8 (seed 1234) and measured against their recordings (2 too short, " \
+           "left out)" in out
+    assert "4 test clips" in out and "Traceback" not in err
+    document = json.load(open(tmp_path / "v.json"))
+    assert [clip["file"] for clip in document["left_out"]] == shorts
+    assert [clip["name"] for clip in document["clips"]] == ["clip06", "clip07"]
+
+
+def test_a_measure_that_fails_at_a_checkpoint_is_a_warning(tmp_path, capsys, monkeypatch, one_thread):
+    make_corpus(str(tmp_path))
+
+    def failing_measure(synthesis, reference, sampling_rate):
+        raise ValueError("no pitch found\nsecond line")
+
+    monkeypatch.setattr(synthesis, "measure", failing_measure)
+    config = write_config(str(tmp_path), train_config__epochs=1, train_config__iters_per_checkpoint=100)
+    status, out, err = run_here(capsys, "-c", config)
+    assert status == 0, err
+    assert err.count("warning: iteration 3: clip0") == 2
+    assert "warning: iteration 3: clip06: cannot measure the synthesis (ValueError: no pitch found); training goes " \
+           "on" in err
+    assert "training finished at iteration 3" in out
