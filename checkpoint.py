@@ -198,6 +198,9 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
                     scheduler=None, scaler: torch.amp.GradScaler | None = None) -> dict:
     """Load a checkpoint's weights (strictly) and, when given, optimizer, scheduler and scaler states."""
     checkpoint = read_checkpoint(path)
+    if optimizer is not None and not {"iteration", "optimizer"} <= checkpoint.keys():
+        raise CheckpointError(f"{path}: holds no iteration and optimizer state to resume training from (weights "
+                              f"only?); use -w/--warm_start to start from its weights")
     load_weights(model, checkpoint["model"], path)
     try:
         if optimizer is not None and "optimizer" in checkpoint:

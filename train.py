@@ -104,6 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--precision goes with -s/--synthesize or -v/--evaluate (training uses fp16_run/bf16_run)")
     if args.json and not args.evaluate:
         parser.error("--json goes with -v/--evaluate")
+    if args.epsilon is not None and not args.average_checkpoint:
+        parser.error("-e/--epsilon goes with -a/--average_checkpoint")
     if args.temp is None:
         args.temp = 1.0 if args.synthesize else MEASURE_TEMPERATURE
     if args.temp <= 0:
@@ -339,6 +341,10 @@ def restore(model: WaveFlow, optimizer, scheduler, scaler, path: str, args,
 
 def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
     """Train into the run folder, which rank 0 holds locked until the run ends."""
+    if (args.warm_start or args.average_checkpoint) and not config.train.checkpoint_path:
+        option = "-w/--warm_start needs a checkpoint" if args.warm_start else "-a needs a folder of checkpoints"
+        raise ConfigError(f"{config.source}: {option} to start from: train_config.checkpoint_path is empty "
+                          f"(or give --checkpoint_path)")
     lock, start = claim_run_folder(config, args, runtime)
     try:
         train_from(start, config, args, runtime)

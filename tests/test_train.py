@@ -1,5 +1,6 @@
 """train.py end to end, run as a user runs it, on a tiny corpus made here."""
 import builtins
+import contextlib
 import errno
 import io
 import json
@@ -800,3 +801,30 @@ def test_a_measure_that_fails_at_a_checkpoint_is_a_warning(tmp_path, capsys, mon
     assert "warning: iteration 3: clip06: cannot measure the synthesis (ValueError: no pitch found); training goes " \
            "on" in err
     assert "training finished at iteration 3" in out
+
+
+# ----------------------------------------------------------------------------- options that did nothing
+
+def test_warm_start_or_averaging_without_a_checkpoint_is_refused(tmp_path, capsys):
+    make_corpus(str(tmp_path))
+    config = write_config(str(tmp_path))
+    for option, says in ((["-w"], "-w/--warm_start needs a checkpoint"), (["-a", "2"], "-a needs a folder of checkpoints")):
+        status, _, err = run_here(capsys, *option, "-c", config, "--max_iterations", "1")
+        assert status == 1 and err.strip() == (f"error: {config}: {says} to start from: "
+                                               f"train_config.checkpoint_path is empty (or give --checkpoint_path)")
+    assert not os.path.exists(tmp_path / "exp" / "tiny")
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        train.parse_args(["-e", "0.9", "-s", "-c", config])  # -e averages nothing without -a
+
+
+def test_resuming_from_weights_only_is_refused_in_one_line(tmp_path, capsys):
+    make_corpus(str(tmp_path))
+    torch.save({"model": build_model(load_config(write_config(str(tmp_path))).waveflow).state_dict()},
+               tmp_path / "weights.pt")
+    config = write_config(str(tmp_path), train_config__checkpoint_path=str(tmp_path / "weights.pt"))
+    status, _, err = run_here(capsys, "-c", config)
+    assert status == 1 and err.strip() == (f"error: {tmp_path / 'weights.pt'}: holds no iteration and optimizer "
+                                           f"state to resume training from (weights only?); use -w/--warm_start to "
+                                           f"start from its weights")
+    status, out, err = run_here(capsys, "-w", "-c", config, "--max_iterations", "1")
+    assert status == 0 and "warm start from" in out, err
