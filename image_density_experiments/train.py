@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_resume_files(args)
     try:
         image_shape, num_classes, train_set, test_set = get_datasets(
             args.dataset, args.dataroot, args.augment, args.download, args.subset
@@ -93,6 +94,18 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     set_seed(args.seed)
     train(args, device, image_shape, num_classes, train_set, test_set)
+
+
+def check_resume_files(args: argparse.Namespace) -> None:
+    """Before any work: the checkpoints to resume from exist, and --fresh would not delete them."""
+    for path in (args.saved_model, args.saved_optimizer):
+        if not path:
+            continue
+        if not os.path.isfile(path):
+            sys.exit(f"error: {path}: checkpoint not found")
+        if args.fresh and os.path.realpath(path).startswith(os.path.realpath(args.output_dir) + os.sep):
+            sys.exit(f"error: --fresh would delete {path}, the checkpoint to resume from; "
+                     f"resume into another --output_dir")
 
 
 def prepare_output_dir(output_dir: str, fresh: bool) -> None:
