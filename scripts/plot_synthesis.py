@@ -22,6 +22,7 @@ from config import ConfigError, load_config  # noqa: E402
 from data import DataError, MelSpectrogram, load_audio  # noqa: E402
 from metrics import measure  # noqa: E402
 from model import build_model  # noqa: E402
+from synthesis import unmeasurable  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         model = model.eval().remove_weight_norm()
         rate = config.data.sampling_rate
         recording = load_audio(args.audio, rate)
+        hop_length = config.data.hop_length
+        reason = unmeasurable(1 + recording.shape[0] // hop_length, hop_length)
+        if reason is not None:
+            raise DataError(f"{args.audio}: a recording of {recording.shape[0]} samples, {reason}")
         mel_spectrogram = MelSpectrogram.from_config(config.data)
         mel = mel_spectrogram(recording)  # [80, F]
         generator = torch.Generator().manual_seed(config.train.seed)

@@ -1,0 +1,28 @@
+"""scripts/: bad input ends a script with one line naming it."""
+import importlib.util
+import os
+
+import numpy as np
+import soundfile
+
+from conftest import ROOT
+
+
+def script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plot_synthesis_names_a_recording_too_short_to_synthesize_and_measure(tmp_path, capsys):
+    recording = str(tmp_path / "short.wav")
+    soundfile.write(recording, (0.3 * np.sin(np.arange(1500) / 5) * 32767).astype(np.int16), 22050,
+                    subtype="PCM_16")
+    status = script("plot_synthesis").main([recording, "-c", os.path.join(ROOT, "configs", "demo.json"),
+                                            "--checkpoint_path", os.path.join(ROOT, "pretrained", "nanoflow-demo.pt"),
+                                            "-o", str(tmp_path / "plot.png")])
+    assert status == 1
+    assert capsys.readouterr().err.strip() == (f"error: {recording}: a recording of 1500 samples, its synthesis of "
+                                               f"768 samples is too short to measure (need at least 1025)")
+    assert not os.path.exists(tmp_path / "plot.png")
