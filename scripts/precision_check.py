@@ -26,7 +26,7 @@ from config import ConfigError, load_config  # noqa: E402
 from data import DataError  # noqa: E402
 from mel2samp import Mel2Samp  # noqa: E402
 from metrics import log_mel_l1  # noqa: E402
-from model import build_model  # noqa: E402
+from model import SYNTHESIS_TRIM, build_model  # noqa: E402
 from synthesis import PRECISIONS as SYNTHESIS_PRECISIONS  # noqa: E402
 
 PRECISIONS = {name: dtype for name, dtype in SYNTHESIS_PRECISIONS.items() if dtype != torch.float32}  # against fp32
@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         differences = []
         for index, path in enumerate(clips.files):
             mel = clips[index][0][None].to(device)
+            samples = config.data.hop_length * mel.shape[-1] - SYNTHESIS_TRIM
+            if samples <= config.data.filter_length // 2:  # what the log-mel needs
+                print(f"{path}: its synthesis of {max(samples, 0)} samples is too short to compare (need more "
+                      f"than {config.data.filter_length // 2}): left out", file=sys.stderr)
+                continue
             generator = torch.Generator().manual_seed(config.train.seed + index)
             height = config.waveflow.n_height
             z = torch.randn(1, 1, height, 256 * (mel.shape[-1] - 3) // height, generator=generator) * args.temp
@@ -61,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             differences.append(difference)
             print(f"{os.path.basename(path)}: mean |log-mel difference| {difference:.4f}, "
                   f"largest sample difference {(reduced - reference).abs().max().item():.4f}")
+        if not differences:
+            raise DataError(f"{config.data.test_files}: no test clip is long enough to compare")
     except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
