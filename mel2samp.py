@@ -31,9 +31,8 @@ is ``(mel [n_mels, F], audio [T])`` with ``F = 1 + T // hop_length``:
   ``log(1e-5)``.
 
 The mel is computed per item on the CPU in ``__getitem__``, so DataLoader workers
-compute it in parallel with the training step; one 16000-sample crop costs about
-a millisecond (an STFT and an [80, 513] matrix product) and only the crop is read
-from disk.
+compute it in parallel with the training step; a crop costs an STFT and an
+[80, 513] matrix product, and only the crop is read from disk.
 
 As a command, ``python mel2samp.py -f filelist.txt -c config.json -o out_dir``
 writes ``out_dir/<audio file name>.pt`` (``LJ001-0001.wav.pt``, WaveGlow's naming)

@@ -34,9 +34,8 @@ from storage import StorageError, TrainingLogs, describe, warn, write_atomically
 MEASURE_TEMPERATURE = 0.8
 MEASURED_CLIPS = 3  # the first test clips, measured at every checkpoint
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Below this width the estimator's matrices are too small for bf16 to pay for its conversions on a CPU:
-# 1 s of audio from a 32-channel model took 0.60 s in bf16 against 0.40 s in fp32, from a 128-channel
-# one 3.08 s against 6.35 s (2-core AMD EPYC with avx512_bf16, no AMX, two threads).
+# Below this width the estimator's matrices are too small for bf16 to pay for its conversions on a CPU
+# (the measurements that set it are in the documentation of synthesis speed).
 BF16_MIN_CHANNELS = 64
 PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
 

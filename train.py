@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from checkpoint import (CheckpointError, average_checkpoints, checkpoint_path, list_checkpoints, load_checkpoint,
                         read_checkpoint, rerun_checkpoint, save_checkpoint, warm_start)
-from config import Config, ConfigError, check_model_rules, load_config
+from config import Config, ConfigError, TrainConfig, check_model_rules, load_config
 from data import DataError
 from mel2samp import Mel2Samp, collate
 from model import WaveFlow, build_model, negative_log_likelihood
@@ -261,6 +261,25 @@ def skipped_step_warning(metrics: dict, iteration: int) -> str:
             f"{metrics['loss_scale']:g}")
 
 
+class SkippedSteps:
+    """Updates skipped in a row for a non-finite loss or gradient; `limit` of them stop training. The fp16
+    scaler's overflows (`GRADIENT_OVERFLOW`) neither count nor end a streak: lowering its loss scale after
+    one is how the scaler calibrates itself, and a run with fp16_run meets a few at its start and one each
+    time the scaler tries a larger scale."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def record(self, skipped: str | None, iteration: int, last_good: str) -> None:
+        if skipped is None:
+            self.in_a_row = 0
+        elif skipped != GRADIENT_OVERFLOW:
+            self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise TrainingStopped(f"{self.in_a_row} steps in a row skipped for a non-finite loss or gradient at "
+                                  f"iteration {iteration}: training stopped; the last good checkpoint is {last_good}")
+
+
 def write_failure(folder: str, what: str, error: OSError) -> StorageError:
     """A failed write in the run folder, as one line naming the folder and the newest intact checkpoint."""
     available = list_checkpoints(folder)
@@ -314,14 +333,39 @@ def claim_run_folder(config: Config, args: argparse.Namespace, runtime: Runtime)
     return lock, start
 
 
-def restore(model: WaveFlow, optimizer, scheduler, scaler, path: str, args,
-            verbose: bool) -> tuple[int, int, int]:
+@dataclass
+class Training:
+    """What training updates: the model, its optimizer, learning-rate schedule and loss scaler."""
+
+    model: WaveFlow
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR
+    scaler: torch.amp.GradScaler
+
+
+def build_training(config: Config, runtime: Runtime) -> Training:
+    """A fresh model (initialised from `train_config.seed`), Adam, the step schedule and the fp16 loss
+    scaler (disabled unless training in fp16)."""
+    tc = config.train
+    torch.manual_seed(tc.seed)
+    if runtime.device.type == "cuda":
+        # Training segments have one size: let cuDNN time its algorithms once. Its default choice for the
+        # dilated convolutions in half precision can be many times slower than fp32.
+        torch.backends.cudnn.benchmark = True
+    model = build_model(config.waveflow).to(runtime.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=tc.lr_decay_step, gamma=tc.lr_decay_gamma)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+    return Training(model, optimizer, scheduler, scaler)
+
+
+def restore(training: Training, path: str, args: argparse.Namespace, verbose: bool) -> tuple[int, int, int]:
     """Load what checkpoint `path` (or with -a the folder) asks for; returns `(iteration, epoch,
     batch_in_epoch)` to start from (epoch -1 when the checkpoint does not record it)."""
     if not path:
         return 0, 0, 0
     if not (args.warm_start or args.average_checkpoint):
-        checkpoint = load_checkpoint(path, model, optimizer, scheduler, scaler)
+        checkpoint = load_checkpoint(path, training.model, training.optimizer, training.scheduler, training.scaler)
         if verbose:
             print(f"resumed from {path} at iteration {checkpoint['iteration']}")
         return (checkpoint["iteration"], checkpoint.get("epoch", -1), checkpoint.get("batch_in_epoch", -1))
@@ -331,12 +375,162 @@ def restore(model: WaveFlow, optimizer, scheduler, scaler, path: str, args,
     else:
         newest = read_checkpoint(path)
         weights, source = newest["model"], path
-    loaded, skipped = warm_start(model, weights)
+    loaded, skipped = warm_start(training.model, weights)
     if verbose:
         print(f"warm start from {source}: {len(loaded)} tensors loaded, {len(skipped)} not"
-          + "".join(f"\n  not loaded: {line}" for line in skipped))
+              + "".join(f"\n  not loaded: {line}" for line in skipped))
     # Numbering goes on from the source so that no checkpoint beside it is overwritten.
     return newest.get("iteration", 0), 0, 0
+
+
+def resume_position(iteration: int, epoch: int, batch_in_epoch: int, batches_per_epoch: int,
+                    tc: TrainConfig) -> tuple[int, int, int]:
+    """Where the data order stands at `iteration`, and where the run ends: -> `(epoch, batch_in_epoch,
+    last iteration)`. A checkpoint of the original code (epoch -1) records only its iteration, which
+    then says where the data stood; a warm start counts epochs from 0 while its iterations go on from
+    the source's numbering."""
+    if epoch < 0:
+        epoch, batch_in_epoch = divmod(iteration, batches_per_epoch)
+    first_iteration = iteration - (epoch * batches_per_epoch + batch_in_epoch)
+    total = first_iteration + tc.epochs * batches_per_epoch
+    if tc.max_iterations:
+        total = min(total, tc.max_iterations)
+    return epoch, batch_in_epoch, total
+
+
+def refuse_overwriting(folder: str, iteration: int) -> None:
+    """Stop before a run from `iteration` overwrites newer checkpoints of its run folder."""
+    newer = [path for it, path in list_checkpoints(folder) if it > iteration]
+    if newer:
+        raise CheckpointError(f"{folder} already holds checkpoints after iteration {iteration} "
+                              f"({os.path.basename(newer[-1])}); training would overwrite them. To go on with that "
+                              f"run, resume from {newer[-1]} (--checkpoint_path, without -w or -a); or choose "
+                              f"another output_directory or model_name")
+
+
+def data_parallel(model: WaveFlow, runtime: Runtime) -> torch.nn.Module:
+    """The model as the training step calls it: under DistributedDataParallel with torchrun, under
+    DataParallel on a machine of several GPUs without it, else the model itself."""
+    if runtime.distributed:
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    if runtime.device.type == "cuda" and torch.cuda.device_count() > 1:
+        return torch.nn.DataParallel(model)
+    return model
+
+
+class TrainingRun:
+    """The loop of one training run over its epochs, and its bookkeeping: progress, logs, skipped
+    steps, checkpoints and the checkpoint reports."""
+
+    def __init__(self, training: Training, train_set: Mel2Samp, sampler: EpochSampler, config: Config,
+                 args: argparse.Namespace, runtime: Runtime):
+        self.training, self.train_set, self.sampler = training, train_set, sampler
+        self.config, self.args, self.runtime = config, args, runtime
+        self.folder = run_dir(config)
+        self.report = CheckpointReport(config, runtime.device, runtime.amp_dtype) if runtime.is_main else None
+        self.skipped_steps = SkippedSteps(config.train.max_bad_steps)
+        self.logs = None
+        self.progress = None
+        self.saved_at = 0
+
+    def save(self, iteration: int, epoch: int, batch_in_epoch: int) -> None:
+        """Write checkpoint `iteration` (on rank 0), recording where the data order stands."""
+        training, path = self.training, checkpoint_path(self.folder, iteration)
+        if batch_in_epoch == self.sampler.batches_per_epoch:
+            epoch, batch_in_epoch = epoch + 1, 0
+
+        def write() -> None:
+            save_checkpoint(path, model_state=training.model.state_dict(), iteration=iteration,
+                            optimizer=training.optimizer, scheduler=training.scheduler,
+                            learning_rate=self.config.train.learning_rate, config=self.config.raw, epoch=epoch,
+                            batch_in_epoch=batch_in_epoch, scaler=training.scaler)
+            print(f"saved {path}")
+
+        write_on_main(write, f"checkpoint {os.path.basename(path)}", self.folder, self.runtime)
+        self.saved_at = iteration
+
+    def checkpoint(self, iteration: int, epoch: int, batch_in_epoch: int) -> None:
+        """Save, then report the test loss and measures (rank 0) while the other ranks wait."""
+        self.save(iteration, epoch, batch_in_epoch)
+        if self.report is not None:
+            self.report(self.training.model, self.logs, iteration, self.args.temp)
+        if self.runtime.distributed:
+            dist.barrier()
+        self.training.model.train()
+
+    def record(self, metrics: dict, iteration: int, seconds: float) -> None:
+        """A step's metrics to the progress bar and the logs; a skipped update warned and counted."""
+        if metrics["skipped"] and self.runtime.is_main:
+            warn(skipped_step_warning(metrics, iteration))
+        last_good = checkpoint_path(self.folder, self.saved_at) if self.saved_at else "none"
+        self.skipped_steps.record(metrics["skipped"], iteration, last_good)
+        if self.runtime.is_main:
+            speed = metrics["samples"] / seconds / 1000
+            self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", kHz=f"{speed:.1f}", refresh=False)
+            self.progress.update()
+            if self.logs is not None:
+                for key in ("loss", "grad_norm", "learning_rate"):
+                    self.logs.add("scalar", f"training/{key}", metrics[key], iteration)
+
+    def run(self, iteration: int, start_epoch: int, batch_in_epoch: int, total: int) -> None:
+        """Train from `iteration` (batch `batch_in_epoch` of `start_epoch`) to iteration `total`, or until
+        Ctrl-C or SIGTERM; a checkpoint every `iters_per_checkpoint` iterations and one at the end."""
+        tc, runtime, training = self.config.train, self.runtime, self.training
+        self.saved_at = iteration
+        if runtime.is_main and tc.with_tensorboard:
+            self.logs = TrainingLogs(os.path.join(self.folder, "logs"))
+        self.progress = tqdm(total=total, initial=min(iteration, total), unit="it", disable=not runtime.is_main,
+                             dynamic_ncols=True)
+        wrapped = data_parallel(training.model, runtime)
+        stop = StopRequest()
+        position = (start_epoch, batch_in_epoch)  # (epoch, batches done in it) after the last step
+        try:
+            for epoch in range(start_epoch, tc.epochs):
+                for batch in self.batches(epoch, batch_in_epoch):
+                    started = time.perf_counter()
+                    metrics = train_step(wrapped, batch, training.optimizer, training.scheduler, training.scaler,
+                                         runtime, self.config)
+                    iteration, batch_in_epoch = iteration + 1, batch_in_epoch + 1
+                    position = (epoch, batch_in_epoch)
+                    self.record(metrics, iteration, time.perf_counter() - started)
+                    diverging = self.skipped_steps.in_a_row > 0  # no checkpoint in the middle of a streak
+                    if iteration % tc.iters_per_checkpoint == 0 and not diverging:
+                        self.checkpoint(iteration, epoch, batch_in_epoch)
+                    if iteration >= total:
+                        break
+                    if _global_any(stop.requested, runtime):
+                        if self.saved_at != iteration:
+                            self.save(iteration, epoch, batch_in_epoch)
+                        return
+                if iteration >= total:
+                    break
+                batch_in_epoch = 0
+            if self.saved_at != iteration:
+                self.checkpoint(iteration, *position)
+            if runtime.is_main:
+                self.progress.close()
+                print(f"training finished at iteration {iteration}.\n"
+                      f"  checkpoints: {self.folder}/\n"
+                      f"  samples:     {samples_dir(self.config)}/ (a test clip at every checkpoint; play the "
+                      f".wav files)\n"
+                      f"  all test clips from the last checkpoint: python train.py -s -c {self.args.config} "
+                      f"--checkpoint_path {checkpoint_path(self.folder, iteration)}")
+        finally:
+            stop.restore()
+            self.progress.close()
+            if self.logs is not None:
+                self.logs.close()
+
+    def batches(self, epoch: int, skip_batches: int) -> DataLoader:
+        """The batches of `epoch` after the first `skip_batches`, in the order fixed by (seed, epoch)."""
+        tc, dc = self.config.train, self.config.data
+        self.sampler.set_epoch(epoch, skip_batches)
+        self.train_set.set_epoch(epoch)
+        self.training.model.train()
+        return DataLoader(self.train_set, batch_size=tc.batch_size, sampler=self.sampler, collate_fn=collate,
+                          num_workers=dc.num_workers, pin_memory=self.runtime.device.type == "cuda",
+                          drop_last=True, worker_init_fn=_ignore_stop_signals)
 
 
 def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
@@ -354,140 +548,28 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
 
 
 def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
-    """The training loop, from checkpoint `start` (none when empty)."""
+    """Training from checkpoint `start` (none when empty): the model, the data, where they stand, the loop."""
     tc, dc = config.train, config.data
-    torch.manual_seed(tc.seed)
-    if runtime.device.type == "cuda":
-        # Training segments have one size: let cuDNN time its algorithms once. Its default choice for
-        # the dilated convolutions in half precision was measured 18x slower than fp32 on an H200.
-        torch.backends.cudnn.benchmark = True
-    model = build_model(config.waveflow).to(runtime.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=tc.lr_decay_step, gamma=tc.lr_decay_gamma)
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
-    iteration, start_epoch, batch_in_epoch = restore(model, optimizer, scheduler, scaler, start, args, runtime.is_main)
-
+    training = build_training(config, runtime)
+    iteration, epoch, batch_in_epoch = restore(training, start, args, runtime.is_main)
     train_set = Mel2Samp.from_config(dc, mode="train", seed=tc.seed)
-    report = CheckpointReport(config, runtime.device, runtime.amp_dtype) if runtime.is_main else None
-    sampler = EpochSampler(len(train_set), tc.batch_size, tc.seed, runtime.rank, runtime.world_size)
-    if sampler.batches_per_epoch == 0:
+    run = TrainingRun(training, train_set, EpochSampler(len(train_set), tc.batch_size, tc.seed, runtime.rank,
+                                                        runtime.world_size), config, args, runtime)
+    batches_per_epoch = run.sampler.batches_per_epoch
+    if batches_per_epoch == 0:
         raise DataError(f"{dc.training_files}: {len(train_set)} clips cannot fill one batch of "
                         f"{tc.batch_size} per process ({runtime.world_size} processes)")
-    if start_epoch < 0:  # a checkpoint of the original code: only the iteration count says where the data stood
-        start_epoch, batch_in_epoch = divmod(iteration, sampler.batches_per_epoch)
-    folder = run_dir(config)
-    newer = [path for it, path in list_checkpoints(folder) if it > iteration]
-    if newer:
-        raise CheckpointError(f"{folder} already holds checkpoints after iteration {iteration} "
-                              f"({os.path.basename(newer[-1])}); training would overwrite them. To go on with that "
-                              f"run, resume from {newer[-1]} (--checkpoint_path, without -w or -a); or choose "
-                              f"another output_directory or model_name")
+    epoch, batch_in_epoch, total = resume_position(iteration, epoch, batch_in_epoch, batches_per_epoch, tc)
+    refuse_overwriting(run.folder, iteration)
     config_copy = json.dumps(config.raw, indent=4).encode()
-    write_on_main(lambda: write_atomically(os.path.join(folder, "config.json"), config_copy), "config.json", folder,
-                  runtime)
-
-    if runtime.distributed:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    elif runtime.device.type == "cuda" and torch.cuda.device_count() > 1:
-        wrapped = torch.nn.DataParallel(model)
-    else:
-        wrapped = model
-
-    def save(at_iteration: int, at_epoch: int, at_batch: int) -> None:
-        path = checkpoint_path(folder, at_iteration)
-        if at_batch == sampler.batches_per_epoch:
-            at_epoch, at_batch = at_epoch + 1, 0
-
-        def write() -> None:
-            save_checkpoint(path, model_state=model.state_dict(), iteration=at_iteration, optimizer=optimizer,
-                            scheduler=scheduler, learning_rate=tc.learning_rate, config=config.raw,
-                            epoch=at_epoch, batch_in_epoch=at_batch, scaler=scaler)
-            print(f"saved {path}")
-
-        write_on_main(write, f"checkpoint {os.path.basename(path)}", folder, runtime)
-
-    # A warm start counts epochs from 0 while its iterations go on from the source's numbering.
-    first_iteration = iteration - (start_epoch * sampler.batches_per_epoch + batch_in_epoch)
-    total = first_iteration + tc.epochs * sampler.batches_per_epoch
-    if tc.max_iterations:
-        total = min(total, tc.max_iterations)
+    write_on_main(lambda: write_atomically(os.path.join(run.folder, "config.json"), config_copy), "config.json",
+                  run.folder, runtime)
     if iteration >= total:
         if runtime.is_main:
             print(f"nothing to train: the run is at iteration {iteration}, its end is iteration {total} "
                   f"(train_config.epochs, max_iterations)")
         return
-    logs = TrainingLogs(os.path.join(folder, "logs")) if runtime.is_main and tc.with_tensorboard else None
-    stop = StopRequest()
-    bad_steps, saved_at = 0, iteration
-    position = (start_epoch, batch_in_epoch)  # (epoch, batches done in it) after the last step
-    progress = tqdm(total=total, initial=min(iteration, total), unit="it", disable=not runtime.is_main,
-                    dynamic_ncols=True)
-    try:
-        for epoch in range(start_epoch, tc.epochs):
-            sampler.set_epoch(epoch, batch_in_epoch)
-            train_set.set_epoch(epoch)
-            loader = DataLoader(train_set, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate,
-                                num_workers=dc.num_workers, pin_memory=runtime.device.type == "cuda",
-                                drop_last=True, worker_init_fn=_ignore_stop_signals)
-            model.train()
-            for batch in loader:
-                started = time.perf_counter()
-                metrics = train_step(wrapped, batch, optimizer, scheduler, scaler, runtime, config)
-                iteration, batch_in_epoch = iteration + 1, batch_in_epoch + 1
-                position = (epoch, batch_in_epoch)
-                if metrics["skipped"] is None:
-                    bad_steps = 0
-                elif metrics["skipped"] != GRADIENT_OVERFLOW:  # the scaler's calibration neither counts nor resets
-                    bad_steps += 1
-                if metrics["skipped"] and runtime.is_main:
-                    warn(skipped_step_warning(metrics, iteration))
-                if bad_steps >= tc.max_bad_steps:
-                    raise TrainingStopped(
-                        f"{bad_steps} steps in a row skipped for a non-finite loss or gradient at iteration "
-                        f"{iteration}: training stopped; the last good checkpoint is "
-                        f"{checkpoint_path(folder, saved_at) if saved_at else 'none'}")
-                if runtime.is_main:
-                    speed = metrics["samples"] / (time.perf_counter() - started) / 1000
-                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", kHz=f"{speed:.1f}", refresh=False)
-                    progress.update()
-                    if logs is not None:
-                        for key in ("loss", "grad_norm", "learning_rate"):
-                            logs.add("scalar", f"training/{key}", metrics[key], iteration)
-                if iteration % tc.iters_per_checkpoint == 0 and bad_steps == 0:  # never save mid-divergence
-                    save(iteration, epoch, batch_in_epoch)
-                    saved_at = iteration
-                    if report is not None:
-                        report(model, logs, iteration, args.temp)
-                    if runtime.distributed:
-                        dist.barrier()
-                    model.train()
-                if iteration >= total:
-                    break
-                if _global_any(stop.requested, runtime):
-                    if saved_at != iteration:
-                        save(iteration, epoch, batch_in_epoch)
-                    return
-            if iteration >= total:
-                break
-            batch_in_epoch = 0
-        if saved_at != iteration:
-            save(iteration, *position)
-            if report is not None:
-                report(model, logs, iteration, args.temp)
-        if runtime.is_main:
-            progress.close()
-            print(f"training finished at iteration {iteration}.\n"
-                  f"  checkpoints: {folder}/\n"
-                  f"  samples:     {samples_dir(config)}/ (a test clip at every checkpoint; play the .wav files)\n"
-                  f"  all test clips from the last checkpoint: python train.py -s -c {args.config} "
-                  f"--checkpoint_path {checkpoint_path(folder, iteration)}")
-    finally:
-        stop.restore()
-        progress.close()
-        if logs is not None:
-            logs.close()
-
+    run.run(iteration, epoch, batch_in_epoch, total)
 
 
 

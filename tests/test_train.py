@@ -808,7 +808,8 @@ def test_a_measure_that_fails_at_a_checkpoint_is_a_warning(tmp_path, capsys, mon
 def test_warm_start_or_averaging_without_a_checkpoint_is_refused(tmp_path, capsys):
     make_corpus(str(tmp_path))
     config = write_config(str(tmp_path))
-    for option, says in ((["-w"], "-w/--warm_start needs a checkpoint"), (["-a", "2"], "-a needs a folder of checkpoints")):
+    for option, says in ((["-w"], "-w/--warm_start needs a checkpoint"),
+                         (["-a", "2"], "-a needs a folder of checkpoints")):
         status, _, err = run_here(capsys, *option, "-c", config, "--max_iterations", "1")
         assert status == 1 and err.strip() == (f"error: {config}: {says} to start from: "
                                                f"train_config.checkpoint_path is empty (or give --checkpoint_path)")
@@ -828,3 +829,12 @@ def test_resuming_from_weights_only_is_refused_in_one_line(tmp_path, capsys):
                                            f"start from its weights")
     status, out, err = run_here(capsys, "-w", "-c", config, "--max_iterations", "1")
     assert status == 0 and "warm start from" in out, err
+
+
+def test_resume_position_of_our_checkpoints_the_originals_and_a_warm_start(tmp_path):
+    tc = load_config(write_config(str(tmp_path), train_config__epochs=4)).train  # 3 batches an epoch below
+    assert train.resume_position(5, 1, 2, 3, tc) == (1, 2, 12)  # ours: epoch and batch recorded
+    assert train.resume_position(5, -1, -1, 3, tc) == (1, 2, 12)  # the original's: from the iteration alone
+    assert train.resume_position(100, 0, 0, 3, tc) == (0, 0, 112)  # warm start: numbering goes on from 100
+    tc.max_iterations = 10
+    assert train.resume_position(5, 1, 2, 3, tc) == (1, 2, 10)
