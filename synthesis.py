@@ -153,8 +153,10 @@ def mel_figure(synthesized: torch.Tensor, target: torch.Tensor):
 
 class CheckpointReport:
     """At each checkpoint: the test-set loss on first segments, and the first `MEASURED_CLIPS` test clips
-    synthesized and measured against their recordings (metrics.py); the first is kept as a sample.
-    The datasets, the measured clips and the mel spectrogram are read and built once, with the training run."""
+    long enough to synthesize and measure, synthesized and measured against their recordings (metrics.py);
+    the first is kept as a sample. The clip lengths are known when the run starts, so the clips too short
+    are named then, once; a measure that fails at a checkpoint is a warning. The datasets, the measured
+    clips and the mel spectrogram are read and built once, with the training run."""
 
     def __init__(self, config: Config, device: torch.device, amp_dtype: torch.dtype | None):
         self.config, self.device, self.amp_dtype = config, device, amp_dtype
