@@ -280,6 +280,8 @@ class SkippedSteps:
                                   f"iteration {iteration}: training stopped; the last good checkpoint is {last_good}")
 
 
+# ----------------------------------------------------------------------------- run folder and starting point
+
 def write_failure(folder: str, what: str, error: OSError) -> StorageError:
     """A failed write in the run folder, as one line naming the folder and the newest intact checkpoint."""
     available = list_checkpoints(folder)
@@ -418,6 +420,8 @@ def data_parallel(model: WaveFlow, runtime: Runtime) -> torch.nn.Module:
         return torch.nn.DataParallel(model)
     return model
 
+
+# ----------------------------------------------------------------------------- the loop
 
 class TrainingRun:
     """The loop of one training run over its epochs, and its bookkeeping: progress, logs, skipped
