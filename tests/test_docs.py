@@ -24,7 +24,8 @@ from config import SECTIONS
 from conftest import ROOT
 from model import build_model
 
-DOCUMENTS = ["README.md"] + sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+DOCUMENTS = ["README.md"] + sorted(os.path.relpath(path, ROOT)
+                                  for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 FENCED_BLOCK = re.compile(r"^[ \t]*```([^\n]*)\n(.*?)^[ \t]*```[ \t]*$", re.MULTILINE | re.DOTALL)
 SHELL_BLOCKS = ("", "sh", "bash", "shell", "console")  # the info strings of fenced blocks that hold commands
 INLINE_CODE = re.compile(r"`([^`]+)`")
@@ -33,7 +34,6 @@ HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*$", re.MULTILINE)
 SEPARATORS = {"&&", "||", "|", ";"}
 # Paths a command names that belong to the repository (outputs such as experiments/ are made by the commands).
 REPOSITORY_FOLDERS = ("configs", "data", "docs", "pretrained", "scripts", "tests")
-PYTEST_OPTIONS_WITH_VALUES = {"-m", "-k", "-p", "-c", "--rootdir", "--durations"}
 
 
 def read(document: str) -> str:
@@ -101,13 +101,13 @@ def option_strings(help_text: str) -> set[str]:
     return options
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def accepted_flags(script: str) -> frozenset[str]:
     """The flags `script` accepts, from its `--help` (Python scripts run in this process, so that the
     heavy imports are paid once); for a shell script, every flag its text mentions."""
     if script == "pytest":
         result = subprocess.run([sys.executable, "-m", "pytest", "--help"], capture_output=True, text=True,
-                                cwd=ROOT, timeout=120)
+                                cwd=ROOT, timeout=120, check=False)
         assert result.returncode == 0, result.stderr
         return frozenset(option_strings(result.stdout))
     path = os.path.join(ROOT, script)
@@ -177,7 +177,8 @@ def test_the_check_catches_a_wrong_flag_script_or_file(registered_markers):
     def problems(line: str) -> list[str]:
         return command_problems("example.md", shlex.split(line), registered_markers)
 
-    assert problems("python train.py -s -t 0.8 -c configs/demo.json --checkpoint_path pretrained/nanoflow-demo.pt") == []
+    demo = "python train.py -s -t 0.8 -c configs/demo.json --checkpoint_path pretrained/nanoflow-demo.pt"
+    assert problems(demo) == []
     assert "has no option --checkpoint" in problems("python train.py -s -c configs/demo.json --checkpoint x")[0]
     assert "no script scripts/prepare.py" in problems("python scripts/prepare.py --archive x")[0]
     assert "no file or folder configs/demo2.json" in problems("python train.py -c configs/demo2.json")[0]
