@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import soundfile
@@ -14,7 +15,7 @@ from mel2samp import Mel2Samp
 from test_train import make_corpus, write_config
 
 RATE = 22050
-MEL_PARAMETERS = dict(sampling_rate=RATE, filter_length=1024, hop_length=256, win_length=1024,
+MEL_PARAMETERS: dict[str, Any] = dict(sampling_rate=RATE, filter_length=1024, hop_length=256, win_length=1024,
                       mel_fmin=0.0, mel_fmax=8000.0)
 
 
