@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.slow  # bench.py end to end, in a subprocess
 
 
 def test_bench_reports_every_case_as_json(tmp_path):

@@ -237,6 +237,7 @@ def train_command(cifar_root: str, output_dir: str, model_type: str) -> list[str
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", list(MODEL_TYPES))
 def test_command_line_trains_each_model_type(model_type, cifar_root, tmp_path):
     output_dir = str(tmp_path / "run")
@@ -254,6 +255,7 @@ def test_command_line_trains_each_model_type(model_type, cifar_root, tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(output_dir))
 
 
+@pytest.mark.slow
 def test_command_line_resumes_and_refuses_to_clobber(cifar_root, tmp_path):
     first = str(tmp_path / "first")
     assert run_train(*train_command(cifar_root, first, "glow")).returncode == 0
