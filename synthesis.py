@@ -45,11 +45,15 @@ def samples_dir(config: Config) -> str:
 
 
 def has_bf16_matrix_units(device: torch.device) -> bool:
-    """Tensor cores, or a CPU with AMX or AVX-512 bf16 instructions."""
+    """Tensor cores, or a CPU with AMX or AVX-512 bf16 instructions.
+
+    The CPU probes are private to PyTorch: one that a release lacks counts as "no", so the
+    automatic choice falls back to fp32 rather than failing."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        return any(probe() for probe in probes if probe is not None)
     return False
 
 

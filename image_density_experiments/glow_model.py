@@ -6,7 +6,7 @@ network that predicts each affine coupling's shift and scale: see `MODEL_TYPES`.
 """
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn as nn
@@ -97,10 +97,11 @@ class FlowStep(nn.Module):
         """z1 [B, C/2, H, W] -> shift and scale interleaved [B, C, H, W] (affine) or shift [B, C/2, H, W]"""
         if self.sharing.estimator == "glow_block":
             return self.block(z1)
+        assert estimator is not None, "FlowNet.step_inputs gives every step its shared estimator"
         gates = None
         if self.sharing.flow_embedding:
-            embedding, _ = self.actnorm_embed(embedding)
-            z1 = torch.cat([z1, embedding.expand(z1.shape[0], -1, -1, -1)], dim=1)  # [B, C/2 + E, H, W]
+            normed_embedding, _ = self.actnorm_embed(embedding)
+            z1 = torch.cat([z1, normed_embedding.expand(z1.shape[0], -1, -1, -1)], dim=1)  # [B, C/2 + E, H, W]
             gates = torch.exp(self.multgate)
         features = estimator(z1, gates)
         return self.conv_proj(features) if self.sharing.projection == "step" else features
@@ -211,7 +212,8 @@ class FlowNet(nn.Module):
 
     def step_inputs(self, index: int) -> tuple[Estimator | None, torch.Tensor | None]:
         """The estimator and flow embedding that the step at `index` uses, if any."""
-        estimator = self.estimator[self.estimator_key[index]] if index in self.estimator_key else None
+        # The ModuleDict holds only Estimators, but hands them back typed as nn.Module.
+        estimator = cast(Estimator, self.estimator[self.estimator_key[index]]) if index in self.estimator_key else None
         embedding = self.embedding[str(index)] if str(index) in self.embedding else None
         return estimator, embedding
 
@@ -245,7 +247,7 @@ class FlowNet(nn.Module):
                 z = layer.inverse(z, remaining.pop() if remaining is not None else None, temperature)
             elif isinstance(layer, FlowStep):
                 z = layer.inverse(z, *self.step_inputs(index))
-            else:
+            elif isinstance(layer, SqueezeLayer):
                 z = layer.inverse(z)
         return z
 
@@ -256,6 +258,8 @@ class Glow(nn.Module):
     Images are 8-bit values mapped to `x / 256 - 0.5`; `image_shape` is (H, W, C) as in
     the original.
     """
+
+    prior_h: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(
         self,

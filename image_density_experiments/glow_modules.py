@@ -100,8 +100,8 @@ class Conv2dZeros(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
-        self.conv.weight.data.zero_()
-        self.conv.bias.data.zero_()
+        for parameter in self.conv.parameters():  # weight and bias
+            nn.init.zeros_(parameter)
         self.logs = nn.Parameter(torch.zeros(out_channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,6 +128,12 @@ class InvertibleConv1x1(nn.Module):
     LU-decomposed (the default): W = P L (U + diag(sign_s * exp(log_s))), with P and
     sign_s fixed, so that log|det W| = sum(log_s) costs nothing.
     """
+
+    # Buffers (registered in __init__ when LU_decomposed), declared for the type checker.
+    p: torch.Tensor
+    sign_s: torch.Tensor
+    l_mask: torch.Tensor
+    eye: torch.Tensor
 
     def __init__(self, num_channels: int, LU_decomposed: bool = True):
         super().__init__()
@@ -169,6 +175,9 @@ class InvertibleConv1x1(nn.Module):
 class Permute2d(nn.Module):
     """A fixed channel permutation: reversal, or a random shuffle (Glow sec. 3.2's
     baselines). The permutation is a buffer so that a reloaded model keeps its shuffle."""
+
+    indices: torch.Tensor
+    indices_inverse: torch.Tensor
 
     def __init__(self, num_channels: int, shuffle: bool):
         super().__init__()

@@ -5,12 +5,14 @@ Files live where the original (through torchvision) kept them, under
 in `<dataroot>`. CIFAR-10's python batches are read straight from the archive
 (`cifar-10-python.tar.gz`) or from its extracted folder (`cifar-10-batches-py/`).
 """
+import functools
 import hashlib
 import os
 import pickle
 import tarfile
 import urllib.request
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import IO
 
 import numpy as np
 import scipy.io
@@ -96,7 +98,7 @@ def download(url: str, path: str, md5: str) -> None:
 
 
 def read_cifar10_batches(
-    names: list[str], open_member: Callable[[str], BinaryIO]
+    names: list[str], open_member: Callable[[str], IO[bytes]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pickled batches `names`, opened by `open_member` from a folder or an archive."""
     images, labels = [], []
@@ -117,11 +119,11 @@ def load_cifar10(dataroot: str, download_missing: bool) -> dict[str, tuple[torch
     for root in roots:
         folder = os.path.join(root, CIFAR10_FOLDER)
         if os.path.isdir(folder):
-            return _read_cifar10_splits(lambda member: open(os.path.join(root, member), "rb"))
+            return _read_cifar10_splits(functools.partial(_folder_member, root))
         archive = os.path.join(root, CIFAR10_ARCHIVE)
         if os.path.isfile(archive):
             with tarfile.open(archive, "r:gz") as tar:
-                return _read_cifar10_splits(lambda member: _tar_member(tar, member))
+                return _read_cifar10_splits(functools.partial(_tar_member, tar))
     looked = " or ".join(os.path.join(root, name) for root in roots for name in (CIFAR10_FOLDER, CIFAR10_ARCHIVE))
     raise DatasetNotFoundError(f"CIFAR-10 not found: looked for {looked}; pass --download to fetch it")
 
@@ -130,14 +132,18 @@ def _has_cifar10(root: str) -> bool:
     return os.path.isdir(os.path.join(root, CIFAR10_FOLDER)) or os.path.isfile(os.path.join(root, CIFAR10_ARCHIVE))
 
 
-def _tar_member(tar: tarfile.TarFile, name: str) -> BinaryIO:
+def _folder_member(root: str, name: str) -> IO[bytes]:
+    return open(os.path.join(root, name), "rb")
+
+
+def _tar_member(tar: tarfile.TarFile, name: str) -> IO[bytes]:
     file = tar.extractfile(name)
     if file is None:
         raise DatasetNotFoundError(f"{tar.name} has no file {name}")
     return file
 
 
-def _read_cifar10_splits(open_member: Callable[[str], BinaryIO]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _read_cifar10_splits(open_member: Callable[[str], IO[bytes]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {
         "train": read_cifar10_batches(CIFAR10_TRAIN_BATCHES, open_member),
         "test": read_cifar10_batches(CIFAR10_TEST_BATCHES, open_member),

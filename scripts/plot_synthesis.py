@@ -17,12 +17,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from config import ConfigError, load_config  # noqa: E402
-from data import DataError, MelSpectrogram, load_audio  # noqa: E402
-from metrics import measure  # noqa: E402
-from model import build_model  # noqa: E402
-from synthesis import unmeasurable  # noqa: E402
+from checkpoint import CheckpointError, load_checkpoint
+from config import ConfigError, load_config
+from data import DataError, MelSpectrogram, load_audio
+from metrics import measure
+from model import build_model
+from synthesis import unmeasurable
 
 
 def main(argv: list[str] | None = None) -> int:

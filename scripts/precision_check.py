@@ -21,13 +21,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from config import ConfigError, load_config  # noqa: E402
-from data import DataError  # noqa: E402
-from mel2samp import Mel2Samp  # noqa: E402
-from metrics import log_mel_l1  # noqa: E402
-from model import SYNTHESIS_TRIM, build_model  # noqa: E402
-from synthesis import PRECISIONS as SYNTHESIS_PRECISIONS  # noqa: E402
+from checkpoint import CheckpointError, load_checkpoint
+from config import ConfigError, load_config
+from data import DataError
+from mel2samp import Mel2Samp
+from metrics import log_mel_l1
+from model import SYNTHESIS_TRIM, build_model
+from synthesis import PRECISIONS as SYNTHESIS_PRECISIONS
 
 PRECISIONS = {name: dtype for name, dtype in SYNTHESIS_PRECISIONS.items() if dtype != torch.float32}  # against fp32
 

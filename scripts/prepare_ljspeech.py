@@ -29,7 +29,7 @@ import urllib.request
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root, for data.py
-from data import DataError, audio_length  # noqa: E402
+from data import DataError, audio_length
 
 URL = "https://data.keithito.com/data/speech/LJSpeech-1.1.tar.bz2"
 ARCHIVE_NAME = "LJSpeech-1.1.tar.bz2"

@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.slow  # bench.py end to end, in a subprocess
 
 
 def test_bench_reports_every_case_as_json(tmp_path):
@@ -25,6 +29,7 @@ def test_bench_reports_every_case_as_json(tmp_path):
     for name, item in cases.items():
         assert item["seconds"] > 0 and item["runs"] >= 1
         if not name.startswith("data"):
-            assert 0 < item["fraction_of_matmul"] and 0 < item["fraction_of_bf16_matmul"] and item["gflops"] > 0 and item["peak_memory_mb"] >= 0
+            assert 0 < item["fraction_of_matmul"] and 0 < item["fraction_of_bf16_matmul"]
+            assert item["gflops"] > 0 and item["peak_memory_mb"] >= 0
     assert cases["synthesis 0.1 s x 2"]["kHz"] > 0 and cases["synthesis 0.1 s x 1"]["real_time_factor"] > 0
     assert 0 < cases["data loading 2 x 2048"]["percent_of_training_step"]

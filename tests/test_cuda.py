@@ -9,7 +9,7 @@ import torch
 from model import SYNTHESIS_TRIM, build_model, negative_log_likelihood, unsqueeze
 from test_model import FIXTURES, VARIANTS, random_model, slow_inverse, tiny_config
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 TOLERANCE = 1e-4
 
 

@@ -4,8 +4,10 @@ import os
 import shutil
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
+import pytest
 import soundfile
 import torch
 
@@ -14,8 +16,8 @@ from mel2samp import Mel2Samp
 from test_train import make_corpus, write_config
 
 RATE = 22050
-MEL_PARAMETERS = dict(sampling_rate=RATE, filter_length=1024, hop_length=256, win_length=1024,
-                      mel_fmin=0.0, mel_fmax=8000.0)
+MEL_PARAMETERS: dict[str, Any] = dict(sampling_rate=RATE, filter_length=1024, hop_length=256, win_length=1024,
+                                      mel_fmin=0.0, mel_fmax=8000.0)
 
 
 def longest_zero_run(pcm: np.ndarray) -> int:
@@ -81,6 +83,7 @@ def test_dequantization_adds_at_most_half_a_16_bit_step(tmp_path):
         assert torch.equal(noisy[0][1], noisy_audio) == (mode == "eval")  # fresh noise every training epoch
 
 
+@pytest.mark.slow
 def test_training_stops_at_max_iterations_and_says_where_its_outputs_are(tmp_path):
     make_corpus(str(tmp_path))
     config = write_config(str(tmp_path), train_config__epochs=100, train_config__max_iterations=3,
@@ -105,6 +108,7 @@ def test_training_stops_at_max_iterations_and_says_where_its_outputs_are(tmp_pat
     shutil.rmtree(folder)
 
 
+@pytest.mark.slow
 def test_the_shipped_demo_model_follows_a_sentence_it_never_heard():
     """pretrained/nanoflow-demo.pt is configs/demo.json's model, trained: on a held-out sentence in
     the demo voice its synthesis follows the recording's spectral envelope (the 300-iteration demo

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import tarfile
+from typing import Any
 
 import matplotlib.image
 import numpy as np
@@ -38,7 +39,7 @@ README_COMMANDS = [
     ("nanoflow", 32, 1, 10_113_264),
     ("nanoflow", 48, 3, 10_718_544),
 ]
-TINY = dict(hidden_channels=8, K=2, L=2, flow_embed_dim=2)
+TINY: dict[str, Any] = dict(hidden_channels=8, K=2, L=2, flow_embed_dim=2)
 CLI_TINY = ["--hidden_channels", "8", "--K", "2", "--L", "2", "--flow_embed_dim", "2"]
 
 
@@ -209,6 +210,13 @@ def cifar_root(tmp_path_factory) -> str:
     return root
 
 
+def printed(pattern: str, output: str) -> str:
+    """The first group of `pattern` in a command's `output`."""
+    match = re.search(pattern, output)
+    assert match, f"{pattern!r} not in the output:\n{output}"
+    return match.group(1)
+
+
 def run_train(*args: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}  # see `one_thread`
     return subprocess.run(
@@ -229,14 +237,15 @@ def train_command(cifar_root: str, output_dir: str, model_type: str) -> list[str
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", list(MODEL_TYPES))
 def test_command_line_trains_each_model_type(model_type, cifar_root, tmp_path):
     output_dir = str(tmp_path / "run")
     result = run_train(*train_command(cifar_root, output_dir, model_type))
     assert result.returncode == 0, result.stderr
-    num_param = int(re.search(r"num_param: (\d+)", result.stdout).group(1))
+    num_param = int(printed(r"num_param: (\d+)", result.stdout))
     assert num_param == Glow((32, 32, 3), model_type=model_type, **TINY).num_parameters()
-    bits_per_dim = float(re.search(r"bits/dim: ([\d.eE+-]+|nan|inf)", result.stdout).group(1))
+    bits_per_dim = float(printed(r"bits/dim: ([\d.eE+-]+|nan|inf)", result.stdout))
     assert math.isfinite(bits_per_dim) and 0 < bits_per_dim < 9
     state_dict = torch.load(os.path.join(output_dir, "glow_model_1.pth"))
     Glow((32, 32, 3), model_type=model_type, **TINY).load_state_dict(state_dict)  # strict: same layout
@@ -246,6 +255,7 @@ def test_command_line_trains_each_model_type(model_type, cifar_root, tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(output_dir))
 
 
+@pytest.mark.slow
 def test_command_line_resumes_and_refuses_to_clobber(cifar_root, tmp_path):
     first = str(tmp_path / "first")
     assert run_train(*train_command(cifar_root, first, "glow")).returncode == 0

@@ -172,6 +172,7 @@ def trained(tmp_path_factory):
     return folder, config, os.path.join(folder, "exp", "tiny", "waveflow_3"), result
 
 
+@pytest.mark.slow
 def test_training_writes_the_measures_to_tensorboard(trained):
     folder, _, _, result = trained
     assert "iteration 3: 2 test clips at temperature 0.8" in result.stdout and "log-mel L1" in result.stdout
@@ -201,6 +202,7 @@ def evaluate(*args) -> tuple[str, str]:
     return stdout.getvalue(), stderr.getvalue()
 
 
+@pytest.mark.slow
 def test_evaluate_prints_the_table_and_writes_json(trained, evaluated):
     folder, _, checkpoint, _ = trained
     stdout, document = evaluated
@@ -222,6 +224,7 @@ def test_evaluate_prints_the_table_and_writes_json(trained, evaluated):
         assert events.Scalars(f"eval/{name}")[0].value == pytest.approx(document["measures"][name]["mean"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_evaluate_precomputed_mels_against_their_audio(trained, evaluated, tmp_path):
     folder, config, checkpoint, _ = trained
     mels = tmp_path / "mels"
@@ -240,6 +243,7 @@ def test_evaluate_precomputed_mels_against_their_audio(trained, evaluated, tmp_p
             assert clip[name] == pytest.approx(same[name], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_mel_without_audio_is_an_error_naming_where_it_looked(trained, tmp_path):
     _, config, _, _ = trained
     np.save(tmp_path / "lonely.npy", np.zeros((80, 10), dtype=np.float32))

@@ -13,6 +13,7 @@ from data import read_file_list
 
 SCRIPT = os.path.join(ROOT, "scripts", "prepare_ljspeech.py")
 spec = importlib.util.spec_from_file_location("prepare_ljspeech", SCRIPT)
+assert spec is not None and spec.loader is not None, SCRIPT
 prepare_ljspeech = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(prepare_ljspeech)
 

@@ -30,6 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 RATE = 22050
 
+# Nearly every test here runs train.py in a subprocess or uses the `trained` run.
+pytestmark = pytest.mark.slow
+
 
 def make_corpus(folder, n_train=6, n_test=2):
     """Short tones with noise: enough for a model to have something to fit."""
