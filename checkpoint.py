@@ -233,14 +233,18 @@ def average_checkpoints(folder: str, count: int, epsilon: float | None = None) -
     if len(available) < count:
         raise CheckpointError(f"{folder}: -a {count} needs {count} checkpoints named {CHECKPOINT_PREFIX}<iteration>, "
                               f"found {len(available)}")
-    average, reference_path, newest = None, None, None
-    for index, (_, path) in enumerate(available[-count:]):
+    paths = [path for _, path in available[-count:]]
+
+    def weights(checkpoint: dict) -> dict:
+        return {name: value.double() if value.is_floating_point() else value
+                for name, value in checkpoint["model"].items()}
+
+    reference_path = paths[0]
+    newest = read_checkpoint(reference_path)
+    average = weights(newest)
+    for index, path in enumerate(paths[1:], start=1):
         newest = read_checkpoint(path)
-        state = {name: value.double() if value.is_floating_point() else value
-                 for name, value in newest["model"].items()}
-        if average is None:
-            average, reference_path = state, path
-            continue
+        state = weights(newest)
         if state.keys() != average.keys() or any(state[k].shape != average[k].shape for k in state):
             raise CheckpointError(f"{path}: weights do not match those of {reference_path}; "
                                   f"cannot average checkpoints of different models")

@@ -190,20 +190,38 @@ class DistConfig:
 
 @dataclass
 class Config:
-    """The parsed sections; a section the command did not ask for (`load_config`) is None."""
+    """The parsed sections. A section the command did not ask for (`load_config`) is not read:
+    asking for it is a `ConfigError` naming the section, so a command's code never sees None."""
 
-    train: TrainConfig | None = None
-    data: DataConfig | None = None
-    waveflow: WaveFlowConfig | None = None
+    train_section: TrainConfig | None = None
+    data_section: DataConfig | None = None
+    waveflow_section: WaveFlowConfig | None = None
     dist: DistConfig = field(default_factory=DistConfig)
     raw: dict = field(default_factory=dict)  # the JSON as read, stored in checkpoints
     source: str = "config"  # the file name, which every error names
 
+    def _section(self, value, name: str):
+        if value is None:
+            raise ConfigError(f"{self.source}: section '{name}' was not read by this command")
+        return value
+
+    @property
+    def train(self) -> TrainConfig:
+        return self._section(self.train_section, "train_config")
+
+    @property
+    def data(self) -> DataConfig:
+        return self._section(self.data_section, "data_config")
+
+    @property
+    def waveflow(self) -> WaveFlowConfig:
+        return self._section(self.waveflow_section, "waveflow_config")
+
 
 SECTIONS = {
-    "train_config": ("train", TrainConfig),
-    "data_config": ("data", DataConfig),
-    "waveflow_config": ("waveflow", WaveFlowConfig),
+    "train_config": ("train_section", TrainConfig),
+    "data_config": ("data_section", DataConfig),
+    "waveflow_config": ("waveflow_section", WaveFlowConfig),
     "dist_config": ("dist", DistConfig),
 }
 

@@ -188,6 +188,9 @@ class MelSpectrogram(nn.Module):
     half precision loses the quiet bands that the log floor is about.
     """
 
+    mel_basis: torch.Tensor  # [n_mels, filter_length // 2 + 1]
+    window: torch.Tensor  # [win_length]
+
     def __init__(self, *, sampling_rate: int = 22050, filter_length: int = 1024, hop_length: int = 256,
                  win_length: int = 1024, n_mel_channels: int = 80, mel_fmin: float = 0.0,
                  mel_fmax: float = 8000.0, log_floor: float = LOG_FLOOR):

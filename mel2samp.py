@@ -91,7 +91,7 @@ class Mel2Samp(Dataset):
                 if length <= filter_length // 2:
                     raise DataError(f"{path}: clip of {length} samples is too short to synthesise "
                                     f"(need more than {filter_length // 2})")
-        self.mel_files = self._find_mels(mel_directory) if mel_directory else None
+        self.mel_files = self._find_mels(mel_directory) if mel_directory else []  # empty: mels computed from the audio
 
     def _find_mels(self, mel_directory: str) -> list[str]:
         """The stored mel of every clip, each checked against its clip's length before any work."""

@@ -64,7 +64,7 @@ MEASURES = {
 
 def pesq_available() -> bool:
     try:
-        import pesq  # noqa: F401
+        import pesq  # noqa: F401  # pyright: ignore[reportMissingImports] -- optional: pip install pesq
     except ImportError:
         return False
     return True
@@ -141,7 +141,7 @@ def pitch_measures(synthesis: np.ndarray, reference: np.ndarray, sampling_rate: 
 def pesq_wideband(synthesis: np.ndarray, reference: np.ndarray, sampling_rate: int = 22050) -> float:
     """Wide band PESQ of aligned inputs [T], resampled to 16 kHz; NaN where the pesq package cannot
     score them (it finds no speech in the recording, or fails on an all-zero synthesis)."""
-    from pesq import NoUtterancesError, pesq
+    from pesq import NoUtterancesError, pesq  # pyright: ignore[reportMissingImports] -- optional
     divisor = math.gcd(PESQ_RATE, sampling_rate)
     up, down = PESQ_RATE // divisor, sampling_rate // divisor
     degraded = scipy.signal.resample_poly(synthesis, up, down).astype(np.float32)

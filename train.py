@@ -434,8 +434,7 @@ class TrainingRun:
         self.folder = run_dir(config)
         self.report = CheckpointReport(config, runtime.device, runtime.amp_dtype) if runtime.is_main else None
         self.skipped_steps = SkippedSteps(config.train.max_bad_steps)
-        self.logs = None
-        self.progress = None
+        self.logs: TrainingLogs | None = None
         self.saved_at = 0
 
     def save(self, iteration: int, epoch: int, batch_in_epoch: int) -> None:
@@ -463,7 +462,7 @@ class TrainingRun:
             dist.barrier()
         self.training.model.train()
 
-    def record(self, metrics: dict, iteration: int, seconds: float) -> None:
+    def record(self, metrics: dict, iteration: int, seconds: float, progress: tqdm) -> None:
         """A step's metrics to the progress bar and the logs; a skipped update warned and counted."""
         if metrics["skipped"] and self.runtime.is_main:
             warn(skipped_step_warning(metrics, iteration))
@@ -471,8 +470,8 @@ class TrainingRun:
         self.skipped_steps.record(metrics["skipped"], iteration, last_good)
         if self.runtime.is_main:
             speed = metrics["samples"] / seconds / 1000
-            self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", kHz=f"{speed:.1f}", refresh=False)
-            self.progress.update()
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", kHz=f"{speed:.1f}", refresh=False)
+            progress.update()
             if self.logs is not None:
                 for key in ("loss", "grad_norm", "learning_rate"):
                     self.logs.add("scalar", f"training/{key}", metrics[key], iteration)
@@ -484,7 +483,7 @@ class TrainingRun:
         self.saved_at = iteration
         if runtime.is_main and tc.with_tensorboard:
             self.logs = TrainingLogs(os.path.join(self.folder, "logs"))
-        self.progress = tqdm(total=total, initial=min(iteration, total), unit="it", disable=not runtime.is_main,
+        progress = tqdm(total=total, initial=min(iteration, total), unit="it", disable=not runtime.is_main,
                              dynamic_ncols=True)
         wrapped = data_parallel(training.model, runtime)
         stop = StopRequest()
@@ -497,7 +496,7 @@ class TrainingRun:
                                          runtime, self.config)
                     iteration, batch_in_epoch = iteration + 1, batch_in_epoch + 1
                     position = (epoch, batch_in_epoch)
-                    self.record(metrics, iteration, time.perf_counter() - started)
+                    self.record(metrics, iteration, time.perf_counter() - started, progress)
                     diverging = self.skipped_steps.in_a_row > 0  # no checkpoint in the middle of a streak
                     if iteration % tc.iters_per_checkpoint == 0 and not diverging:
                         self.checkpoint(iteration, epoch, batch_in_epoch)
@@ -513,7 +512,7 @@ class TrainingRun:
             if self.saved_at != iteration:
                 self.checkpoint(iteration, *position)
             if runtime.is_main:
-                self.progress.close()
+                progress.close()
                 print(f"training finished at iteration {iteration}.\n"
                       f"  checkpoints: {self.folder}/\n"
                       f"  samples:     {samples_dir(self.config)}/ (a test clip at every checkpoint; play the "
@@ -522,7 +521,7 @@ class TrainingRun:
                       f"--checkpoint_path {checkpoint_path(self.folder, iteration)}")
         finally:
             stop.restore()
-            self.progress.close()
+            progress.close()
             if self.logs is not None:
                 self.logs.close()
 

@@ -58,7 +58,9 @@ def test_a_command_reads_only_the_sections_it_asks_for():
     with pytest.raises(ConfigError, match="missing required key 'epochs'"):
         config_from_dict(config, "demo.json")
     parsed = config_from_dict(config, "demo.json", sections=("data_config",))
-    assert parsed.data.hop_length == 256 and parsed.train is None and parsed.waveflow is None
+    assert parsed.data.hop_length == 256 and parsed.train_section is None and parsed.waveflow_section is None
+    with pytest.raises(ConfigError, match="demo.json: section 'waveflow_config' was not read"):
+        parsed.waveflow  # noqa: B018 -- the property raises
     config["data_config"]["hop_lenght"] = 256
     with pytest.raises(ConfigError, match="did you mean 'hop_length'"):  # the sections asked for are still checked
         config_from_dict(config, "demo.json", sections=("data_config",))

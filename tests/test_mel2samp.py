@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from mel2samp import Mel2Samp, collate, write_mels
 RATE = 22050
 SEGMENT = 4000
 HOP = 256
-MEL_PARAMETERS = dict(sampling_rate=RATE, filter_length=1024, hop_length=HOP, win_length=1024,
+MEL_PARAMETERS: dict[str, Any] = dict(sampling_rate=RATE, filter_length=1024, hop_length=HOP, win_length=1024,
                       mel_fmin=0.0, mel_fmax=8000.0)
 
 

@@ -1,5 +1,6 @@
 """metrics.py on signals whose answers are known, and the measures through train.py (-v, --json, --mels,
 TensorBoard at checkpoints) on a tiny corpus."""
+import argparse
 import contextlib
 import io
 import json
@@ -7,7 +8,6 @@ import math
 import os
 import shutil
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,7 +28,7 @@ FORMANTS = ((700, 150), (1200, 150), (2600, 200))  # (centre, bandwidth) in Hz: 
 
 
 def envelope(frequency: np.ndarray) -> np.ndarray:
-    return sum(1.0 / (1.0 + ((frequency - centre) / width) ** 2) for centre, width in FORMANTS) + 0.02
+    return np.asarray(sum(1.0 / (1.0 + ((frequency - centre) / width) ** 2) for centre, width in FORMANTS) + 0.02)
 
 
 def vowel(f0: float, seconds: float = 1.0) -> np.ndarray:
@@ -247,7 +247,7 @@ def test_evaluate_precomputed_mels_against_their_audio(trained, evaluated, tmp_p
 def test_a_mel_without_audio_is_an_error_naming_where_it_looked(trained, tmp_path):
     _, config, _, _ = trained
     np.save(tmp_path / "lonely.npy", np.zeros((80, 10), dtype=np.float32))
-    args = SimpleNamespace(mels=[str(tmp_path)])
+    args = argparse.Namespace(mels=[str(tmp_path)])
     with pytest.raises(DataError, match=r"lonely.npy: no audio to measure it against: looked for lonely.wav or "
                                         r"lonely.flac beside it and in .*test.txt"):
         synthesis.evaluation_inputs(load_config(config), args)

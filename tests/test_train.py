@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -323,6 +324,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     progress = ""
     deadline = time.time() + 120
     while "it/s" not in progress and "s/it" not in progress and time.time() < deadline and process.poll() is None:
+        assert process.stderr is not None
         progress += os.read(process.stderr.fileno(), 4096).decode()
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
@@ -392,7 +394,7 @@ def as_the_original_saves(checkpoint, config):
     model.load_state_dict(checkpoint["model"])
     with torch.no_grad():
         flow_embed = model.flow_embedding.normed_weight().flip(0)[:, :, None, None]  # [K, E, 1, 1]
-        blocks = model.estimator["net"].res_blocks
+        blocks = model.flow_parts(0)[0].res_blocks
         h_cache = torch.stack([block.filter_gate_conv_h(flow_embed) for block in blocks])  # [L, K, 2R, 1, 1]
     saved = {key: checkpoint[key] for key in ("iteration", "optimizer", "scheduler", "learning_rate")}
     saved["model"] = dict(checkpoint["model"], h_cache=h_cache.permute(1, 0, 2, 3, 4).clone())
@@ -456,7 +458,7 @@ def test_fine_tuning_on_an_acoustic_models_mels(trained, tmp_path, capsys, one_t
     for listing in ("train.txt", "test.txt"):
         write_mels(os.path.join(folder, listing), trained_config, mels)
     source = os.path.join(folder, "exp", "tiny", "waveflow_6")
-    common = dict(train_config__output_directory=str(tmp_path / "exp"), train_config__iters_per_checkpoint=100,
+    common: dict[str, Any] = dict(train_config__output_directory=str(tmp_path / "exp"), train_config__iters_per_checkpoint=100,
                   data_config__training_files=os.path.join(folder, "train.txt"),
                   data_config__test_files=os.path.join(folder, "test.txt"))
     config = write_config(str(tmp_path), data_config__mel_directory=mels, **common)
@@ -608,8 +610,8 @@ def small_disk(monkeypatch):
 
             def small_open(file, mode="r", *args, **kwargs):
                 opened = real_open(file, mode, *args, **kwargs)
-                writing = any(flag in mode for flag in "wax+") and not isinstance(file, int)
-                inside = writing and os.fsdecode(os.path.realpath(file)).startswith(limited)
+                inside = (not isinstance(file, int) and any(flag in mode for flag in "wax+")
+                          and os.fsdecode(os.path.realpath(file)).startswith(limited))
                 return OnSmallDisk(opened) if inside else opened
 
             monkeypatch.setattr(builtins, "open", small_open)
