@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -262,9 +263,8 @@ class CudaGraphCache:
 
     The cache outlives the calls that use it, so its owner (a benchmark, a synthesis
     command, a server) creates it and passes it to every call. Calls through one cache run
-    one at a time: a replay reuses the graph's input and output tensors, and a capture must
-    not see other work launched meanwhile; on one device's stream they would run one after
-    the other anyway.
+    one at a time, as they would on the device's stream anyway: a replay reuses the graph's
+    input and output tensors.
     """
 
     def __init__(self, size: int = 4):
@@ -305,7 +305,8 @@ class CudaGraphCache:
                 function(*static_inputs)
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # "thread_local": other threads may go on with their own work (on other streams) meanwhile.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_output = function(*static_inputs)
         return graph, static_inputs, static_output
 
