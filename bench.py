@@ -32,6 +32,7 @@ from dataclasses import replace
 import torch
 
 from config import load_config
+from inference import CudaGraphCache
 from mel2samp import Mel2Samp, collate
 from model import SYNTHESIS_TRIM, build_model, negative_log_likelihood
 
@@ -140,12 +141,13 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bench_synthesis(model, device, dtype, seconds: float, batch: int, warmup: int, args) -> dict:
+def bench_synthesis(model, device, dtype, seconds: float, batch: int, warmup: int, graphs: CudaGraphCache | None,
+                    args) -> dict:
     frames = round(seconds * SAMPLING_RATE / 256) + SYNTHESIS_TRIM // 256
     mel = torch.randn(batch, model.config.cin_channels, frames, device=device, dtype=dtype)
     samples = batch * 256 * (frames - SYNTHESIS_TRIM // 256)
     with PeakMemory(device) as memory:
-        times = timed(lambda: model.infer(mel), device, args.repeats, warmup, args.max_seconds)
+        times = timed(lambda: model.infer(mel, cuda_graphs=graphs), device, args.repeats, warmup, args.max_seconds)
     elapsed = statistics.median(times)
     flops = samples * synthesis_flops_per_sample(model.config)
     return {"case": f"synthesis {seconds:g} s x {batch}", "seconds": elapsed, "runs": len(times),
@@ -216,7 +218,7 @@ def main() -> None:
     results = []
     if "synthesis" not in args.skip:
         model = build_model(config.waveflow).to(device).eval().remove_weight_norm().to(dtype)
-        model.cuda_graphs = not args.eager
+        graphs = CudaGraphCache() if device.type == "cuda" and not args.eager else None
         for index, seconds in enumerate(sorted(args.seconds)):
             for synth_batch in args.batches:
                 # Warm up on the shortest length only: a warm-up run of 10 s x 8 takes minutes on a CPU.
@@ -224,7 +226,7 @@ def main() -> None:
                 warmup = args.warmup if index == 0 else 0
                 if device.type == "cuda":
                     warmup = max(warmup, 2)
-                results.append(bench_synthesis(model, device, dtype, seconds, synth_batch, warmup, args))
+                results.append(bench_synthesis(model, device, dtype, seconds, synth_batch, warmup, graphs, args))
         del model
     training = None
     if "training" not in args.skip:

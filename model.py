@@ -16,14 +16,13 @@ the flows but shares what computes them:
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from typing import Callable
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from config import WaveFlowConfig, parse_section
+from inference import CONDITION_CACHE_BYTES, MAX_CPU_COLUMNS, CudaGraphCache, synthesize
 from modules import FlowEmbedding, ProjLogST, WaveNet2D, WeightNormMixin, WNConvTranspose2d, shift_1d
 
 SYNTHESIS_TRIM = 768   # samples dropped at the end in synthesis, as the original did (3 frames)
@@ -52,61 +51,6 @@ def negative_log_likelihood(z: torch.Tensor, logdet: torch.Tensor, sigma: float 
     n = z.numel()
     constant = 0.5 * (math.log(2 * math.pi) + 2 * math.log(sigma))
     return constant + (0.5 * z.pow(2).sum() / sigma ** 2 - logdet.to(dtype).sum()) / n
-
-
-class CudaGraphCache:
-    """Replays a function of CUDA tensors from a captured CUDA graph, per input shape.
-
-    Row-by-row synthesis is a long chain of small kernels whose launches, not their
-    arithmetic, bound its speed on a GPU: replaying them as one graph removes that cost.
-    A shape is run eagerly the first time it is seen and captured the second time, so a
-    one-off length pays nothing for capture, and a length synthesized again (a benchmark,
-    a server with fixed-size requests, a batch of equal clips) runs at the graph's speed.
-    Graphs are keyed by the inputs' shapes, dtypes and devices and by `weights`, a
-    fingerprint of the parameters (their storage and version), so loading or folding
-    weights never replays a stale graph. At most `size` graphs are kept, least recently
-    used first out, since each holds its own memory pool.
-    """
-
-    def __init__(self, size: int = 4):
-        self.size = size
-        self.graphs: OrderedDict = OrderedDict()  # key -> (graph, static inputs, static output)
-        self.seen: OrderedDict = OrderedDict()    # keys run eagerly once
-
-    def __call__(self, function: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...],
-                 weights: tuple) -> torch.Tensor:
-        key = (weights, tuple((tensor.shape, tensor.dtype, tensor.device) for tensor in inputs))
-        if key not in self.graphs:
-            if key not in self.seen:
-                self.seen[key] = None
-                while len(self.seen) > 4 * self.size:
-                    self.seen.popitem(last=False)
-                return function(*inputs)
-            self.graphs[key] = self._capture(function, inputs)
-            while len(self.graphs) > self.size:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
-        graph, static_inputs, static_output = self.graphs[key]
-        for static, tensor in zip(static_inputs, inputs):
-            static.copy_(tensor)
-        graph.replay()
-        return static_output.clone()
-
-    @staticmethod
-    def _capture(function, inputs):
-        device = inputs[0].device
-        static_inputs = tuple(tensor.clone() for tensor in inputs)
-        with torch.cuda.device(device):
-            # A warm-up on a side stream, as CUDA graph capture requires (lazy library initialisation).
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                function(*static_inputs)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_output = function(*static_inputs)
-        return graph, static_inputs, static_output
 
 
 class Coupling(nn.Module):
@@ -155,16 +99,6 @@ class WaveFlow(nn.Module):
             self.estimator = nn.ModuleDict({"net": estimator()})
             self.flows = nn.ModuleList(Coupling(R, multgate_layers=L if kind == "nanoflow" else 0)
                                        for _ in range(K))
-        # Inference keeps the conditioning of every row when it fits this many bytes (8 per layer,
-        # channel and sample), and otherwise projects each row when it is needed: see `infer`.
-        self.condition_cache_bytes = 2 ** 31
-        # Synthesis on a CPU processes at most this many columns (batch x width) at once, when the
-        # batch allows: beyond, a row's working set falls out of the caches.
-        self.max_inference_columns = 2 ** 11
-        # Synthesis on a GPU replays CUDA graphs for lengths it has seen before (CudaGraphCache);
-        # False runs every kernel eagerly.
-        self.cuda_graphs = True
-        self._graph_cache = CudaGraphCache()
         self.upsample_conv = nn.Sequential(
             WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)), nn.LeakyReLU(0.4),
             WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)), nn.LeakyReLU(0.4))
@@ -253,12 +187,15 @@ class WaveFlow(nn.Module):
 
     @torch.no_grad()
     def infer(self, mel: torch.Tensor, sigma: float = 1.0, z: torch.Tensor | None = None,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, *, max_cpu_columns: int = MAX_CPU_COLUMNS,
+              condition_cache_bytes: int = CONDITION_CACHE_BYTES,
+              cuda_graphs: CudaGraphCache | None = None) -> torch.Tensor:
         """Synthesize audio from `mel [B, cin, F]` -> `audio [B, 256 * (F - 3)]` (fp32).
 
         `z [B, 1, H, W]` is the noise, drawn from `N(0, sigma^2)` when not given (`generator`
-        makes it reproducible). Exact inverse of `forward`, one row at a time with
-        convolution queues; the conditioning is projected once per estimator.
+        makes it reproducible). Exact inverse of `forward`, one row at a time with convolution
+        queues (`inference.synthesize`, which documents the options; none changes the result).
+        Nothing is stored on the model: threads may synthesize with one model at once.
         """
         height = self.config.n_height
         dtype = next(self.parameters()).dtype
@@ -272,65 +209,8 @@ class WaveFlow(nn.Module):
             z = torch.randn(batch, 1, height, width, device=c.device, generator=generator) * sigma
         elif z.shape != (batch, 1, height, width):
             raise ValueError(f"z must have shape {(batch, 1, height, width)}, got {tuple(z.shape)}")
-        if c.device.type == "cuda" and self.cuda_graphs:
-            weights = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
-            return self._graph_cache(self._synthesize, (c, z), weights)
-        # Items are independent: on a CPU a large batch goes in groups whose rows stay cache-sized.
-        group = max(1, self.max_inference_columns // width) if c.device.type == "cpu" else batch
-        audio = [self._synthesize(c[start:start + group], z[start:start + group])
-                 for start in range(0, batch, group)]
-        return audio[0] if len(audio) == 1 else torch.cat(audio)
-
-    def _synthesize(self, c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """`infer` for `c [B, cin, H, W]` (upsampled, squeezed), `z [B, 1, H, W]` -> `audio [B, H * W]`."""
-        height = self.config.n_height
-        # rows[flow][h]: the row of the unpermuted conditioning that is row h in that flow.
-        order = torch.arange(height).view(1, 1, height, 1)
-        rows = []
-        for flow in range(self.config.n_flow):
-            order = self.permute(flow, order)
-            rows.append(order.flatten().tolist())
-
-        x = z.float()
-        # The conditioning of all rows, projected once per estimator, takes 8 bytes per layer,
-        # channel and sample; past the budget each row is projected when it is needed instead.
-        config = self.config
-        cache_bytes = c.numel() // config.cin_channels * config.n_layer * 2 * config.res_channels * c.element_size()
-        cache = cache_bytes <= self.condition_cache_bytes
-        nets = [self.flow_parts(flow)[0] for flow in range(config.n_flow)]
-        cond_net, cond = None, None
-        try:
-            for flow in reversed(range(config.n_flow)):
-                net = nets[flow]
-                if cache and net is not cond_net:
-                    cond_net, cond = net, net.condition_rows(c)  # [H, B, W, L, 2R]
-                x = self.permute(flow, self._reverse_coupling(flow, x, c, cond, rows[flow]))
-                # An estimator shared with the flows still to come keeps its prepared weights.
-                net.end_inference(keep_weights=net in nets[:flow])
-        finally:
-            for net in nets:
-                net.end_inference()
+        x = synthesize(self, c, z, max_cpu_columns, condition_cache_bytes, cuda_graphs)  # [B, 1, H, W]
         return unsqueeze(x).squeeze(1)
-
-    def _reverse_coupling(self, flow: int, z: torch.Tensor, c: torch.Tensor, cond: torch.Tensor | None,
-                          rows: list[int]) -> torch.Tensor:
-        """Invert flow `flow`'s coupling row by row. `z [B, 1, H, W]` fp32, `c [B, cin, H, W]` and
-        optionally its projection `cond [H, B, W, L, 2R]`, both of the unpermuted rows
-        -> `x [B, 1, H, W]` in the flow's (permuted) row order."""
-        net, coupling, embedding = self.flow_parts(flow)
-        dtype = c.dtype
-        batch, _, height, width = z.shape
-        x = torch.empty_like(z)
-        x_row = z.new_zeros(batch, width)  # the row above row 0 (shift_1d pads with zeros)
-        net.start_inference(batch, width, c, net.gate_biases(embedding), getattr(coupling, "multgate", None),
-                            *coupling.proj_log_s_t.affine())
-        for h in range(height):
-            source = rows[h]
-            cond_row = cond[source] if cond is not None else net.condition_rows(c[:, :, source:source + 1])[0]
-            log_s_t = net.step(x_row.to(dtype), cond_row, h).float()  # [B, W, 2]
-            x_row = (z[:, 0, h] - log_s_t[..., 1]) * torch.exp(-log_s_t[..., 0])  # [B, W]
-            x[:, 0, h] = x_row
-        return x
 
     # --- inference preparation ----------------------------------------------------------------
 

@@ -7,9 +7,9 @@ gates (`multgate`), paper section 3.
 
 Layout: audio squeezed to `x [B, 1, H, W]` (H = `n_height` rows, W columns);
 the estimator is causal along height (row h sees rows <= h of its input) and
-non-causal along width. Fast inference produces one row at a time; every
-residual block then keeps a small convolution queue of its recent input rows
-(`ResidualBlock.step`), so a row costs one row's worth of convolutions.
+non-causal along width. Synthesis produces one row at a time; `inference.py`
+runs these modules that way, with a small convolution queue per residual block.
+The modules hold parameters only, never the state of one synthesis.
 
 Parameter names follow the original code (`filter_gate_conv`, `res_skip_conv`,
 `weight_g`/`weight_v` of the old `torch.nn.utils.weight_norm`, ...) so that its
@@ -112,8 +112,8 @@ def shift_1d(x: torch.Tensor) -> torch.Tensor:
 def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A 1x1 convolution as one matrix product: `x [B, Cin, *S] -> [B, Cout, *S]`, `weight [Cout, Cin, ...]`.
 
-    Several times faster than the CPU convolution kernels for these shapes, forward and
-    backward, and as fast on GPU. A channels-last `x` gives a channels-last result.
+    A plain matrix product runs at the BLAS's speed, which the CPU convolution kernels do not
+    reach for these shapes, forward or backward. A channels-last `x` gives a channels-last result.
     """
     weight = weight.reshape(weight.shape[0], -1)  # [Cout, Cin]
     if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
@@ -260,7 +260,7 @@ class ResidualBlock(nn.Module):
     gated activation `g_j` straight to its share of `(log_s, t)`
     (`output_weights`, `fused_res_skip`), and the skips are never formed at full width.
 
-    For fast inference the block keeps a convolution queue (`start_inference`, `step`):
+    Row-by-row synthesis runs the block through a convolution queue (`inference.BlockQueue`):
     the last `3 * dh` rows of its input, among them the rows the causal 3x3 conv reads.
     """
 
@@ -274,11 +274,6 @@ class ResidualBlock(nn.Module):
         if size_flow_embed:
             self.filter_gate_conv_h = WNConv2d(size_flow_embed, 2 * res_channels, 1)
         self.res_skip_conv = WNConv2d(res_channels, 2 * res_channels, 1)
-        # Inference state while one flow's rows are produced: the queue, the gated activation
-        # of the current row, and the flow's folded weights.
-        for name in ("queue", "step_gated", "step_gate_weight", "step_out_weight", "step_out", "step_input_map"):
-            self.register_buffer(name, None, persistent=False)
-        self.step_slots = None  # views into the queue: [phase][ring position] -> [B * W, C]
 
     def gate_bias(self, flow_embed: torch.Tensor | None) -> torch.Tensor:
         """Everything added to the gate input that does not depend on the position: `[2R]`."""
@@ -319,110 +314,6 @@ class ResidualBlock(nn.Module):
         a += cond  # in place: the convolution's backward does not need its output
         return fused_res_skip(GatedActivation.apply(a), h, out_weight, out_bias, residual_keep)
 
-    # --- fast inference: one row at a time ---------------------------------------------------
-
-    def start_inference(self, batch: int, width: int, like: torch.Tensor, gate_bias: torch.Tensor,
-                        out_weight: torch.Tensor, out_bias: torch.Tensor, residual_keep: float,
-                        input_map: torch.Tensor | None = None) -> None:
-        """Allocate an empty (zero) queue for rows of `width` columns and keep one flow's weights
-        (`gate_bias`, `output_weights`, `residual_keep`), in the dtype and on the device of `like`.
-
-        Rows are stored column-major, `queue [dh, B, W, 3 C + 1]` (C = R channels per row):
-        input row r lives in phase `r % dh`, ring position `k = (r // dh) % 3`, channels
-        `[k C, (k + 1) C)`, and the last column is ones. The three rows the causal conv reads
-        for row r (r - 2 dh, r - dh, r) are then the three ring positions of one phase, one
-        `[B, W, 3 C + 1]` tensor, and three matrix products against the conv weight (rotated
-        to the ring's current order, the bias in the ones row), one per width tap, each on the
-        columns that tap reads, add all of the 3x3 conv into the gate input.
-
-        `input_map [C, R]`: the queue holds C channels from which the block's input is
-        `row @ input_map` (the first block: `[x, 1]` and the front conv, so that its 3x3 conv
-        runs over 2 channels instead of R; the 1 is 0 in the padding, as the input would be).
-        """
-        channels = self.res_channels
-        in_channels = channels if input_map is None else input_map.shape[0]
-        dilation_h = self.filter_gate_conv.conv.dilation[0]
-        self.queue = like.new_zeros(dilation_h, batch, width, 3 * in_channels + 1)
-        self.queue[..., -1] = 1
-        self.step_slots = [[self.queue[phase, ..., k * in_channels:(k + 1) * in_channels].view(batch * width, -1)
-                            for k in range(3)] for phase in range(dilation_h)]
-        # The gated activation gets a constant column of ones, so that one matrix product adds the bias.
-        self.step_gated = like.new_ones(batch, width, channels + 1)
-        gate_weight = self.step_gate_weight
-        if gate_weight is None or gate_weight.dtype != like.dtype or gate_weight.device != like.device:
-            gate_weight = self.step_gate_weight = self._rotated_gate_weight(input_map).to(like)
-        gate_weight[:, 1, -1] = gate_bias.detach()  # added with the centre width tap
-        augmented = torch.cat([out_weight, out_bias[:, None]], dim=1).detach().to(like.dtype)  # [R + 2, R + 1]
-        self.step_out_weight = augmented.t()  # [R + 1, R + 2]: residual update, then the share of (log_s, t)
-        self.step_out = like.new_empty(batch * width, 2 if self.is_last else channels + 2)
-        self.step_keep = residual_keep
-        self.step_input_map = None if input_map is None else (residual_keep * input_map).detach().to(like.dtype)
-
-    def _rotated_gate_weight(self, input_map: torch.Tensor | None) -> torch.Tensor:
-        """`filter_gate_conv`'s weight as the queue's matrix products need it: `[3, 3, 3 C + 1, 2R]`.
-
-        Entry `[turn, tap]` serves rows with `(r // dh) % 3 == turn` and width tap `tap` (0: the
-        column `dw` to the left, 1: the centre, 2: `dw` to the right); its row `k C + i` (ring
-        position k, queue channel i) and column o (output channel) hold the weight of the height
-        tap whose row sits at ring position k. The last row (the bias) is zero here.
-        """
-        weight = self.filter_gate_conv.conv.normed_weight().detach()  # [2R, R, 3 (height tap), 3 (width tap)]
-        if input_map is not None:
-            weight = torch.einsum("oihw,ci->ochw", weight, input_map.detach())
-        weight = weight.permute(2, 3, 1, 0)  # [height tap, width tap, i, o]
-        bias_row = weight.new_zeros(3, 1, weight.shape[-1])  # [width tap, 1, o]
-        # With (r // dh) % 3 == turn, ring position k holds row r - ((turn - k) % 3) * dh: height tap 2 - that.
-        return torch.stack([torch.cat([*(weight[2 - (turn - k) % 3] for k in range(3)), bias_row], dim=1)
-                            for turn in range(3)])  # [turn, width tap, 3 C + 1, o]
-
-    def end_inference(self, keep_weights: bool = False) -> None:
-        """Free the queue; `keep_weights` keeps the prepared conv weight for the next flow that
-        shares this block (the gate bias is rewritten by every `start_inference`)."""
-        self.queue = self.step_gated = self.step_out_weight = self.step_out = self.step_slots = None
-        self.step_input_map = None
-        if not keep_weights:
-            self.step_gate_weight = None
-
-    def slot(self, row: int) -> torch.Tensor:
-        """Where input row `row` goes in the queue: a `[B * W, C]` view."""
-        phases = len(self.step_slots)
-        return self.step_slots[row % phases][(row // phases) % 3]
-
-    def step(self, row: int, cond_row: torch.Tensor, a: torch.Tensor, log_s_t: torch.Tensor,
-             next_slot: torch.Tensor | None) -> None:
-        """Row `row` of the block, once its input row is in the queue (`slot(row)`).
-
-        `cond_row [B, W, 2R]` is the row's conditioning projection (no bias) and `a [B, W, 2R]`
-        scratch space for the gate input. The block's share of the row's `(log_s, t)` is added to
-        `log_s_t [B * W, 2]`, and the next block's input row is written into `next_slot [B * W, R]`.
-        """
-        phases, channels = len(self.step_slots), self.res_channels
-        batch, width, _ = a.shape
-        queue = self.queue[row % phases]  # [B, W, 3 C + 1]
-        weight = self.step_gate_weight[(row // phases) % 3]  # [3 width taps, 3 C + 1, 2R]
-        # The gate input: conditioning + centre tap (with the bias), then each side tap added to the
-        # columns it reaches; the products accumulate into `a`, so no tap is ever stored apart.
-        torch.baddbmm(cond_row, queue, weight[1].expand(batch, -1, -1), out=a)
-        shift = self.filter_gate_conv.conv.dilation[1]
-        if shift < width:
-            a[:, shift:].baddbmm_(queue[:, :-shift], weight[0].expand(batch, -1, -1))
-            a[:, :-shift].baddbmm_(queue[:, shift:], weight[2].expand(batch, -1, -1))
-        gated = self.step_gated  # [B, W, R + 1], last column ones
-        torch.mul(torch.tanh_(a[..., :channels]), torch.sigmoid_(a[..., channels:]), out=gated[..., :channels])
-        gated = gated.view(batch * width, channels + 1)
-        if next_slot is None:
-            if log_s_t.dtype == gated.dtype:
-                log_s_t.addmm_(gated, self.step_out_weight)
-            else:  # bf16/fp16 estimator: its share is rounded once, the sum of the shares stays fp32
-                log_s_t += torch.mm(gated, self.step_out_weight, out=self.step_out)
-            return
-        out = torch.mm(gated, self.step_out_weight, out=self.step_out)  # [B * W, R + 2]
-        log_s_t += out[:, channels:]
-        if self.step_input_map is None:
-            torch.add(out[:, :channels], self.slot(row), alpha=self.step_keep, out=next_slot)
-        else:
-            torch.addmm(out[:, :channels], self.slot(row), self.step_input_map, out=next_slot)
-
 
 class WaveNet2D(nn.Module):
     """The density estimator of WaveFlow/NanoFlow: a 2-D WaveNet, causal along height.
@@ -443,8 +334,6 @@ class WaveNet2D(nn.Module):
             ResidualBlock(res_channels, cin_channels, (2 ** (j % n_layer_per_cycle), 2 ** j), size_flow_embed,
                           is_last=j == n_layer - 1)
             for j in range(n_layer))
-        for name in ("step_output_bias", "step_log_s_t", "step_gate_input"):
-            self.register_buffer(name, None, persistent=False)
 
     def condition(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every block's conditioning projection, without bias: `c [B, cin, H, W] -> L x [B, 2R, H, W]`.
@@ -453,13 +342,6 @@ class WaveNet2D(nn.Module):
         shared estimator computes it once per row order, not once per flow.
         """
         return tuple(conv1x1(c, block.filter_gate_conv_c.normed_weight(), None) for block in self.res_blocks)
-
-    def condition_rows(self, c: torch.Tensor) -> torch.Tensor:
-        """The same projections laid out for row-by-row inference: `c [B, cin, H, W] -> [H, B, W, L, 2R]`."""
-        batch, _, height, width = c.shape
-        weight = torch.cat([block.filter_gate_conv_c.normed_weight().flatten(1) for block in self.res_blocks])
-        cond = torch.matmul(c.permute(2, 0, 3, 1), weight.t().to(c.dtype))  # [H, B, W, L * 2R]
-        return cond.view(height, batch, width, len(self.res_blocks), -1)
 
     def gate_biases(self, flow_embed: torch.Tensor | None) -> torch.Tensor:
         """`[L, 2R]`: each block's position-independent gate input for this flow."""
@@ -483,7 +365,6 @@ class WaveNet2D(nn.Module):
         conv = self.front_conv[0].conv
         return torch.stack([conv.normed_weight().flatten(), conv.bias])
 
-
     def forward(self, x: torch.Tensor, cond: tuple[torch.Tensor, ...], gate_biases: torch.Tensor,
                 multgate: torch.Tensor | None, projection_weight: torch.Tensor,
                 projection_bias: torch.Tensor) -> torch.Tensor:
@@ -502,48 +383,3 @@ class WaveNet2D(nn.Module):
             h, share = block(h, cond[j], gate_biases[j], *weights[j], keep, *folded)
             log_s_t = log_s_t + share
         return log_s_t
-
-    # --- fast inference ----------------------------------------------------------------------
-
-    def start_inference(self, batch: int, width: int, like: torch.Tensor, gate_biases: torch.Tensor,
-                        multgate: torch.Tensor | None, projection_weight: torch.Tensor,
-                        projection_bias: torch.Tensor) -> None:
-        """Prepare to produce one flow's rows: empty queues and that flow's folded weights.
-
-        `front_conv` is folded into the first block (`ResidualBlock.start_inference`'s
-        `input_map`): its queue holds `[x, 1]` per column."""
-        weights, keep = self.output_weights(multgate, projection_weight)
-        input_map = self.front_map()  # [2, R]: [x, 1] -> front_conv(x)
-        for j, (block, gate_bias, (out_weight, out_bias)) in enumerate(zip(self.res_blocks, gate_biases, weights)):
-            block.start_inference(batch, width, like, gate_bias, out_weight, out_bias, keep,
-                                  input_map if j == 0 else None)
-        # (log_s, t) is summed in fp32 (or better) whatever the estimator's precision: the flow's
-        # affine update and its log-determinant need more than bf16's 8 bits of mantissa.
-        accumulate = torch.promote_types(like.dtype, torch.float32)
-        self.step_output_bias = projection_bias.detach().to(accumulate)  # [2]
-        self.step_log_s_t = like.new_empty(batch * width, 2, dtype=accumulate)
-        self.step_gate_input = like.new_empty(batch, width, 2 * self.res_channels)  # scratch shared by the blocks
-
-    def end_inference(self, keep_weights: bool = False) -> None:
-        """Free the queues; `keep_weights`: the next flow uses this estimator too (`ResidualBlock.end_inference`)."""
-        for block in self.res_blocks:
-            block.end_inference(keep_weights)
-        self.step_output_bias = self.step_log_s_t = self.step_gate_input = None
-
-    def step(self, x_row: torch.Tensor, cond_row: torch.Tensor, row: int) -> torch.Tensor:
-        """Row `row` of the flow's `(log_s, t)`; rows are fed in order 0, 1, ... after `start_inference`.
-
-        `x_row [B, W]` is row `row` of the (already shifted) input and `cond_row [B, W, L, 2R]`
-        its conditioning (`condition_rows`) -> `log_s_t [B, W, 2]` in fp32 or better, valid until the
-        next step.
-        """
-        blocks = self.res_blocks
-        first = blocks[0].slot(row)  # [B * W, 2]: x and the constant 1, set when the slot is first used
-        first[:, 0] = x_row.flatten()
-        if row < 3 * len(blocks[0].step_slots):
-            first[:, 1] = 1
-        log_s_t = self.step_log_s_t.copy_(self.step_output_bias.expand_as(self.step_log_s_t))
-        for j, block in enumerate(blocks):
-            next_slot = blocks[j + 1].slot(row) if j + 1 < len(blocks) else None
-            block.step(row, cond_row[:, :, j], self.step_gate_input, log_s_t, next_slot)
-        return log_s_t.view(*x_row.shape, 2)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from checkpoint import average_checkpoints, load_checkpoint, load_weights
 from config import Config, ConfigError
 from data import MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, load_audio, load_mel, read_file_list
+from inference import CudaGraphCache
 from mel2samp import Mel2Samp, collate
 from metrics import MEASURES, MIN_SAMPLES, format_table, measure, summarize
 from model import SYNTHESIS_TRIM, WaveFlow, build_model, negative_log_likelihood
@@ -328,6 +329,7 @@ def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -
     model = trained_model(config, args, device).remove_weight_norm().to(dtype)
     folder = samples_dir(config)
     rate = config.data.sampling_rate
+    graphs = CudaGraphCache() if device.type == "cuda" else None  # clips of a length seen before replay a graph
     for name, source, read_mel in inputs:
         mel = read_mel()
         if mel.shape[-1] <= 3:
@@ -336,7 +338,7 @@ def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -
             torch.cuda.synchronize(device)
         started = time.perf_counter()
         generator = torch.Generator(device=device).manual_seed(config.train.seed)  # reproducible
-        audio = model.infer(mel[None].to(device), sigma=args.temp, generator=generator)[0]
+        audio = model.infer(mel[None].to(device), sigma=args.temp, generator=generator, cuda_graphs=graphs)[0]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - started

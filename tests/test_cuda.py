@@ -2,10 +2,13 @@
 mixed-precision training steps and agreement with the CPU. Skipped where no GPU is present
 (`scripts/gpu_check.sh` runs these on a GPU machine)."""
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from inference import CudaGraphCache
 from model import SYNTHESIS_TRIM, build_model, negative_log_likelihood, unsqueeze
 from test_model import FIXTURES, VARIANTS, random_model, slow_inverse, tiny_config
 
@@ -39,9 +42,11 @@ def test_reference_fixture_on_cuda(name):
     assert abs(logdet.sum().item() - forward["logdet_sum"].item()) <= TOLERANCE * max(1.0, abs(forward["logdet_sum"].item()))
     assert abs(loss.item() - forward["loss"]) <= TOLERANCE
     infer = fixture["infer"]
+    graphs = CudaGraphCache()
     for _ in range(3):  # eager, then captured as a CUDA graph, then replayed
-        audio = model.infer(infer["mel"].to(CUDA), z=infer["z"].to(CUDA))
+        audio = model.infer(infer["mel"].to(CUDA), z=infer["z"].to(CUDA), cuda_graphs=graphs)
         assert torch.allclose(audio.cpu(), infer["audio"], atol=TOLERANCE, rtol=0)
+    assert len(graphs.graphs) == 1
 
 
 @pytest.mark.parametrize("variant,overrides", [(variant, {}) for variant in VARIANTS] + [
@@ -55,10 +60,11 @@ def test_fast_inference_is_the_exact_inverse_on_cuda(variant, overrides):
     z = torch.randn(2, 1, height, 256 * (frames - 3) // height, device=CUDA)
     with torch.no_grad():
         expected = slow_inverse(model, mel, z)
-    for graphs in (False, True, True, True):
-        model.cuda_graphs = graphs
-        audio = model.infer(mel, z=z)
+    graphs = CudaGraphCache()
+    for cache in (None, graphs, graphs, graphs):  # eager; eager, captured, replayed through the cache
+        audio = model.infer(mel, z=z, cuda_graphs=cache)
         assert torch.allclose(audio, expected, atol=TOLERANCE, rtol=0)
+    assert len(graphs.graphs) == 1
     with torch.no_grad():
         z_back, _ = model(audio, mel)
     assert torch.allclose(z_back, z, atol=TOLERANCE, rtol=0)
@@ -68,26 +74,53 @@ def test_fast_inference_is_the_exact_inverse_on_cuda(variant, overrides):
 def test_cuda_graphs_follow_new_weights_and_inputs():
     model = random_model(tiny_config("nanoflow")).to(CUDA)
     mel, z = torch.randn(1, 80, 6, device=CUDA), torch.randn(1, 1, 16, 48, device=CUDA)
+    graphs = CudaGraphCache()
     for _ in range(3):
-        model.infer(mel, z=z)
-    assert len(model._graph_cache.graphs) == 1
+        model.infer(mel, z=z, cuda_graphs=graphs)
+    assert len(graphs.graphs) == 1
     other = random_model(tiny_config("nanoflow"), seed=5)
     model.load_state_dict(other.state_dict())  # in-place copies: same storage, new version
-    assert torch.allclose(model.infer(mel, z=z).cpu(), other.infer(mel.cpu(), z=z.cpu()), atol=TOLERANCE)
+    assert torch.allclose(model.infer(mel, z=z, cuda_graphs=graphs).cpu(), other.infer(mel.cpu(), z=z.cpu()),
+                          atol=TOLERANCE)
     mel2, z2 = torch.randn_like(mel), torch.randn_like(z)
     for _ in range(2):
-        assert torch.allclose(model.infer(mel2, z=z2).cpu(), other.infer(mel2.cpu(), z=z2.cpu()), atol=TOLERANCE)
+        assert torch.allclose(model.infer(mel2, z=z2, cuda_graphs=graphs).cpu(), other.infer(mel2.cpu(), z=z2.cpu()),
+                              atol=TOLERANCE)
     model.remove_weight_norm()  # new parameters: the old graphs must not be replayed
-    assert torch.allclose(model.infer(mel2, z=z2).cpu(), other.infer(mel2.cpu(), z=z2.cpu()), atol=TOLERANCE)
+    assert torch.allclose(model.infer(mel2, z=z2, cuda_graphs=graphs).cpu(), other.infer(mel2.cpu(), z=z2.cpu()),
+                          atol=TOLERANCE)
+
+
+def test_threads_share_one_cuda_graph_cache():
+    model = random_model(tiny_config("nanoflow")).to(CUDA)
+    requests = [(torch.randn(2, 80, 7, device=CUDA), torch.randn(2, 1, 16, 64, device=CUDA)),
+                (torch.randn(1, 80, 6, device=CUDA), torch.randn(1, 1, 16, 48, device=CUDA))]
+    alone = [model.infer(mel, z=z) for mel, z in requests]
+    graphs = CudaGraphCache()
+    start = threading.Barrier(len(requests))
+
+    def synthesize(request):
+        start.wait()
+        return [model.infer(request[0], z=request[1], cuda_graphs=graphs) for _ in range(4)]  # eager, capture, replays
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(synthesize, requests))
+    torch.cuda.synchronize()
+    assert len(graphs.graphs) == len(requests)
+    for expected, results in zip(alone, together):
+        for audio in results:
+            assert torch.allclose(audio, expected, atol=TOLERANCE, rtol=0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_remove_weight_norm_on_cuda(variant):
     model = random_model(tiny_config(variant, use_weightnorm_embed=True)).to(CUDA)
     mel, z = torch.randn(1, 80, 6, device=CUDA), torch.randn(1, 1, 16, 48, device=CUDA)
-    audio = model.infer(mel, z=z)
+    graphs = CudaGraphCache()
+    audio = model.infer(mel, z=z, cuda_graphs=graphs)
     model.remove_weight_norm()
-    assert torch.allclose(model.infer(mel, z=z), audio, atol=1e-5)
+    for _ in range(3):  # new parameters: eager, captured, replayed
+        assert torch.allclose(model.infer(mel, z=z, cuda_graphs=graphs), audio, atol=1e-5)
 
 
 def test_cpu_and_cuda_give_the_same_z_and_audio():
@@ -136,7 +169,8 @@ def test_reduced_precision_synthesis_returns_fp32_close_to_fp32(dtype):
     mel, z = torch.randn(1, 80, 6, device=CUDA), torch.randn(1, 1, 16, 48, device=CUDA)
     reference = model.infer(mel, z=z)
     model = model.remove_weight_norm().to(dtype)
-    for _ in range(3):
-        audio = model.infer(mel, z=z)
+    graphs = CudaGraphCache()
+    for _ in range(3):  # eager, captured, replayed
+        audio = model.infer(mel, z=z, cuda_graphs=graphs)
         assert audio.dtype == torch.float32
         assert (audio - reference).abs().max() < 0.2

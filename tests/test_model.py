@@ -1,14 +1,16 @@
 """The model family against the original's numbers, and the properties every flow must have."""
 import json
-import os
-
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from config import ConfigError
+from inference import CudaGraphCache
 from model import SYNTHESIS_TRIM, WaveFlow, build_model, negative_log_likelihood, squeeze, unsqueeze
 from modules import WaveNet2D
 
@@ -132,22 +134,57 @@ def test_fast_inference_is_the_exact_inverse(variant, overrides):
     assert (unsqueeze(z).squeeze(1) - audio).abs().max() > 0.1
 
 
-def test_inference_without_the_conditioning_cache_is_the_same():
+def test_synthesis_options_give_the_same_audio():
     model = random_model(tiny_config("nanoflow", n_layer_per_cycle=2, bipartize=True))
-    mel, z = torch.randn(2, 80, 6), torch.randn(2, 1, 16, 48)
-    cached = model.infer(mel, z=z)
-    model.condition_cache_bytes = 0  # project each row when it is needed
-    assert torch.allclose(model.infer(mel, z=z), cached, atol=1e-5)
-
-
-def test_synthesis_in_batch_groups_is_the_same():
-    model = random_model(tiny_config("nanoflow"))
     mel, z = torch.randn(3, 80, 6), torch.randn(3, 1, 16, 48)
     whole = model.infer(mel, z=z)
-    model.max_inference_columns = 2 * 48  # groups of two items, then one
-    assert torch.allclose(model.infer(mel, z=z), whole, atol=1e-5)
-    model.max_inference_columns = 1  # one item at a time
-    assert torch.allclose(model.infer(mel, z=z), whole, atol=1e-5)
+    assert torch.equal(model.infer(mel, z=z, condition_cache_bytes=0), whole)  # each row projected when needed
+    assert torch.equal(model.infer(mel, z=z, max_cpu_columns=2 * 48), whole)  # groups of two items, then one
+    assert torch.equal(model.infer(mel, z=z, max_cpu_columns=1), whole)  # one item at a time
+    graphs = CudaGraphCache()
+    assert torch.equal(model.infer(mel, z=z, cuda_graphs=graphs), whole)  # CUDA graphs are for CUDA tensors only
+    assert not graphs.seen and not graphs.graphs
+
+
+@pytest.mark.parametrize("variant", ["nanoflow", "waveflow"])  # one estimator shared by all flows, one per flow
+def test_threads_synthesizing_with_one_model_get_what_each_gets_alone(variant):
+    """A service's threads share one loaded model: their syntheses must share no state."""
+    model = random_model(tiny_config(variant, n_layer_per_cycle=2))
+    requests = [(torch.randn(2, 80, 7), torch.randn(2, 1, 16, 64)),  # different batch sizes and lengths
+                (torch.randn(1, 80, 5), torch.randn(1, 1, 16, 32)),
+                (torch.randn(3, 80, 6), torch.randn(3, 1, 16, 48))]
+    alone = [model.infer(mel, z=z) for mel, z in requests]
+    start = threading.Barrier(len(requests))
+
+    def synthesize(request):
+        start.wait()
+        return [model.infer(request[0], z=request[1]) for _ in range(3)]
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(synthesize, requests))
+    for expected, results in zip(alone, together):
+        for audio in results:
+            assert torch.equal(audio, expected)
+
+
+def test_the_model_holds_no_synthesis_state():
+    """Synthesis keeps its queues and folded weights to itself: the model after it is the model before."""
+    model = random_model(tiny_config("nanoflow", n_layer_per_cycle=2))
+
+    def attributes():
+        return {name: sorted(vars(module)) for name, module in model.named_modules()}
+
+    before, state = attributes(), {key: value.clone() for key, value in model.state_dict().items()}
+    for _ in range(2):
+        assert not any(module._buffers for module in model.modules())  # not even buffers set to None
+        for module in model.modules():  # no tensors but the parameters, nor lists of them
+            values = [value for value in vars(module).values() if not isinstance(value, dict)]
+            values += [item for value in values if isinstance(value, (list, tuple)) for item in value]
+            assert not any(isinstance(value, torch.Tensor) for value in values)
+        model.infer(torch.randn(2, 80, 6), z=torch.randn(2, 1, 16, 48))
+        assert attributes() == before
+        assert state.keys() == model.state_dict().keys()
+        assert all(torch.equal(value, model.state_dict()[key]) for key, value in state.items())
 
 
 def test_logdet_equals_brute_force_jacobian():

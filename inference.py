@@ -1,0 +1,336 @@
+"""Row-by-row synthesis: every flow of WaveFlow/NanoFlow inverted one row at a time.
+
+A flow is autoregressive along height (WaveFlow, Ping et al., ICML 2020, section 3): its
+inverse produces the `n_height` rows of `x [B, 1, H, W]` in order, row h from the rows
+above it. Rerunning the estimator over the whole height for every row would cost H passes;
+instead every residual block keeps a small convolution queue of its recent input rows, so
+that a row costs one row's worth of convolutions.
+
+That machinery lives here, apart from the modules, which hold only the network as trained:
+one call of `synthesize` builds the queues and the weights folded for each flow
+(`BlockQueue`, `EstimatorRows`) from the model's weights and drops them when it returns.
+Nothing is written to the model, so threads may synthesize with one model at once.
+The one piece of state worth keeping across calls, the CUDA graphs of lengths already
+synthesized, is a `CudaGraphCache` that its owner passes in.
+
+    x = synthesize(model, c, z)                                  # what `WaveFlow.infer` runs
+    x = synthesize(model, c, z, cuda_graphs=CudaGraphCache())    # on a GPU, a cache kept across calls
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
+
+import torch
+
+from modules import ResidualBlock, WaveNet2D
+
+if TYPE_CHECKING:
+    from model import WaveFlow
+
+# A CPU synthesizes at most this many columns (batch x width) at once, when the batch allows: beyond, a
+# row's working set falls out of the caches. Items are independent, so groups give the same audio.
+MAX_CPU_COLUMNS = 2 ** 11
+# The conditioning of every row is projected once per estimator when it fits this many bytes (8 per
+# layer, channel and sample in fp32); past it, each row is projected when it is needed.
+CONDITION_CACHE_BYTES = 2 ** 31
+
+
+def condition_rows(net: WaveNet2D, c: torch.Tensor) -> torch.Tensor:
+    """`net.condition(c)` laid out for row-by-row synthesis: `c [B, cin, H, W] -> [H, B, W, L, 2R]`."""
+    batch, _, height, width = c.shape
+    weight = torch.cat([block.filter_gate_conv_c.normed_weight().flatten(1) for block in net.res_blocks])
+    cond = torch.matmul(c.permute(2, 0, 3, 1), weight.t().to(c.dtype))  # [H, B, W, L * 2R]
+    return cond.view(height, batch, width, len(net.res_blocks), -1)
+
+
+def rotated_gate_weight(block: ResidualBlock, input_map: torch.Tensor | None) -> torch.Tensor:
+    """`filter_gate_conv`'s weight as a `BlockQueue`'s matrix products need it: `[3, 3, 3 C + 1, 2R]`.
+
+    Entry `[turn, tap]` serves rows with `(r // dh) % 3 == turn` and width tap `tap` (0: the
+    column `dw` to the left, 1: the centre, 2: `dw` to the right); its row `k C + i` (ring
+    position k, queue channel i) and column o (output channel) hold the weight of the height
+    tap whose row sits at ring position k. The last row (the bias) is zero here.
+    `input_map [C, R]` is folded in as in `BlockQueue`.
+    """
+    weight = block.filter_gate_conv.conv.normed_weight().detach()  # [2R, R, 3 (height tap), 3 (width tap)]
+    if input_map is not None:
+        weight = torch.einsum("oihw,ci->ochw", weight, input_map.detach())
+    weight = weight.permute(2, 3, 1, 0)  # [height tap, width tap, i, o]
+    bias_row = weight.new_zeros(3, 1, weight.shape[-1])  # [width tap, 1, o]
+    # With (r // dh) % 3 == turn, ring position k holds row r - ((turn - k) % 3) * dh: height tap 2 - that.
+    return torch.stack([torch.cat([*(weight[2 - (turn - k) % 3] for k in range(3)), bias_row], dim=1)
+                        for turn in range(3)])  # [turn, width tap, 3 C + 1, o]
+
+
+def rotated_gate_weights(net: WaveNet2D, like: torch.Tensor) -> list[torch.Tensor]:
+    """Every block's `rotated_gate_weight`, in the dtype and on the device of `like`; the first block's
+    has `front_conv` folded in (its queue holds `[x, 1]`). Flows that share `net` share these: each
+    writes only its own gate bias into them when it starts."""
+    front_map = net.front_map()  # [2, R]: [x, 1] -> front_conv(x)
+    return [rotated_gate_weight(block, front_map if j == 0 else None).to(like) for j, block in enumerate(net.res_blocks)]
+
+
+class BlockQueue:
+    """One residual block of one flow, run one row at a time: its convolution queue and the flow's folded weights.
+
+    Rows are stored column-major, `queue [dh, B, W, 3 C + 1]` (C = R channels per row):
+    input row r lives in phase `r % dh`, ring position `k = (r // dh) % 3`, channels
+    `[k C, (k + 1) C)`, and the last column is ones. The three rows the causal conv reads
+    for row r (r - 2 dh, r - dh, r) are then the three ring positions of one phase, one
+    `[B, W, 3 C + 1]` tensor, and three matrix products against the conv weight (rotated
+    to the ring's current order, the bias in the ones row), one per width tap, each on the
+    columns that tap reads, add all of the 3x3 conv into the gate input.
+
+    `input_map [C, R]`: the queue holds C channels from which the block's input is
+    `row @ input_map` (the first block: `[x, 1]` and the front conv, so that its 3x3 conv
+    runs over 2 channels instead of R; the 1 is 0 in the padding, as the input would be).
+    """
+
+    def __init__(self, block: ResidualBlock, batch: int, width: int, like: torch.Tensor, gate_weight: torch.Tensor,
+                 gate_bias: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor, residual_keep: float,
+                 input_map: torch.Tensor | None = None):
+        """An empty (zero) queue for rows of `width` columns, in the dtype and on the device of `like`.
+        `gate_weight` (`rotated_gate_weight`) receives this flow's `gate_bias`; `out_weight`,
+        `out_bias` and `residual_keep` are the flow's `output_weights`."""
+        channels = self.channels = block.res_channels
+        in_channels = channels if input_map is None else input_map.shape[0]
+        dilation_h, self.shift = block.filter_gate_conv.conv.dilation
+        self.queue = like.new_zeros(dilation_h, batch, width, 3 * in_channels + 1)
+        self.queue[..., -1] = 1
+        # Views into the queue: [phase][ring position] -> [B * W, C].
+        self.slots = [[self.queue[phase, ..., k * in_channels:(k + 1) * in_channels].view(batch * width, -1)
+                       for k in range(3)] for phase in range(dilation_h)]
+        # The gated activation gets a constant column of ones, so that one matrix product adds the bias.
+        self.gated = like.new_ones(batch, width, channels + 1)
+        gate_weight[:, 1, -1] = gate_bias.detach()  # added with the centre width tap
+        self.gate_weight = gate_weight
+        augmented = torch.cat([out_weight, out_bias[:, None]], dim=1).detach().to(like.dtype)  # [R + 2, R + 1]
+        self.out_weight = augmented.t()  # [R + 1, R + 2]: residual update, then the share of (log_s, t)
+        self.out = like.new_empty(batch * width, 2 if block.is_last else channels + 2)
+        self.keep = residual_keep
+        self.input_map = None if input_map is None else (residual_keep * input_map).detach().to(like.dtype)
+
+    def slot(self, row: int) -> torch.Tensor:
+        """Where input row `row` goes in the queue: a `[B * W, C]` view."""
+        phases = len(self.slots)
+        return self.slots[row % phases][(row // phases) % 3]
+
+    def step(self, row: int, cond_row: torch.Tensor, a: torch.Tensor, log_s_t: torch.Tensor,
+             next_slot: torch.Tensor | None) -> None:
+        """Row `row` of the block, once its input row is in the queue (`slot(row)`).
+
+        `cond_row [B, W, 2R]` is the row's conditioning projection (no bias) and `a [B, W, 2R]`
+        scratch space for the gate input. The block's share of the row's `(log_s, t)` is added to
+        `log_s_t [B * W, 2]`, and the next block's input row is written into `next_slot [B * W, R]`.
+        """
+        phases, channels = len(self.slots), self.channels
+        batch, width, _ = a.shape
+        queue = self.queue[row % phases]  # [B, W, 3 C + 1]
+        weight = self.gate_weight[(row // phases) % 3]  # [3 width taps, 3 C + 1, 2R]
+        # The gate input: conditioning + centre tap (with the bias), then each side tap added to the
+        # columns it reaches; the products accumulate into `a`, so no tap is ever stored apart.
+        torch.baddbmm(cond_row, queue, weight[1].expand(batch, -1, -1), out=a)
+        shift = self.shift
+        if shift < width:
+            a[:, shift:].baddbmm_(queue[:, :-shift], weight[0].expand(batch, -1, -1))
+            a[:, :-shift].baddbmm_(queue[:, shift:], weight[2].expand(batch, -1, -1))
+        gated = self.gated  # [B, W, R + 1], last column ones
+        torch.mul(torch.tanh_(a[..., :channels]), torch.sigmoid_(a[..., channels:]), out=gated[..., :channels])
+        gated = gated.view(batch * width, channels + 1)
+        if next_slot is None:
+            if log_s_t.dtype == gated.dtype:
+                log_s_t.addmm_(gated, self.out_weight)
+            else:  # bf16/fp16 estimator: its share is rounded once, the sum of the shares stays fp32
+                log_s_t += torch.mm(gated, self.out_weight, out=self.out)
+            return
+        out = torch.mm(gated, self.out_weight, out=self.out)  # [B * W, R + 2]
+        log_s_t += out[:, channels:]
+        if self.input_map is None:
+            torch.add(out[:, :channels], self.slot(row), alpha=self.keep, out=next_slot)
+        else:
+            torch.addmm(out[:, :channels], self.slot(row), self.input_map, out=next_slot)
+
+
+class EstimatorRows:
+    """One flow's estimator (`WaveNet2D`), run one row at a time: a `BlockQueue` per block.
+
+    `front_conv` is folded into the first block's queue, which holds `[x, 1]` per column.
+    """
+
+    def __init__(self, net: WaveNet2D, batch: int, width: int, like: torch.Tensor, gate_weights: list[torch.Tensor],
+                 gate_biases: torch.Tensor, multgate: torch.Tensor | None, projection_weight: torch.Tensor,
+                 projection_bias: torch.Tensor):
+        """Empty queues for rows of `batch x width` columns and the flow's folded weights: `gate_weights`
+        (`rotated_gate_weights(net)`), and `gate_biases`, `multgate`, the projection as `net.forward` takes them."""
+        weights, keep = net.output_weights(multgate, projection_weight)
+        input_map = net.front_map()  # [2, R]: [x, 1] -> front_conv(x)
+        self.blocks = [BlockQueue(block, batch, width, like, gate_weight, gate_bias, out_weight, out_bias, keep,
+                                  input_map if j == 0 else None)
+                       for j, (block, gate_weight, gate_bias, (out_weight, out_bias))
+                       in enumerate(zip(net.res_blocks, gate_weights, gate_biases, weights))]
+        # (log_s, t) is summed in fp32 (or better) whatever the estimator's precision: the flow's
+        # affine update and its log-determinant need more than bf16's 8 bits of mantissa.
+        accumulate = torch.promote_types(like.dtype, torch.float32)
+        self.output_bias = projection_bias.detach().to(accumulate)  # [2]
+        self.log_s_t = like.new_empty(batch * width, 2, dtype=accumulate)
+        self.gate_input = like.new_empty(batch, width, 2 * net.res_channels)  # scratch shared by the blocks
+
+    def step(self, x_row: torch.Tensor, cond_row: torch.Tensor, row: int) -> torch.Tensor:
+        """Row `row` of the flow's `(log_s, t)`; rows are fed in order 0, 1, ...
+
+        `x_row [B, W]` is row `row` of the (already shifted) input and `cond_row [B, W, L, 2R]`
+        its conditioning (`condition_rows`) -> `log_s_t [B, W, 2]` in fp32 or better, valid until the
+        next step.
+        """
+        blocks = self.blocks
+        first = blocks[0].slot(row)  # [B * W, 2]: x and the constant 1, set when the slot is first used
+        first[:, 0] = x_row.flatten()
+        if row < 3 * len(blocks[0].slots):
+            first[:, 1] = 1
+        log_s_t = self.log_s_t.copy_(self.output_bias.expand_as(self.log_s_t))
+        for j, block in enumerate(blocks):
+            next_slot = blocks[j + 1].slot(row) if j + 1 < len(blocks) else None
+            block.step(row, cond_row[:, :, j], self.gate_input, log_s_t, next_slot)
+        return log_s_t.view(*x_row.shape, 2)
+
+
+def reverse_coupling(model: WaveFlow, flow: int, z: torch.Tensor, c: torch.Tensor, cond: torch.Tensor | None,
+                     rows: list[int], gate_weights: list[torch.Tensor]) -> torch.Tensor:
+    """Invert flow `flow`'s coupling row by row. `z [B, 1, H, W]` fp32, `c [B, cin, H, W]` and
+    optionally its projection `cond [H, B, W, L, 2R]` (`condition_rows`), both of the unpermuted
+    rows, `rows[h]`: the unpermuted row that is row h in this flow, `gate_weights`: the flow's
+    estimator's `rotated_gate_weights` -> `x [B, 1, H, W]` in the flow's (permuted) row order."""
+    net, coupling, embedding = model.flow_parts(flow)
+    dtype = c.dtype
+    batch, _, height, width = z.shape
+    x = torch.empty_like(z)
+    x_row = z.new_zeros(batch, width)  # the row above row 0 (shift_1d pads with zeros)
+    estimator = EstimatorRows(net, batch, width, c, gate_weights, net.gate_biases(embedding),
+                              getattr(coupling, "multgate", None), *coupling.proj_log_s_t.affine())
+    for h in range(height):
+        source = rows[h]
+        cond_row = cond[source] if cond is not None else condition_rows(net, c[:, :, source:source + 1])[0]
+        log_s_t = estimator.step(x_row.to(dtype), cond_row, h).float()  # [B, W, 2]
+        x_row = (z[:, 0, h] - log_s_t[..., 1]) * torch.exp(-log_s_t[..., 0])  # [B, W]
+        x[:, 0, h] = x_row
+    return x
+
+
+def reverse_flows(model: WaveFlow, c: torch.Tensor, z: torch.Tensor,
+                  condition_cache_bytes: int = CONDITION_CACHE_BYTES) -> torch.Tensor:
+    """The inverse of all flows: `c [B, cin, H, W]` (upsampled, squeezed), `z [B, 1, H, W]` -> `x [B, 1, H, W]` fp32.
+
+    Each estimator's projection of the conditioning and its rotated gate weights are built once,
+    for all the consecutive flows that share it.
+    """
+    config = model.config
+    # rows[flow][h]: the row of the unpermuted conditioning that is row h in that flow.
+    order = torch.arange(config.n_height).view(1, 1, config.n_height, 1)
+    rows = []
+    for flow in range(config.n_flow):
+        order = model.permute(flow, order)
+        rows.append(order.flatten().tolist())
+
+    x = z.float()
+    cache_bytes = c.numel() // config.cin_channels * config.n_layer * 2 * config.res_channels * c.element_size()
+    cache = cache_bytes <= condition_cache_bytes
+    weights_net, gate_weights, cond_net, cond = None, [], None, None
+    for flow in reversed(range(config.n_flow)):
+        net = model.flow_parts(flow)[0]
+        if net is not weights_net:
+            weights_net, gate_weights = net, rotated_gate_weights(net, c)
+        if cache and net is not cond_net:
+            cond_net, cond = net, condition_rows(net, c)  # [H, B, W, L, 2R]
+        x = model.permute(flow, reverse_coupling(model, flow, x, c, cond, rows[flow], gate_weights))
+    return x
+
+
+class CudaGraphCache:
+    """Replays a function of CUDA tensors from a captured CUDA graph, per input shape.
+
+    Row-by-row synthesis is a long chain of small kernels whose launches, not their
+    arithmetic, bound its speed on a GPU: replaying them as one graph removes that cost.
+    A shape is run eagerly the first time it is seen and captured the second time, so a
+    one-off length pays nothing for capture, and a length synthesized again (a benchmark,
+    a server with fixed-size requests, a batch of equal clips) runs at the graph's speed.
+    Graphs are keyed by the inputs' shapes, dtypes and devices and by the caller's `key`
+    (`synthesize` passes a fingerprint of the parameters, their storage and version, so
+    loading or folding weights never replays a stale graph). At most `size` graphs are
+    kept, least recently used first out, since each holds its own memory pool.
+
+    The cache outlives the calls that use it, so its owner (a benchmark, a synthesis
+    command, a server) creates it and passes it to every call. Calls through one cache run
+    one at a time, as they would on the device's stream anyway: a replay reuses the graph's
+    input and output tensors.
+    """
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.graphs: OrderedDict = OrderedDict()  # key -> (graph, static inputs, static output)
+        self.seen: OrderedDict = OrderedDict()    # keys run eagerly once
+        self.lock = threading.Lock()
+
+    def __call__(self, function: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...],
+                 key: Hashable) -> torch.Tensor:
+        key = (key, tuple((tensor.shape, tensor.dtype, tensor.device) for tensor in inputs))
+        with self.lock:
+            if key not in self.graphs:
+                if key not in self.seen:
+                    self.seen[key] = None
+                    while len(self.seen) > 4 * self.size:
+                        self.seen.popitem(last=False)
+                    return function(*inputs)
+                self.graphs[key] = self._capture(function, inputs)
+                while len(self.graphs) > self.size:
+                    self.graphs.popitem(last=False)
+            self.graphs.move_to_end(key)
+            graph, static_inputs, static_output = self.graphs[key]
+            for static, tensor in zip(static_inputs, inputs):
+                static.copy_(tensor)
+            graph.replay()
+            return static_output.clone()
+
+    @staticmethod
+    def _capture(function, inputs):
+        device = inputs[0].device
+        static_inputs = tuple(tensor.clone() for tensor in inputs)
+        with torch.cuda.device(device):
+            # A warm-up on a side stream, as CUDA graph capture requires (lazy library initialisation).
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                function(*static_inputs)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # "thread_local": other threads may go on with their own work (on other streams) meanwhile.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_output = function(*static_inputs)
+        return graph, static_inputs, static_output
+
+
+@torch.no_grad()
+def synthesize(model: WaveFlow, c: torch.Tensor, z: torch.Tensor, max_cpu_columns: int = MAX_CPU_COLUMNS,
+               condition_cache_bytes: int = CONDITION_CACHE_BYTES,
+               cuda_graphs: CudaGraphCache | None = None) -> torch.Tensor:
+    """`reverse_flows` with its options: `c [B, cin, H, W]` (upsampled, squeezed, in the model's dtype),
+    `z [B, 1, H, W]` -> `x [B, 1, H, W]` fp32.
+
+    `max_cpu_columns`: on a CPU the batch goes in groups of at most this many columns (at least one
+    item each); `condition_cache_bytes`: the budget for projecting the conditioning of all rows at
+    once (0: each row when it is needed); `cuda_graphs`: on a GPU, replay captured graphs from this
+    cache (`CudaGraphCache`) instead of launching every kernel (ignored elsewhere). None of them
+    changes the result.
+    """
+    def run(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return reverse_flows(model, c, z, condition_cache_bytes)
+
+    if cuda_graphs is not None and c.device.type == "cuda":
+        weights = tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+        return cuda_graphs(run, (c, z), (weights, condition_cache_bytes))
+    batch, width = c.shape[0], c.shape[-1]
+    group = max(1, max_cpu_columns // width) if c.device.type == "cpu" else batch
+    x = [run(c[start:start + group], z[start:start + group]) for start in range(0, batch, group)]
+    return x[0] if len(x) == 1 else torch.cat(x)
