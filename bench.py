@@ -10,13 +10,14 @@ K = n_flow) is `K * 2 * (R + 20 * L * R^2 + 2 * R) + 2 * 80 * 2 * R * L` in
 synthesis (the conditioning projected once), and three times that per sample
 in a training step. Every figure is divided by the throughput of a square
 matmul in the same dtype (2048 x 2048 on a CPU; 8192 x 8192 on a GPU, where a
-smaller one measures the launch, not the tensor cores), and by that of a bf16 one, measured in the same run before and after the
-workloads. Times are medians over repeated runs after warm-up runs (synthesis
-warms up on the shortest length); cases that take longer than --max_seconds
-stop repeating. Data loading is the
-real `Mel2Samp` loader on the bundled demo corpus, in the main process, i.e.
-the CPU work one batch costs.
+smaller one measures the launch, not the tensor cores), and by that of a bf16
+one, measured in the same run before and after the workloads. Times are
+medians over repeated runs after warm-up runs (synthesis warms up on the
+shortest length); cases that take longer than --max_seconds stop repeating.
+Data loading is the real `Mel2Samp` loader on the bundled demo corpus, in the
+main process, i.e. the CPU work one batch costs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,7 +73,7 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 30) -
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     times = timed(lambda: a @ b, device, repeats, warmup=5, max_seconds=60)
-    return 2 * size ** 3 / statistics.median(times) / 1e9
+    return 2 * size**3 / statistics.median(times) / 1e9
 
 
 def device_name(device: torch.device) -> str:
@@ -141,8 +142,9 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bench_synthesis(model, device, dtype, seconds: float, batch: int, warmup: int, graphs: CudaGraphCache | None,
-                    args) -> dict:
+def bench_synthesis(
+    model, device, dtype, seconds: float, batch: int, warmup: int, graphs: CudaGraphCache | None, args
+) -> dict:
     frames = round(seconds * SAMPLING_RATE / 256) + SYNTHESIS_TRIM // 256
     mel = torch.randn(batch, model.config.cin_channels, frames, device=device, dtype=dtype)
     samples = batch * 256 * (frames - SYNTHESIS_TRIM // 256)
@@ -150,9 +152,15 @@ def bench_synthesis(model, device, dtype, seconds: float, batch: int, warmup: in
         times = timed(lambda: model.infer(mel, cuda_graphs=graphs), device, args.repeats, warmup, args.max_seconds)
     elapsed = statistics.median(times)
     flops = samples * synthesis_flops_per_sample(model.config)
-    return {"case": f"synthesis {seconds:g} s x {batch}", "seconds": elapsed, "runs": len(times),
-            "kHz": samples / elapsed / 1000, "real_time_factor": samples / SAMPLING_RATE / elapsed,
-            "gflops": flops / elapsed / 1e9, "peak_memory_mb": memory.peak / 2 ** 20}
+    return {
+        "case": f"synthesis {seconds:g} s x {batch}",
+        "seconds": elapsed,
+        "runs": len(times),
+        "kHz": samples / elapsed / 1000,
+        "real_time_factor": samples / SAMPLING_RATE / elapsed,
+        "gflops": flops / elapsed / 1e9,
+        "peak_memory_mb": memory.peak / 2**20,
+    }
 
 
 def bench_training(config, device, dtype, batch: int, segment: int, checkpointing: bool, args) -> dict:
@@ -178,16 +186,27 @@ def bench_training(config, device, dtype, batch: int, segment: int, checkpointin
     samples = batch * segment
     flops = 3 * samples * synthesis_flops_per_sample(config.waveflow)
     name = f"training {batch} x {segment}" + (" checkpointed" if checkpointing else "")
-    return {"case": name, "seconds": elapsed, "runs": len(times), "kHz": samples / elapsed / 1000,
-            "gflops": flops / elapsed / 1e9, "peak_memory_mb": memory.peak / 2 ** 20}
+    return {
+        "case": name,
+        "seconds": elapsed,
+        "runs": len(times),
+        "kHz": samples / elapsed / 1000,
+        "gflops": flops / elapsed / 1e9,
+        "peak_memory_mb": memory.peak / 2**20,
+    }
 
 
 def bench_loading(config, batch: int, segment: int, args) -> dict:
     data = replace(config.data, segment_length=segment)
     dataset = Mel2Samp.from_config(data, mode="train", file_list=DEMO_LIST, seed=0)
     indices = [i % len(dataset) for i in range(batch)]
-    times = timed(lambda: collate([dataset[i] for i in indices]), torch.device("cpu"),
-                  max(args.repeats, 10), args.warmup, args.max_seconds)
+    times = timed(
+        lambda: collate([dataset[i] for i in indices]),
+        torch.device("cpu"),
+        max(args.repeats, 10),
+        args.warmup,
+        args.max_seconds,
+    )
     return {"case": f"data loading {batch} x {segment}", "seconds": statistics.median(times), "runs": len(times)}
 
 
@@ -247,26 +266,53 @@ def main() -> None:
             result["fraction_of_matmul"] = result["gflops"] / matmul
             result["fraction_of_bf16_matmul"] = result["gflops"] / bf16_matmul
 
-    report = {"config": args.config, "device": device_name(device), "dtype": args.dtype,
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "cuda_graphs": device.type == "cuda" and not args.eager,
-              "matmul_size": matmul_size(device), "matmul_gflops": matmul, "bf16_matmul_gflops": bf16_matmul, "results": results}
+    report = {
+        "config": args.config,
+        "device": device_name(device),
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_graphs": device.type == "cuda" and not args.eager,
+        "matmul_size": matmul_size(device),
+        "matmul_gflops": matmul,
+        "bf16_matmul_gflops": bf16_matmul,
+        "results": results,
+    }
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{args.config} on {report['device']} ({torch.get_num_threads()} threads), {args.dtype}, "
-          f"torch {torch.__version__}: {report['matmul_size']}^2 matmul {matmul:.0f} GFLOP/s ({bf16_matmul:.0f} in bf16)")
-    columns = [("case", "{}", 32), ("seconds", "{:.3f}", 9), ("runs", "{}", 5), ("kHz", "{:.1f}", 9),
-               ("real_time_factor", "{:.2f}", 9), ("gflops", "{:.0f}", 7), ("fraction_of_matmul", "{:.2f}", 9),
-               ("fraction_of_bf16_matmul", "{:.2f}", 9),
-               ("peak_memory_mb", "{:.0f}", 10), ("percent_of_training_step", "{:.2f}", 9)]
-    titles = {"real_time_factor": "x realtime", "gflops": "GFLOP/s", "fraction_of_matmul": "of matmul",
-              "fraction_of_bf16_matmul": "of bf16 mm",
-              "peak_memory_mb": "peak MiB", "percent_of_training_step": "% of step"}
+    print(
+        f"{args.config} on {report['device']} ({torch.get_num_threads()} threads), {args.dtype}, "
+        f"torch {torch.__version__}: {report['matmul_size']}^2 matmul {matmul:.0f} GFLOP/s ({bf16_matmul:.0f} in bf16)"
+    )
+    columns = [
+        ("case", "{}", 32),
+        ("seconds", "{:.3f}", 9),
+        ("runs", "{}", 5),
+        ("kHz", "{:.1f}", 9),
+        ("real_time_factor", "{:.2f}", 9),
+        ("gflops", "{:.0f}", 7),
+        ("fraction_of_matmul", "{:.2f}", 9),
+        ("fraction_of_bf16_matmul", "{:.2f}", 9),
+        ("peak_memory_mb", "{:.0f}", 10),
+        ("percent_of_training_step", "{:.2f}", 9),
+    ]
+    titles = {
+        "real_time_factor": "x realtime",
+        "gflops": "GFLOP/s",
+        "fraction_of_matmul": "of matmul",
+        "fraction_of_bf16_matmul": "of bf16 mm",
+        "peak_memory_mb": "peak MiB",
+        "percent_of_training_step": "% of step",
+    }
     print("  ".join(titles.get(name, name).ljust(width) for name, _, width in columns))
     for result in results:
-        print("  ".join((form.format(result[name]) if name in result else "").ljust(width)
-                        for name, form, width in columns))
+        print(
+            "  ".join(
+                (form.format(result[name]) if name in result else "").ljust(width) for name, form, width in columns
+            )
+        )
 
 
 if __name__ == "__main__":

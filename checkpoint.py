@@ -15,6 +15,7 @@ the model as a parameter `h_cache` (`[n_flow, n_layer, 2 * res_channels, 1, 1]`)
 so every later checkpoint, the published ones included, holds it. Its own
 loaders delete it; so does `read_checkpoint`.
 """
+
 from __future__ import annotations
 
 import io
@@ -75,14 +76,31 @@ def rerun_checkpoint(run_dir: str, requested: str) -> str | None:
     return None
 
 
-def save_checkpoint(path: str, *, model_state: dict, iteration: int, optimizer: torch.optim.Optimizer,
-                    scheduler, learning_rate: float, config: dict, epoch: int, batch_in_epoch: int,
-                    scaler: torch.amp.GradScaler | None = None) -> None:
+def save_checkpoint(
+    path: str,
+    *,
+    model_state: dict,
+    iteration: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    learning_rate: float,
+    config: dict,
+    epoch: int,
+    batch_in_epoch: int,
+    scaler: torch.amp.GradScaler | None = None,
+) -> None:
     """Write a checkpoint atomically and durably: a crash, a kill or a full disk leaves the previous file
     or the new one, never half of one. A failed write raises the OSError (ENOSPC, EACCES, EROFS, ...)."""
-    checkpoint = {"model": model_state, "iteration": iteration, "optimizer": optimizer.state_dict(),
-                  "scheduler": scheduler.state_dict(), "learning_rate": learning_rate, "config": config,
-                  "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+    checkpoint = {
+        "model": model_state,
+        "iteration": iteration,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "learning_rate": learning_rate,
+        "config": config,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+    }
     if scaler is not None and scaler.is_enabled():
         checkpoint["scaler"] = scaler.state_dict()
     # torch.save reports a failed file write as an opaque RuntimeError; serialized in memory and
@@ -98,22 +116,28 @@ def read_checkpoint(path: str) -> dict:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: checkpoint not found")
     if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a folder; name a checkpoint file, or average the folder's "
-                              f"newest checkpoints with -a N")
+        raise CheckpointError(
+            f"{path}: is a folder; name a checkpoint file, or average the folder's newest checkpoints with -a N"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a file that is not a checkpoint
         if not zipfile.is_zipfile(path):
             raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save)") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_sentence(error)}); only files "
-                              f"of tensors, numbers and strings are read, never pickled code") from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({_first_sentence(error)}); only files "
+            f"of tensors, numbers and strings are read, never pickled code"
+        ) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise CheckpointError(f"{path}: not a NanoFlow checkpoint (no 'model' weights)")
-    state = {name: value for name, value in checkpoint["model"].items()
-             if name.removeprefix("module.") not in ORIGINAL_CACHE_ENTRIES}
+    state = {
+        name: value
+        for name, value in checkpoint["model"].items()
+        if name.removeprefix("module.") not in ORIGINAL_CACHE_ENTRIES
+    }
     checkpoint["model"] = state
     if state and all(key.startswith("module.") for key in state):
-        checkpoint["model"] = {key[len("module."):]: value for key, value in state.items()}
+        checkpoint["model"] = {key[len("module.") :]: value for key, value in state.items()}
     return checkpoint
 
 
@@ -142,8 +166,11 @@ def architecture(state: dict) -> str:
     flows = {name.split(".")[1] for name in names if name.startswith("flows.")}
     fronts = [value for name, value in state.items() if name.endswith("front_conv.0.conv.bias")]
     layers = {name.split("res_blocks.")[1].split(".")[0] for name in names if "res_blocks." in name}
-    details = [f"res_channels {fronts[0].shape[0]}" if fronts else None,
-               f"n_layer {len(layers)}" if layers else None, f"n_flow {len(flows)}" if flows else None]
+    details = [
+        f"res_channels {fronts[0].shape[0]}" if fronts else None,
+        f"n_layer {len(layers)}" if layers else None,
+        f"n_flow {len(flows)}" if flows else None,
+    ]
     return f"{kind} ({', '.join(detail for detail in details if detail)})"
 
 
@@ -159,8 +186,7 @@ def _folded_name(name: str) -> str:
 def _folded_shapes(state: dict) -> dict[str, tuple[int, ...]]:
     """Names and shapes of `state` as a model with weight norm folded holds them (`weight_v` has the
     weight's shape): what two state dicts must share to load into each other in either layout."""
-    return {_folded_name(name): tuple(value.shape) for name, value in state.items()
-            if not name.endswith("weight_g")}
+    return {_folded_name(name): tuple(value.shape) for name, value in state.items() if not name.endswith("weight_g")}
 
 
 def check_fits(model: torch.nn.Module, state: dict, path: str) -> None:
@@ -169,10 +195,17 @@ def check_fits(model: torch.nn.Module, state: dict, path: str) -> None:
     expected, found = _folded_shapes(model.state_dict()), _folded_shapes(state)
     missing = [name for name in expected if name not in found]
     unexpected = [name for name in found if name not in expected]
-    reshaped = [f"{name} {list(found[name])} vs {list(shape)}" for name, shape in expected.items()
-                if name in found and found[name] != shape]
-    halves = [name for name in state if name.rpartition(".")[2] in WEIGHT_NORM_NAMES
-              and name[:-1] + ("v" if name.endswith("g") else "g") not in state]
+    reshaped = [
+        f"{name} {list(found[name])} vs {list(shape)}"
+        for name, shape in expected.items()
+        if name in found and found[name] != shape
+    ]
+    halves = [
+        name
+        for name in state
+        if name.rpartition(".")[2] in WEIGHT_NORM_NAMES
+        and name[:-1] + ("v" if name.endswith("g") else "g") not in state
+    ]
     if missing or unexpected or reshaped or halves:
         problems = []
         if missing:
@@ -183,8 +216,10 @@ def check_fits(model: torch.nn.Module, state: dict, path: str) -> None:
             problems.append(f"{len(reshaped)} of another shape ({_describe(reshaped)})")
         if halves:
             problems.append(f"{len(halves)} weight-norm tensors without their other half ({_describe(halves)})")
-        raise CheckpointError(f"{path}: checkpoint holds a {architecture(state)} model, waveflow_config "
-                              f"describes a {architecture(model.state_dict())} model: " + "; ".join(problems))
+        raise CheckpointError(
+            f"{path}: checkpoint holds a {architecture(state)} model, waveflow_config "
+            f"describes a {architecture(model.state_dict())} model: " + "; ".join(problems)
+        )
 
 
 def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
@@ -194,13 +229,20 @@ def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state)
 
 
-def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler=None, scaler: torch.amp.GradScaler | None = None) -> dict:
+def load_checkpoint(
+    path: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict:
     """Load a checkpoint's weights (strictly) and, when given, optimizer, scheduler and scaler states."""
     checkpoint = read_checkpoint(path)
     if optimizer is not None and not {"iteration", "optimizer"} <= checkpoint.keys():
-        raise CheckpointError(f"{path}: holds no iteration and optimizer state to resume training from (weights "
-                              f"only?); use -w/--warm_start to start from its weights")
+        raise CheckpointError(
+            f"{path}: holds no iteration and optimizer state to resume training from (weights "
+            f"only?); use -w/--warm_start to start from its weights"
+        )
     load_weights(model, checkpoint["model"], path)
     try:
         if optimizer is not None and "optimizer" in checkpoint:
@@ -210,8 +252,10 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
         if scaler is not None and scaler.is_enabled() and "scaler" in checkpoint:
             scaler.load_state_dict(checkpoint["scaler"])
     except (ValueError, KeyError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: optimizer state does not fit this model ({_first_sentence(error)}); "
-                              f"use --warm_start to load weights only") from None
+        raise CheckpointError(
+            f"{path}: optimizer state does not fit this model ({_first_sentence(error)}); "
+            f"use --warm_start to load weights only"
+        ) from None
     return checkpoint
 
 
@@ -223,21 +267,25 @@ def average_checkpoints(folder: str, count: int, epsilon: float | None = None) -
     Returns `(averaged weights, the newest checkpoint)`.
     """
     if not os.path.isdir(folder):
-        raise CheckpointError(f"{folder}: not a folder; -a N averages the newest N checkpoints of the folder "
-                              f"that checkpoint_path names")
+        raise CheckpointError(
+            f"{folder}: not a folder; -a N averages the newest N checkpoints of the folder that checkpoint_path names"
+        )
     if count < 1:
         raise CheckpointError(f"-a must be at least 1, got {count}")
     if epsilon is not None and not 0.0 <= epsilon < 1.0:
         raise CheckpointError(f"-e/--epsilon must be in [0, 1), got {epsilon}")
     available = list_checkpoints(folder)
     if len(available) < count:
-        raise CheckpointError(f"{folder}: -a {count} needs {count} checkpoints named {CHECKPOINT_PREFIX}<iteration>, "
-                              f"found {len(available)}")
+        raise CheckpointError(
+            f"{folder}: -a {count} needs {count} checkpoints named {CHECKPOINT_PREFIX}<iteration>, "
+            f"found {len(available)}"
+        )
     paths = [path for _, path in available[-count:]]
 
     def weights(checkpoint: dict) -> dict:
-        return {name: value.double() if value.is_floating_point() else value
-                for name, value in checkpoint["model"].items()}
+        return {
+            name: value.double() if value.is_floating_point() else value for name, value in checkpoint["model"].items()
+        }
 
     reference_path = paths[0]
     newest = read_checkpoint(reference_path)
@@ -246,8 +294,10 @@ def average_checkpoints(folder: str, count: int, epsilon: float | None = None) -
         newest = read_checkpoint(path)
         state = weights(newest)
         if state.keys() != average.keys() or any(state[k].shape != average[k].shape for k in state):
-            raise CheckpointError(f"{path}: weights do not match those of {reference_path}; "
-                                  f"cannot average checkpoints of different models")
+            raise CheckpointError(
+                f"{path}: weights do not match those of {reference_path}; "
+                f"cannot average checkpoints of different models"
+            )
         weight = (1.0 - epsilon) if epsilon is not None else 1.0 / (index + 1)
         for name, value in state.items():
             if value.is_floating_point():
@@ -263,8 +313,11 @@ def warm_start(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str
     own, offered = _folded_shapes(model.state_dict()), _folded_shapes(state)
     fits = {name for name, shape in offered.items() if own.get(name) == shape}
     loaded = [name for name in state if _folded_name(name) in fits]
-    skipped = [f"{name} (shape {list(shape)} vs {list(own[name])})"
-               for name, shape in offered.items() if name in own and own[name] != shape]
+    skipped = [
+        f"{name} (shape {list(shape)} vs {list(own[name])})"
+        for name, shape in offered.items()
+        if name in own and own[name] != shape
+    ]
     skipped += [f"{name} (not in this model)" for name in offered if name not in own]
     skipped += [f"{name} (not in the checkpoint, kept as initialised)" for name in own if name not in offered]
     model.load_state_dict({name: state[name] for name in loaded}, strict=False)

@@ -11,6 +11,7 @@ A command reads only the sections it uses (``load_config(path, sections)``:
 ``mel2samp.py`` needs only ``data_config``), and the commands that run the
 model check the rules between sections (``check_model_rules``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,7 @@ def _as_bool(value, where: str) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise ConfigError(f"{where} must be a boolean (true/false or \"True\"/\"False\"), got {value!r}")
+    raise ConfigError(f'{where} must be a boolean (true/false or "True"/"False"), got {value!r}')
 
 
 def _coerce(value, kind, where: str):
@@ -106,14 +107,18 @@ class WaveFlowConfig:
 
     def __post_init__(self):
         s = "waveflow_config"
-        _require(self.coupling_type in COUPLING_TYPES,
-                 f"{s}.coupling_type must be one of {', '.join(COUPLING_TYPES)}, got '{self.coupling_type}'")
+        _require(
+            self.coupling_type in COUPLING_TYPES,
+            f"{s}.coupling_type must be one of {', '.join(COUPLING_TYPES)}, got '{self.coupling_type}'",
+        )
         for key in ("cin_channels", "res_channels", "n_height", "n_layer", "n_flow", "n_layer_per_cycle"):
             _require(getattr(self, key) >= 1, f"{s}.{key} must be at least 1, got {getattr(self, key)}")
         _require(self.n_height >= 2, f"{s}.n_height must be at least 2, got {self.n_height}")
         if self.coupling_type == "nanoflow":
-            _require(self.size_flow_embed >= 1,
-                     f"{s}.size_flow_embed must be a positive integer when coupling_type is 'nanoflow'")
+            _require(
+                self.size_flow_embed >= 1,
+                f"{s}.size_flow_embed must be a positive integer when coupling_type is 'nanoflow'",
+            )
         if self.bipartize:
             _require(self.n_height % 2 == 0, f"{s}.n_height must be even when bipartize is on")
 
@@ -138,15 +143,18 @@ class DataConfig:
 
     def __post_init__(self):
         s = "data_config"
-        for key in ("segment_length", "sampling_rate", "filter_length", "hop_length", "win_length",
-                    "n_mel_channels"):
+        for key in ("segment_length", "sampling_rate", "filter_length", "hop_length", "win_length", "n_mel_channels"):
             _require(getattr(self, key) >= 1, f"{s}.{key} must be at least 1, got {getattr(self, key)}")
         _require(self.num_workers >= 0, f"{s}.num_workers must be >= 0, got {self.num_workers}")
-        _require(self.win_length <= self.filter_length,
-                 f"{s}.win_length ({self.win_length}) must not exceed filter_length ({self.filter_length})")
-        _require(0 <= self.mel_fmin < self.mel_fmax <= self.sampling_rate / 2,
-                 f"{s}: need 0 <= mel_fmin < mel_fmax <= sampling_rate / 2, "
-                 f"got mel_fmin={self.mel_fmin}, mel_fmax={self.mel_fmax}")
+        _require(
+            self.win_length <= self.filter_length,
+            f"{s}.win_length ({self.win_length}) must not exceed filter_length ({self.filter_length})",
+        )
+        _require(
+            0 <= self.mel_fmin < self.mel_fmax <= self.sampling_rate / 2,
+            f"{s}: need 0 <= mel_fmin < mel_fmax <= sampling_rate / 2, "
+            f"got mel_fmin={self.mel_fmin}, mel_fmax={self.mel_fmax}",
+        )
 
 
 @dataclass
@@ -254,19 +262,27 @@ def check_model_rules(config: Config, training: bool) -> None:
     line naming both keys; `training` adds those of the training crops."""
     data, model = config.data, config.waveflow
     where = f"{config.source}: "
-    _require(data.n_mel_channels == model.cin_channels,
-             f"{where}data_config.n_mel_channels ({data.n_mel_channels}) and waveflow_config.cin_channels "
-             f"({model.cin_channels}) must be equal: the model reads every band of the mel")
-    _require(data.hop_length == UPSAMPLE_FACTOR,
-             f"{where}data_config.hop_length must be {UPSAMPLE_FACTOR}, got {data.hop_length}: the model's upsampler "
-             f"turns each mel frame into {UPSAMPLE_FACTOR} samples")
-    _require(data.hop_length % model.n_height == 0,
-             f"{where}waveflow_config.n_height ({model.n_height}) must divide data_config.hop_length "
-             f"({data.hop_length}): synthesis makes hop_length samples per mel frame, in columns of n_height")
+    _require(
+        data.n_mel_channels == model.cin_channels,
+        f"{where}data_config.n_mel_channels ({data.n_mel_channels}) and waveflow_config.cin_channels "
+        f"({model.cin_channels}) must be equal: the model reads every band of the mel",
+    )
+    _require(
+        data.hop_length == UPSAMPLE_FACTOR,
+        f"{where}data_config.hop_length must be {UPSAMPLE_FACTOR}, got {data.hop_length}: the model's upsampler "
+        f"turns each mel frame into {UPSAMPLE_FACTOR} samples",
+    )
+    _require(
+        data.hop_length % model.n_height == 0,
+        f"{where}waveflow_config.n_height ({model.n_height}) must divide data_config.hop_length "
+        f"({data.hop_length}): synthesis makes hop_length samples per mel frame, in columns of n_height",
+    )
     if training:
-        _require(data.segment_length % model.n_height == 0,
-                 f"{where}data_config.segment_length ({data.segment_length}) must be a multiple of "
-                 f"waveflow_config.n_height ({model.n_height}): the model folds the audio into n_height rows")
+        _require(
+            data.segment_length % model.n_height == 0,
+            f"{where}data_config.segment_length ({data.segment_length}) must be a multiple of "
+            f"waveflow_config.n_height ({model.n_height}): the model folds the audio into n_height rows",
+        )
 
 
 def load_config(path: str, sections: tuple[str, ...] = MODEL_SECTIONS) -> Config:

@@ -8,6 +8,7 @@ refuses bad input with a one-line `DataError` naming the file and the problem,
 because a corpus that is silently resampled, downmixed or skipped trains a
 different model from the one the user asked for.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,10 @@ def _open_checked(path: str, sampling_rate: int) -> soundfile.SoundFile:
         raise _read_error(path, error) from None
     problem = None
     if sound.samplerate != sampling_rate:
-        problem = (f"sampling rate is {sound.samplerate} Hz, expected {sampling_rate} Hz "
-                   f"(resample the corpus first, e.g. with sox)")
+        problem = (
+            f"sampling rate is {sound.samplerate} Hz, expected {sampling_rate} Hz "
+            f"(resample the corpus first, e.g. with sox)"
+        )
     elif sound.channels != 1:
         problem = f"has {sound.channels} channels, expected mono"
     elif sound.frames == 0:
@@ -113,8 +116,10 @@ def read_file_list(list_path: str) -> list[str]:
         if not os.path.exists(path):
             beside_list = os.path.join(list_folder, path)  # an absolute path stays as it is
             if not os.path.exists(beside_list):
-                raise DataError(f"{list_path}:{number}: audio file '{path}' not found "
-                                f"(looked in the working directory and in {list_folder})")
+                raise DataError(
+                    f"{list_path}:{number}: audio file '{path}' not found "
+                    f"(looked in the working directory and in {list_folder})"
+                )
             path = beside_list
         paths.append(path)
     if not paths:
@@ -128,8 +133,9 @@ def _read_mel(path: str, n_mel_channels: int, mmap: bool):
         raise DataError(f"{path}: mel file not found")
     extension = os.path.splitext(path)[1].lower()
     if extension not in MEL_FILE_EXTENSIONS:
-        raise DataError(f"{path}: unknown mel file type '{extension}', expected one of "
-                        f"{', '.join(MEL_FILE_EXTENSIONS)}")
+        raise DataError(
+            f"{path}: unknown mel file type '{extension}', expected one of {', '.join(MEL_FILE_EXTENSIONS)}"
+        )
     try:
         if extension == ".npy":
             mel = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
@@ -191,24 +197,40 @@ class MelSpectrogram(nn.Module):
     mel_basis: torch.Tensor  # [n_mels, filter_length // 2 + 1]
     window: torch.Tensor  # [win_length]
 
-    def __init__(self, *, sampling_rate: int = 22050, filter_length: int = 1024, hop_length: int = 256,
-                 win_length: int = 1024, n_mel_channels: int = 80, mel_fmin: float = 0.0,
-                 mel_fmax: float = 8000.0, log_floor: float = LOG_FLOOR):
+    def __init__(
+        self,
+        *,
+        sampling_rate: int = 22050,
+        filter_length: int = 1024,
+        hop_length: int = 256,
+        win_length: int = 1024,
+        n_mel_channels: int = 80,
+        mel_fmin: float = 0.0,
+        mel_fmax: float = 8000.0,
+        log_floor: float = LOG_FLOOR,
+    ):
         super().__init__()
         self.filter_length = filter_length
         self.hop_length = hop_length
         self.win_length = win_length
         self.log_floor = log_floor
-        filterbank = librosa.filters.mel(sr=sampling_rate, n_fft=filter_length, n_mels=n_mel_channels,
-                                         fmin=mel_fmin, fmax=mel_fmax)  # [n_mels, filter_length // 2 + 1]
+        filterbank = librosa.filters.mel(
+            sr=sampling_rate, n_fft=filter_length, n_mels=n_mel_channels, fmin=mel_fmin, fmax=mel_fmax
+        )  # [n_mels, filter_length // 2 + 1]
         self.register_buffer("mel_basis", torch.from_numpy(filterbank).float(), persistent=False)
         self.register_buffer("window", torch.hann_window(win_length, periodic=True), persistent=False)
 
     @classmethod
-    def from_config(cls, data: DataConfig) -> "MelSpectrogram":
-        return cls(sampling_rate=data.sampling_rate, filter_length=data.filter_length,
-                   hop_length=data.hop_length, win_length=data.win_length,
-                   n_mel_channels=data.n_mel_channels, mel_fmin=data.mel_fmin, mel_fmax=data.mel_fmax)
+    def from_config(cls, data: DataConfig) -> MelSpectrogram:
+        return cls(
+            sampling_rate=data.sampling_rate,
+            filter_length=data.filter_length,
+            hop_length=data.hop_length,
+            win_length=data.win_length,
+            n_mel_channels=data.n_mel_channels,
+            mel_fmin=data.mel_fmin,
+            mel_fmax=data.mel_fmax,
+        )
 
     def num_frames(self, num_samples: int) -> int:
         return 1 + num_samples // self.hop_length
@@ -216,11 +238,20 @@ class MelSpectrogram(nn.Module):
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """audio [B, T] (or [T]) in [-1, 1] -> mel [B, n_mels, F] (or [n_mels, F]), F = 1 + T // hop."""
         if audio.shape[-1] <= self.filter_length // 2:
-            raise ValueError(f"audio of {audio.shape[-1]} samples is too short for the mel spectrogram's "
-                             f"reflect padding: need more than {self.filter_length // 2}")
+            raise ValueError(
+                f"audio of {audio.shape[-1]} samples is too short for the mel spectrogram's "
+                f"reflect padding: need more than {self.filter_length // 2}"
+            )
         # float32 even after .half() or .double() on an enclosing model: the features must not depend on it
-        spectrum = torch.stft(audio.float(), n_fft=self.filter_length, hop_length=self.hop_length,
-                              win_length=self.win_length, window=self.window.float(), center=True,
-                              pad_mode="reflect", return_complex=True)  # [B, n_fft // 2 + 1, F]
+        spectrum = torch.stft(
+            audio.float(),
+            n_fft=self.filter_length,
+            hop_length=self.hop_length,
+            win_length=self.win_length,
+            window=self.window.float(),
+            center=True,
+            pad_mode="reflect",
+            return_complex=True,
+        )  # [B, n_fft // 2 + 1, F]
         mel = torch.matmul(self.mel_basis.float(), spectrum.abs())  # [B, n_mels, F]
         return torch.log(torch.clamp(mel, min=self.log_floor))

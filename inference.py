@@ -16,6 +16,7 @@ synthesized, is a `CudaGraphCache` that its owner passes in.
     x = synthesize(model, c, z)                                  # what `WaveFlow.infer` runs
     x = synthesize(model, c, z, cuda_graphs=CudaGraphCache())    # on a GPU, a cache kept across calls
 """
+
 from __future__ import annotations
 
 import threading
@@ -32,10 +33,10 @@ if TYPE_CHECKING:
 
 # A CPU synthesizes at most this many columns (batch x width) at once, when the batch allows: beyond, a
 # row's working set falls out of the caches. Items are independent, so groups give the same audio.
-MAX_CPU_COLUMNS = 2 ** 11
+MAX_CPU_COLUMNS = 2**11
 # The conditioning of every row is projected once per estimator when it fits this many bytes (8 per
 # layer, channel and sample in fp32); past it, each row is projected when it is needed.
-CONDITION_CACHE_BYTES = 2 ** 31
+CONDITION_CACHE_BYTES = 2**31
 
 
 def condition_rows(net: WaveNet2D, c: torch.Tensor) -> torch.Tensor:
@@ -61,8 +62,9 @@ def rotated_gate_weight(block: ResidualBlock, input_map: torch.Tensor | None) ->
     weight = weight.permute(2, 3, 1, 0)  # [height tap, width tap, i, o]
     bias_row = weight.new_zeros(3, 1, weight.shape[-1])  # [width tap, 1, o]
     # With (r // dh) % 3 == turn, ring position k holds row r - ((turn - k) % 3) * dh: height tap 2 - that.
-    return torch.stack([torch.cat([*(weight[2 - (turn - k) % 3] for k in range(3)), bias_row], dim=1)
-                        for turn in range(3)])  # [turn, width tap, 3 C + 1, o]
+    return torch.stack(
+        [torch.cat([*(weight[2 - (turn - k) % 3] for k in range(3)), bias_row], dim=1) for turn in range(3)]
+    )  # [turn, width tap, 3 C + 1, o]
 
 
 def rotated_gate_weights(net: WaveNet2D, like: torch.Tensor) -> list[torch.Tensor]:
@@ -70,7 +72,9 @@ def rotated_gate_weights(net: WaveNet2D, like: torch.Tensor) -> list[torch.Tenso
     has `front_conv` folded in (its queue holds `[x, 1]`). Flows that share `net` share these: each
     writes only its own gate bias into them when it starts."""
     front_map = net.front_map()  # [2, R]: [x, 1] -> front_conv(x)
-    return [rotated_gate_weight(block, front_map if j == 0 else None).to(like) for j, block in enumerate(net.res_blocks)]
+    return [
+        rotated_gate_weight(block, front_map if j == 0 else None).to(like) for j, block in enumerate(net.res_blocks)
+    ]
 
 
 class BlockQueue:
@@ -89,9 +93,19 @@ class BlockQueue:
     runs over 2 channels instead of R; the 1 is 0 in the padding, as the input would be).
     """
 
-    def __init__(self, block: ResidualBlock, batch: int, width: int, like: torch.Tensor, gate_weight: torch.Tensor,
-                 gate_bias: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor, residual_keep: float,
-                 input_map: torch.Tensor | None = None):
+    def __init__(
+        self,
+        block: ResidualBlock,
+        batch: int,
+        width: int,
+        like: torch.Tensor,
+        gate_weight: torch.Tensor,
+        gate_bias: torch.Tensor,
+        out_weight: torch.Tensor,
+        out_bias: torch.Tensor,
+        residual_keep: float,
+        input_map: torch.Tensor | None = None,
+    ):
         """An empty (zero) queue for rows of `width` columns, in the dtype and on the device of `like`.
         `gate_weight` (`rotated_gate_weight`) receives this flow's `gate_bias`; `out_weight`,
         `out_bias` and `residual_keep` are the flow's `output_weights`."""
@@ -101,8 +115,10 @@ class BlockQueue:
         self.queue = like.new_zeros(dilation_h, batch, width, 3 * in_channels + 1)
         self.queue[..., -1] = 1
         # Views into the queue: [phase][ring position] -> [B * W, C].
-        self.slots = [[self.queue[phase, ..., k * in_channels:(k + 1) * in_channels].view(batch * width, -1)
-                       for k in range(3)] for phase in range(dilation_h)]
+        self.slots = [
+            [self.queue[phase, ..., k * in_channels : (k + 1) * in_channels].view(batch * width, -1) for k in range(3)]
+            for phase in range(dilation_h)
+        ]
         # The gated activation gets a constant column of ones, so that one matrix product adds the bias.
         self.gated = like.new_ones(batch, width, channels + 1)
         gate_weight[:, 1, -1] = gate_bias.detach()  # added with the centre width tap
@@ -118,8 +134,9 @@ class BlockQueue:
         phases = len(self.slots)
         return self.slots[row % phases][(row // phases) % 3]
 
-    def step(self, row: int, cond_row: torch.Tensor, a: torch.Tensor, log_s_t: torch.Tensor,
-             next_slot: torch.Tensor | None) -> None:
+    def step(
+        self, row: int, cond_row: torch.Tensor, a: torch.Tensor, log_s_t: torch.Tensor, next_slot: torch.Tensor | None
+    ) -> None:
         """Row `row` of the block, once its input row is in the queue (`slot(row)`).
 
         `cond_row [B, W, 2R]` is the row's conditioning projection (no bias) and `a [B, W, 2R]`
@@ -160,17 +177,39 @@ class EstimatorRows:
     `front_conv` is folded into the first block's queue, which holds `[x, 1]` per column.
     """
 
-    def __init__(self, net: WaveNet2D, batch: int, width: int, like: torch.Tensor, gate_weights: list[torch.Tensor],
-                 gate_biases: torch.Tensor, multgate: torch.Tensor | None, projection_weight: torch.Tensor,
-                 projection_bias: torch.Tensor):
+    def __init__(
+        self,
+        net: WaveNet2D,
+        batch: int,
+        width: int,
+        like: torch.Tensor,
+        gate_weights: list[torch.Tensor],
+        gate_biases: torch.Tensor,
+        multgate: torch.Tensor | None,
+        projection_weight: torch.Tensor,
+        projection_bias: torch.Tensor,
+    ):
         """Empty queues for rows of `batch x width` columns and the flow's folded weights: `gate_weights`
         (`rotated_gate_weights(net)`), and `gate_biases`, `multgate`, the projection as `net.forward` takes them."""
         weights, keep = net.output_weights(multgate, projection_weight)
         input_map = net.front_map()  # [2, R]: [x, 1] -> front_conv(x)
-        self.blocks = [BlockQueue(block, batch, width, like, gate_weight, gate_bias, out_weight, out_bias, keep,
-                                  input_map if j == 0 else None)
-                       for j, (block, gate_weight, gate_bias, (out_weight, out_bias))
-                       in enumerate(zip(net.res_blocks, gate_weights, gate_biases, weights))]
+        self.blocks = [
+            BlockQueue(
+                block,
+                batch,
+                width,
+                like,
+                gate_weight,
+                gate_bias,
+                out_weight,
+                out_bias,
+                keep,
+                input_map if j == 0 else None,
+            )
+            for j, (block, gate_weight, gate_bias, (out_weight, out_bias)) in enumerate(
+                zip(net.res_blocks, gate_weights, gate_biases, weights, strict=True)
+            )
+        ]
         # (log_s, t) is summed in fp32 (or better) whatever the estimator's precision: the flow's
         # affine update and its log-determinant need more than bf16's 8 bits of mantissa.
         accumulate = torch.promote_types(like.dtype, torch.float32)
@@ -197,8 +236,15 @@ class EstimatorRows:
         return log_s_t.view(*x_row.shape, 2)
 
 
-def reverse_coupling(model: WaveFlow, flow: int, z: torch.Tensor, c: torch.Tensor, cond: torch.Tensor | None,
-                     rows: list[int], gate_weights: list[torch.Tensor]) -> torch.Tensor:
+def reverse_coupling(
+    model: WaveFlow,
+    flow: int,
+    z: torch.Tensor,
+    c: torch.Tensor,
+    cond: torch.Tensor | None,
+    rows: list[int],
+    gate_weights: list[torch.Tensor],
+) -> torch.Tensor:
     """Invert flow `flow`'s coupling row by row. `z [B, 1, H, W]` fp32, `c [B, cin, H, W]` and
     optionally its projection `cond [H, B, W, L, 2R]` (`condition_rows`), both of the unpermuted
     rows, `rows[h]`: the unpermuted row that is row h in this flow, `gate_weights`: the flow's
@@ -208,19 +254,28 @@ def reverse_coupling(model: WaveFlow, flow: int, z: torch.Tensor, c: torch.Tenso
     batch, _, height, width = z.shape
     x = torch.empty_like(z)
     x_row = z.new_zeros(batch, width)  # the row above row 0 (shift_1d pads with zeros)
-    estimator = EstimatorRows(net, batch, width, c, gate_weights, net.gate_biases(embedding),
-                              getattr(coupling, "multgate", None), *coupling.proj_log_s_t.affine())
+    estimator = EstimatorRows(
+        net,
+        batch,
+        width,
+        c,
+        gate_weights,
+        net.gate_biases(embedding),
+        getattr(coupling, "multgate", None),
+        *coupling.proj_log_s_t.affine(),
+    )
     for h in range(height):
         source = rows[h]
-        cond_row = cond[source] if cond is not None else condition_rows(net, c[:, :, source:source + 1])[0]
+        cond_row = cond[source] if cond is not None else condition_rows(net, c[:, :, source : source + 1])[0]
         log_s_t = estimator.step(x_row.to(dtype), cond_row, h).float()  # [B, W, 2]
         x_row = (z[:, 0, h] - log_s_t[..., 1]) * torch.exp(-log_s_t[..., 0])  # [B, W]
         x[:, 0, h] = x_row
     return x
 
 
-def reverse_flows(model: WaveFlow, c: torch.Tensor, z: torch.Tensor,
-                  condition_cache_bytes: int = CONDITION_CACHE_BYTES) -> torch.Tensor:
+def reverse_flows(
+    model: WaveFlow, c: torch.Tensor, z: torch.Tensor, condition_cache_bytes: int = CONDITION_CACHE_BYTES
+) -> torch.Tensor:
     """The inverse of all flows: `c [B, cin, H, W]` (upsampled, squeezed), `z [B, 1, H, W]` -> `x [B, 1, H, W]` fp32.
 
     Each estimator's projection of the conditioning and its rotated gate weights are built once,
@@ -270,11 +325,12 @@ class CudaGraphCache:
     def __init__(self, size: int = 4):
         self.size = size
         self.graphs: OrderedDict = OrderedDict()  # key -> (graph, static inputs, static output)
-        self.seen: OrderedDict = OrderedDict()    # keys run eagerly once
+        self.seen: OrderedDict = OrderedDict()  # keys run eagerly once
         self.lock = threading.Lock()
 
-    def __call__(self, function: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...],
-                 key: Hashable) -> torch.Tensor:
+    def __call__(
+        self, function: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], key: Hashable
+    ) -> torch.Tensor:
         key = (key, tuple((tensor.shape, tensor.dtype, tensor.device) for tensor in inputs))
         with self.lock:
             if key not in self.graphs:
@@ -288,7 +344,7 @@ class CudaGraphCache:
                     self.graphs.popitem(last=False)
             self.graphs.move_to_end(key)
             graph, static_inputs, static_output = self.graphs[key]
-            for static, tensor in zip(static_inputs, inputs):
+            for static, tensor in zip(static_inputs, inputs, strict=True):
                 static.copy_(tensor)
             graph.replay()
             return static_output.clone()
@@ -312,9 +368,14 @@ class CudaGraphCache:
 
 
 @torch.no_grad()
-def synthesize(model: WaveFlow, c: torch.Tensor, z: torch.Tensor, max_cpu_columns: int = MAX_CPU_COLUMNS,
-               condition_cache_bytes: int = CONDITION_CACHE_BYTES,
-               cuda_graphs: CudaGraphCache | None = None) -> torch.Tensor:
+def synthesize(
+    model: WaveFlow,
+    c: torch.Tensor,
+    z: torch.Tensor,
+    max_cpu_columns: int = MAX_CPU_COLUMNS,
+    condition_cache_bytes: int = CONDITION_CACHE_BYTES,
+    cuda_graphs: CudaGraphCache | None = None,
+) -> torch.Tensor:
     """`reverse_flows` with its options: `c [B, cin, H, W]` (upsampled, squeezed, in the model's dtype),
     `z [B, 1, H, W]` -> `x [B, 1, H, W]` fp32.
 
@@ -324,6 +385,7 @@ def synthesize(model: WaveFlow, c: torch.Tensor, z: torch.Tensor, max_cpu_column
     cache (`CudaGraphCache`) instead of launching every kernel (ignored elsewhere). None of them
     changes the result.
     """
+
     def run(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return reverse_flows(model, c, z, condition_cache_bytes)
 
@@ -332,5 +394,5 @@ def synthesize(model: WaveFlow, c: torch.Tensor, z: torch.Tensor, max_cpu_column
         return cuda_graphs(run, (c, z), (weights, condition_cache_bytes))
     batch, width = c.shape[0], c.shape[-1]
     group = max(1, max_cpu_columns // width) if c.device.type == "cpu" else batch
-    x = [run(c[start:start + group], z[start:start + group]) for start in range(0, batch, group)]
+    x = [run(c[start : start + group], z[start : start + group]) for start in range(0, batch, group)]
     return x[0] if len(x) == 1 else torch.cat(x)

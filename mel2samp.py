@@ -38,6 +38,7 @@ As a command, ``python mel2samp.py -f filelist.txt -c config.json -o out_dir``
 writes ``out_dir/<audio file name>.pt`` (``LJ001-0001.wav.pt``, WaveGlow's naming)
 holding the whole clip's mel as a float32 tensor [n_mels, F].
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,18 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from config import ConfigError, DataConfig, load_config
-from data import (LOG_FLOOR, MAX_WAV_VALUE, MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, audio_length,
-                  load_audio, load_mel, mel_frame_count, read_file_list)
+from data import (
+    LOG_FLOOR,
+    MAX_WAV_VALUE,
+    MEL_FILE_EXTENSIONS,
+    DataError,
+    MelSpectrogram,
+    audio_length,
+    load_audio,
+    load_mel,
+    mel_frame_count,
+    read_file_list,
+)
 from storage import write_atomically
 
 MODES = ("train", "eval", "synthesis")
@@ -64,14 +75,30 @@ MEL_FRAME_TOLERANCE = 2  # frames a stored mel may differ from 1 + T // hop_leng
 class Mel2Samp(Dataset):
     """(mel [n_mels, F], audio [T]) pairs from the audio files of a file list; see the module docstring."""
 
-    def __init__(self, *, file_list: str | list[str], mode: str, segment_length: int, sampling_rate: int,
-                 filter_length: int, hop_length: int, win_length: int, mel_fmin: float, mel_fmax: float,
-                 n_mel_channels: int = 80, seed: int = 1234, dequantize: bool = False, mel_directory: str = ""):
+    def __init__(
+        self,
+        *,
+        file_list: str | list[str],
+        mode: str,
+        segment_length: int,
+        sampling_rate: int,
+        filter_length: int,
+        hop_length: int,
+        win_length: int,
+        mel_fmin: float,
+        mel_fmax: float,
+        n_mel_channels: int = 80,
+        seed: int = 1234,
+        dequantize: bool = False,
+        mel_directory: str = "",
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         if segment_length <= filter_length // 2:
-            raise ConfigError(f"data_config.segment_length ({segment_length}) must exceed filter_length / 2 "
-                              f"({filter_length // 2}) for the mel spectrogram's reflect padding")
+            raise ConfigError(
+                f"data_config.segment_length ({segment_length}) must exceed filter_length / 2 "
+                f"({filter_length // 2}) for the mel spectrogram's reflect padding"
+            )
         self.mode = mode
         self.segment_length = segment_length
         self.sampling_rate = sampling_rate
@@ -80,17 +107,25 @@ class Mel2Samp(Dataset):
         self.seed = seed
         self.dequantize = dequantize
         self.epoch = 0
-        self.mel = MelSpectrogram(sampling_rate=sampling_rate, filter_length=filter_length,
-                                  hop_length=hop_length, win_length=win_length,
-                                  n_mel_channels=n_mel_channels, mel_fmin=mel_fmin, mel_fmax=mel_fmax)
+        self.mel = MelSpectrogram(
+            sampling_rate=sampling_rate,
+            filter_length=filter_length,
+            hop_length=hop_length,
+            win_length=win_length,
+            n_mel_channels=n_mel_channels,
+            mel_fmin=mel_fmin,
+            mel_fmax=mel_fmax,
+        )
         self.files = read_file_list(file_list) if isinstance(file_list, str) else list(file_list)
         # Checking every header now reports a bad file before training starts, not in a worker hours later.
         self.lengths = [audio_length(path, sampling_rate) for path in self.files]
         if mode == "synthesis":
-            for path, length in zip(self.files, self.lengths):
+            for path, length in zip(self.files, self.lengths, strict=True):
                 if length <= filter_length // 2:
-                    raise DataError(f"{path}: clip of {length} samples is too short to synthesise "
-                                    f"(need more than {filter_length // 2})")
+                    raise DataError(
+                        f"{path}: clip of {length} samples is too short to synthesise "
+                        f"(need more than {filter_length // 2})"
+                    )
         self.mel_files = self._find_mels(mel_directory) if mel_directory else []  # empty: mels computed from the audio
 
     def _find_mels(self, mel_directory: str) -> list[str]:
@@ -98,34 +133,52 @@ class Mel2Samp(Dataset):
         if not os.path.isdir(mel_directory):
             raise DataError(f"{mel_directory}: mel_directory not found")
         found = []
-        for audio_path, length in zip(self.files, self.lengths):
+        for audio_path, length in zip(self.files, self.lengths, strict=True):
             name = os.path.basename(audio_path)
-            candidates = [os.path.join(mel_directory, base + extension)
-                          for base in (name, os.path.splitext(name)[0]) for extension in MEL_FILE_EXTENSIONS]
+            candidates = [
+                os.path.join(mel_directory, base + extension)
+                for base in (name, os.path.splitext(name)[0])
+                for extension in MEL_FILE_EXTENSIONS
+            ]
             mel_path = next((path for path in candidates if os.path.isfile(path)), None)
             if mel_path is None:
-                raise DataError(f"{candidates[0]}: mel file not found (the mel of {audio_path}; also looked for "
-                                f"{', '.join(os.path.basename(path) for path in candidates[1:])})")
+                raise DataError(
+                    f"{candidates[0]}: mel file not found (the mel of {audio_path}; also looked for "
+                    f"{', '.join(os.path.basename(path) for path in candidates[1:])})"
+                )
             frames, expected = mel_frame_count(mel_path, self.n_mel_channels), 1 + length // self.hop_length
             if abs(frames - expected) > MEL_FRAME_TOLERANCE:
-                raise DataError(f"{mel_path}: mel has {frames} frames, its audio {audio_path} ({length} samples) "
-                                f"has {expected} (1 + samples // hop_length {self.hop_length}); "
-                                f"not the mel of that clip, or made with another hop length?")
+                raise DataError(
+                    f"{mel_path}: mel has {frames} frames, its audio {audio_path} ({length} samples) "
+                    f"has {expected} (1 + samples // hop_length {self.hop_length}); "
+                    f"not the mel of that clip, or made with another hop length?"
+                )
             found.append(mel_path)
         return found
 
     @classmethod
-    def from_config(cls, data: DataConfig, *, mode: str, seed: int = 1234,
-                    file_list: str | list[str] | None = None) -> "Mel2Samp":
+    def from_config(
+        cls, data: DataConfig, *, mode: str, seed: int = 1234, file_list: str | list[str] | None = None
+    ) -> Mel2Samp:
         """The dataset for `mode` of `file_list` (a file list's path, or the audio paths themselves); by
         default `data.training_files` for training and `data.test_files` otherwise."""
         if file_list is None:
             file_list = data.training_files if mode == "train" else data.test_files
-        return cls(file_list=file_list, mode=mode, segment_length=data.segment_length,
-                   sampling_rate=data.sampling_rate, filter_length=data.filter_length,
-                   hop_length=data.hop_length, win_length=data.win_length, mel_fmin=data.mel_fmin,
-                   mel_fmax=data.mel_fmax, n_mel_channels=data.n_mel_channels, seed=seed,
-                   dequantize=data.dequantize, mel_directory=data.mel_directory)
+        return cls(
+            file_list=file_list,
+            mode=mode,
+            segment_length=data.segment_length,
+            sampling_rate=data.sampling_rate,
+            filter_length=data.filter_length,
+            hop_length=data.hop_length,
+            win_length=data.win_length,
+            mel_fmin=data.mel_fmin,
+            mel_fmax=data.mel_fmax,
+            n_mel_channels=data.n_mel_channels,
+            seed=seed,
+            dequantize=data.dequantize,
+            mel_directory=data.mel_directory,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose crops `__getitem__` returns; call before iterating a DataLoader.
@@ -160,7 +213,7 @@ class Mel2Samp(Dataset):
         mel = mel[:, :frames]  # [n_mels, F]
         if count is None:
             return mel
-        mel = mel[:, first:first + count]
+        mel = mel[:, first : first + count]
         return F.pad(mel, (0, count - mel.shape[1]), value=math.log(LOG_FLOOR))  # [n_mels, count]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,9 +242,10 @@ def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tenso
     """Stack equal-length items: -> (mel [B, n_mels, F], audio [B, T])."""
     lengths = {audio.shape[-1] for _, audio in items}
     if len(lengths) > 1:
-        raise ValueError(f"cannot batch clips of different lengths {sorted(lengths)}: "
-                         f"use batch_size 1 for synthesis items")
-    mels, audios = zip(*items)
+        raise ValueError(
+            f"cannot batch clips of different lengths {sorted(lengths)}: use batch_size 1 for synthesis items"
+        )
+    mels, audios = zip(*items, strict=True)
     return torch.stack(mels), torch.stack(audios)
 
 
@@ -224,14 +278,12 @@ def write_mels(file_list: str, config_path: str, output_dir: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Precompute Tacotron 2 mel spectrograms of the clips in a file list.")
-    parser.add_argument("-f", "--filelist_path", required=True,
-                        help="file list: one audio path (or path|text) per line")
-    parser.add_argument("-c", "--config", required=True,
-                        help="JSON config whose data_config sets the mel parameters")
-    parser.add_argument("-o", "--output_dir", required=True,
-                        help="folder for the <audio file name>.pt mel files")
+    parser = argparse.ArgumentParser(description="Precompute Tacotron 2 mel spectrograms of the clips in a file list.")
+    parser.add_argument(
+        "-f", "--filelist_path", required=True, help="file list: one audio path (or path|text) per line"
+    )
+    parser.add_argument("-c", "--config", required=True, help="JSON config whose data_config sets the mel parameters")
+    parser.add_argument("-o", "--output_dir", required=True, help="folder for the <audio file name>.pt mel files")
     args = parser.parse_args(argv)
     try:
         count = write_mels(args.filelist_path, args.config, args.output_dir)

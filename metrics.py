@@ -28,6 +28,7 @@ measure that a clip leaves undefined (F0 error with no frame voiced in both, F1 
 voiced frame in either, PESQ where the recording holds no speech) is NaN for that clip
 and left out of the mean.
 """
+
 from __future__ import annotations
 
 import math
@@ -96,9 +97,10 @@ def log_mel_l1(synthesis: np.ndarray, reference: np.ndarray, sampling_rate: int 
 
 
 def _stft_magnitude(audio: torch.Tensor, fft_size: int, hop: int, window: int) -> torch.Tensor:
-    spectrum = torch.stft(audio, n_fft=fft_size, hop_length=hop, win_length=window,
-                          window=torch.hann_window(window), return_complex=True)  # [fft_size // 2 + 1, F]
-    return torch.sqrt(torch.clamp(spectrum.real ** 2 + spectrum.imag ** 2, min=STFT_MAGNITUDE_FLOOR))
+    spectrum = torch.stft(
+        audio, n_fft=fft_size, hop_length=hop, win_length=window, window=torch.hann_window(window), return_complex=True
+    )  # [fft_size // 2 + 1, F]
+    return torch.sqrt(torch.clamp(spectrum.real**2 + spectrum.imag**2, min=STFT_MAGNITUDE_FLOOR))
 
 
 def multi_resolution_stft(synthesis: np.ndarray, reference: np.ndarray) -> float:
@@ -116,8 +118,14 @@ def multi_resolution_stft(synthesis: np.ndarray, reference: np.ndarray) -> float
 def pitch(audio: np.ndarray, sampling_rate: int = 22050) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """pYIN on audio [T] -> (f0 [F] in Hz, NaN where unvoiced; voiced [F] bool; voicing probability [F]),
     F = 1 + T // PITCH_HOP_LENGTH. F0 is quantised to pYIN's 10-cent grid."""
-    f0, voiced, probability = librosa.pyin(audio, fmin=PITCH_FMIN, fmax=PITCH_FMAX, sr=sampling_rate,
-                                           frame_length=PITCH_FRAME_LENGTH, hop_length=PITCH_HOP_LENGTH)
+    f0, voiced, probability = librosa.pyin(
+        audio,
+        fmin=PITCH_FMIN,
+        fmax=PITCH_FMAX,
+        sr=sampling_rate,
+        frame_length=PITCH_FRAME_LENGTH,
+        hop_length=PITCH_HOP_LENGTH,
+    )
     return f0, voiced, probability
 
 
@@ -132,7 +140,7 @@ def pitch_measures(synthesis: np.ndarray, reference: np.ndarray, sampling_rate: 
     false_negatives = (~voiced & voiced_true).sum()
     decisive = 2 * true_positives + false_positives + false_negatives
     return {
-        "f0_rmse_cents": float(np.sqrt(np.mean(cents ** 2))) if both.any() else math.nan,
+        "f0_rmse_cents": float(np.sqrt(np.mean(cents**2))) if both.any() else math.nan,
         "vuv_f1": float(2 * true_positives / decisive) if decisive else math.nan,
         "periodicity_rmse": float(np.sqrt(np.mean((probability - probability_true) ** 2))),
     }
@@ -142,6 +150,7 @@ def pesq_wideband(synthesis: np.ndarray, reference: np.ndarray, sampling_rate: i
     """Wide band PESQ of aligned inputs [T], resampled to 16 kHz; NaN where the pesq package cannot
     score them (it finds no speech in the recording, or fails on an all-zero synthesis)."""
     from pesq import NoUtterancesError, pesq  # pyright: ignore[reportMissingImports] -- optional
+
     divisor = math.gcd(PESQ_RATE, sampling_rate)
     up, down = PESQ_RATE // divisor, sampling_rate // divisor
     degraded = scipy.signal.resample_poly(synthesis, up, down).astype(np.float32)
@@ -158,9 +167,11 @@ def measure(synthesis, reference, sampling_rate: int = 22050) -> dict[str, float
     synthesis, reference = align(synthesis, reference)
     if synthesis.shape[0] < MIN_SAMPLES:
         raise ValueError(f"{synthesis.shape[0]} samples are too few to measure (need at least {MIN_SAMPLES})")
-    results = {"log_mel_l1": log_mel_l1(synthesis, reference, sampling_rate),
-               "mr_stft": multi_resolution_stft(synthesis, reference),
-               **pitch_measures(synthesis, reference, sampling_rate)}
+    results = {
+        "log_mel_l1": log_mel_l1(synthesis, reference, sampling_rate),
+        "mr_stft": multi_resolution_stft(synthesis, reference),
+        **pitch_measures(synthesis, reference, sampling_rate),
+    }
     if pesq_available():
         results["pesq_wb"] = pesq_wideband(synthesis, reference, sampling_rate)
     return results
@@ -181,12 +192,17 @@ def summarize(results: list[dict[str, float]]) -> dict[str, dict]:
         values = values[np.isfinite(values)]
         entry = {"mean": None, "low": None, "high": None, "n": int(values.size)}
         if not values.size:
-            entry["skipped"] = ("the pesq package is not installed" if name == "pesq_wb" and not pesq_available()
-                                else "undefined on every clip")
+            entry["skipped"] = (
+                "the pesq package is not installed"
+                if name == "pesq_wb" and not pesq_available()
+                else "undefined on every clip"
+            )
         else:
             entry["mean"] = float(values.mean())
         if values.size > 1:
-            half = scipy.stats.t.ppf(0.5 + INTERVAL_LEVEL / 2, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size)
+            half = (
+                scipy.stats.t.ppf(0.5 + INTERVAL_LEVEL / 2, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size)
+            )
             entry["low"], entry["high"] = float(values.mean() - half), float(values.mean() + half)
         summary[name] = entry
     return summary
@@ -205,6 +221,8 @@ def format_table(summary: dict[str, dict], clips: int) -> str:
             lines.append(f"{label:<24}{'-':>9}   skipped: {entry['skipped']}")
             continue
         interval = f"[{_number(entry['low'])}, {_number(entry['high'])}]" if entry["low"] is not None else "-"
-        lines.append(f"{label:<24}{_number(entry['mean']):>9}   {interval:<20}{entry['n']:>5}/{clips:<5}"
-                     f"{'higher' if higher_is_better else 'lower'}")
+        lines.append(
+            f"{label:<24}{_number(entry['mean']):>9}   {interval:<20}{entry['n']:>5}/{clips:<5}"
+            f"{'higher' if higher_is_better else 'lower'}"
+        )
     return "\n".join(lines)

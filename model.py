@@ -13,9 +13,11 @@ the flows but shares what computes them:
 
 `WaveFlow.flow_parts` is the only place where the four differ.
 """
+
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -25,7 +27,7 @@ from config import WaveFlowConfig, parse_section
 from inference import CONDITION_CACHE_BYTES, MAX_CPU_COLUMNS, CudaGraphCache, synthesize
 from modules import FlowEmbedding, ProjLogST, WaveNet2D, WeightNormMixin, WNConvTranspose2d, shift_1d
 
-SYNTHESIS_TRIM = 768   # samples dropped at the end in synthesis, as the original did (3 frames)
+SYNTHESIS_TRIM = 768  # samples dropped at the end in synthesis, as the original did (3 frames)
 
 
 def squeeze(x: torch.Tensor, n_height: int) -> torch.Tensor:
@@ -50,7 +52,7 @@ def negative_log_likelihood(z: torch.Tensor, logdet: torch.Tensor, sigma: float 
     z = z.to(dtype)
     n = z.numel()
     constant = 0.5 * (math.log(2 * math.pi) + 2 * math.log(sigma))
-    return constant + (0.5 * z.pow(2).sum() / sigma ** 2 - logdet.to(dtype).sum()) / n
+    return constant + (0.5 * z.pow(2).sum() / sigma**2 - logdet.to(dtype).sum()) / n
 
 
 class Coupling(nn.Module):
@@ -84,38 +86,38 @@ class WaveFlow(nn.Module):
         R, K, L = config.res_channels, config.n_flow, config.n_layer
 
         def estimator() -> WaveNet2D:
-            return WaveNet2D(R, config.cin_channels, L, config.n_layer_per_cycle,
-                             config.size_flow_embed if kind == "nanoflow" else 0)
+            return WaveNet2D(
+                R, config.cin_channels, L, config.n_layer_per_cycle, config.size_flow_embed if kind == "nanoflow" else 0
+            )
 
         if kind == "nanoflow":
             self.flow_embedding = FlowEmbedding(K, config.size_flow_embed, config.use_weightnorm_embed)
         # The ModuleDicts only reproduce the original's key names (`flows.0.coupling.net...`).
         if kind == "waveflow":
-            self.flows = nn.ModuleList(nn.ModuleDict({"coupling": Coupling(R, net=estimator())})
-                                       for _ in range(K))
+            self.flows = nn.ModuleList(nn.ModuleDict({"coupling": Coupling(R, net=estimator())}) for _ in range(K))
         elif kind == "nanoflow_naive":
             self.flow = nn.ModuleDict({"coupling": Coupling(R, net=estimator())})
         else:
             self.estimator = nn.ModuleDict({"net": estimator()})
-            self.flows = nn.ModuleList(Coupling(R, multgate_layers=L if kind == "nanoflow" else 0)
-                                       for _ in range(K))
+            self.flows = nn.ModuleList(Coupling(R, multgate_layers=L if kind == "nanoflow" else 0) for _ in range(K))
         self.upsample_conv = nn.Sequential(
-            WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)), nn.LeakyReLU(0.4),
-            WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)), nn.LeakyReLU(0.4))
+            WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)),
+            nn.LeakyReLU(0.4),
+            WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)),
+            nn.LeakyReLU(0.4),
+        )
 
     # --- what each flow uses ----------------------------------------------------------------
 
     def flow_parts(self, flow: int) -> tuple[WaveNet2D, Coupling, torch.Tensor | None]:
         """The estimator, the coupling parameters and the flow embedding that flow `flow` uses."""
         kind = self.config.coupling_type
-        if kind == "waveflow":
-            coupling = self.flows[flow]["coupling"]
-            return coupling.net, coupling, None
-        if kind == "nanoflow_naive":
-            coupling = self.flow["coupling"]
+        if kind in ("waveflow", "nanoflow_naive"):
+            holder = cast(nn.ModuleDict, self.flows[flow] if kind == "waveflow" else self.flow)
+            coupling = cast(Coupling, holder["coupling"])
             return coupling.net, coupling, None
         embedding = self.flow_embedding(flow) if kind == "nanoflow" else None
-        return self.estimator["net"], self.flows[flow], embedding
+        return cast(WaveNet2D, self.estimator["net"]), cast(Coupling, self.flows[flow]), embedding
 
     def permute(self, flow: int, x: torch.Tensor) -> torch.Tensor:
         """Flow `flow`'s permutation of the rows of `x [B, C, H, W]`; its own inverse.
@@ -128,16 +130,24 @@ class WaveFlow(nn.Module):
             return torch.cat([upper.flip(2), lower.flip(2)], dim=2)
         return x.flip(2)
 
-    def coupling_params(self, flow: int, x: torch.Tensor, c: torch.Tensor,
-                        cond: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def coupling_params(
+        self, flow: int, x: torch.Tensor, c: torch.Tensor | None, cond: tuple[torch.Tensor, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(log_s, t)`, both `[B, 1, H, W]` in fp32 or better, for flow `flow` given its (permuted) input
         `x [B, 1, H, W]` and conditioning `c [B, cin, H, W]`. Row h depends on rows < h of `x`.
         `cond`, the estimator's projection of `c` (`WaveNet2D.condition`), is computed when not given."""
         net, coupling, embedding = self.flow_parts(flow)
         if cond is None:
+            if c is None:
+                raise ValueError("coupling_params needs the conditioning c or its projection cond")
             cond = net.condition(c)
-        log_s_t = net(shift_1d(x), cond, net.gate_biases(embedding), getattr(coupling, "multgate", None),
-                      *coupling.proj_log_s_t.affine())
+        log_s_t = net(
+            shift_1d(x),
+            cond,
+            net.gate_biases(embedding),
+            getattr(coupling, "multgate", None),
+            *coupling.proj_log_s_t.affine(),
+        )
         log_s, t = log_s_t.to(torch.promote_types(log_s_t.dtype, torch.float32)).chunk(2, dim=1)
         return log_s, t
 
@@ -147,8 +157,9 @@ class WaveFlow(nn.Module):
         """`mel [B, cin, F] -> [B, cin, 256 * F]`."""
         return self.upsample_conv(mel.unsqueeze(1)).squeeze(1)
 
-    def _flow_forward(self, flow: int, x: torch.Tensor,
-                      cond: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _flow_forward(
+        self, flow: int, x: torch.Tensor, cond: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         log_s, t = self.coupling_params(flow, x, None, cond)
         return x * torch.exp(log_s) + t, log_s.sum(dim=(1, 2, 3))
 
@@ -186,10 +197,17 @@ class WaveFlow(nn.Module):
     # --- synthesis: z -> audio ----------------------------------------------------------------
 
     @torch.no_grad()
-    def infer(self, mel: torch.Tensor, sigma: float = 1.0, z: torch.Tensor | None = None,
-              generator: torch.Generator | None = None, *, max_cpu_columns: int = MAX_CPU_COLUMNS,
-              condition_cache_bytes: int = CONDITION_CACHE_BYTES,
-              cuda_graphs: CudaGraphCache | None = None) -> torch.Tensor:
+    def infer(
+        self,
+        mel: torch.Tensor,
+        sigma: float = 1.0,
+        z: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        max_cpu_columns: int = MAX_CPU_COLUMNS,
+        condition_cache_bytes: int = CONDITION_CACHE_BYTES,
+        cuda_graphs: CudaGraphCache | None = None,
+    ) -> torch.Tensor:
         """Synthesize audio from `mel [B, cin, F]` -> `audio [B, 256 * (F - 3)]` (fp32).
 
         `z [B, 1, H, W]` is the noise, drawn from `N(0, sigma^2)` when not given (`generator`
@@ -201,8 +219,10 @@ class WaveFlow(nn.Module):
         dtype = next(self.parameters()).dtype
         c = self.upsample(mel.to(dtype))[..., :-SYNTHESIS_TRIM]
         if c.shape[-1] <= 0 or c.shape[-1] % height:
-            raise ValueError(f"a mel of {mel.shape[-1]} frames gives {max(c.shape[-1], 0)} samples, "
-                             f"which must be positive and a multiple of n_height {height}")
+            raise ValueError(
+                f"a mel of {mel.shape[-1]} frames gives {max(c.shape[-1], 0)} samples, "
+                f"which must be positive and a multiple of n_height {height}"
+            )
         c = squeeze(c, height)  # [B, cin, H, W]
         batch, _, _, width = c.shape
         if z is None:
@@ -230,7 +250,7 @@ class WaveFlow(nn.Module):
             count += config.n_flow * config.n_layer * 2 * config.res_channels
         return count
 
-    def remove_weight_norm(self) -> "WaveFlow":
+    def remove_weight_norm(self) -> WaveFlow:
         """Fold every weight norm into a plain weight (faster inference); the model stays usable
         and still loads checkpoints in either layout."""
         for module in self.modules():

@@ -15,9 +15,12 @@ Parameter names follow the original code (`filter_gate_conv`, `res_skip_conv`,
 `weight_g`/`weight_v` of the old `torch.nn.utils.weight_norm`, ...) so that its
 checkpoints load unchanged.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -28,12 +31,13 @@ SQRT_HALF = math.sqrt(0.5)
 
 # ----------------------------------------------------------------------------- weight norm
 
+
 def _norm_except_dim0(v: torch.Tensor) -> torch.Tensor:
     """L2 norm over every dimension but the first, kept as size-1 dims: `[out, ...] -> [out, 1, ...]`."""
     return torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())), keepdim=True)
 
 
-class WeightNormMixin:
+class WeightNormMixin(nn.Module):
     """Weight normalisation (Salimans & Kingma, 2016): `weight = g * v / |v|`, norm over dim 0.
 
     Stores `weight_g` and `weight_v` exactly as the old `torch.nn.utils.weight_norm`
@@ -41,6 +45,10 @@ class WeightNormMixin:
     a plain `weight`; loading a state dict converts between the two layouts, so a
     checkpoint loads whichever state the module is in.
     """
+
+    weight: torch.Tensor  # a Parameter of the module mixed with, while weight norm is folded
+    weight_g: torch.Tensor  # [out, 1, ...], while weight norm is on
+    weight_v: torch.Tensor  # the weight's shape, while weight norm is on
 
     def _init_weight_norm(self) -> None:
         weight = self.weight.detach()
@@ -94,11 +102,21 @@ class WNConvTranspose2d(WeightNormMixin, nn.ConvTranspose2d):
         self._init_weight_norm()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv_transpose2d(x, self.normed_weight(), self.bias, self.stride, self.padding,
-                                  self.output_padding, self.groups, self.dilation)
+        padding = cast(tuple[int, int], self.padding)  # ConvTranspose2d takes no string padding
+        return F.conv_transpose2d(
+            x, self.normed_weight(), self.bias, self.stride, padding, self.output_padding, self.groups, self.dilation
+        )
 
 
 # ----------------------------------------------------------------------------- small pieces
+
+
+def conv_bias(conv: nn.Conv2d | nn.ConvTranspose2d) -> torch.Tensor:
+    """The bias of a convolution built with one, as every convolution of this model is."""
+    if conv.bias is None:
+        raise ValueError(f"{conv} has no bias")
+    return conv.bias
+
 
 def shift_1d(x: torch.Tensor) -> torch.Tensor:
     """Shift down one row along height: a zero row on top, the last row dropped.
@@ -147,10 +165,14 @@ class GatedActivation(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         tanh, sigmoid = ctx.saved_tensors
         channels = tanh.shape[1]
-        layout = torch.channels_last if tanh.dim() == 4 and not tanh.is_contiguous() \
-            and tanh.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        grad_a = torch.empty((tanh.shape[0], 2 * channels, *tanh.shape[2:]), dtype=grad.dtype, device=grad.device,
-                             memory_format=layout)
+        layout = (
+            torch.channels_last
+            if tanh.dim() == 4 and not tanh.is_contiguous() and tanh.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+        grad_a = torch.empty(
+            (tanh.shape[0], 2 * channels, *tanh.shape[2:]), dtype=grad.dtype, device=grad.device, memory_format=layout
+        )
         grad_s = grad * sigmoid  # d/d tanh
         grad_ts = grad_s * tanh  # d/d sigmoid
         torch.addcmul(grad_s, grad_ts, tanh, value=-1, out=grad_a[:, :channels])  # grad * s * (1 - t^2)
@@ -158,8 +180,9 @@ class GatedActivation(torch.autograd.Function):
         return grad_a
 
 
-def fused_res_skip(gated: torch.Tensor, h: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
-                   residual_keep: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+def fused_res_skip(
+    gated: torch.Tensor, h: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor, residual_keep: float
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """`res_skip_conv` and the residual update in one step, with the flow's scales folded in.
 
     `gated [B, R, ...]` (the block's gated activation), `h [B, R, ...]` (its input),
@@ -184,15 +207,15 @@ class HeightCausalConv2d(nn.Module):
     input rows <= h and the output keeps the input's size. `[B, Cin, H, W] -> [B, Cout, H, W]`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1,
-                 dilation: tuple[int, int] = (1, 1)):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, dilation: tuple[int, int] = (1, 1)):
         super().__init__()
         self.pad_top = (kernel_size - 1) * dilation[0]
         self.pad_side = (kernel_size - 1) // 2 * dilation[1]
         self.conv = WNConv2d(in_channels, out_channels, kernel_size, dilation=dilation)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None,
-                input_map: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, input_map: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`bias` replaces the conv's own, so that other position-independent terms ride along.
         With `input_map [C, Cin]` the input is `x [B, C, H, W]` and the conv sees `input_map`
         applied to it per position: the two maps are folded into one weight."""
@@ -200,8 +223,12 @@ class HeightCausalConv2d(nn.Module):
         weight = conv.normed_weight()
         if input_map is not None:
             weight = torch.einsum("oihw,ci->ochw", weight, input_map)
-        return F.conv2d(F.pad(x, (self.pad_side, self.pad_side, self.pad_top, 0)), weight,
-                        conv.bias if bias is None else bias, dilation=conv.dilation)
+        return F.conv2d(
+            F.pad(x, (self.pad_side, self.pad_side, self.pad_top, 0)),
+            weight,
+            conv.bias if bias is None else bias,
+            dilation=conv.dilation,
+        )
 
 
 class ProjLogST(nn.Module):
@@ -216,13 +243,13 @@ class ProjLogST(nn.Module):
         self.scale = nn.Parameter(torch.zeros(1, 2, 1, 1))
         self.conv = nn.Conv2d(res_channels, 2, 1)
         nn.init.uniform_(self.conv.weight, -1e-3, 1e-3)
-        nn.init.uniform_(self.conv.bias, -1e-3, 1e-3)
+        nn.init.uniform_(conv_bias(self.conv), -1e-3, 1e-3)
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The projection as one affine map, scale included: `(weight [2, R], bias [2])`;
         `(log_s, t) = weight @ feat + bias`. The estimator folds it into its layers."""
         scale = torch.exp(3 * self.scale).view(2, 1)
-        return self.conv.weight.flatten(1) * scale, self.conv.bias * scale.flatten()
+        return self.conv.weight.flatten(1) * scale, conv_bias(self.conv) * scale.flatten()
 
 
 class FlowEmbedding(WeightNormMixin, nn.Module):
@@ -246,6 +273,7 @@ class FlowEmbedding(WeightNormMixin, nn.Module):
 
 # ----------------------------------------------------------------------------- 2-D WaveNet
 
+
 class ResidualBlock(nn.Module):
     """Layer j of the 2-D WaveNet.
 
@@ -264,23 +292,30 @@ class ResidualBlock(nn.Module):
     the last `3 * dh` rows of its input, among them the rows the causal 3x3 conv reads.
     """
 
-    def __init__(self, res_channels: int, cin_channels: int, dilation: tuple[int, int],
-                 size_flow_embed: int = 0, is_last: bool = False):
+    def __init__(
+        self,
+        res_channels: int,
+        cin_channels: int,
+        dilation: tuple[int, int],
+        size_flow_embed: int = 0,
+        is_last: bool = False,
+    ):
         super().__init__()
         self.res_channels = res_channels
         self.is_last = is_last  # the last block's residual half is never used: not computed
         self.filter_gate_conv = HeightCausalConv2d(res_channels, 2 * res_channels, 3, dilation)
         self.filter_gate_conv_c = WNConv2d(cin_channels, 2 * res_channels, 1)
-        if size_flow_embed:
-            self.filter_gate_conv_h = WNConv2d(size_flow_embed, 2 * res_channels, 1)
+        self.filter_gate_conv_h = WNConv2d(size_flow_embed, 2 * res_channels, 1) if size_flow_embed else None
         self.res_skip_conv = WNConv2d(res_channels, 2 * res_channels, 1)
 
     def gate_bias(self, flow_embed: torch.Tensor | None) -> torch.Tensor:
         """Everything added to the gate input that does not depend on the position: `[2R]`."""
-        bias = self.filter_gate_conv.conv.bias + self.filter_gate_conv_c.bias
+        bias = conv_bias(self.filter_gate_conv.conv) + conv_bias(self.filter_gate_conv_c)
         if flow_embed is not None:
-            bias = bias + conv1x1(flow_embed, self.filter_gate_conv_h.normed_weight(),
-                                  self.filter_gate_conv_h.bias).flatten()
+            embed = self.filter_gate_conv_h
+            if embed is None:
+                raise ValueError("a flow embedding was given to a block built without one (size_flow_embed 0)")
+            bias = bias + conv1x1(flow_embed, embed.normed_weight(), conv_bias(embed)).flatten()
         return bias
 
     def output_weights(self, res_scale: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,16 +327,26 @@ class ResidualBlock(nn.Module):
         """
         channels = self.res_channels
         weight = self.res_skip_conv.normed_weight().flatten(1)  # [2R, R]
-        bias = self.res_skip_conv.bias
+        bias = conv_bias(self.res_skip_conv)
         share_weight, share_bias = projection @ weight[channels:], projection @ bias[channels:]
         if self.is_last:
             return share_weight, share_bias
-        return (torch.cat([res_scale[:, None] * weight[:channels], share_weight]),
-                torch.cat([res_scale * bias[:channels], share_bias]))
+        return (
+            torch.cat([res_scale[:, None] * weight[:channels], share_weight]),
+            torch.cat([res_scale * bias[:channels], share_bias]),
+        )
 
-    def forward(self, h: torch.Tensor, cond: torch.Tensor, gate_bias: torch.Tensor, out_weight: torch.Tensor,
-                out_bias: torch.Tensor, residual_keep: float, conv_input: torch.Tensor | None = None,
-                input_map: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def forward(
+        self,
+        h: torch.Tensor,
+        cond: torch.Tensor,
+        gate_bias: torch.Tensor,
+        out_weight: torch.Tensor,
+        out_bias: torch.Tensor,
+        residual_keep: float,
+        conv_input: torch.Tensor | None = None,
+        input_map: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """`h [B, R, H, W]`, `cond [B, 2R, H, W]` (this block's conditioning, no bias), `gate_bias [2R]`,
         `out_weight`, `out_bias` (`output_weights`) -> `(next h [B, R, H, W], share [B, 2, H, W])`.
 
@@ -315,6 +360,16 @@ class ResidualBlock(nn.Module):
         return fused_res_skip(GatedActivation.apply(a), h, out_weight, out_bias, residual_keep)
 
 
+class ResidualBlocks(nn.ModuleList):
+    """The estimator's residual blocks: an `nn.ModuleList` whose items read as `ResidualBlock`s."""
+
+    def __iter__(self) -> Iterator[ResidualBlock]:
+        return cast(Iterator[ResidualBlock], super().__iter__())
+
+    def __getitem__(self, index: int) -> ResidualBlock:  # only integer indices are taken
+        return cast(ResidualBlock, super().__getitem__(index))
+
+
 class WaveNet2D(nn.Module):
     """The density estimator of WaveFlow/NanoFlow: a 2-D WaveNet, causal along height.
 
@@ -325,15 +380,22 @@ class WaveNet2D(nn.Module):
     Training runs channels-last, where the dilated convolutions are fastest on CPU.
     """
 
-    def __init__(self, res_channels: int, cin_channels: int, n_layer: int, n_layer_per_cycle: int,
-                 size_flow_embed: int = 0):
+    def __init__(
+        self, res_channels: int, cin_channels: int, n_layer: int, n_layer_per_cycle: int, size_flow_embed: int = 0
+    ):
         super().__init__()
         self.res_channels = res_channels
         self.front_conv = nn.Sequential(HeightCausalConv2d(1, res_channels, 1))
-        self.res_blocks = nn.ModuleList(
-            ResidualBlock(res_channels, cin_channels, (2 ** (j % n_layer_per_cycle), 2 ** j), size_flow_embed,
-                          is_last=j == n_layer - 1)
-            for j in range(n_layer))
+        self.res_blocks = ResidualBlocks(
+            ResidualBlock(
+                res_channels,
+                cin_channels,
+                (2 ** (j % n_layer_per_cycle), 2**j),
+                size_flow_embed,
+                is_last=j == n_layer - 1,
+            )
+            for j in range(n_layer)
+        )
 
     def condition(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every block's conditioning projection, without bias: `c [B, cin, H, W] -> L x [B, 2R, H, W]`.
@@ -347,27 +409,35 @@ class WaveNet2D(nn.Module):
         """`[L, 2R]`: each block's position-independent gate input for this flow."""
         return torch.stack([block.gate_bias(flow_embed) for block in self.res_blocks])
 
-    def output_weights(self, multgate: torch.Tensor | None, projection_weight: torch.Tensor
-                       ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
+    def output_weights(
+        self, multgate: torch.Tensor | None, projection_weight: torch.Tensor
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
         """Every block's `output_weights` for one flow, and what the residual stream keeps per layer.
 
         NanoFlow: `h + res * multgate[j]`; otherwise WaveFlow's `(h + res) * sqrt(0.5)`.
         """
         weights = []
         for j, block in enumerate(self.res_blocks):
-            res_scale = (multgate[j] if multgate is not None
-                         else projection_weight.new_full((self.res_channels,), SQRT_HALF))
+            res_scale = (
+                multgate[j] if multgate is not None else projection_weight.new_full((self.res_channels,), SQRT_HALF)
+            )
             weights.append(block.output_weights(res_scale, projection_weight))
         return weights, (1.0 if multgate is not None else SQRT_HALF)
 
     def front_map(self) -> torch.Tensor:
         """`front_conv` (1x1, 1 -> R) as a map from `[x, 1]`: `[2, R]`, weight row then bias row."""
-        conv = self.front_conv[0].conv
-        return torch.stack([conv.normed_weight().flatten(), conv.bias])
+        conv = cast(HeightCausalConv2d, self.front_conv[0]).conv
+        return torch.stack([conv.normed_weight().flatten(), conv_bias(conv)])
 
-    def forward(self, x: torch.Tensor, cond: tuple[torch.Tensor, ...], gate_biases: torch.Tensor,
-                multgate: torch.Tensor | None, projection_weight: torch.Tensor,
-                projection_bias: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: tuple[torch.Tensor, ...],
+        gate_biases: torch.Tensor,
+        multgate: torch.Tensor | None,
+        projection_weight: torch.Tensor,
+        projection_bias: torch.Tensor,
+    ) -> torch.Tensor:
         """The flow's `(log_s, t)`: `x [B, 1, H, W]` (already shifted), `cond` L x `[B, 2R, H, W]`
         (`self.condition(c)`), `gate_biases [L, 2R]`, `multgate [L, R]` or None, the flow's
         projection `[2, R]`, `[2]` -> `log_s_t [B, 2, H, W]`. Row h depends on rows <= h of `x`."""

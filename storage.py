@@ -11,6 +11,7 @@
 - `TrainingLogs`: TensorBoard logs whose failure (a full disk kills the
   writer's thread) becomes one warning while training goes on without logs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,8 +100,10 @@ class RunLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise StorageError(f"{folder}: another training process ({holder}) is writing to this run folder; "
-                               f"wait for it to end, or choose another output_directory or model_name") from None
+            raise StorageError(
+                f"{folder}: another training process ({holder}) is writing to this run folder; "
+                f"wait for it to end, or choose another output_directory or model_name"
+            ) from None
         try:
             self.file.seek(0)
             self.file.truncate()
@@ -133,6 +136,7 @@ class TrainingLogs:
         before = set(threading.enumerate())
         try:
             from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(folder)
         except OSError as error:
             self._fail(error)

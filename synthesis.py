@@ -7,6 +7,7 @@
 The estimator's precision in synthesis is data (`synthesis_precision`): the same
 `model.infer` runs in fp32, bf16 or fp16, on a CPU or a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,18 +71,23 @@ def synthesis_precision(config: Config, choice: str, device: torch.device) -> tu
     if not has_bf16_matrix_units(device):
         return torch.float32, f"synthesis in fp32 (this {device.type} has no bf16 matrix units)"
     if channels < BF16_MIN_CHANNELS:
-        return torch.float32, (f"synthesis in fp32 (res_channels {channels} < {BF16_MIN_CHANNELS}: bf16 is not "
-                               f"faster for so small a model; --precision bf16 to try)")
-    return torch.bfloat16, (f"synthesis in bf16 (this {device.type} has bf16 matrix units; --precision fp32 "
-                            f"for full precision)")
+        return torch.float32, (
+            f"synthesis in fp32 (res_channels {channels} < {BF16_MIN_CHANNELS}: bf16 is not "
+            f"faster for so small a model; --precision bf16 to try)"
+        )
+    return torch.bfloat16, (
+        f"synthesis in bf16 (this {device.type} has bf16 matrix units; --precision fp32 for full precision)"
+    )
 
 
 def trained_model(config: Config, args: argparse.Namespace, device: torch.device) -> WaveFlow:
     """The model of checkpoint_path (or the average of its newest -a N checkpoints), for evaluation and synthesis."""
     path = config.train.checkpoint_path
     if not path:
-        raise ConfigError(f"{args.config}: train_config.checkpoint_path is empty; name a checkpoint "
-                          f"(or with -a N a folder of checkpoints) to evaluate or synthesize")
+        raise ConfigError(
+            f"{args.config}: train_config.checkpoint_path is empty; name a checkpoint "
+            f"(or with -a N a folder of checkpoints) to evaluate or synthesize"
+        )
     model = build_model(config.waveflow)
     if args.average_checkpoint:
         weights, _ = average_checkpoints(path, args.average_checkpoint, args.epsilon)
@@ -92,14 +98,20 @@ def trained_model(config: Config, args: argparse.Namespace, device: torch.device
 
 
 @torch.no_grad()
-def test_loss(model: WaveFlow, dataset: Mel2Samp, device: torch.device, amp_dtype: torch.dtype | None, sigma: float,
-              batch_size: int) -> tuple[float, int]:
+def test_loss(
+    model: WaveFlow,
+    dataset: Mel2Samp,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    sigma: float,
+    batch_size: int,
+) -> tuple[float, int]:
     """Mean negative log-likelihood per sample over `dataset`, and the number of samples."""
     model.eval()
     total, count = 0.0, 0
     for mel, audio in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
         mel, audio = mel.to(device), audio.to(device)
-        audio = audio[:, :audio.shape[1] // model.config.n_height * model.config.n_height]
+        audio = audio[:, : audio.shape[1] // model.config.n_height * model.config.n_height]
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             z, logdet = model(audio, mel)
         total += negative_log_likelihood(z, logdet, sigma).item() * audio.numel()
@@ -112,15 +124,15 @@ def unmeasurable(frames: int, hop_length: int) -> str | None:
     synthesis has `hop_length * frames - SYNTHESIS_TRIM` samples); None when it can."""
     samples = hop_length * frames - SYNTHESIS_TRIM
     if samples <= 0:
-        return (f"a mel of {frames} frames is too short to synthesize "
-                f"(need at least {SYNTHESIS_TRIM // hop_length + 1})")
+        return f"a mel of {frames} frames is too short to synthesize (need at least {SYNTHESIS_TRIM // hop_length + 1})"
     if samples < MIN_SAMPLES:
         return f"its synthesis of {samples} samples is too short to measure (need at least {MIN_SAMPLES})"
     return None
 
 
-def synthesize_clip(model: WaveFlow, mel: torch.Tensor, temperature: float, seed: int,
-                    device: torch.device) -> torch.Tensor:
+def synthesize_clip(
+    model: WaveFlow, mel: torch.Tensor, temperature: float, seed: int, device: torch.device
+) -> torch.Tensor:
     """mel [n_mels, F] -> audio [256 * (F - 3)] float32 on the CPU, from noise fixed by `seed`, so that a
     clip gets the same noise at every checkpoint and in -v."""
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -132,7 +144,7 @@ def stem(path: str) -> str:
     name = os.path.basename(path)
     for suffix in MEL_FILE_EXTENSIONS + (".wav", ".flac"):
         if name.lower().endswith(suffix):
-            name = name[:-len(suffix)]
+            name = name[: -len(suffix)]
     return name
 
 
@@ -146,10 +158,12 @@ def write_wav(path: str, audio: torch.Tensor, sampling_rate: int) -> None:
 
 def mel_figure(synthesized: torch.Tensor, target: torch.Tensor):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-    for axis, mel, title in zip(axes, (target, synthesized), ("target", "synthesized")):
+    for axis, mel, title in zip(axes, (target, synthesized), ("target", "synthesized"), strict=True):
         axis.imshow(mel.numpy(), origin="lower", aspect="auto", interpolation="none")
         axis.set_title(f"{title} mel")
     figure.tight_layout()
@@ -168,7 +182,9 @@ class CheckpointReport:
         self.eval_set = Mel2Samp.from_config(config.data, mode="eval", seed=config.train.seed)
         hop_length = config.data.hop_length
         measured = []
-        for path, length in zip(self.eval_set.files, self.eval_set.lengths):  # the clip lengths are known now
+        for path, length in zip(
+            self.eval_set.files, self.eval_set.lengths, strict=True
+        ):  # the clip lengths are known now
             if len(measured) == MEASURED_CLIPS:
                 break
             reason = unmeasurable(1 + length // hop_length, hop_length)
@@ -177,16 +193,19 @@ class CheckpointReport:
             else:
                 warn(f"{path}: a clip of {length} samples, {reason}: left out of the checkpoint reports")
         if not measured:
-            warn(f"{config.data.test_files}: no test clip is long enough to synthesize and measure: the checkpoint "
-                 f"reports give the test loss only, and no sample is written")
+            warn(
+                f"{config.data.test_files}: no test clip is long enough to synthesize and measure: the checkpoint "
+                f"reports give the test loss only, and no sample is written"
+            )
         clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed, file_list=measured)
         self.clips = [(stem(path), *clips[index]) for index, path in enumerate(clips.files)]
         self.mel_spectrogram = MelSpectrogram.from_config(config.data)
 
     def __call__(self, model: WaveFlow, logs: TrainingLogs | None, iteration: int, temperature: float) -> None:
         config = self.config
-        loss, _ = test_loss(model, self.eval_set, self.device, self.amp_dtype, config.train.sigma,
-                            config.train.batch_size)
+        loss, _ = test_loss(
+            model, self.eval_set, self.device, self.amp_dtype, config.train.sigma, config.train.batch_size
+        )
         print(f"iteration {iteration}: test loss {loss:.4f}")
         rate = config.data.sampling_rate
         started = time.perf_counter()
@@ -205,14 +224,18 @@ class CheckpointReport:
             try:
                 results.append(measure(audio, reference, rate))
             except Exception as error:  # a measure is a report: whatever its failure, training goes on
-                warn(f"iteration {iteration}: {name}: cannot measure the synthesis "
-                     f"({type(error).__name__}: {_first_line(error)}); training goes on")
+                warn(
+                    f"iteration {iteration}: {name}: cannot measure the synthesis "
+                    f"({type(error).__name__}: {_first_line(error)}); training goes on"
+                )
         summary = summarize(results)
         defined = {name: entry["mean"] for name, entry in summary.items() if entry["mean"] is not None}
         if results:
-            print(f"iteration {iteration}: {len(results)} test clips at temperature {temperature} "
-                  f"({time.perf_counter() - started:.1f} s): "
-                  + ", ".join(f"{MEASURES[name][0]} {value:.3f}" for name, value in defined.items()))
+            print(
+                f"iteration {iteration}: {len(results)} test clips at temperature {temperature} "
+                f"({time.perf_counter() - started:.1f} s): "
+                + ", ".join(f"{MEASURES[name][0]} {value:.3f}" for name, value in defined.items())
+            )
         if logs is not None:
             logs.add("scalar", "eval/loss", loss, iteration)
             for name, value in defined.items():
@@ -250,19 +273,38 @@ def evaluate(config: Config, args: argparse.Namespace, device: torch.device, amp
         audio = synthesize_clip(model, mel, args.temp, config.train.seed, device)
         results.append({"name": name, **measure(audio, reference, config.data.sampling_rate)})
     summary = summarize(results)
-    print(f"{len(results)} clips synthesized at temperature {args.temp} (seed {config.train.seed}) and measured "
-          f"against their recordings{f' ({len(left_out)} too short, left out)' if left_out else ''}:\n"
-          f"{format_table(summary, len(results))}", file=human)
+    print(
+        f"{len(results)} clips synthesized at temperature {args.temp} (seed {config.train.seed}) and measured "
+        f"against their recordings{f' ({len(left_out)} too short, left out)' if left_out else ''}:\n"
+        f"{format_table(summary, len(results))}",
+        file=human,
+    )
     if likelihood is not None:
-        print(f"{likelihood['clips']} test clips, {likelihood['samples']} samples: negative log-likelihood "
-              f"{likelihood['negative_log_likelihood']:.4f} nats per sample, log-likelihood (LL) "
-              f"{likelihood['log_likelihood']:.4f}", file=human)
+        print(
+            f"{likelihood['clips']} test clips, {likelihood['samples']} samples: negative log-likelihood "
+            f"{likelihood['negative_log_likelihood']:.4f} nats per sample, log-likelihood (LL) "
+            f"{likelihood['log_likelihood']:.4f}",
+            file=human,
+        )
     if args.json:
-        document = {"config": args.config, "checkpoint": config.train.checkpoint_path, "precision": PRECISION_NAMES[dtype],
-                    "average_checkpoint": args.average_checkpoint, "temperature": args.temp,
-                    "seed": config.train.seed, "log_likelihood": likelihood, "measures": summary, "left_out": left_out,
-                    "clips": [{key: None if isinstance(value, float) and math.isnan(value) else value
-                               for key, value in result.items()} for result in results]}  # NaN is not JSON
+        document = {
+            "config": args.config,
+            "checkpoint": config.train.checkpoint_path,
+            "precision": PRECISION_NAMES[dtype],
+            "average_checkpoint": args.average_checkpoint,
+            "temperature": args.temp,
+            "seed": config.train.seed,
+            "log_likelihood": likelihood,
+            "measures": summary,
+            "left_out": left_out,
+            "clips": [
+                {
+                    key: None if isinstance(value, float) and math.isnan(value) else value
+                    for key, value in result.items()
+                }
+                for result in results
+            ],
+        }  # NaN is not JSON
         text = json.dumps(document, indent=2)
         if args.json == "-":
             print(text)
@@ -277,8 +319,9 @@ def mel_files(paths: list[str]) -> list[str]:
     files = []
     for path in paths:
         if os.path.isdir(path):
-            files += sorted(os.path.join(path, name) for name in os.listdir(path)
-                            if name.lower().endswith(MEL_FILE_EXTENSIONS))
+            files += sorted(
+                os.path.join(path, name) for name in os.listdir(path) if name.lower().endswith(MEL_FILE_EXTENSIONS)
+            )
         else:
             files.append(path)
     if not files:
@@ -296,19 +339,32 @@ def evaluation_inputs(config: Config, args: argparse.Namespace):
     test_files = None
     inputs = []
     for path in mel_files(args.mels):
-        name = os.path.basename(path)[:-len(os.path.splitext(path)[1])]
+        name = os.path.basename(path)[: -len(os.path.splitext(path)[1])]
         candidates = [name] if name.lower().endswith((".wav", ".flac")) else [name + ".wav", name + ".flac"]
-        found = [os.path.join(os.path.dirname(path), candidate) for candidate in candidates
-                 if os.path.isfile(os.path.join(os.path.dirname(path), candidate))]
+        found = [
+            os.path.join(os.path.dirname(path), candidate)
+            for candidate in candidates
+            if os.path.isfile(os.path.join(os.path.dirname(path), candidate))
+        ]
         if not found:
             if test_files is None:
                 test_files = {os.path.basename(audio): audio for audio in read_file_list(config.data.test_files)}
             found = [test_files[candidate] for candidate in candidates if candidate in test_files]
         if not found:
-            raise DataError(f"{path}: no audio to measure it against: looked for {' or '.join(candidates)} beside "
-                            f"it and in {config.data.test_files}")
-        inputs.append((stem(path), path, lambda path=path, audio=found[0]: (
-            load_mel(path, config.data.n_mel_channels), load_audio(audio, config.data.sampling_rate))))
+            raise DataError(
+                f"{path}: no audio to measure it against: looked for {' or '.join(candidates)} beside "
+                f"it and in {config.data.test_files}"
+            )
+        inputs.append(
+            (
+                stem(path),
+                path,
+                lambda path=path, audio=found[0]: (
+                    load_mel(path, config.data.n_mel_channels),
+                    load_audio(audio, config.data.sampling_rate),
+                ),
+            )
+        )
     return inputs
 
 
@@ -318,8 +374,10 @@ def synthesis_inputs(config: Config, args: argparse.Namespace):
     if not args.mels:
         clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
         return [(stem(path), path, lambda index=index: clips[index][0]) for index, path in enumerate(clips.files)]
-    return [(stem(path), path, lambda path=path: load_mel(path, config.data.n_mel_channels))
-            for path in mel_files(args.mels)]
+    return [
+        (stem(path), path, lambda path=path: load_mel(path, config.data.n_mel_channels))
+        for path in mel_files(args.mels)
+    ]
 
 
 def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -> None:
@@ -348,5 +406,7 @@ def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -
         except OSError as error:
             raise StorageError(f"{path}: cannot write ({describe(error)})") from None
         seconds = audio.shape[-1] / rate
-        print(f"{path}: {seconds:.2f} s of audio in {elapsed:.2f} s, {audio.shape[-1] / elapsed / 1000:.1f} kHz, "
-              f"{seconds / elapsed:.2f}x real time")
+        print(
+            f"{path}: {seconds:.2f} s of audio in {elapsed:.2f} s, {audio.shape[-1] / elapsed / 1000:.1f} kHz, "
+            f"{seconds / elapsed:.2f}x real time"
+        )

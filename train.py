@@ -16,6 +16,7 @@ from the run folder's newest checkpoint; one process at a time trains into a
 run folder; a full disk ends it in one line naming the newest intact
 checkpoint, failing logs or samples are warnings (see storage.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,31 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, average_checkpoints, checkpoint_path, list_checkpoints, load_checkpoint,
-                        read_checkpoint, rerun_checkpoint, save_checkpoint, warm_start)
+from checkpoint import (
+    CheckpointError,
+    average_checkpoints,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint,
+    rerun_checkpoint,
+    save_checkpoint,
+    warm_start,
+)
 from config import Config, ConfigError, TrainConfig, check_model_rules, load_config
 from data import DataError
 from mel2samp import Mel2Samp, collate
 from model import WaveFlow, build_model, negative_log_likelihood
 from storage import RunLock, StorageError, TrainingLogs, describe, remove_partial_files, warn, write_atomically
-from synthesis import (BF16_MIN_CHANNELS, MEASURE_TEMPERATURE, PRECISIONS, CheckpointReport, evaluate, samples_dir,
-                       synthesize)
+from synthesis import (
+    BF16_MIN_CHANNELS,
+    MEASURE_TEMPERATURE,
+    PRECISIONS,
+    CheckpointReport,
+    evaluate,
+    samples_dir,
+    synthesize,
+)
 
 
 class TrainingStopped(RuntimeError):
@@ -66,34 +83,75 @@ class Runtime:
 
 # ----------------------------------------------------------------------------- setup
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="WaveFlow / NanoFlow vocoder: train, evaluate, synthesize.")
     parser.add_argument("-c", "--config", required=True, help="JSON config file")
-    parser.add_argument("-w", "--warm_start", action="store_true",
-                        help="load the weights of checkpoint_path that fit, start a fresh optimizer and schedule")
-    parser.add_argument("-v", "--evaluate", action="store_true",
-                        help="test-set log-likelihood on full clips and the speech measures of metrics.py")
+    parser.add_argument(
+        "-w",
+        "--warm_start",
+        action="store_true",
+        help="load the weights of checkpoint_path that fit, start a fresh optimizer and schedule",
+    )
+    parser.add_argument(
+        "-v",
+        "--evaluate",
+        action="store_true",
+        help="test-set log-likelihood on full clips and the speech measures of metrics.py",
+    )
     parser.add_argument("-s", "--synthesize", action="store_true", help="write audio for the test clips")
-    parser.add_argument("-t", "--temp", type=float, default=None,
-                        help=f"sampling temperature (default 1.0 with -s; {MEASURE_TEMPERATURE} for the measures "
-                             f"of -v and for the checkpoint reports in training)")
-    parser.add_argument("-a", "--average_checkpoint", type=int, default=0, metavar="N",
-                        help="average the newest N checkpoints of the folder checkpoint_path names")
-    parser.add_argument("-e", "--epsilon", type=float, default=None,
-                        help="with -a: Polyak averaging, average = eps * average + (1 - eps) * newer")
-    parser.add_argument("--mels", nargs="+", metavar="PATH",
-                        help="with -s or -v: mel files [80, F] (.pt, .npy) or folders of them, instead of the test "
-                             "list; with -v, NAME.pt or NAME.npy is measured against the audio file NAME "
-                             "(or NAME.wav, NAME.flac) beside it or in the test list")
-    parser.add_argument("--json", metavar="PATH",
-                        help="with -v: also write the results as JSON to PATH ('-': to stdout, the table to stderr)")
-    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
-                        help="with -s or -v: the estimator's precision in synthesis (the flow's state, log_s and "
-                             "the affine update stay fp32). auto (default): fp16 with fp16_run on a GPU, else bf16 "
-                             f"where the device has bf16 matrix units and res_channels >= {BF16_MIN_CHANNELS}, else fp32")
+    parser.add_argument(
+        "-t",
+        "--temp",
+        type=float,
+        default=None,
+        help=f"sampling temperature (default 1.0 with -s; {MEASURE_TEMPERATURE} for the measures "
+        f"of -v and for the checkpoint reports in training)",
+    )
+    parser.add_argument(
+        "-a",
+        "--average_checkpoint",
+        type=int,
+        default=0,
+        metavar="N",
+        help="average the newest N checkpoints of the folder checkpoint_path names",
+    )
+    parser.add_argument(
+        "-e",
+        "--epsilon",
+        type=float,
+        default=None,
+        help="with -a: Polyak averaging, average = eps * average + (1 - eps) * newer",
+    )
+    parser.add_argument(
+        "--mels",
+        nargs="+",
+        metavar="PATH",
+        help="with -s or -v: mel files [80, F] (.pt, .npy) or folders of them, instead of the test "
+        "list; with -v, NAME.pt or NAME.npy is measured against the audio file NAME "
+        "(or NAME.wav, NAME.flac) beside it or in the test list",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="with -v: also write the results as JSON to PATH ('-': to stdout, the table to stderr)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", *PRECISIONS],
+        default="auto",
+        help="with -s or -v: the estimator's precision in synthesis (the flow's state, log_s and "
+        "the affine update stay fp32). auto (default): fp16 with fp16_run on a GPU, else bf16 "
+        f"where the device has bf16 matrix units and res_channels >= {BF16_MIN_CHANNELS}, else fp32",
+    )
     parser.add_argument("--checkpoint_path", default=None, help="override train_config.checkpoint_path")
-    parser.add_argument("--max_iterations", type=int, default=None, metavar="N",
-                        help="override train_config.max_iterations: stop training at iteration N (0: no limit)")
+    parser.add_argument(
+        "--max_iterations",
+        type=int,
+        default=None,
+        metavar="N",
+        help="override train_config.max_iterations: stop training at iteration N (0: no limit)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
     if args.evaluate and args.synthesize:
@@ -144,6 +202,7 @@ def run_dir(config: Config) -> str:
 
 # ----------------------------------------------------------------------------- training
 
+
 class EpochSampler(Sampler[int]):
     """The shuffled indices of one epoch, fixed by (seed, epoch), this rank's share of them,
     starting after `skip_batches` batches: what exact resumption needs."""
@@ -162,8 +221,8 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator)[self.rank::self.world_size]
-        used = order[self.skip_batches * self.batch_size:self.batches_per_epoch * self.batch_size]
+        order = torch.randperm(self.size, generator=generator)[self.rank :: self.world_size]
+        used = order[self.skip_batches * self.batch_size : self.batches_per_epoch * self.batch_size]
         return iter(used.tolist())
 
     def __len__(self) -> int:
@@ -210,14 +269,14 @@ NON_FINITE_GRADIENT = "non-finite gradient"
 GRADIENT_OVERFLOW = "fp16 gradient overflow"  # the GradScaler's calibration of its loss scale, not divergence
 
 
-def train_step(model: torch.nn.Module, batch, optimizer, scheduler, scaler, runtime: Runtime,
-               config: Config) -> dict:
+def train_step(model: torch.nn.Module, batch, optimizer, scheduler, scaler, runtime: Runtime, config: Config) -> dict:
     """One optimisation step; a non-finite loss or gradient skips the update. Returns metrics, with
     `skipped` the reason for a skipped update (None when it was made)."""
     mel, audio = (tensor.to(runtime.device, non_blocking=True) for tensor in batch)
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
-                        enabled=runtime.amp_dtype is not None):
+    with torch.autocast(
+        runtime.device.type, dtype=runtime.amp_dtype or torch.float32, enabled=runtime.amp_dtype is not None
+    ):
         z, logdet = model(audio, mel)
     loss = negative_log_likelihood(z, logdet, config.train.sigma)
     # Backward even on a bad loss: under DDP every rank must join the gradient all-reduce,
@@ -245,9 +304,14 @@ def train_step(model: torch.nn.Module, batch, optimizer, scheduler, scaler, runt
         else:
             skipped = NON_FINITE_GRADIENT
     scheduler.step()
-    return {"loss": loss_value.item(), "grad_norm": grad_norm.item(), "skipped": skipped,
-            "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
-            "learning_rate": optimizer.param_groups[0]["lr"], "samples": audio.numel() * runtime.world_size}
+    return {
+        "loss": loss_value.item(),
+        "grad_norm": grad_norm.item(),
+        "skipped": skipped,
+        "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
+        "learning_rate": optimizer.param_groups[0]["lr"],
+        "samples": audio.numel() * runtime.world_size,
+    }
 
 
 def skipped_step_warning(metrics: dict, iteration: int) -> str:
@@ -255,10 +319,13 @@ def skipped_step_warning(metrics: dict, iteration: int) -> str:
     if metrics["skipped"] == NON_FINITE_LOSS:
         return f"iteration {iteration}: loss is {metrics['loss']}, step skipped"
     if metrics["skipped"] == NON_FINITE_GRADIENT:
-        return (f"iteration {iteration}: gradient norm is {metrics['grad_norm']} (loss {metrics['loss']:.4f}), "
-                f"step skipped")
-    return (f"iteration {iteration}: fp16 gradient overflow, step skipped; the loss scale drops to "
-            f"{metrics['loss_scale']:g}")
+        return (
+            f"iteration {iteration}: gradient norm is {metrics['grad_norm']} (loss {metrics['loss']:.4f}), step skipped"
+        )
+    return (
+        f"iteration {iteration}: fp16 gradient overflow, step skipped; the loss scale drops to "
+        f"{metrics['loss_scale']:g}"
+    )
 
 
 class SkippedSteps:
@@ -276,17 +343,22 @@ class SkippedSteps:
         elif skipped != GRADIENT_OVERFLOW:
             self.in_a_row += 1
         if self.in_a_row >= self.limit:
-            raise TrainingStopped(f"{self.in_a_row} steps in a row skipped for a non-finite loss or gradient at "
-                                  f"iteration {iteration}: training stopped; the last good checkpoint is {last_good}")
+            raise TrainingStopped(
+                f"{self.in_a_row} steps in a row skipped for a non-finite loss or gradient at "
+                f"iteration {iteration}: training stopped; the last good checkpoint is {last_good}"
+            )
 
 
 # ----------------------------------------------------------------------------- run folder and starting point
 
+
 def write_failure(folder: str, what: str, error: OSError) -> StorageError:
     """A failed write in the run folder, as one line naming the folder and the newest intact checkpoint."""
     available = list_checkpoints(folder)
-    return StorageError(f"{folder}: cannot write {what} ({describe(error)}); the newest intact checkpoint is "
-                        f"{available[-1][1] if available else 'none'}")
+    return StorageError(
+        f"{folder}: cannot write {what} ({describe(error)}); the newest intact checkpoint is "
+        f"{available[-1][1] if available else 'none'}"
+    )
 
 
 def write_on_main(write, what: str, folder: str, runtime: Runtime) -> None:
@@ -315,8 +387,10 @@ def claim_run_folder(config: Config, args: argparse.Namespace, runtime: Runtime)
             newest = None if args.warm_start or args.average_checkpoint else rerun_checkpoint(folder, start)
             if newest is not None:
                 older = f" (not {start}: to go back to it, remove the newer ones)" if start else ""
-                print(f"{folder} holds this run's checkpoints: resuming from the newest, "
-                      f"{os.path.basename(newest)}{older}")
+                print(
+                    f"{folder} holds this run's checkpoints: resuming from the newest, "
+                    f"{os.path.basename(newest)}{older}"
+                )
                 start = newest
         except OSError as error:
             failure = write_failure(folder, "the run folder", error)
@@ -379,14 +453,17 @@ def restore(training: Training, path: str, args: argparse.Namespace, verbose: bo
         weights, source = newest["model"], path
     loaded, skipped = warm_start(training.model, weights)
     if verbose:
-        print(f"warm start from {source}: {len(loaded)} tensors loaded, {len(skipped)} not"
-              + "".join(f"\n  not loaded: {line}" for line in skipped))
+        print(
+            f"warm start from {source}: {len(loaded)} tensors loaded, {len(skipped)} not"
+            + "".join(f"\n  not loaded: {line}" for line in skipped)
+        )
     # Numbering goes on from the source so that no checkpoint beside it is overwritten.
     return newest.get("iteration", 0), 0, 0
 
 
-def resume_position(iteration: int, epoch: int, batch_in_epoch: int, batches_per_epoch: int,
-                    tc: TrainConfig) -> tuple[int, int, int]:
+def resume_position(
+    iteration: int, epoch: int, batch_in_epoch: int, batches_per_epoch: int, tc: TrainConfig
+) -> tuple[int, int, int]:
     """Where the data order stands at `iteration`, and where the run ends: -> `(epoch, batch_in_epoch,
     last iteration)`. A checkpoint of the original code (epoch -1) records only its iteration, which
     then says where the data stood; a warm start counts epochs from 0 while its iterations go on from
@@ -404,10 +481,12 @@ def refuse_overwriting(folder: str, iteration: int) -> None:
     """Stop before a run from `iteration` overwrites newer checkpoints of its run folder."""
     newer = [path for it, path in list_checkpoints(folder) if it > iteration]
     if newer:
-        raise CheckpointError(f"{folder} already holds checkpoints after iteration {iteration} "
-                              f"({os.path.basename(newer[-1])}); training would overwrite them. To go on with that "
-                              f"run, resume from {newer[-1]} (--checkpoint_path, without -w or -a); or choose "
-                              f"another output_directory or model_name")
+        raise CheckpointError(
+            f"{folder} already holds checkpoints after iteration {iteration} "
+            f"({os.path.basename(newer[-1])}); training would overwrite them. To go on with that "
+            f"run, resume from {newer[-1]} (--checkpoint_path, without -w or -a); or choose "
+            f"another output_directory or model_name"
+        )
 
 
 def data_parallel(model: WaveFlow, runtime: Runtime) -> torch.nn.Module:
@@ -415,7 +494,8 @@ def data_parallel(model: WaveFlow, runtime: Runtime) -> torch.nn.Module:
     DataParallel on a machine of several GPUs without it, else the model itself."""
     if runtime.distributed:
         return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
     if runtime.device.type == "cuda" and torch.cuda.device_count() > 1:
         return torch.nn.DataParallel(model)
     return model
@@ -423,12 +503,20 @@ def data_parallel(model: WaveFlow, runtime: Runtime) -> torch.nn.Module:
 
 # ----------------------------------------------------------------------------- the loop
 
+
 class TrainingRun:
     """The loop of one training run over its epochs, and its bookkeeping: progress, logs, skipped
     steps, checkpoints and the checkpoint reports."""
 
-    def __init__(self, training: Training, train_set: Mel2Samp, sampler: EpochSampler, config: Config,
-                 args: argparse.Namespace, runtime: Runtime):
+    def __init__(
+        self,
+        training: Training,
+        train_set: Mel2Samp,
+        sampler: EpochSampler,
+        config: Config,
+        args: argparse.Namespace,
+        runtime: Runtime,
+    ):
         self.training, self.train_set, self.sampler = training, train_set, sampler
         self.config, self.args, self.runtime = config, args, runtime
         self.folder = run_dir(config)
@@ -444,10 +532,18 @@ class TrainingRun:
             epoch, batch_in_epoch = epoch + 1, 0
 
         def write() -> None:
-            save_checkpoint(path, model_state=training.model.state_dict(), iteration=iteration,
-                            optimizer=training.optimizer, scheduler=training.scheduler,
-                            learning_rate=self.config.train.learning_rate, config=self.config.raw, epoch=epoch,
-                            batch_in_epoch=batch_in_epoch, scaler=training.scaler)
+            save_checkpoint(
+                path,
+                model_state=training.model.state_dict(),
+                iteration=iteration,
+                optimizer=training.optimizer,
+                scheduler=training.scheduler,
+                learning_rate=self.config.train.learning_rate,
+                config=self.config.raw,
+                epoch=epoch,
+                batch_in_epoch=batch_in_epoch,
+                scaler=training.scaler,
+            )
             print(f"saved {path}")
 
         write_on_main(write, f"checkpoint {os.path.basename(path)}", self.folder, self.runtime)
@@ -483,8 +579,9 @@ class TrainingRun:
         self.saved_at = iteration
         if runtime.is_main and tc.with_tensorboard:
             self.logs = TrainingLogs(os.path.join(self.folder, "logs"))
-        progress = tqdm(total=total, initial=min(iteration, total), unit="it", disable=not runtime.is_main,
-                             dynamic_ncols=True)
+        progress = tqdm(
+            total=total, initial=min(iteration, total), unit="it", disable=not runtime.is_main, dynamic_ncols=True
+        )
         wrapped = data_parallel(training.model, runtime)
         stop = StopRequest()
         position = (start_epoch, batch_in_epoch)  # (epoch, batches done in it) after the last step
@@ -492,8 +589,9 @@ class TrainingRun:
             for epoch in range(start_epoch, tc.epochs):
                 for batch in self.batches(epoch, batch_in_epoch):
                     started = time.perf_counter()
-                    metrics = train_step(wrapped, batch, training.optimizer, training.scheduler, training.scaler,
-                                         runtime, self.config)
+                    metrics = train_step(
+                        wrapped, batch, training.optimizer, training.scheduler, training.scaler, runtime, self.config
+                    )
                     iteration, batch_in_epoch = iteration + 1, batch_in_epoch + 1
                     position = (epoch, batch_in_epoch)
                     self.record(metrics, iteration, time.perf_counter() - started, progress)
@@ -513,12 +611,14 @@ class TrainingRun:
                 self.checkpoint(iteration, *position)
             if runtime.is_main:
                 progress.close()
-                print(f"training finished at iteration {iteration}.\n"
-                      f"  checkpoints: {self.folder}/\n"
-                      f"  samples:     {samples_dir(self.config)}/ (a test clip at every checkpoint; play the "
-                      f".wav files)\n"
-                      f"  all test clips from the last checkpoint: python train.py -s -c {self.args.config} "
-                      f"--checkpoint_path {checkpoint_path(self.folder, iteration)}")
+                print(
+                    f"training finished at iteration {iteration}.\n"
+                    f"  checkpoints: {self.folder}/\n"
+                    f"  samples:     {samples_dir(self.config)}/ (a test clip at every checkpoint; play the "
+                    f".wav files)\n"
+                    f"  all test clips from the last checkpoint: python train.py -s -c {self.args.config} "
+                    f"--checkpoint_path {checkpoint_path(self.folder, iteration)}"
+                )
         finally:
             stop.restore()
             progress.close()
@@ -531,17 +631,26 @@ class TrainingRun:
         self.sampler.set_epoch(epoch, skip_batches)
         self.train_set.set_epoch(epoch)
         self.training.model.train()
-        return DataLoader(self.train_set, batch_size=tc.batch_size, sampler=self.sampler, collate_fn=collate,
-                          num_workers=dc.num_workers, pin_memory=self.runtime.device.type == "cuda",
-                          drop_last=True, worker_init_fn=_ignore_stop_signals)
+        return DataLoader(
+            self.train_set,
+            batch_size=tc.batch_size,
+            sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=dc.num_workers,
+            pin_memory=self.runtime.device.type == "cuda",
+            drop_last=True,
+            worker_init_fn=_ignore_stop_signals,
+        )
 
 
 def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
     """Train into the run folder, which rank 0 holds locked until the run ends."""
     if (args.warm_start or args.average_checkpoint) and not config.train.checkpoint_path:
         option = "-w/--warm_start needs a checkpoint" if args.warm_start else "-a needs a folder of checkpoints"
-        raise ConfigError(f"{config.source}: {option} to start from: train_config.checkpoint_path is empty "
-                          f"(or give --checkpoint_path)")
+        raise ConfigError(
+            f"{config.source}: {option} to start from: train_config.checkpoint_path is empty "
+            f"(or give --checkpoint_path)"
+        )
     lock, start = claim_run_folder(config, args, runtime)
     try:
         train_from(start, config, args, runtime)
@@ -556,27 +665,41 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
     training = build_training(config, runtime)
     iteration, epoch, batch_in_epoch = restore(training, start, args, runtime.is_main)
     train_set = Mel2Samp.from_config(dc, mode="train", seed=tc.seed)
-    run = TrainingRun(training, train_set, EpochSampler(len(train_set), tc.batch_size, tc.seed, runtime.rank,
-                                                        runtime.world_size), config, args, runtime)
+    run = TrainingRun(
+        training,
+        train_set,
+        EpochSampler(len(train_set), tc.batch_size, tc.seed, runtime.rank, runtime.world_size),
+        config,
+        args,
+        runtime,
+    )
     batches_per_epoch = run.sampler.batches_per_epoch
     if batches_per_epoch == 0:
-        raise DataError(f"{dc.training_files}: {len(train_set)} clips cannot fill one batch of "
-                        f"{tc.batch_size} per process ({runtime.world_size} processes)")
+        raise DataError(
+            f"{dc.training_files}: {len(train_set)} clips cannot fill one batch of "
+            f"{tc.batch_size} per process ({runtime.world_size} processes)"
+        )
     epoch, batch_in_epoch, total = resume_position(iteration, epoch, batch_in_epoch, batches_per_epoch, tc)
     refuse_overwriting(run.folder, iteration)
     config_copy = json.dumps(config.raw, indent=4).encode()
-    write_on_main(lambda: write_atomically(os.path.join(run.folder, "config.json"), config_copy), "config.json",
-                  run.folder, runtime)
+    write_on_main(
+        lambda: write_atomically(os.path.join(run.folder, "config.json"), config_copy),
+        "config.json",
+        run.folder,
+        runtime,
+    )
     if iteration >= total:
         if runtime.is_main:
-            print(f"nothing to train: the run is at iteration {iteration}, its end is iteration {total} "
-                  f"(train_config.epochs, max_iterations)")
+            print(
+                f"nothing to train: the run is at iteration {iteration}, its end is iteration {total} "
+                f"(train_config.epochs, max_iterations)"
+            )
         return
     run.run(iteration, epoch, batch_in_epoch, total)
 
 
-
 # ----------------------------------------------------------------------------- entry point
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)

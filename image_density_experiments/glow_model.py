@@ -4,6 +4,7 @@ density experiments (Lee, Kim, Yoon, "NanoFlow", NeurIPS 2020).
 The five model types are one multi-scale flow that differs only in who owns the
 network that predicts each affine coupling's shift and scale: see `MODEL_TYPES`.
 """
+
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, cast
@@ -334,9 +335,7 @@ class Glow(nn.Module):
         return self.flow.inverse(z, split_latents, temperature)
 
     @torch.no_grad()
-    def sample(
-        self, num_samples: int, temperature: float = 1.0, y_onehot: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def sample(self, num_samples: int, temperature: float = 1.0, y_onehot: torch.Tensor | None = None) -> torch.Tensor:
         """num_samples images [N, C, H, W] in about [-0.5, 0.5), every latent drawn at `temperature`."""
         mean, logs = self.prior(num_samples, y_onehot)
         return self.flow.inverse(gaussian_sample(mean, logs, temperature), None, temperature)

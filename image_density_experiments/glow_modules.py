@@ -6,6 +6,7 @@ Invertible pieces have `forward(x) -> (y, logdet [B])` and `inverse(y) -> x`. Mo
 tensor names follow the Glow-PyTorch port that the original NanoFlow code forked, so
 that its checkpoints load.
 """
+
 import math
 
 import torch

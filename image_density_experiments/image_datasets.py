@@ -5,6 +5,7 @@ Files live where the original (through torchvision) kept them, under
 in `<dataroot>`. CIFAR-10's python batches are read straight from the archive
 (`cifar-10-python.tar.gz`) or from its extracted folder (`cifar-10-batches-py/`).
 """
+
 import functools
 import hashlib
 import os

@@ -8,6 +8,7 @@ Each epoch: training with a progress bar, `bits/dim` on the test set, checkpoint
 `glow_model_<epoch>.pth` / `glow_optimizer_<epoch>.pth` (the last two kept), a grid of
 samples `samples_<epoch>.png` and TensorBoard scalars, all in --output_dir.
 """
+
 import argparse
 import json
 import os
@@ -104,8 +105,9 @@ def check_resume_files(args: argparse.Namespace) -> None:
         if not os.path.isfile(path):
             sys.exit(f"error: {path}: checkpoint not found")
         if args.fresh and os.path.realpath(path).startswith(os.path.realpath(args.output_dir) + os.sep):
-            sys.exit(f"error: --fresh would delete {path}, the checkpoint to resume from; "
-                     f"resume into another --output_dir")
+            sys.exit(
+                f"error: --fresh would delete {path}, the checkpoint to resume from; resume into another --output_dir"
+            )
 
 
 def prepare_output_dir(output_dir: str, fresh: bool) -> None:

@@ -13,6 +13,7 @@ The noise is white Gaussian with the given RMS relative to full scale, drawn fro
 generator seeded by `--seed` and the file's name, so the same files always get the
 same noise. Files must be 16-bit PCM; the result is rounded and clipped to 16 bits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"added a {args.level_db:g} dBFS noise floor to {len(zeros)} files "
-          f"({100 * np.mean(zeros):.1f}% of their samples were exactly 0)")
+    print(
+        f"added a {args.level_db:g} dBFS noise floor to {len(zeros)} files "
+        f"({100 * np.mean(zeros):.1f}% of their samples were exactly 0)"
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ The recording's Tacotron 2 mel is synthesized at temperature `-t` (0.8) with the
 and both mels are drawn one above the other on the same axes, with the measures of metrics.py
 in the title.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,19 +54,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result = measure(audio, recording, rate)
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     synthesized = mel_spectrogram(audio)
     figure, axes = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
     frames = synthesized.shape[-1]
-    for axis, image, title in ((axes[0], mel[:, :frames], f"recording: {os.path.basename(args.audio)}"),
-                               (axes[1], synthesized, f"synthesis at temperature {args.temp:g}")):
+    for axis, image, title in (
+        (axes[0], mel[:, :frames], f"recording: {os.path.basename(args.audio)}"),
+        (axes[1], synthesized, f"synthesis at temperature {args.temp:g}"),
+    ):
         axis.imshow(image.numpy(), origin="lower", aspect="auto", interpolation="none", vmin=-11.5, vmax=2)
         axis.set_title(title)
         axis.set_ylabel("mel band")
     axes[1].set_xlabel(f"frame ({config.data.hop_length} samples)")
-    figure.suptitle(f"{os.path.basename(args.checkpoint_path)}: log-mel L1 {result['log_mel_l1']:.2f}, "
-                    f"F0 error {result['f0_rmse_cents']:.0f} cents, V/UV F1 {result['vuv_f1']:.2f}")
+    figure.suptitle(
+        f"{os.path.basename(args.checkpoint_path)}: log-mel L1 {result['log_mel_l1']:.2f}, "
+        f"F0 error {result['f0_rmse_cents']:.0f} cents, V/UV F1 {result['vuv_f1']:.2f}"
+    )
     figure.tight_layout()
     partial = args.output + ".partial.png"
     figure.savefig(partial, dpi=80)

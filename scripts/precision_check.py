@@ -9,6 +9,7 @@ absolute difference of their log-mels (natural log of Tacotron 2's 80-band mel o
 magnitudes floored at 1e-2, as metrics.log_mel_l1 computes it) and the largest sample
 difference. The flow's state, log_s and the affine update are fp32 in both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
             mel = clips[index][0][None].to(device)
             samples = config.data.hop_length * mel.shape[-1] - SYNTHESIS_TRIM
             if samples <= config.data.filter_length // 2:  # what the log-mel needs
-                print(f"{path}: its synthesis of {max(samples, 0)} samples is too short to compare (need more "
-                      f"than {config.data.filter_length // 2}): left out", file=sys.stderr)
+                print(
+                    f"{path}: its synthesis of {max(samples, 0)} samples is too short to compare (need more "
+                    f"than {config.data.filter_length // 2}): left out",
+                    file=sys.stderr,
+                )
                 continue
             generator = torch.Generator().manual_seed(config.train.seed + index)
             height = config.waveflow.n_height
@@ -64,15 +68,19 @@ def main(argv: list[str] | None = None) -> int:
             reduced = reduced_model.infer(mel, z=z)[0].cpu()
             difference = log_mel_l1(reduced.numpy(), reference.numpy(), config.data.sampling_rate)
             differences.append(difference)
-            print(f"{os.path.basename(path)}: mean |log-mel difference| {difference:.4f}, "
-                  f"largest sample difference {(reduced - reference).abs().max().item():.4f}")
+            print(
+                f"{os.path.basename(path)}: mean |log-mel difference| {difference:.4f}, "
+                f"largest sample difference {(reduced - reference).abs().max().item():.4f}"
+            )
         if not differences:
             raise DataError(f"{config.data.test_files}: no test clip is long enough to compare")
     except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"{args.precision} against fp32 over {len(differences)} clips: mean |log-mel difference| "
-          f"{statistics.mean(differences):.4f} (largest {max(differences):.4f})")
+    print(
+        f"{args.precision} against fp32 over {len(differences)} clips: mean |log-mel difference| "
+        f"{statistics.mean(differences):.4f} (largest {max(differences):.4f})"
+    )
     return 0
 
 

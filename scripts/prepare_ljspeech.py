@@ -16,6 +16,7 @@ wav, and there must be 13,100 of them (``--expected-clips`` changes that). The
 archive's SHA-256 is printed; ``--sha256`` checks it against a known digest.
 File lists hold one path per line, relative to the list's own folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,9 @@ def extract(archive: str, data_dir: str) -> str:
             members = tar.getmembers()
             stray = [m.name for m in members if m.name.split("/")[0] != CORPUS_FOLDER]
             if stray or not members:
-                raise DataError(f"{archive}: not an {CORPUS_FOLDER} archive "
-                                f"({'it holds ' + stray[0] if stray else 'it is empty'})")
+                raise DataError(
+                    f"{archive}: not an {CORPUS_FOLDER} archive ({'it holds ' + stray[0] if stray else 'it is empty'})"
+                )
             tar.extractall(scratch, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError) as error:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -95,8 +97,10 @@ def verify_corpus(corpus: str, expected_clips: int) -> list[str]:
     with open(metadata, encoding="utf-8") as f:
         clip_ids = sorted(line.split("|", 1)[0].strip() for line in f if line.strip())
     if expected_clips and len(clip_ids) != expected_clips:
-        raise DataError(f"{metadata}: lists {len(clip_ids)} clips, expected {expected_clips} "
-                        f"(an incomplete copy? --expected-clips 0 accepts any number)")
+        raise DataError(
+            f"{metadata}: lists {len(clip_ids)} clips, expected {expected_clips} "
+            f"(an incomplete copy? --expected-clips 0 accepts any number)"
+        )
     wavs = [os.path.join(corpus, "wavs", f"{clip_id}.wav") for clip_id in clip_ids]
     for wav in tqdm(wavs, desc="checking clips", unit="clip", disable=None):
         audio_length(wav, SAMPLING_RATE)
@@ -122,13 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--archive", help=f"an already downloaded {ARCHIVE_NAME} (default: download it)")
     source.add_argument("--corpus", help=f"an already extracted {CORPUS_FOLDER} folder")
-    parser.add_argument("--data-dir", default=".", help=f"where the archive is downloaded and {CORPUS_FOLDER}/ "
-                                                        f"extracted (default: the working directory)")
+    parser.add_argument(
+        "--data-dir",
+        default=".",
+        help=f"where the archive is downloaded and {CORPUS_FOLDER}/ extracted (default: the working directory)",
+    )
     parser.add_argument("--train-list", default="train_files.txt", help="training file list to write")
     parser.add_argument("--test-list", default="test_files.txt", help="test file list to write")
     parser.add_argument("--test-clips", type=int, default=TEST_CLIPS, help="clips held out for testing")
-    parser.add_argument("--expected-clips", type=int, default=LJSPEECH_CLIPS,
-                        help="clips metadata.csv must list (0: any number)")
+    parser.add_argument(
+        "--expected-clips", type=int, default=LJSPEECH_CLIPS, help="clips metadata.csv must list (0: any number)"
+    )
     parser.add_argument("--sha256", help="refuse an archive whose SHA-256 differs from this")
     args = parser.parse_args(argv)
     try:

@@ -1,4 +1,5 @@
 """Shared test setup: the project root on sys.path and the reference fixtures' folder."""
+
 import os
 import sys
 

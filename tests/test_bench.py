@@ -1,4 +1,5 @@
 """bench.py runs and reports what it promises (speed itself is never asserted in tests)."""
+
 import json
 import os
 import subprocess
@@ -17,15 +18,41 @@ def test_bench_reports_every_case_as_json(tmp_path):
     config["waveflow_config"].update(res_channels=8, n_layer=2, n_flow=2)
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(config))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "-c", str(path), "--json",
-                             "--seconds", "0.1", "--batches", "1", "2", "--train_batch", "2", "--segment_length",
-                             "2048", "--repeats", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench.py"),
+            "-c",
+            str(path),
+            "--json",
+            "--seconds",
+            "0.1",
+            "--batches",
+            "1",
+            "2",
+            "--train_batch",
+            "2",
+            "--segment_length",
+            "2048",
+            "--repeats",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["matmul_size"] == 2048 and report["matmul_gflops"] > 0 and report["bf16_matmul_gflops"] > 0
     cases = {item["case"]: item for item in report["results"]}
-    assert set(cases) == {"synthesis 0.1 s x 1", "synthesis 0.1 s x 2", "training 2 x 2048",
-                          "training 2 x 2048 checkpointed", "data loading 2 x 2048"}
+    assert set(cases) == {
+        "synthesis 0.1 s x 1",
+        "synthesis 0.1 s x 2",
+        "training 2 x 2048",
+        "training 2 x 2048 checkpointed",
+        "data loading 2 x 2048",
+    }
     for name, item in cases.items():
         assert item["seconds"] > 0 and item["runs"] >= 1
         if not name.startswith("data"):

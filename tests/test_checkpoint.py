@@ -1,12 +1,23 @@
 """checkpoint.py: weights load whichever weight-norm layout the checkpoint and the model are in."""
+
 import pytest
 import torch
 
 from checkpoint import average_checkpoints, checkpoint_path, load_checkpoint, load_weights, save_checkpoint, warm_start
 from model import build_model
 
-CONFIG = {"model_name": "tiny", "cin_channels": 80, "res_channels": 8, "n_height": 8, "n_layer": 2, "n_flow": 2,
-          "n_layer_per_cycle": 1, "coupling_type": "nanoflow", "size_flow_embed": 4, "use_weightnorm_embed": True}
+CONFIG = {
+    "model_name": "tiny",
+    "cin_channels": 80,
+    "res_channels": 8,
+    "n_height": 8,
+    "n_layer": 2,
+    "n_flow": 2,
+    "n_layer_per_cycle": 1,
+    "coupling_type": "nanoflow",
+    "size_flow_embed": 4,
+    "use_weightnorm_embed": True,
+}
 
 
 def trained_model(seed):
@@ -22,8 +33,17 @@ def trained_model(seed):
 def save(model, path):
     optimizer = torch.optim.Adam(model.parameters())
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
-    save_checkpoint(str(path), model_state=model.state_dict(), iteration=1, optimizer=optimizer, scheduler=scheduler,
-                    learning_rate=1e-3, config={}, epoch=0, batch_in_epoch=1)
+    save_checkpoint(
+        str(path),
+        model_state=model.state_dict(),
+        iteration=1,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        learning_rate=1e-3,
+        config={},
+        epoch=0,
+        batch_in_epoch=1,
+    )
 
 
 def outputs(model):
@@ -34,7 +54,7 @@ def outputs(model):
 
 
 def assert_same_function(a, b):
-    for x, y in zip(outputs(a), outputs(b)):
+    for x, y in zip(outputs(a), outputs(b), strict=True):
         assert torch.allclose(x, y, atol=1e-5)
 
 

@@ -1,4 +1,5 @@
 """Config files: every original config parses; bad ones are refused with the key named."""
+
 import copy
 import glob
 import json
@@ -23,16 +24,25 @@ def test_every_bundled_config_parses():
         assert isinstance(config.waveflow.use_weightnorm_embed, bool)
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda c: c.update(train_confg=c.pop("train_config")), "unknown section 'train_confg'; did you mean 'train_config'"),
-    (lambda c: c.pop("data_config"), "missing section 'data_config'"),
-    (lambda c: c["data_config"].update(win_length=2048), r"win_length \(2048\) must not exceed filter_length"),
-    (lambda c: c["data_config"].update(mel_fmax=20000.0), "mel_fmax"),
-    (lambda c: c["train_config"].update(fp16_run=True, bf16_run=True), "fp16_run and bf16_run cannot both be on"),
-    (lambda c: c["train_config"].update(batch_size=0), r"train_config\.batch_size must be at least 1"),
-    (lambda c: c["train_config"].update(learning_rate="fast"), r"train_config\.learning_rate must be a number"),
-    (lambda c: c["train_config"].update(with_tensorboard="maybe"), r"train_config\.with_tensorboard must be a boolean"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            lambda c: c.update(train_confg=c.pop("train_config")),
+            "unknown section 'train_confg'; did you mean 'train_config'",
+        ),
+        (lambda c: c.pop("data_config"), "missing section 'data_config'"),
+        (lambda c: c["data_config"].update(win_length=2048), r"win_length \(2048\) must not exceed filter_length"),
+        (lambda c: c["data_config"].update(mel_fmax=20000.0), "mel_fmax"),
+        (lambda c: c["train_config"].update(fp16_run=True, bf16_run=True), "fp16_run and bf16_run cannot both be on"),
+        (lambda c: c["train_config"].update(batch_size=0), r"train_config\.batch_size must be at least 1"),
+        (lambda c: c["train_config"].update(learning_rate="fast"), r"train_config\.learning_rate must be a number"),
+        (
+            lambda c: c["train_config"].update(with_tensorboard="maybe"),
+            r"train_config\.with_tensorboard must be a boolean",
+        ),
+    ],
+)
 def test_bad_configs_name_the_problem(change, message):
     config = copy.deepcopy(demo())
     change(config)
@@ -66,15 +76,27 @@ def test_a_command_reads_only_the_sections_it_asks_for():
         config_from_dict(config, "demo.json", sections=("data_config",))
 
 
-@pytest.mark.parametrize("changes,training,message", [
-    ({"data_config": {"segment_length": 8200}, "waveflow_config": {"n_height": 16}}, True,
-     r"data_config\.segment_length \(8200\) must be a multiple of waveflow_config\.n_height \(16\)"),
-    ({"waveflow_config": {"cin_channels": 64}}, False,
-     r"data_config\.n_mel_channels \(80\) and waveflow_config\.cin_channels \(64\) must be equal"),
-    ({"data_config": {"hop_length": 200}}, False, r"data_config\.hop_length must be 256, got 200"),
-    ({"waveflow_config": {"n_height": 24}, "data_config": {"segment_length": 8208}}, False,
-     r"waveflow_config\.n_height \(24\) must divide data_config\.hop_length \(256\)"),
-])
+@pytest.mark.parametrize(
+    "changes,training,message",
+    [
+        (
+            {"data_config": {"segment_length": 8200}, "waveflow_config": {"n_height": 16}},
+            True,
+            r"data_config\.segment_length \(8200\) must be a multiple of waveflow_config\.n_height \(16\)",
+        ),
+        (
+            {"waveflow_config": {"cin_channels": 64}},
+            False,
+            r"data_config\.n_mel_channels \(80\) and waveflow_config\.cin_channels \(64\) must be equal",
+        ),
+        ({"data_config": {"hop_length": 200}}, False, r"data_config\.hop_length must be 256, got 200"),
+        (
+            {"waveflow_config": {"n_height": 24}, "data_config": {"segment_length": 8208}},
+            False,
+            r"waveflow_config\.n_height \(24\) must divide data_config\.hop_length \(256\)",
+        ),
+    ],
+)
 def test_rules_between_sections_name_both_keys(changes, training, message):
     config = copy.deepcopy(demo())
     for section, values in changes.items():

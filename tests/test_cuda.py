@@ -1,6 +1,7 @@
 """The model on a CUDA GPU: the original's numbers, exact fast inference, the CUDA graph path,
 mixed-precision training steps and agreement with the CPU. Skipped where no GPU is present
 (`scripts/gpu_check.sh` runs these on a GPU machine)."""
+
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from inference import CudaGraphCache
-from model import SYNTHESIS_TRIM, build_model, negative_log_likelihood, unsqueeze
+from model import build_model, negative_log_likelihood, unsqueeze
 from test_model import FIXTURES, VARIANTS, random_model, slow_inverse, tiny_config
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -39,7 +40,9 @@ def test_reference_fixture_on_cuda(name):
         z, logdet = model(forward["audio"].to(CUDA), forward["mel"].to(CUDA))
         loss = negative_log_likelihood(z, logdet)
     assert torch.allclose(z.cpu(), forward["z"], atol=TOLERANCE, rtol=0)
-    assert abs(logdet.sum().item() - forward["logdet_sum"].item()) <= TOLERANCE * max(1.0, abs(forward["logdet_sum"].item()))
+    assert abs(logdet.sum().item() - forward["logdet_sum"].item()) <= TOLERANCE * max(
+        1.0, abs(forward["logdet_sum"].item())
+    )
     assert abs(loss.item() - forward["loss"]) <= TOLERANCE
     infer = fixture["infer"]
     graphs = CudaGraphCache()
@@ -49,10 +52,14 @@ def test_reference_fixture_on_cuda(name):
     assert len(graphs.graphs) == 1
 
 
-@pytest.mark.parametrize("variant,overrides", [(variant, {}) for variant in VARIANTS] + [
-    ("nanoflow", {"n_layer_per_cycle": 3, "n_layer": 5, "bipartize": True}),
-    ("waveflow", {"n_height": 32, "n_flow": 2, "n_layer": 7}),
-])
+@pytest.mark.parametrize(
+    "variant,overrides",
+    [(variant, {}) for variant in VARIANTS]
+    + [
+        ("nanoflow", {"n_layer_per_cycle": 3, "n_layer": 5, "bipartize": True}),
+        ("waveflow", {"n_height": 32, "n_flow": 2, "n_layer": 7}),
+    ],
+)
 def test_fast_inference_is_the_exact_inverse_on_cuda(variant, overrides):
     model = random_model(tiny_config(variant, **overrides)).to(CUDA)
     height, frames = model.config.n_height, 7
@@ -80,21 +87,26 @@ def test_cuda_graphs_follow_new_weights_and_inputs():
     assert len(graphs.graphs) == 1
     other = random_model(tiny_config("nanoflow"), seed=5)
     model.load_state_dict(other.state_dict())  # in-place copies: same storage, new version
-    assert torch.allclose(model.infer(mel, z=z, cuda_graphs=graphs).cpu(), other.infer(mel.cpu(), z=z.cpu()),
-                          atol=TOLERANCE)
+    assert torch.allclose(
+        model.infer(mel, z=z, cuda_graphs=graphs).cpu(), other.infer(mel.cpu(), z=z.cpu()), atol=TOLERANCE
+    )
     mel2, z2 = torch.randn_like(mel), torch.randn_like(z)
     for _ in range(2):
-        assert torch.allclose(model.infer(mel2, z=z2, cuda_graphs=graphs).cpu(), other.infer(mel2.cpu(), z=z2.cpu()),
-                              atol=TOLERANCE)
+        assert torch.allclose(
+            model.infer(mel2, z=z2, cuda_graphs=graphs).cpu(), other.infer(mel2.cpu(), z=z2.cpu()), atol=TOLERANCE
+        )
     model.remove_weight_norm()  # new parameters: the old graphs must not be replayed
-    assert torch.allclose(model.infer(mel2, z=z2, cuda_graphs=graphs).cpu(), other.infer(mel2.cpu(), z=z2.cpu()),
-                          atol=TOLERANCE)
+    assert torch.allclose(
+        model.infer(mel2, z=z2, cuda_graphs=graphs).cpu(), other.infer(mel2.cpu(), z=z2.cpu()), atol=TOLERANCE
+    )
 
 
 def test_threads_share_one_cuda_graph_cache():
     model = random_model(tiny_config("nanoflow")).to(CUDA)
-    requests = [(torch.randn(2, 80, 7, device=CUDA), torch.randn(2, 1, 16, 64, device=CUDA)),
-                (torch.randn(1, 80, 6, device=CUDA), torch.randn(1, 1, 16, 48, device=CUDA))]
+    requests = [
+        (torch.randn(2, 80, 7, device=CUDA), torch.randn(2, 1, 16, 64, device=CUDA)),
+        (torch.randn(1, 80, 6, device=CUDA), torch.randn(1, 1, 16, 48, device=CUDA)),
+    ]
     alone = [model.infer(mel, z=z) for mel, z in requests]
     graphs = CudaGraphCache()
     start = threading.Barrier(len(requests))
@@ -107,7 +119,7 @@ def test_threads_share_one_cuda_graph_cache():
         together = list(pool.map(synthesize, requests))
     torch.cuda.synchronize()
     assert len(graphs.graphs) == len(requests)
-    for expected, results in zip(alone, together):
+    for expected, results in zip(alone, together, strict=True):
         for audio in results:
             assert torch.allclose(audio, expected, atol=TOLERANCE, rtol=0)
 
@@ -160,7 +172,7 @@ def test_mixed_precision_training_step(dtype):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

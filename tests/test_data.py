@@ -1,4 +1,5 @@
 """data.py: the Tacotron 2 mel against the reference fixture, audio loading, file lists, mel files."""
+
 import math
 import os
 
@@ -69,8 +70,9 @@ def test_int16_is_scaled_by_one_over_32768_and_float_files_are_taken_as_they_are
     assert audio.dtype == torch.float32
     assert torch.equal(audio, torch.from_numpy(pcm.astype(np.float32)) / 32768)
     floats = np.array([0.1, -0.25, 1.5, -2.0], dtype=np.float32)  # outside [-1, 1] on purpose
-    assert torch.equal(load_audio(write_wav(tmp_path / "float.wav", floats, subtype="FLOAT"), RATE),
-                       torch.from_numpy(floats))
+    assert torch.equal(
+        load_audio(write_wav(tmp_path / "float.wav", floats, subtype="FLOAT"), RATE), torch.from_numpy(floats)
+    )
     flac = load_audio(write_wav(tmp_path / "clip.flac", pcm, subtype="PCM_16"), RATE)
     assert torch.equal(flac, torch.from_numpy(pcm.astype(np.float32)) / 32768)
 
@@ -93,9 +95,14 @@ def test_bad_audio_files_are_refused_with_one_line_naming_file_and_problem(tmp_p
     corrupt.write_bytes(b"RIFF not really a wave file" * 10)
     nan = write_wav(tmp_path / "nan.wav", np.array([0.0, np.nan], np.float32), subtype="FLOAT")
     cases = [
-        (wrong_rate, "16000 Hz"), (stereo, "2 channels"), (no_samples, "no audio samples"),
-        (empty, "empty"), (corrupt, "cannot read"), (tmp_path / "missing.wav", "not found"),
-        (tmp_path, "not a file"), (nan, "NaN"),
+        (wrong_rate, "16000 Hz"),
+        (stereo, "2 channels"),
+        (no_samples, "no audio samples"),
+        (empty, "empty"),
+        (corrupt, "cannot read"),
+        (tmp_path / "missing.wav", "not found"),
+        (tmp_path, "not a file"),
+        (nan, "NaN"),
     ]
     for path, problem in cases:
         with pytest.raises(DataError) as excinfo:
@@ -155,8 +162,12 @@ def test_bad_mel_files_are_refused(tmp_path):
     (tmp_path / "corrupt.pt").write_bytes(b"garbage")
     (tmp_path / "mel.txt").write_text("1 2 3")
     cases = [
-        ("transposed.pt", "transposed"), ("wrong.npy", "[40, 7]"), ("dict.pt", "expected a tensor"),
-        ("corrupt.pt", "cannot read"), ("mel.txt", "unknown mel file type"), ("missing.npy", "not found"),
+        ("transposed.pt", "transposed"),
+        ("wrong.npy", "[40, 7]"),
+        ("dict.pt", "expected a tensor"),
+        ("corrupt.pt", "cannot read"),
+        ("mel.txt", "unknown mel file type"),
+        ("missing.npy", "not found"),
     ]
     for name, problem in cases:
         with pytest.raises(DataError) as excinfo:

@@ -1,4 +1,5 @@
 """The demo: a corpus without digital silence, dequantization, a run that ends by itself."""
+
 import glob
 import os
 import shutil
@@ -16,8 +17,9 @@ from mel2samp import Mel2Samp
 from test_train import make_corpus, write_config
 
 RATE = 22050
-MEL_PARAMETERS: dict[str, Any] = dict(sampling_rate=RATE, filter_length=1024, hop_length=256, win_length=1024,
-                                      mel_fmin=0.0, mel_fmax=8000.0)
+MEL_PARAMETERS: dict[str, Any] = dict(
+    sampling_rate=RATE, filter_length=1024, hop_length=256, win_length=1024, mel_fmin=0.0, mel_fmax=8000.0
+)
 
 
 def longest_zero_run(pcm: np.ndarray) -> int:
@@ -35,7 +37,7 @@ def test_demo_corpus_has_a_noise_floor_and_no_digital_silence():
         # espeak-ng alone leaves about 22% of the samples at exactly 0, in runs of thousands.
         assert np.mean(pcm == 0) < 0.05, path
         assert longest_zero_run(pcm) < 20, path
-        quietest = min(np.std(pcm[i:i + 1024].astype(float)) for i in range(0, len(pcm) - 1024, 1024))
+        quietest = min(np.std(pcm[i : i + 1024].astype(float)) for i in range(0, len(pcm) - 1024, 1024))
         assert 5 < quietest < 20, path  # the -70 dBFS floor is about 10 LSB RMS
 
 
@@ -47,8 +49,12 @@ def test_noise_floor_script_is_deterministic_and_at_the_asked_level(tmp_path):
         os.makedirs(tmp_path / folder)
         paths.append(str(tmp_path / folder / "clip.wav"))
         soundfile.write(paths[-1], pcm, RATE, subtype="PCM_16")
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "add_noise_floor.py"),
-                                 "--level_db", "-60", paths[-1]], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "scripts", "add_noise_floor.py"), "--level_db", "-60", paths[-1]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
     first, second = (soundfile.read(path, dtype="int16")[0] for path in paths)
     assert np.array_equal(first, second)  # same name and seed: same noise
@@ -57,8 +63,12 @@ def test_noise_floor_script_is_deterministic_and_at_the_asked_level(tmp_path):
     added = (first[RATE:].astype(float) - tone) / 32768  # on the speech: the same noise, nothing else
     assert abs(20 * np.log10(np.std(added)) + 60) < 0.5 and abs(np.mean(added)) < 1e-5
     soundfile.write(paths[0], np.zeros(100), RATE, subtype="FLOAT")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "add_noise_floor.py"), paths[0]],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "add_noise_floor.py"), paths[0]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1 and "expected 16-bit PCM" in result.stderr and paths[0] in result.stderr
 
 
@@ -71,8 +81,7 @@ def test_dequantization_adds_at_most_half_a_16_bit_step(tmp_path):
     listing.write_text(path + "\n")
     for mode in ("train", "eval"):
         plain = Mel2Samp(file_list=str(listing), mode=mode, segment_length=4096, **MEL_PARAMETERS)
-        noisy = Mel2Samp(file_list=str(listing), mode=mode, segment_length=4096, dequantize=True,
-                         **MEL_PARAMETERS)
+        noisy = Mel2Samp(file_list=str(listing), mode=mode, segment_length=4096, dequantize=True, **MEL_PARAMETERS)
         (mel, audio), (noisy_mel, noisy_audio) = plain[0], noisy[0]
         difference = (noisy_audio - audio).abs()
         assert torch.equal(mel, noisy_mel)  # the conditioning is the clean audio's
@@ -86,8 +95,13 @@ def test_dequantization_adds_at_most_half_a_16_bit_step(tmp_path):
 @pytest.mark.slow
 def test_training_stops_at_max_iterations_and_says_where_its_outputs_are(tmp_path):
     make_corpus(str(tmp_path))
-    config = write_config(str(tmp_path), train_config__epochs=100, train_config__max_iterations=3,
-                          train_config__iters_per_checkpoint=2, data_config__dequantize=True)
+    config = write_config(
+        str(tmp_path),
+        train_config__epochs=100,
+        train_config__max_iterations=3,
+        train_config__iters_per_checkpoint=2,
+        data_config__dequantize=True,
+    )
     command = [sys.executable, os.path.join(ROOT, "train.py"), "-c", config]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -98,12 +112,22 @@ def test_training_stops_at_max_iterations_and_says_where_its_outputs_are(tmp_pat
     checkpoint = torch.load(folder / "waveflow_3", weights_only=True)
     assert checkpoint["iteration"] == 3
     # Going on: the command line raises the limit; a run already at its end trains nothing.
-    longer = subprocess.run(command + ["--max_iterations", "5", "--checkpoint_path", str(folder / "waveflow_3")],
-                            capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    longer = subprocess.run(
+        command + ["--max_iterations", "5", "--checkpoint_path", str(folder / "waveflow_3")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+    )
     assert longer.returncode == 0, longer.stderr
     assert "waveflow_5" in os.listdir(folder)
-    again = subprocess.run(command + ["--max_iterations", "5", "--checkpoint_path", str(folder / "waveflow_5")],
-                           capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    again = subprocess.run(
+        command + ["--max_iterations", "5", "--checkpoint_path", str(folder / "waveflow_5")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+    )
     assert again.returncode == 0 and "nothing to train" in again.stdout
     shutil.rmtree(folder)
 
@@ -127,7 +151,7 @@ def test_the_shipped_demo_model_follows_a_sentence_it_never_heard():
     model = build_model(config["waveflow_config"])
     checkpoint = load_checkpoint(path, model)  # strict: the architecture of configs/demo.json
     assert checkpoint["config"]["waveflow_config"] == config["waveflow_config"]
-    assert checkpoint["iteration"] >= 4000 and os.path.getsize(path) < 4 * 2 ** 20
+    assert checkpoint["iteration"] >= 4000 and os.path.getsize(path) < 4 * 2**20
     recording = load_audio(os.path.join(ROOT, "data", "demo", "heldout", "wavs", "demo_002.wav"), RATE)
     mel = MelSpectrogram(n_mel_channels=80, **MEL_PARAMETERS)(recording)
     model = model.eval().remove_weight_norm()

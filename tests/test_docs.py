@@ -5,6 +5,7 @@ the links between these pages resolve; the README's tables agree with config.py 
 Nothing is trained here: a script's flags are read from its `--help`. tests/test_demo.py runs the
 demo's training command itself (`test_training_stops_at_max_iterations_and_says_where_its_outputs_are`).
 """
+
 import contextlib
 import dataclasses
 import functools
@@ -24,8 +25,9 @@ from config import SECTIONS
 from conftest import ROOT
 from model import build_model
 
-DOCUMENTS = ["README.md"] + sorted(os.path.relpath(path, ROOT)
-                                  for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+DOCUMENTS = ["README.md"] + sorted(
+    os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "*.md"))
+)
 FENCED_BLOCK = re.compile(r"^[ \t]*```([^\n]*)\n(.*?)^[ \t]*```[ \t]*$", re.MULTILINE | re.DOTALL)
 SHELL_BLOCKS = ("", "sh", "bash", "shell", "console")  # the info strings of fenced blocks that hold commands
 INLINE_CODE = re.compile(r"`([^`]+)`")
@@ -86,7 +88,7 @@ def project_script(command: list[str]) -> tuple[str, list[str]] | None:
         return command[1], command[2:]
     if program == "torchrun":
         script = next((index for index, token in enumerate(command) if token.endswith(".py")), None)
-        return None if script is None else (command[script], command[script + 1:])
+        return None if script is None else (command[script], command[script + 1 :])
     return None
 
 
@@ -106,8 +108,14 @@ def accepted_flags(script: str) -> frozenset[str]:
     """The flags `script` accepts, from its `--help` (Python scripts run in this process, so that the
     heavy imports are paid once); for a shell script, every flag its text mentions."""
     if script == "pytest":
-        result = subprocess.run([sys.executable, "-m", "pytest", "--help"], capture_output=True, text=True,
-                                cwd=ROOT, timeout=120, check=False)
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "--help"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr
         return frozenset(option_strings(result.stdout))
     path = os.path.join(ROOT, script)
@@ -135,8 +143,11 @@ def command_problems(document: str, command: list[str], markers: set[str]) -> li
     found = project_script(command)
     if found is not None and found[0] != "pytest" and not os.path.isfile(os.path.join(ROOT, found[0])):
         return [f"{where}: no script {found[0]}"]
-    problems = [f"{where}: no file or folder {path} in the repository" for path in repository_paths(command)
-                if not os.path.exists(os.path.join(ROOT, path))]
+    problems = [
+        f"{where}: no file or folder {path} in the repository"
+        for path in repository_paths(command)
+        if not os.path.exists(os.path.join(ROOT, path))
+    ]
     if command[0] == "pip" and "-r" in command[1:-1]:
         requirements = command[command.index("-r") + 1]
         if not os.path.isfile(os.path.join(ROOT, requirements)):
@@ -221,7 +232,7 @@ def table_rows(text: str, first_column: str) -> list[list[str]]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([cell.strip().strip("`") for cell in line.strip().strip("|").split("|")])
@@ -237,20 +248,25 @@ def test_the_readme_table_of_added_keys_is_config_py():
             with open(os.path.join(ROOT, "configs", name)) as f:
                 for section, values in json.load(f).items():
                     original[section] |= set(values)
-    added = {(section, field.name): json.dumps(field.default)
-             for section, (_, cls) in SECTIONS.items() for field in dataclasses.fields(cls)
-             if field.name not in original[section]}
+    added = {
+        (section, field.name): json.dumps(field.default)
+        for section, (_, cls) in SECTIONS.items()
+        for field in dataclasses.fields(cls)
+        if field.name not in original[section]
+    }
     documented = {(section, key): default for section, key, default, _ in table_rows(read("README.md"), "section")}
     assert documented == added
 
 
 def test_the_readme_table_of_models_is_model_py():
     rows = table_rows(read("README.md"), "config")
-    assert {row[0] for row in rows} == {name[:-len(".json")] for name in os.listdir(os.path.join(ROOT, "configs"))}
+    assert {row[0] for row in rows} == {name[: -len(".json")] for name in os.listdir(os.path.join(ROOT, "configs"))}
     for name, coupling_type, trained, inference, _ in rows:
         with open(os.path.join(ROOT, "configs", f"{name}.json")) as f:
             section = json.load(f)["waveflow_config"]
         model = build_model(section)
         assert section["coupling_type"] == coupling_type
-        assert (model.parameter_count(), model.parameter_count(inference=True)) == \
-            (int(trained.replace(",", "")), int(inference.replace(",", ""))), name
+        assert (model.parameter_count(), model.parameter_count(inference=True)) == (
+            int(trained.replace(",", "")),
+            int(inference.replace(",", "")),
+        ), name

@@ -3,6 +3,7 @@
 The reference (`fixtures/image_density_state_dicts.json`) is the original code's tensor
 names, shapes and parameter counts, copied from the project's reference material.
 """
+
 import hashlib
 import io
 import json
@@ -125,8 +126,7 @@ def test_inverse_of_forward_is_the_identity(model_type, options):
 
 @pytest.mark.parametrize(
     "model_type, options",
-    [(model_type, {}) for model_type in MODEL_TYPES]
-    + [("glow", dict(flow_coupling="additive", LU_decomposed=False))],
+    [(model_type, {}) for model_type in MODEL_TYPES] + [("glow", dict(flow_coupling="additive", LU_decomposed=False))],
 )
 def test_logdet_matches_a_brute_force_jacobian(model_type, options):
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
 """image_density_experiments/train.py: the checkpoints to resume from are checked before any work."""
+
 import os
 import subprocess
 import sys
@@ -7,8 +8,14 @@ from test_image_density import IMAGE_DIR, write_fake_cifar10
 
 
 def run_train(*args):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=IMAGE_DIR, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=IMAGE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_a_missing_checkpoint_or_one_that_fresh_would_delete_is_a_one_line_error(tmp_path):
@@ -24,5 +31,6 @@ def test_a_missing_checkpoint_or_one_that_fresh_would_delete_is_a_one_line_error
     fresh = run_train(*common, "--fresh", "--saved_model", str(output / "glow_model_3.pth"))
     assert fresh.returncode != 0 and fresh.stderr.strip() == (
         f"error: --fresh would delete {output / 'glow_model_3.pth'}, the checkpoint to resume from; resume into "
-        f"another --output_dir")
+        f"another --output_dir"
+    )
     assert (output / "glow_model_3.pth").read_bytes() == b"a checkpoint"

@@ -1,4 +1,5 @@
 """mel2samp.py: training crops, evaluation and synthesis items, batching, and the precompute command."""
+
 import json
 import os
 import subprocess
@@ -18,8 +19,9 @@ from mel2samp import Mel2Samp, collate, write_mels
 RATE = 22050
 SEGMENT = 4000
 HOP = 256
-MEL_PARAMETERS: dict[str, Any] = dict(sampling_rate=RATE, filter_length=1024, hop_length=HOP, win_length=1024,
-                      mel_fmin=0.0, mel_fmax=8000.0)
+MEL_PARAMETERS: dict[str, Any] = dict(
+    sampling_rate=RATE, filter_length=1024, hop_length=HOP, win_length=1024, mel_fmin=0.0, mel_fmax=8000.0
+)
 
 
 def write_clip(path, num_samples, rate=RATE, seed=0):
@@ -51,7 +53,7 @@ def test_training_crops_are_in_bounds_and_their_mel_is_the_crops(corpus):
         start = data.crop_start(index)
         full = load_audio(paths[index], RATE)
         assert 0 <= start <= full.shape[0] - SEGMENT
-        assert torch.equal(audio, full[start:start + SEGMENT])
+        assert torch.equal(audio, full[start : start + SEGMENT])
         assert mel.shape == (80, 1 + SEGMENT // HOP)
         assert torch.allclose(mel, mel_spectrogram(audio), atol=1e-5)
 
@@ -81,7 +83,7 @@ def test_crops_do_not_depend_on_the_number_of_workers(corpus):
     for workers in (0, 2):
         loader = DataLoader(data, batch_size=2, num_workers=workers, collate_fn=collate)
         batches[workers] = [audio for _, audio in loader]
-    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2]))
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2], strict=True))
 
 
 def test_short_clips_are_zero_padded(corpus):
@@ -131,8 +133,9 @@ def test_bad_files_are_reported_when_the_dataset_is_built(tmp_path, corpus):
 
 
 def run_command(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "mel2samp.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "mel2samp.py"), *args], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 @pytest.fixture
@@ -194,8 +197,10 @@ def test_command_refuses_two_clips_with_one_output_name(tmp_path, config_file):
 def test_command_needs_only_data_config(tmp_path, corpus, config_file):
     file_list, paths = corpus
     with open(config_file) as f:
-        data_only = {"data_config": json.load(f)["data_config"],
-                     "train_config": {"fp16_run": False}}  # the original's sections may be partial: not read
+        data_only = {
+            "data_config": json.load(f)["data_config"],
+            "train_config": {"fp16_run": False},
+        }  # the original's sections may be partial: not read
     path = tmp_path / "data_only.json"
     path.write_text(json.dumps(data_only))
     result = run_command("-f", file_list, "-c", str(path), "-o", str(tmp_path / "mels"))
@@ -223,8 +228,14 @@ def store_mels(folder, paths, name=lambda path: os.path.basename(path) + ".pt", 
 def test_stored_mels_are_read_and_cropped_in_step_with_the_audio(tmp_path, corpus):
     file_list, paths = corpus
     stored = store_mels(str(tmp_path / "mels"), paths)
-    data = Mel2Samp(file_list=file_list, mode="train", segment_length=SEGMENT, seed=1234,
-                    mel_directory=str(tmp_path / "mels"), **MEL_PARAMETERS)
+    data = Mel2Samp(
+        file_list=file_list,
+        mode="train",
+        segment_length=SEGMENT,
+        seed=1234,
+        mel_directory=str(tmp_path / "mels"),
+        **MEL_PARAMETERS,
+    )
     frames = 1 + SEGMENT // HOP
     mel_spectrogram = MelSpectrogram(**MEL_PARAMETERS)
     for epoch in (0, 1):
@@ -234,19 +245,25 @@ def test_stored_mels_are_read_and_cropped_in_step_with_the_audio(tmp_path, corpu
             assert start % HOP == 0
             mel, audio = data[index]
             first = start // HOP
-            assert torch.equal(mel, stored[index][:, first:first + frames])
-            assert torch.equal(audio, load_audio(paths[index], RATE)[start:start + SEGMENT])
+            assert torch.equal(mel, stored[index][:, first : first + frames])
+            assert torch.equal(audio, load_audio(paths[index], RATE)[start : start + SEGMENT])
             # The frames the crop's own mel would have, but for its edges' reflect padding.
             assert torch.allclose(mel[:, 2:-2], mel_spectrogram(audio)[:, 2:-2], atol=1e-4)
     assert len({data.crop_start(index) for index in range(4)}) > 1
     mel, audio = data[4]  # 1500 samples, zero-padded: its 6 frames, then silence
     assert torch.equal(mel[:, :6], stored[4]) and torch.all(mel[:, 6:] == np.log(1e-5))
     assert mel.shape == (80, frames) and audio.shape == (SEGMENT,)
-    evaluation = Mel2Samp(file_list=file_list, mode="eval", segment_length=SEGMENT,
-                          mel_directory=str(tmp_path / "mels"), **MEL_PARAMETERS)
+    evaluation = Mel2Samp(
+        file_list=file_list, mode="eval", segment_length=SEGMENT, mel_directory=str(tmp_path / "mels"), **MEL_PARAMETERS
+    )
     assert torch.equal(evaluation[1][0], stored[1][:, :frames])
-    synthesis = Mel2Samp(file_list=file_list, mode="synthesis", segment_length=SEGMENT,
-                         mel_directory=str(tmp_path / "mels"), **MEL_PARAMETERS)
+    synthesis = Mel2Samp(
+        file_list=file_list,
+        mode="synthesis",
+        segment_length=SEGMENT,
+        mel_directory=str(tmp_path / "mels"),
+        **MEL_PARAMETERS,
+    )
     mel, audio = synthesis[2]
     assert torch.equal(mel, stored[2]) and audio.shape[0] == HOP * (mel.shape[1] - 1)
 
@@ -255,15 +272,27 @@ def test_stored_mels_keep_dequantized_audio_and_names_of_either_convention(tmp_p
     file_list, paths = corpus
     stem = lambda path: os.path.splitext(os.path.basename(path))[0] + ".npy"  # noqa: E731  HiFi-GAN's naming
     stored = store_mels(str(tmp_path / "mels"), paths, name=stem, frames_off=-2)
-    data = Mel2Samp(file_list=file_list, mode="train", segment_length=SEGMENT, seed=5, dequantize=True,
-                    mel_directory=str(tmp_path / "mels"), **MEL_PARAMETERS)
+    data = Mel2Samp(
+        file_list=file_list,
+        mode="train",
+        segment_length=SEGMENT,
+        seed=5,
+        dequantize=True,
+        mel_directory=str(tmp_path / "mels"),
+        **MEL_PARAMETERS,
+    )
     mel, audio = data[0]
     start = data.crop_start(0)
-    crop = load_audio(paths[0], RATE)[start:start + SEGMENT]
+    crop = load_audio(paths[0], RATE)[start : start + SEGMENT]
     assert 0 < (audio - crop).abs().max() <= 0.5 / 32768
-    assert torch.equal(mel, stored[0][:, start // HOP:start // HOP + 1 + SEGMENT // HOP])
-    synthesis = Mel2Samp(file_list=file_list, mode="synthesis", segment_length=SEGMENT,
-                         mel_directory=str(tmp_path / "mels"), **MEL_PARAMETERS)
+    assert torch.equal(mel, stored[0][:, start // HOP : start // HOP + 1 + SEGMENT // HOP])
+    synthesis = Mel2Samp(
+        file_list=file_list,
+        mode="synthesis",
+        segment_length=SEGMENT,
+        mel_directory=str(tmp_path / "mels"),
+        **MEL_PARAMETERS,
+    )
     mel, _ = synthesis[1]  # two frames short: the last one repeated up to 1 + T // hop
     assert mel.shape[1] == 1 + 21000 // HOP and torch.equal(mel[:, -3:], stored[1][:, -1:].expand(-1, 3))
 
@@ -276,9 +305,16 @@ def test_a_stored_mel_that_does_not_fit_is_a_one_line_error_naming_it(tmp_path, 
         os.remove(tmp_path / "mels" / "clip2.wav.pt")
         message = f"{tmp_path / 'mels' / 'clip2.wav.pt'}: mel file not found (the mel of {paths[2]}"
     else:
-        message = (f"{tmp_path / 'mels' / 'clip0.wav.pt'}: mel has {1 + 20000 // HOP + 3} frames, its audio "
-                   f"{paths[0]} (20000 samples) has {1 + 20000 // HOP}")
+        message = (
+            f"{tmp_path / 'mels' / 'clip0.wav.pt'}: mel has {1 + 20000 // HOP + 3} frames, its audio "
+            f"{paths[0]} (20000 samples) has {1 + 20000 // HOP}"
+        )
     with pytest.raises(DataError) as error:
-        Mel2Samp(file_list=file_list, mode="train", segment_length=SEGMENT, mel_directory=str(tmp_path / "mels"),
-                 **MEL_PARAMETERS)
+        Mel2Samp(
+            file_list=file_list,
+            mode="train",
+            segment_length=SEGMENT,
+            mel_directory=str(tmp_path / "mels"),
+            **MEL_PARAMETERS,
+        )
     assert str(error.value).startswith(message) and "\n" not in str(error.value)

@@ -1,5 +1,6 @@
 """metrics.py on signals whose answers are known, and the measures through train.py (-v, --json, --mels,
 TensorBoard at checkpoints) on a tiny corpus."""
+
 import argparse
 import contextlib
 import io
@@ -45,7 +46,7 @@ def noise_like(audio: np.ndarray, seed: int = 0) -> np.ndarray:
     spectrum = np.fft.rfft(rng.standard_normal(audio.size))
     frequency = np.fft.rfftfreq(audio.size, 1 / RATE)
     noise = np.fft.irfft(spectrum * envelope(frequency) * (frequency < 7000), audio.size)
-    return (noise * np.sqrt(np.mean(audio ** 2) / np.mean(noise ** 2))).astype(np.float32)
+    return (noise * np.sqrt(np.mean(audio**2) / np.mean(noise**2))).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_pesq_falls_with_the_noise(speech):
     pytest.importorskip("pesq")
     clean = speech.numpy()
     rng = np.random.default_rng(0)
-    power = np.mean(clean ** 2)
+    power = np.mean(clean**2)
     scores = [metrics.pesq_wideband(clean, clean)]
     for snr in (30, 10):
         noisy = clean + np.sqrt(power / 10 ** (snr / 10)) * rng.standard_normal(clean.size).astype(np.float32)
@@ -160,13 +161,15 @@ def test_summary_is_the_mean_with_a_student_t_interval():
 
 # ----------------------------------------------------------------------------- through train.py
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """3 training steps with TensorBoard and one checkpoint at the end, on 2 test clips."""
     folder = str(tmp_path_factory.mktemp("metrics"))
     make_corpus(folder)
-    config = write_config(folder, train_config__with_tensorboard=True, train_config__epochs=1,
-                          train_config__iters_per_checkpoint=3)
+    config = write_config(
+        folder, train_config__with_tensorboard=True, train_config__epochs=1, train_config__iters_per_checkpoint=3
+    )
     # One thread: a tiny model gains nothing from more, and on a busy machine they only wait for each other.
     result = run("-c", config, env=dict(os.environ, OMP_NUM_THREADS="1"))
     return folder, config, os.path.join(folder, "exp", "tiny", "waveflow_3"), result
@@ -238,7 +241,7 @@ def test_evaluate_precomputed_mels_against_their_audio(trained, evaluated, tmp_p
     assert "log-mel L1" in stderr and document["log_likelihood"] is None
     assert [clip["name"] for clip in document["clips"]] == ["clip06", "other"]
     # The same mels and recordings as the test list's clips: the same synthesis and the same values.
-    for clip, same in zip(document["clips"], evaluated[1]["clips"]):
+    for clip, same in zip(document["clips"], evaluated[1]["clips"], strict=True):
         for name in ("log_mel_l1", "mr_stft", "vuv_f1", "periodicity_rmse"):
             assert clip[name] == pytest.approx(same[name], rel=1e-6)
 
@@ -248,8 +251,11 @@ def test_a_mel_without_audio_is_an_error_naming_where_it_looked(trained, tmp_pat
     _, config, _, _ = trained
     np.save(tmp_path / "lonely.npy", np.zeros((80, 10), dtype=np.float32))
     args = argparse.Namespace(mels=[str(tmp_path)])
-    with pytest.raises(DataError, match=r"lonely.npy: no audio to measure it against: looked for lonely.wav or "
-                                        r"lonely.flac beside it and in .*test.txt"):
+    with pytest.raises(
+        DataError,
+        match=r"lonely.npy: no audio to measure it against: looked for lonely.wav or "
+        r"lonely.flac beside it and in .*test.txt",
+    ):
         synthesis.evaluation_inputs(load_config(config), args)
 
 
@@ -258,6 +264,10 @@ def test_default_temperatures_and_argument_checks():
     assert train.parse_args(["-v", "-c", "x.json"]).temp == train.MEASURE_TEMPERATURE == 0.8
     assert train.parse_args(["-c", "x.json"]).temp == 0.8  # the checkpoint reports in training
     assert train.parse_args(["-v", "-t", "0.6", "-c", "x.json"]).temp == 0.6
-    for wrong in (["--json", "-", "-c", "x.json"], ["-s", "--json", "r.json", "-c", "x.json"], ["--mels", "m", "-c", "x.json"]):
+    for wrong in (
+        ["--json", "-", "-c", "x.json"],
+        ["-s", "--json", "r.json", "-c", "x.json"],
+        ["--mels", "m", "-c", "x.json"],
+    ):
         with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
             train.parse_args(wrong)

@@ -1,9 +1,11 @@
 """The model family against the original's numbers, and the properties every flow must have."""
+
 import json
 import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from config import ConfigError
 from inference import CudaGraphCache
 from model import SYNTHESIS_TRIM, WaveFlow, build_model, negative_log_likelihood, squeeze, unsqueeze
-from modules import WaveNet2D
+from modules import HeightCausalConv2d, WaveNet2D
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -22,9 +24,18 @@ TOLERANCE = 1e-4
 
 
 def tiny_config(coupling_type: str, **overrides) -> dict:
-    config = {"model_name": "tiny", "cin_channels": 80, "res_channels": 16, "n_height": 16, "n_layer": 3,
-              "n_flow": 4, "n_layer_per_cycle": 1, "coupling_type": coupling_type,
-              "size_flow_embed": 8, "use_weightnorm_embed": "False"}
+    config = {
+        "model_name": "tiny",
+        "cin_channels": 80,
+        "res_channels": 16,
+        "n_height": 16,
+        "n_layer": 3,
+        "n_flow": 4,
+        "n_layer_per_cycle": 1,
+        "coupling_type": coupling_type,
+        "size_flow_embed": 8,
+        "use_weightnorm_embed": "False",
+    }
     config.update(overrides)
     return config
 
@@ -60,6 +71,7 @@ def slow_inverse(model: WaveFlow, mel: torch.Tensor, z: torch.Tensor) -> torch.T
 
 # ----------------------------------------------------------------------------- reference fixtures
 
+
 @pytest.mark.parametrize("name", ["waveflow-small", "nanoflow-naive-small", "nanoflow-decomp-small", "nanoflow-small"])
 def test_reference_fixture(name):
     fixture = torch.load(os.path.join(FIXTURES, f"{name}.pt"), weights_only=False)
@@ -72,7 +84,9 @@ def test_reference_fixture(name):
         loss = negative_log_likelihood(z, logdet)
     assert logdet.shape == (forward["audio"].shape[0],)
     assert torch.allclose(z, forward["z"], atol=TOLERANCE, rtol=0)
-    assert abs(logdet.sum().item() - forward["logdet_sum"].item()) <= TOLERANCE * max(1.0, abs(forward["logdet_sum"].item()))
+    assert abs(logdet.sum().item() - forward["logdet_sum"].item()) <= TOLERANCE * max(
+        1.0, abs(forward["logdet_sum"].item())
+    )
     assert abs(loss.item() - forward["loss"]) <= TOLERANCE
     infer = fixture["infer"]
     audio = model.infer(infer["mel"], z=infer["z"])
@@ -82,9 +96,14 @@ def test_reference_fixture(name):
 
 def test_state_dict_layout_and_parameter_counts_of_the_original_configs():
     reference = json.load(open(os.path.join(FIXTURES, "state_dicts.json")))
-    expected_counts = {"waveflow-h16-r64": 5_950_180, "waveflow-h16-r128": 22_385_892,
-                       "nanoflow-naive-h16-r128": 2_798_408, "nanoflow-decomp-h16-r128": 2_800_228,
-                       "nanoflow-h16-r128-emb512": 3_865_188, "nanoflow-h16-r128-emb1024-f16": 4_936_324}
+    expected_counts = {
+        "waveflow-h16-r64": 5_950_180,
+        "waveflow-h16-r128": 22_385_892,
+        "nanoflow-naive-h16-r128": 2_798_408,
+        "nanoflow-decomp-h16-r128": 2_800_228,
+        "nanoflow-h16-r128-emb512": 3_865_188,
+        "nanoflow-h16-r128-emb1024-f16": 4_936_324,
+    }
     for name, count in expected_counts.items():
         with open(os.path.join(ROOT, "configs", f"{name}.json")) as f:
             project_config = json.load(f)
@@ -150,9 +169,11 @@ def test_synthesis_options_give_the_same_audio():
 def test_threads_synthesizing_with_one_model_get_what_each_gets_alone(variant):
     """A service's threads share one loaded model: their syntheses must share no state."""
     model = random_model(tiny_config(variant, n_layer_per_cycle=2))
-    requests = [(torch.randn(2, 80, 7), torch.randn(2, 1, 16, 64)),  # different batch sizes and lengths
-                (torch.randn(1, 80, 5), torch.randn(1, 1, 16, 32)),
-                (torch.randn(3, 80, 6), torch.randn(3, 1, 16, 48))]
+    requests = [
+        (torch.randn(2, 80, 7), torch.randn(2, 1, 16, 64)),  # different batch sizes and lengths
+        (torch.randn(1, 80, 5), torch.randn(1, 1, 16, 32)),
+        (torch.randn(3, 80, 6), torch.randn(3, 1, 16, 48)),
+    ]
     alone = [model.infer(mel, z=z) for mel, z in requests]
     start = threading.Barrier(len(requests))
 
@@ -162,7 +183,7 @@ def test_threads_synthesizing_with_one_model_get_what_each_gets_alone(variant):
 
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(synthesize, requests))
-    for expected, results in zip(alone, together):
+    for expected, results in zip(alone, together, strict=True):
         for audio in results:
             assert torch.equal(audio, expected)
 
@@ -189,13 +210,17 @@ def test_the_model_holds_no_synthesis_state():
 
 def test_logdet_equals_brute_force_jacobian():
     for variant in VARIANTS:
-        model = random_model(tiny_config(variant, n_height=4, n_flow=3, res_channels=8, n_layer=2,
-                                         n_layer_per_cycle=2, bipartize=True), seed=1).double()
+        model = random_model(
+            tiny_config(variant, n_height=4, n_flow=3, res_channels=8, n_layer=2, n_layer_per_cycle=2, bipartize=True),
+            seed=1,
+        ).double()
         mel = torch.randn(1, 80, 1, dtype=torch.float64)
         audio = torch.randn(1, 24, dtype=torch.float64)
         with torch.no_grad():
             _, logdet = model(audio, mel)
-        jacobian = torch.autograd.functional.jacobian(lambda a: model(a, mel)[0].flatten(), audio).reshape(24, 24)
+        jacobian = torch.autograd.functional.jacobian(
+            lambda a, model=model, mel=mel: model(a, mel)[0].flatten(), audio
+        ).reshape(24, 24)
         sign, logabsdet = torch.linalg.slogdet(jacobian)
         assert sign != 0
         assert abs(logdet.item() - logabsdet.item()) < 1e-6, variant
@@ -207,16 +232,22 @@ def plain_coupling_params(model: WaveFlow, flow: int, x: torch.Tensor, c: torch.
     folding (front conv, skip projection, gates, biases) that the model does for speed."""
     net, coupling, embedding = model.flow_parts(flow)
     channels = net.res_channels
-    front = net.front_conv[0].conv
+    front = cast(HeightCausalConv2d, net.front_conv[0]).conv
     h = F.conv2d(F.pad(x, (0, 0, 1, 0))[:, :, :-1], front.normed_weight(), front.bias)  # shifted down one row
-    skip = 0
+    skip = torch.zeros(())
     for j, block in enumerate(net.res_blocks):
         conv = block.filter_gate_conv
-        a = F.conv2d(F.pad(h, (conv.pad_side, conv.pad_side, conv.pad_top, 0)), conv.conv.normed_weight(),
-                     conv.conv.bias, dilation=conv.conv.dilation)
+        a = F.conv2d(
+            F.pad(h, (conv.pad_side, conv.pad_side, conv.pad_top, 0)),
+            conv.conv.normed_weight(),
+            conv.conv.bias,
+            dilation=conv.conv.dilation,
+        )
         a = a + F.conv2d(c, block.filter_gate_conv_c.normed_weight(), block.filter_gate_conv_c.bias)
         if embedding is not None:
-            a = a + F.conv2d(embedding, block.filter_gate_conv_h.normed_weight(), block.filter_gate_conv_h.bias)
+            embed = block.filter_gate_conv_h
+            assert embed is not None
+            a = a + F.conv2d(embedding, embed.normed_weight(), embed.bias)
         gated = torch.tanh(a[:, :channels]) * torch.sigmoid(a[:, channels:])
         res_skip = F.conv2d(gated, block.res_skip_conv.normed_weight(), block.res_skip_conv.bias)
         if hasattr(coupling, "multgate"):
@@ -228,8 +259,10 @@ def plain_coupling_params(model: WaveFlow, flow: int, x: torch.Tensor, c: torch.
     return (F.conv2d(skip, proj.conv.weight, proj.conv.bias) * torch.exp(3 * proj.scale)).chunk(2, dim=1)
 
 
-@pytest.mark.parametrize("variant,overrides", [("nanoflow", {}), ("waveflow", {"n_layer_per_cycle": 2}),
-                                               ("nanoflow_decomp", {"use_weightnorm_embed": True})])
+@pytest.mark.parametrize(
+    "variant,overrides",
+    [("nanoflow", {}), ("waveflow", {"n_layer_per_cycle": 2}), ("nanoflow_decomp", {"use_weightnorm_embed": True})],
+)
 def test_estimator_and_its_gradients_equal_the_plain_definition(variant, overrides):
     model = random_model(tiny_config(variant, n_layer=4, **overrides)).train()
     x, c = torch.randn(2, 1, 16, 24), torch.randn(2, 80, 16, 24)
@@ -237,20 +270,22 @@ def test_estimator_and_its_gradients_equal_the_plain_definition(variant, overrid
     for flow in (0, model.config.n_flow - 1):
         fast, plain = model.coupling_params(flow, x, c), plain_coupling_params(model, flow, x, c)
         weights = torch.randn(2, *x.shape)
-        loss_fast = sum((w * out).sum() for w, out in zip(weights, fast))
-        loss_plain = sum((w * out).sum() for w, out in zip(weights, plain))
+        loss_fast = sum(((w * out).sum() for w, out in zip(weights, fast, strict=True)), torch.zeros(()))
+        loss_plain = sum(((w * out).sum() for w, out in zip(weights, plain, strict=True)), torch.zeros(()))
         assert torch.allclose(loss_fast, loss_plain, atol=1e-4, rtol=1e-5)
-        for a, b in zip(fast, plain):
+        for a, b in zip(fast, plain, strict=True):
             assert torch.allclose(a, b, atol=1e-5, rtol=0)
         grads_fast = torch.autograd.grad(loss_fast, params, allow_unused=True)
         grads_plain = torch.autograd.grad(loss_plain, params, allow_unused=True)
         used = 0
-        for p, a, b in zip(params, grads_fast, grads_plain):
+        for p, a, b in zip(params, grads_fast, grads_plain, strict=True):
             if b is None:
                 assert a is None or not a.any()
                 continue
             used += 1
-            assert a is not None and torch.allclose(a, b, atol=1e-4, rtol=1e-4), [n for n, q in model.named_parameters() if q is p]
+            assert a is not None and torch.allclose(a, b, atol=1e-4, rtol=1e-4), [
+                n for n, q in model.named_parameters() if q is p
+            ]
         assert used > 10
 
 
@@ -285,8 +320,8 @@ def test_coupling_row_depends_only_on_rows_above():
                 changed = x.clone()
                 changed[:, :, h:] += 1.0
                 new_log_s, new_t = model.coupling_params(flow, changed, c)
-                assert torch.equal(new_log_s[:, :, :h + 1], log_s[:, :, :h + 1])
-                assert torch.equal(new_t[:, :, :h + 1], t[:, :, :h + 1])
+                assert torch.equal(new_log_s[:, :, : h + 1], log_s[:, :, : h + 1])
+                assert torch.equal(new_t[:, :, : h + 1], t[:, :, : h + 1])
                 if h < 7:
                     assert not torch.allclose(new_t[:, :, h + 1], t[:, :, h + 1])
 
@@ -315,6 +350,7 @@ def test_sampling_uses_sigma_and_generator():
 
 
 # ----------------------------------------------------------------------------- weight norm
+
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_remove_weight_norm_keeps_the_model_usable(variant):
@@ -349,6 +385,7 @@ def test_weight_normed_embedding_uses_the_original_names():
 
 # ----------------------------------------------------------------------------- precision and memory
 
+
 def test_autocast_keeps_logdet_and_loss_in_fp32():
     model = random_model(tiny_config("nanoflow"))
     audio, mel = torch.randn(2, 512).clamp(-1, 1), torch.randn(2, 80, 3)
@@ -377,20 +414,28 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = random_model(tiny_config("nanoflow", gradient_checkpointing=enabled)).train()
         loss = negative_log_likelihood(*model(audio, mel))
         loss.backward()
-        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert all(p.grad is not None for p in model.parameters())
+        gradients.append(torch.cat([cast(torch.Tensor, p.grad).flatten() for p in model.parameters()]))
     assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- bad configs
 
-@pytest.mark.parametrize("change,message", [
-    ({"coupling_type": "nanoflow_fancy"}, r"coupling_type must be one of waveflow, nanoflow_naive, nanoflow_decomp, nanoflow"),
-    ({"n_layer": "8"}, r"waveflow_config\.n_layer must be an integer"),
-    ({"res_channel": 16}, r"unknown key 'res_channel'; did you mean 'res_channels'"),
-    ({"use_weightnorm_embed": "yes"}, r"waveflow_config\.use_weightnorm_embed must be a boolean"),
-    ({"n_height": 0}, r"waveflow_config\.n_height must be at least"),
-    ({"size_flow_embed": 0}, r"size_flow_embed must be a positive integer"),
-])
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            {"coupling_type": "nanoflow_fancy"},
+            r"coupling_type must be one of waveflow, nanoflow_naive, nanoflow_decomp, nanoflow",
+        ),
+        ({"n_layer": "8"}, r"waveflow_config\.n_layer must be an integer"),
+        ({"res_channel": 16}, r"unknown key 'res_channel'; did you mean 'res_channels'"),
+        ({"use_weightnorm_embed": "yes"}, r"waveflow_config\.use_weightnorm_embed must be a boolean"),
+        ({"n_height": 0}, r"waveflow_config\.n_height must be at least"),
+        ({"size_flow_embed": 0}, r"size_flow_embed must be a positive integer"),
+    ],
+)
 def test_bad_config_is_refused_with_the_key_named(change, message):
     config = tiny_config("nanoflow")
     config.update(change)

@@ -1,4 +1,5 @@
 """scripts/prepare_ljspeech.py on fake corpora in the LJSpeech-1.1 layout (no download)."""
+
 import importlib.util
 import os
 import subprocess
@@ -51,9 +52,22 @@ def listed_ids(list_path):
 def test_archive_is_extracted_and_split_into_disjoint_lists(tmp_path, monkeypatch):
     archive, ids = make_archive(tmp_path, 12)
     monkeypatch.chdir(tmp_path)
-    code = prepare_ljspeech.main(["--archive", str(archive), "--data-dir", "data", "--expected-clips", "12",
-                                  "--test-clips", "3", "--train-list", "lists/train.txt",
-                                  "--test-list", "lists/test.txt"])
+    code = prepare_ljspeech.main(
+        [
+            "--archive",
+            str(archive),
+            "--data-dir",
+            "data",
+            "--expected-clips",
+            "12",
+            "--test-clips",
+            "3",
+            "--train-list",
+            "lists/train.txt",
+            "--test-list",
+            "lists/test.txt",
+        ]
+    )
     assert code == 0
     assert sorted(os.listdir(tmp_path / "data")) == ["LJSpeech-1.1"]  # no scratch folder left behind
     test, train = listed_ids(tmp_path / "lists/test.txt"), listed_ids(tmp_path / "lists/train.txt")
@@ -64,8 +78,18 @@ def test_archive_is_extracted_and_split_into_disjoint_lists(tmp_path, monkeypatc
 def test_1310_test_clips_and_no_clip_in_both_lists(tmp_path):
     corpus, ids = make_corpus(tmp_path, 1400)
     train_list, test_list = tmp_path / "train_files.txt", tmp_path / "test_files.txt"
-    code = prepare_ljspeech.main(["--corpus", str(corpus), "--expected-clips", "1400",
-                                  "--train-list", str(train_list), "--test-list", str(test_list)])
+    code = prepare_ljspeech.main(
+        [
+            "--corpus",
+            str(corpus),
+            "--expected-clips",
+            "1400",
+            "--train-list",
+            str(train_list),
+            "--test-list",
+            str(test_list),
+        ]
+    )
     assert code == 0
     test, train = listed_ids(test_list), listed_ids(train_list)
     assert len(test) == 1310 and len(train) == 90
@@ -94,9 +118,20 @@ def test_incomplete_corpora_and_foreign_archives_are_refused(tmp_path, capsys):
 
 def test_command_line_error_is_one_line_without_traceback(tmp_path):
     archive, _ = make_archive(tmp_path, 4)
-    command = [sys.executable, SCRIPT, "--archive", str(archive), "--data-dir", str(tmp_path / "data"),
-               "--sha256", "0" * 64, "--train-list", str(tmp_path / "train.txt"),
-               "--test-list", str(tmp_path / "test.txt")]
+    command = [
+        sys.executable,
+        SCRIPT,
+        "--archive",
+        str(archive),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--sha256",
+        "0" * 64,
+        "--train-list",
+        str(tmp_path / "train.txt"),
+        "--test-list",
+        str(tmp_path / "test.txt"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()

@@ -1,4 +1,5 @@
 """scripts/: bad input ends a script with one line naming it."""
+
 import importlib.util
 import json
 import os
@@ -19,29 +20,39 @@ def script(name):
 
 def test_plot_synthesis_names_a_recording_too_short_to_synthesize_and_measure(tmp_path, capsys):
     recording = str(tmp_path / "short.wav")
-    soundfile.write(recording, (0.3 * np.sin(np.arange(1500) / 5) * 32767).astype(np.int16), 22050,
-                    subtype="PCM_16")
-    status = script("plot_synthesis").main([recording, "-c", os.path.join(ROOT, "configs", "demo.json"),
-                                            "--checkpoint_path", os.path.join(ROOT, "pretrained", "nanoflow-demo.pt"),
-                                            "-o", str(tmp_path / "plot.png")])
+    soundfile.write(recording, (0.3 * np.sin(np.arange(1500) / 5) * 32767).astype(np.int16), 22050, subtype="PCM_16")
+    status = script("plot_synthesis").main(
+        [
+            recording,
+            "-c",
+            os.path.join(ROOT, "configs", "demo.json"),
+            "--checkpoint_path",
+            os.path.join(ROOT, "pretrained", "nanoflow-demo.pt"),
+            "-o",
+            str(tmp_path / "plot.png"),
+        ]
+    )
     assert status == 1
-    assert capsys.readouterr().err.strip() == (f"error: {recording}: a recording of 1500 samples, its synthesis of "
-                                               f"768 samples is too short to measure (need at least 1025)")
+    assert capsys.readouterr().err.strip() == (
+        f"error: {recording}: a recording of 1500 samples, its synthesis of "
+        f"768 samples is too short to measure (need at least 1025)"
+    )
     assert not os.path.exists(tmp_path / "plot.png")
 
 
 def test_precision_check_leaves_out_test_clips_too_short_and_says_so(tmp_path, capsys):
     recording = str(tmp_path / "short.wav")
-    soundfile.write(recording, (0.3 * np.sin(np.arange(1000) / 5) * 32767).astype(np.int16), 22050,
-                    subtype="PCM_16")
+    soundfile.write(recording, (0.3 * np.sin(np.arange(1000) / 5) * 32767).astype(np.int16), 22050, subtype="PCM_16")
     (tmp_path / "test.txt").write_text(recording + "\n")
     with open(os.path.join(ROOT, "configs", "demo.json")) as f:
         config = json.load(f)
     config["data_config"]["test_files"] = str(tmp_path / "test.txt")
     (tmp_path / "config.json").write_text(json.dumps(config))
-    status = script("precision_check").main(["-c", str(tmp_path / "config.json"), "--checkpoint_path",
-                                             os.path.join(ROOT, "pretrained", "nanoflow-demo.pt")])
+    status = script("precision_check").main(
+        ["-c", str(tmp_path / "config.json"), "--checkpoint_path", os.path.join(ROOT, "pretrained", "nanoflow-demo.pt")]
+    )
     assert status == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         f"{recording}: its synthesis of 256 samples is too short to compare (need more than 512): left out",
-        f"error: {tmp_path / 'test.txt'}: no test clip is long enough to compare"]
+        f"error: {tmp_path / 'test.txt'}: no test clip is long enough to compare",
+    ]

@@ -1,4 +1,5 @@
 """The automatic synthesis precision on a CPU rests on PyTorch's private probes: without them, fp32."""
+
 import os
 
 import pytest

@@ -1,4 +1,5 @@
 """train.py end to end, run as a user runs it, on a tiny corpus made here."""
+
 import builtins
 import contextlib
 import errno
@@ -52,18 +53,45 @@ def make_corpus(folder, n_train=6, n_test=2):
 
 def write_config(folder, name="config.json", **changes):
     config = {
-        "train_config": {"fp16_run": False, "output_directory": os.path.join(folder, "exp"), "epochs": 2,
-                         "learning_rate": 1e-3, "lr_decay_step": 3, "lr_decay_gamma": 0.5, "sigma": 1.0,
-                         "iters_per_checkpoint": 2, "batch_size": 2, "seed": 1234, "checkpoint_path": "",
-                         "with_tensorboard": False},
-        "data_config": {"training_files": os.path.join(folder, "train.txt"),
-                        "test_files": os.path.join(folder, "test.txt"), "segment_length": 2048,
-                        "sampling_rate": RATE, "filter_length": 1024, "hop_length": 256, "win_length": 1024,
-                        "mel_fmin": 0.0, "mel_fmax": 8000.0, "num_workers": 0},
+        "train_config": {
+            "fp16_run": False,
+            "output_directory": os.path.join(folder, "exp"),
+            "epochs": 2,
+            "learning_rate": 1e-3,
+            "lr_decay_step": 3,
+            "lr_decay_gamma": 0.5,
+            "sigma": 1.0,
+            "iters_per_checkpoint": 2,
+            "batch_size": 2,
+            "seed": 1234,
+            "checkpoint_path": "",
+            "with_tensorboard": False,
+        },
+        "data_config": {
+            "training_files": os.path.join(folder, "train.txt"),
+            "test_files": os.path.join(folder, "test.txt"),
+            "segment_length": 2048,
+            "sampling_rate": RATE,
+            "filter_length": 1024,
+            "hop_length": 256,
+            "win_length": 1024,
+            "mel_fmin": 0.0,
+            "mel_fmax": 8000.0,
+            "num_workers": 0,
+        },
         "dist_config": {"dist_backend": "nccl", "dist_url": "tcp://localhost:54321"},
-        "waveflow_config": {"model_name": "tiny", "cin_channels": 80, "res_channels": 8, "n_height": 8,
-                            "n_layer": 2, "n_flow": 2, "n_layer_per_cycle": 1, "coupling_type": "nanoflow",
-                            "size_flow_embed": 4, "use_weightnorm_embed": "False"},
+        "waveflow_config": {
+            "model_name": "tiny",
+            "cin_channels": 80,
+            "res_channels": 8,
+            "n_height": 8,
+            "n_layer": 2,
+            "n_flow": 2,
+            "n_layer_per_cycle": 1,
+            "coupling_type": "nanoflow",
+            "size_flow_embed": 4,
+            "use_weightnorm_embed": "False",
+        },
     }
     for section_key, value in changes.items():
         section, key = section_key.split("__")
@@ -94,8 +122,14 @@ ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def run(*args, check=True, env=None):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -146,28 +180,40 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(trained, tmp_path, capsys
     output = str(tmp_path / "exp")
     os.makedirs(os.path.join(output, "tiny"))
     shutil.copy(os.path.join(uninterrupted, "waveflow_2"), os.path.join(output, "tiny", "waveflow_2"))
-    resumed = write_config(folder, "resume.json", data_config__num_workers=0, train_config__output_directory=output,
-                           train_config__checkpoint_path=os.path.join(output, "tiny", "waveflow_2"))
+    resumed = write_config(
+        folder,
+        "resume.json",
+        data_config__num_workers=0,
+        train_config__output_directory=output,
+        train_config__checkpoint_path=os.path.join(output, "tiny", "waveflow_2"),
+    )
     result = run("-c", resumed)
     assert "resumed from" in result.stdout
     for iteration in (4, 6):
-        assert_same_weights(weights(os.path.join(output, "tiny", f"waveflow_{iteration}")),
-                            weights(os.path.join(uninterrupted, f"waveflow_{iteration}")))
+        assert_same_weights(
+            weights(os.path.join(output, "tiny", f"waveflow_{iteration}")),
+            weights(os.path.join(uninterrupted, f"waveflow_{iteration}")),
+        )
     # The same command again names an older checkpoint of this run folder: it goes on from the newest.
     status, out, err = run_here(capsys, "-c", resumed)
     assert status == 0, err
     assert "resuming from the newest, waveflow_6 (not " in out and "nothing to train" in out
     # A checkpoint from elsewhere still wins; training from it would overwrite newer ones: refused.
-    elsewhere = write_config(folder, "again.json", train_config__output_directory=output,
-                             train_config__checkpoint_path=os.path.join(uninterrupted, "waveflow_2"))
+    elsewhere = write_config(
+        folder,
+        "again.json",
+        train_config__output_directory=output,
+        train_config__checkpoint_path=os.path.join(uninterrupted, "waveflow_2"),
+    )
     status, out, err = run_here(capsys, "-c", elsewhere)
     assert status == 1 and "already holds checkpoints after iteration 2" in err and len(err.strip().splitlines()) == 1
 
 
 def test_synthesize_writes_one_wav_per_test_clip(trained):
     folder, config, _ = trained
-    result = run("-s", "-t", "0.6", "-c", config, "--checkpoint_path",
-                 os.path.join(folder, "exp", "tiny", "waveflow_6"))
+    result = run(
+        "-s", "-t", "0.6", "-c", config, "--checkpoint_path", os.path.join(folder, "exp", "tiny", "waveflow_6")
+    )
     out = os.path.join(folder, "exp", "samples", "tiny")
     for name in ("clip06_synthesis.wav", "clip07_synthesis.wav"):
         info = soundfile.info(os.path.join(out, name))
@@ -188,20 +234,39 @@ def test_synthesis_precision_is_chosen_on_the_command_line_and_said(trained):
     reduced = soundfile.read(wav)[0]
     assert reduced.shape == full.shape and 0 < np.abs(reduced - full).max() < 0.1
     refused = run("-s", "--precision", "fp16", "--device", "cpu", "-c", config, *checkpoint, check=False)
-    assert refused.returncode == 1 and refused.stderr.strip() == \
-        "error: --precision fp16 needs a CUDA device; use bf16 or fp32 on a CPU"
+    assert (
+        refused.returncode == 1
+        and refused.stderr.strip() == "error: --precision fp16 needs a CUDA device; use bf16 or fp32 on a CPU"
+    )
 
 
 def test_synthesize_from_precomputed_mels(trained, tmp_path):
     folder, config, _ = trained
     mels = tmp_path / "mels"
-    subprocess.run([sys.executable, os.path.join(ROOT, "mel2samp.py"), "-f", os.path.join(folder, "test.txt"),
-                    "-c", config, "-o", str(mels)], check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "mel2samp.py"),
+            "-f",
+            os.path.join(folder, "test.txt"),
+            "-c",
+            config,
+            "-o",
+            str(mels),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     np.save(mels / "extra.npy", torch.load(mels / "clip06.wav.pt").numpy())
     output = str(tmp_path / "out")
-    config = write_config(str(tmp_path), "mels.json", train_config__output_directory=output,
-                          data_config__training_files=os.path.join(folder, "train.txt"),
-                          data_config__test_files=os.path.join(folder, "test.txt"))
+    config = write_config(
+        str(tmp_path),
+        "mels.json",
+        train_config__output_directory=output,
+        data_config__training_files=os.path.join(folder, "train.txt"),
+        data_config__test_files=os.path.join(folder, "test.txt"),
+    )
     run("-s", "--mels", str(mels), "-c", config, "--checkpoint_path", os.path.join(folder, "exp", "tiny", "waveflow_6"))
     written = sorted(os.listdir(os.path.join(output, "samples", "tiny")))
     assert written == ["clip06_synthesis.wav", "clip07_synthesis.wav", "extra_synthesis.wav"]
@@ -241,11 +306,17 @@ def test_warm_start_loads_matching_weights_with_a_fresh_optimizer(trained, tmp_p
     folder, _, _ = trained
     source = os.path.join(folder, "exp", "tiny", "waveflow_6")
     output = str(tmp_path / "exp")
-    config = write_config(str(tmp_path), "warm.json", train_config__output_directory=output,
-                          train_config__checkpoint_path=source, train_config__epochs=1,
-                          train_config__iters_per_checkpoint=100, waveflow_config__size_flow_embed=6,
-                          data_config__training_files=os.path.join(folder, "train.txt"),
-                          data_config__test_files=os.path.join(folder, "test.txt"))
+    config = write_config(
+        str(tmp_path),
+        "warm.json",
+        train_config__output_directory=output,
+        train_config__checkpoint_path=source,
+        train_config__epochs=1,
+        train_config__iters_per_checkpoint=100,
+        waveflow_config__size_flow_embed=6,
+        data_config__training_files=os.path.join(folder, "train.txt"),
+        data_config__test_files=os.path.join(folder, "test.txt"),
+    )
     result = run("--warm_start", "-c", config)
     assert "warm start from" in result.stdout and "flow_embedding.weight (shape [2, 4] vs [2, 6])" in result.stdout
     [(iteration, path)] = list_checkpoints(os.path.join(output, "tiny"))
@@ -263,11 +334,18 @@ def test_original_checkpoint_with_dataparallel_prefix_loads(tmp_path):
     torch.save(checkpoint, path)
     make_corpus(str(tmp_path))
     # 3 batches per epoch: iteration 1234 is batch 1 of epoch 411, so epoch 412 ends at 1236.
-    config_path = write_config(str(tmp_path), train_config__checkpoint_path=path, train_config__epochs=412,
-                               train_config__iters_per_checkpoint=1000, data_config__segment_length=4096,
-                               waveflow_config__res_channels=32, waveflow_config__n_height=16,
-                               waveflow_config__n_layer=4, waveflow_config__n_flow=4,
-                               waveflow_config__size_flow_embed=64)
+    config_path = write_config(
+        str(tmp_path),
+        train_config__checkpoint_path=path,
+        train_config__epochs=412,
+        train_config__iters_per_checkpoint=1000,
+        data_config__segment_length=4096,
+        waveflow_config__res_channels=32,
+        waveflow_config__n_height=16,
+        waveflow_config__n_layer=4,
+        waveflow_config__n_flow=4,
+        waveflow_config__size_flow_embed=64,
+    )
     result = run("-s", "-c", config_path)
     assert result.stdout.count("_synthesis.wav") == 2
     # Resuming the original's checkpoint (with its Adam state) continues its iteration count.
@@ -289,10 +367,16 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         json.dump(config, f)
     result = run("-c", str(tmp_path / "b.json"), check=False)
     assert result.returncode == 1 and "unknown key 'learning_rte'; did you mean 'learning_rate'" in result.stderr
-    result = run("-s", "-c", write_config(str(tmp_path), "c.json", train_config__checkpoint_path=str(tmp_path / "x")),
-                 check=False)
+    result = run(
+        "-s",
+        "-c",
+        write_config(str(tmp_path), "c.json", train_config__checkpoint_path=str(tmp_path / "x")),
+        check=False,
+    )
     assert result.returncode == 1 and "checkpoint not found" in result.stderr
-    other = write_config(str(tmp_path), "d.json", train_config__checkpoint_path=os.path.join(FIXTURES, "waveflow-small.pt"))
+    other = write_config(
+        str(tmp_path), "d.json", train_config__checkpoint_path=os.path.join(FIXTURES, "waveflow-small.pt")
+    )
     result = run("-s", "-c", other, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
 
@@ -304,10 +388,15 @@ def test_non_finite_losses_stop_training_and_keep_the_last_checkpoint(trained, t
     output = tmp_path / "exp" / "tiny"
     output.mkdir(parents=True)
     torch.save(source, output / "waveflow_6")
-    config = write_config(str(tmp_path), train_config__output_directory=str(tmp_path / "exp"),
-                          train_config__checkpoint_path=str(output / "waveflow_6"), train_config__max_bad_steps=3,
-                          train_config__epochs=10, data_config__training_files=os.path.join(folder, "train.txt"),
-                          data_config__test_files=os.path.join(folder, "test.txt"))
+    config = write_config(
+        str(tmp_path),
+        train_config__output_directory=str(tmp_path / "exp"),
+        train_config__checkpoint_path=str(output / "waveflow_6"),
+        train_config__max_bad_steps=3,
+        train_config__epochs=10,
+        data_config__training_files=os.path.join(folder, "train.txt"),
+        data_config__test_files=os.path.join(folder, "test.txt"),
+    )
     result = run("-c", config, check=False)
     assert result.returncode == 1
     assert "3 steps in a row skipped for a non-finite loss or gradient at iteration 9" in result.stderr
@@ -317,10 +406,19 @@ def test_non_finite_losses_stop_training_and_keep_the_last_checkpoint(trained, t
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     make_corpus(str(tmp_path))
-    config = write_config(str(tmp_path), train_config__epochs=100000, train_config__iters_per_checkpoint=100000,
-                          data_config__num_workers=1)
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "-c", config], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    config = write_config(
+        str(tmp_path),
+        train_config__epochs=100000,
+        train_config__iters_per_checkpoint=100000,
+        data_config__num_workers=1,
+    )
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), "-c", config],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     progress = ""
     deadline = time.time() + 120
     while "it/s" not in progress and "s/it" not in progress and time.time() < deadline and process.poll() is None:
@@ -335,8 +433,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_fp16_on_cpu_warns_and_trains_in_fp32(tmp_path):
     make_corpus(str(tmp_path))
-    config = write_config(str(tmp_path), train_config__fp16_run=True, train_config__epochs=1,
-                          train_config__iters_per_checkpoint=100)
+    config = write_config(
+        str(tmp_path), train_config__fp16_run=True, train_config__epochs=1, train_config__iters_per_checkpoint=100
+    )
     result = run("-c", config)
     assert "fp16_run needs a CUDA device" in result.stderr
     [(_, path)] = list_checkpoints(str(tmp_path / "exp" / "tiny"))
@@ -345,19 +444,41 @@ def test_fp16_on_cpu_warns_and_trains_in_fp32(tmp_path):
 
 def test_torchrun_two_processes_match_one_process_with_the_combined_batch(trained, tmp_path):
     folder, _, _ = trained
-    common = dict(data_config__training_files=os.path.join(folder, "train.txt"),
-                  data_config__test_files=os.path.join(folder, "test.txt"), train_config__epochs=1,
-                  train_config__iters_per_checkpoint=100)
-    single = write_config(str(tmp_path), "single.json", train_config__batch_size=2,
-                          train_config__output_directory=str(tmp_path / "single"), **common)
-    double = write_config(str(tmp_path), "double.json", train_config__batch_size=1,
-                          train_config__output_directory=str(tmp_path / "ddp"), **common)
+    common = dict(
+        data_config__training_files=os.path.join(folder, "train.txt"),
+        data_config__test_files=os.path.join(folder, "test.txt"),
+        train_config__epochs=1,
+        train_config__iters_per_checkpoint=100,
+    )
+    single = write_config(
+        str(tmp_path),
+        "single.json",
+        train_config__batch_size=2,
+        train_config__output_directory=str(tmp_path / "single"),
+        **common,
+    )
+    double = write_config(
+        str(tmp_path),
+        "double.json",
+        train_config__batch_size=1,
+        train_config__output_directory=str(tmp_path / "ddp"),
+        **common,
+    )
     run("-c", single)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                os.path.join(ROOT, "train.py"), "-c", double]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(ROOT, "train.py"),
+        "-c",
+        double,
+    ]
     # Stopped after 2 iterations, then the same command again: every rank resumes from rank 0's choice.
-    result = subprocess.run(torchrun + ["--max_iterations", "2"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300, env=ONE_THREAD)
+    result = subprocess.run(
+        torchrun + ["--max_iterations", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD
+    )
     assert result.returncode == 0, result.stderr
     result = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
@@ -395,7 +516,14 @@ def as_the_original_saves(checkpoint, config):
     with torch.no_grad():
         flow_embed = model.flow_embedding.normed_weight().flip(0)[:, :, None, None]  # [K, E, 1, 1]
         blocks = model.flow_parts(0)[0].res_blocks
-        h_cache = torch.stack([block.filter_gate_conv_h(flow_embed) for block in blocks])  # [L, K, 2R, 1, 1]
+        h_cache = torch.stack(
+            [
+                block.filter_gate_conv_h(flow_embed)
+                for block in blocks  # [L, K, 2R, 1, 1]
+                if block.filter_gate_conv_h is not None
+            ]
+        )
+        assert len(h_cache) == len(blocks)
     saved = {key: checkpoint[key] for key in ("iteration", "optimizer", "scheduler", "learning_rate")}
     saved["model"] = dict(checkpoint["model"], h_cache=h_cache.permute(1, 0, 2, 3, 4).clone())
     return saved
@@ -409,17 +537,24 @@ def test_original_checkpoints_holding_h_cache_load_everywhere(trained, tmp_path,
     originals.mkdir()
     # The original's first checkpoint comes before any synthesis: no h_cache; the later ones hold it.
     first = read_checkpoint(os.path.join(uninterrupted, "waveflow_2"))
-    torch.save({key: first[key] for key in ("model", "iteration", "optimizer", "scheduler", "learning_rate")},
-               originals / "waveflow_2")
-    torch.save(as_the_original_saves(read_checkpoint(os.path.join(uninterrupted, "waveflow_4")), config),
-               originals / "waveflow_4")
+    torch.save(
+        {key: first[key] for key in ("model", "iteration", "optimizer", "scheduler", "learning_rate")},
+        originals / "waveflow_2",
+    )
+    torch.save(
+        as_the_original_saves(read_checkpoint(os.path.join(uninterrupted, "waveflow_4")), config),
+        originals / "waveflow_4",
+    )
     raw = torch.load(originals / "waveflow_4", weights_only=True)
     assert raw["model"]["h_cache"].shape == (2, 2, 16, 1, 1) and "epoch" not in raw
     newest = str(originals / "waveflow_4")
     output = str(tmp_path / "exp")
-    config_path = write_config(str(tmp_path), train_config__output_directory=output,
-                               data_config__training_files=os.path.join(folder, "train.txt"),
-                               data_config__test_files=os.path.join(folder, "test.txt"))
+    config_path = write_config(
+        str(tmp_path),
+        train_config__output_directory=output,
+        data_config__training_files=os.path.join(folder, "train.txt"),
+        data_config__test_files=os.path.join(folder, "test.txt"),
+    )
 
     status, out, err = run_here(capsys, "-s", "-c", config_path, "--checkpoint_path", newest)
     assert status == 0, err
@@ -436,8 +571,9 @@ def test_original_checkpoints_holding_h_cache_load_everywhere(trained, tmp_path,
     status, out, err = run_here(capsys, "-c", config_path, "--checkpoint_path", newest)
     assert status == 0, err
     assert f"resumed from {newest} at iteration 4" in out
-    assert_same_weights(weights(os.path.join(output, "tiny", "waveflow_6")),
-                        weights(os.path.join(uninterrupted, "waveflow_6")))
+    assert_same_weights(
+        weights(os.path.join(output, "tiny", "waveflow_6")), weights(os.path.join(uninterrupted, "waveflow_6"))
+    )
 
 
 def test_rules_between_sections_stop_every_command_in_one_line(tmp_path, capsys):
@@ -445,8 +581,9 @@ def test_rules_between_sections_stop_every_command_in_one_line(tmp_path, capsys)
     config = write_config(str(tmp_path), data_config__segment_length=2044)
     status, _, err = run_here(capsys, "-c", config)
     assert status == 1 and len(err.strip().splitlines()) == 1
-    assert err.startswith(f"error: {config}: data_config.segment_length (2044) must be a multiple of "
-                          f"waveflow_config.n_height (8)")
+    assert err.startswith(
+        f"error: {config}: data_config.segment_length (2044) must be a multiple of waveflow_config.n_height (8)"
+    )
     config = write_config(str(tmp_path), "hop.json", data_config__hop_length=200)
     status, _, err = run_here(capsys, "-s", "-c", config, "--checkpoint_path", str(tmp_path / "none"))
     assert status == 1 and err.startswith(f"error: {config}: data_config.hop_length must be 256, got 200")
@@ -458,9 +595,12 @@ def test_fine_tuning_on_an_acoustic_models_mels(trained, tmp_path, capsys, one_t
     for listing in ("train.txt", "test.txt"):
         write_mels(os.path.join(folder, listing), trained_config, mels)
     source = os.path.join(folder, "exp", "tiny", "waveflow_6")
-    common: dict[str, Any] = dict(train_config__output_directory=str(tmp_path / "exp"), train_config__iters_per_checkpoint=100,
-                  data_config__training_files=os.path.join(folder, "train.txt"),
-                  data_config__test_files=os.path.join(folder, "test.txt"))
+    common: dict[str, Any] = dict(
+        train_config__output_directory=str(tmp_path / "exp"),
+        train_config__iters_per_checkpoint=100,
+        data_config__training_files=os.path.join(folder, "train.txt"),
+        data_config__test_files=os.path.join(folder, "test.txt"),
+    )
     config = write_config(str(tmp_path), data_config__mel_directory=mels, **common)
     status, out, err = run_here(capsys, "-w", "-c", config, "--checkpoint_path", source, "--max_iterations", "7")
     assert status == 0, err
@@ -469,9 +609,11 @@ def test_fine_tuning_on_an_acoustic_models_mels(trained, tmp_path, capsys, one_t
     assert status == 0 and "log-likelihood (LL)" in out, err
     os.remove(os.path.join(mels, "clip07.wav.pt"))
     status, _, err = run_here(capsys, "-v", "-c", config, "--checkpoint_path", source)
-    assert status == 1 and err.strip() == (f"error: {os.path.join(mels, 'clip07.wav.pt')}: mel file not found "
-                                           f"(the mel of {os.path.join(folder, 'clip07.wav')}; also looked for "
-                                           f"clip07.wav.npy, clip07.pt, clip07.npy)")
+    assert status == 1 and err.strip() == (
+        f"error: {os.path.join(mels, 'clip07.wav.pt')}: mel file not found "
+        f"(the mel of {os.path.join(folder, 'clip07.wav')}; also looked for "
+        f"clip07.wav.npy, clip07.pt, clip07.npy)"
+    )
     os.remove(os.path.join(mels, "clip00.wav.pt"))
     status, _, err = run_here(capsys, "-c", config)
     assert status == 1 and err.startswith(f"error: {os.path.join(mels, 'clip00.wav.pt')}: mel file not found")
@@ -495,9 +637,13 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 def start_training(config, log, rename_delay=0.0):
-    return subprocess.Popen([sys.executable, "-c", SLOW_CHECKPOINT_WRITES, "-c", config], cwd=ROOT,
-                            stdout=open(log + ".out", "w"), stderr=open(log, "w"),
-                            env=dict(ONE_THREAD, RENAME_DELAY=str(rename_delay)))
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_CHECKPOINT_WRITES, "-c", config],
+        cwd=ROOT,
+        stdout=open(log + ".out", "w"),
+        stderr=open(log, "w"),
+        env=dict(ONE_THREAD, RENAME_DELAY=str(rename_delay)),
+    )
 
 
 def wait_for(process, condition, timeout=120.0):
@@ -518,9 +664,13 @@ def kill(process):
 def test_killed_at_random_moments_the_same_command_ends_as_an_uninterrupted_run(trained, tmp_path):
     folder, _, _ = trained
     uninterrupted = os.path.join(folder, "exp", "tiny")
-    config = write_config(str(tmp_path), train_config__output_directory=str(tmp_path / "exp"),
-                          data_config__num_workers=1, data_config__training_files=os.path.join(folder, "train.txt"),
-                          data_config__test_files=os.path.join(folder, "test.txt"))
+    config = write_config(
+        str(tmp_path),
+        train_config__output_directory=str(tmp_path / "exp"),
+        data_config__num_workers=1,
+        data_config__training_files=os.path.join(folder, "train.txt"),
+        data_config__test_files=os.path.join(folder, "test.txt"),
+    )
     run_dir, log = tmp_path / "exp" / "tiny", str(tmp_path / "stderr.txt")
     writing = lambda iteration: (run_dir / f"waveflow_{iteration}.partial").exists  # noqa: E731
     stepping = lambda: "it/s" in open(log).read() or "s/it" in open(log).read()  # noqa: E731
@@ -530,8 +680,14 @@ def test_killed_at_random_moments_the_same_command_ends_as_an_uninterrupted_run(
     process = start_training(config, log, rename_delay=60)
     assert wait_for(process, writing(2))
     before = sorted(os.listdir(run_dir))
-    second = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "-c", config], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    second = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "-c", config],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ONE_THREAD,
+    )
     assert second.returncode == 1 and len(second.stderr.strip().splitlines()) == 1
     assert f"{run_dir}: another training process (pid {process.pid} on " in second.stderr
     assert sorted(os.listdir(run_dir)) == before
@@ -556,8 +712,10 @@ def test_killed_at_random_moments_the_same_command_ends_as_an_uninterrupted_run(
     assert process.wait(timeout=300) == 0, open(log).read()
     assert "resuming from the newest, waveflow_" in open(log + ".out").read()
     for iteration in (2, 4, 6):
-        assert_same_weights(weights(str(run_dir / f"waveflow_{iteration}")),
-                            weights(os.path.join(uninterrupted, f"waveflow_{iteration}")))
+        assert_same_weights(
+            weights(str(run_dir / f"waveflow_{iteration}")),
+            weights(os.path.join(uninterrupted, f"waveflow_{iteration}")),
+        )
     assert sorted(os.listdir(run_dir)) == ["config.json", "train.lock", "waveflow_2", "waveflow_4", "waveflow_6"]
     assert not [name for name in os.listdir(tmp_path / "exp" / "samples" / "tiny") if name.endswith(".partial")]
 
@@ -572,8 +730,12 @@ def small_disk(monkeypatch):
 
     def make(folder):
         os.makedirs(folder, exist_ok=True)
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)],
-                          capture_output=True).returncode == 0:
+        if (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True
+            ).returncode
+            == 0
+        ):
             mounted.append(folder)
 
             def fill(free_bytes, read_only=False):
@@ -581,6 +743,7 @@ def small_disk(monkeypatch):
                 used = (stats.f_blocks - stats.f_bfree) * stats.f_frsize
                 options = "remount,ro" if read_only else f"remount,size={used + free_bytes}"
                 subprocess.run(["mount", "-o", options, str(folder)], check=True)
+
             return fill
 
         def fill(free_bytes, read_only=False):
@@ -610,12 +773,16 @@ def small_disk(monkeypatch):
 
             def small_open(file, mode="r", *args, **kwargs):
                 opened = real_open(file, mode, *args, **kwargs)
-                inside = (not isinstance(file, int) and any(flag in mode for flag in "wax+")
-                          and os.fsdecode(os.path.realpath(file)).startswith(limited))
+                inside = (
+                    not isinstance(file, int)
+                    and any(flag in mode for flag in "wax+")
+                    and os.fsdecode(os.path.realpath(file)).startswith(limited)
+                )
                 return OnSmallDisk(opened) if inside else opened
 
             monkeypatch.setattr(builtins, "open", small_open)
             monkeypatch.setattr(io, "open", small_open)
+
         return fill
 
     yield make
@@ -625,13 +792,17 @@ def small_disk(monkeypatch):
 
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_a_full_or_read_only_disk_ends_training_in_one_line_naming_the_newest_intact_checkpoint(
-        trained, tmp_path, capsys, one_thread, small_disk, fault):
+    trained, tmp_path, capsys, one_thread, small_disk, fault
+):
     folder, _, _ = trained
     disk = tmp_path / "disk"
     fill = small_disk(disk)
-    config = write_config(str(tmp_path), train_config__output_directory=str(disk / "exp"),
-                          data_config__training_files=os.path.join(folder, "train.txt"),
-                          data_config__test_files=os.path.join(folder, "test.txt"))
+    config = write_config(
+        str(tmp_path),
+        train_config__output_directory=str(disk / "exp"),
+        data_config__training_files=os.path.join(folder, "train.txt"),
+        data_config__test_files=os.path.join(folder, "test.txt"),
+    )
     status, _, err = run_here(capsys, "-c", config, "--max_iterations", "4")
     assert status == 0, err
     fill(8192, read_only=fault == "read-only")  # room for the config's copy, not for a checkpoint
@@ -643,16 +814,19 @@ def test_a_full_or_read_only_disk_ends_training_in_one_line_naming_the_newest_in
     else:
         failure = "the run folder ([Errno 30] Read-only file system)"
     assert status == 1
-    assert err.strip().splitlines()[-1] == (f"error: {run_dir}: cannot write {failure}; the newest intact "
-                                            f"checkpoint is {run_dir / 'waveflow_4'}")
+    assert err.strip().splitlines()[-1] == (
+        f"error: {run_dir}: cannot write {failure}; the newest intact checkpoint is {run_dir / 'waveflow_4'}"
+    )
     assert err.count("error") == 1 and "Traceback" not in err
     assert sorted(os.listdir(run_dir)) == ["config.json", "train.lock", "waveflow_2", "waveflow_4"]
-    assert_same_weights(weights(str(run_dir / "waveflow_4")),
-                        weights(os.path.join(folder, "exp", "tiny", "waveflow_4")))
+    assert_same_weights(
+        weights(str(run_dir / "waveflow_4")), weights(os.path.join(folder, "exp", "tiny", "waveflow_4"))
+    )
 
 
-def test_failing_logs_and_samples_are_warnings_and_training_goes_on(trained, tmp_path, capsys, one_thread,
-                                                                     small_disk, monkeypatch):
+def test_failing_logs_and_samples_are_warnings_and_training_goes_on(
+    trained, tmp_path, capsys, one_thread, small_disk, monkeypatch
+):
     folder, _, _ = trained
     unhandled = []  # what a thread's uncaught exception would print as a traceback
     monkeypatch.setattr(threading, "excepthook", unhandled.append)
@@ -660,34 +834,54 @@ def test_failing_logs_and_samples_are_warnings_and_training_goes_on(trained, tmp
     small_disk(run_dir / "logs")(4096)  # TensorBoard's writer thread dies with ENOSPC at the first audio
     (tmp_path / "exp" / "samples").mkdir(parents=True)
     (tmp_path / "exp" / "samples" / "tiny").write_text("a file where the samples' folder should be")
-    config = write_config(str(tmp_path), train_config__output_directory=str(tmp_path / "exp"),
-                          train_config__with_tensorboard=True,
-                          data_config__training_files=os.path.join(folder, "train.txt"),
-                          data_config__test_files=os.path.join(folder, "test.txt"))
+    config = write_config(
+        str(tmp_path),
+        train_config__output_directory=str(tmp_path / "exp"),
+        train_config__with_tensorboard=True,
+        data_config__training_files=os.path.join(folder, "train.txt"),
+        data_config__test_files=os.path.join(folder, "test.txt"),
+    )
     status, out, err = run_here(capsys, "-c", config)
     assert status == 0, err
-    assert err.count(f"warning: {run_dir / 'logs'}: TensorBoard logs stopped ([Errno 28] No space left on "
-                     f"device); training goes on without logs") == 1
+    assert (
+        err.count(
+            f"warning: {run_dir / 'logs'}: TensorBoard logs stopped ([Errno 28] No space left on "
+            f"device); training goes on without logs"
+        )
+        == 1
+    )
     assert err.count("clip06_iter") == 3 and err.count("cannot write the sample") == 3
     assert "Traceback" not in err and not unhandled
     for iteration in (2, 4, 6):
-        assert_same_weights(weights(str(run_dir / f"waveflow_{iteration}")),
-                            weights(os.path.join(folder, "exp", "tiny", f"waveflow_{iteration}")))
+        assert_same_weights(
+            weights(str(run_dir / f"waveflow_{iteration}")),
+            weights(os.path.join(folder, "exp", "tiny", f"waveflow_{iteration}")),
+        )
 
 
 def test_a_mel_too_short_to_synthesize_is_named_by_its_path(trained, tmp_path, capsys):
     folder, config, _ = trained
     torch.save(torch.zeros(80, 3), tmp_path / "tiny.pt")
-    status, _, err = run_here(capsys, "-s", "--mels", str(tmp_path / "tiny.pt"), "-c", config,
-                              "--checkpoint_path", os.path.join(folder, "exp", "tiny", "waveflow_6"))
+    status, _, err = run_here(
+        capsys,
+        "-s",
+        "--mels",
+        str(tmp_path / "tiny.pt"),
+        "-c",
+        config,
+        "--checkpoint_path",
+        os.path.join(folder, "exp", "tiny", "waveflow_6"),
+    )
     assert status == 1
-    assert err.strip() == (f"error: {tmp_path / 'tiny.pt'}: a mel of 3 frames is too short to synthesize "
-                           f"(need at least 4)")
+    assert err.strip() == (
+        f"error: {tmp_path / 'tiny.pt'}: a mel of 3 frames is too short to synthesize (need at least 4)"
+    )
 
 
 # ----------------------------------------------------------------------------- skipped updates
 
-def one_step_setup(tmp_path, amp_dtype=None, init_scale=2.0 ** 16):
+
+def one_step_setup(tmp_path, amp_dtype=None, init_scale=2.0**16):
     """A tiny model, its optimizer, schedule and scaler, and one batch: what `train_step` takes."""
     config = load_config(write_config(str(tmp_path)))
     torch.manual_seed(0)
@@ -718,14 +912,17 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_a_skipped_step(tmp_path, on
 
 def test_fp16_overflow_is_the_scalers_calibration_and_an_overflow_at_scale_one_is_not(tmp_path, one_thread):
     model, optimizer, scheduler, scaler, runtime, config, batch = one_step_setup(
-        tmp_path, amp_dtype=torch.float16, init_scale=2.0 ** 60)  # so large a scale overflows fp16
+        tmp_path, amp_dtype=torch.float16, init_scale=2.0**60
+    )  # so large a scale overflows fp16
     metrics = train.train_step(model, batch, optimizer, scheduler, scaler, runtime, config)
     assert np.isfinite(metrics["loss"])
-    assert metrics["skipped"] == "fp16 gradient overflow" and metrics["loss_scale"] == 2.0 ** 59
-    assert train.skipped_step_warning(metrics, 1) == ("iteration 1: fp16 gradient overflow, step skipped; "
-                                                       "the loss scale drops to 5.76461e+17")
+    assert metrics["skipped"] == "fp16 gradient overflow" and metrics["loss_scale"] == 2.0**59
+    assert train.skipped_step_warning(metrics, 1) == (
+        "iteration 1: fp16 gradient overflow, step skipped; the loss scale drops to 5.76461e+17"
+    )
     model, optimizer, scheduler, scaler, runtime, config, batch = one_step_setup(
-        tmp_path, amp_dtype=torch.float16, init_scale=1.0)
+        tmp_path, amp_dtype=torch.float16, init_scale=1.0
+    )
     infinite_gradient(model)
     metrics = train.train_step(model, batch, optimizer, scheduler, scaler, runtime, config)
     assert metrics["skipped"] == "non-finite gradient"
@@ -744,11 +941,14 @@ def test_non_finite_gradients_in_a_row_stop_training(tmp_path, capsys, monkeypat
     status, _, err = run_here(capsys, "-c", config)
     assert status == 1
     assert err.count("gradient norm is inf") == 3 and err.count("step skipped") == 3
-    assert err.strip().splitlines()[-1] == ("error: 3 steps in a row skipped for a non-finite loss or gradient at "
-                                            "iteration 3: training stopped; the last good checkpoint is none")
+    assert err.strip().splitlines()[-1] == (
+        "error: 3 steps in a row skipped for a non-finite loss or gradient at "
+        "iteration 3: training stopped; the last good checkpoint is none"
+    )
 
 
 # ----------------------------------------------------------------------------- test clips too short to measure
+
 
 def short_test_clips(folder):
     """The tiny corpus, with two clips first in the test list that pass the data checks but are too short:
@@ -770,22 +970,40 @@ def test_test_clips_too_short_to_measure_are_named_at_start_and_left_out(tmp_pat
     config = write_config(str(tmp_path), train_config__epochs=1, train_config__iters_per_checkpoint=100)
     status, out, err = run_here(capsys, "-c", config)
     assert status == 0, err
-    assert (f"warning: {shorts[0]}: a clip of 600 samples, a mel of 3 frames is too short to synthesize (need at "
-            f"least 4): left out of the checkpoint reports") in err
-    assert (f"warning: {shorts[1]}: a clip of 1500 samples, its synthesis of 768 samples is too short to measure "
-            f"(need at least 1025): left out of the checkpoint reports") in err
+    assert (
+        f"warning: {shorts[0]}: a clip of 600 samples, a mel of 3 frames is too short to synthesize (need at "
+        f"least 4): left out of the checkpoint reports"
+    ) in err
+    assert (
+        f"warning: {shorts[1]}: a clip of 1500 samples, its synthesis of 768 samples is too short to measure "
+        f"(need at least 1025): left out of the checkpoint reports"
+    ) in err
     assert "iteration 3: 1 test clips at temperature" in out and "Traceback" not in err
     assert os.listdir(tmp_path / "exp" / "samples" / "tiny") == ["clip06_iter3.wav"]
     # -v measures the others and names each clip it leaves out in one line.
-    status, out, err = run_here(capsys, "-v", "-c", config, "--checkpoint_path",
-                                str(tmp_path / "exp" / "tiny" / "waveflow_3"), "--json", str(tmp_path / "v.json"))
+    status, out, err = run_here(
+        capsys,
+        "-v",
+        "-c",
+        config,
+        "--checkpoint_path",
+        str(tmp_path / "exp" / "tiny" / "waveflow_3"),
+        "--json",
+        str(tmp_path / "v.json"),
+    )
     assert status == 0, err
-    assert f"warning: {shorts[0]}: a mel of 3 frames is too short to synthesize (need at least 4): " \
-           f"left out of the measures" in err
-    assert f"warning: {shorts[1]}: its synthesis of 768 samples is too short to measure (need at least 1025): " \
-           f"left out of the measures" in err
-    assert "2 clips synthesized at temperature 0.8 (seed 1234) and measured against their recordings (2 too short, " \
-           "left out)" in out
+    assert (
+        f"warning: {shorts[0]}: a mel of 3 frames is too short to synthesize (need at least 4): "
+        f"left out of the measures" in err
+    )
+    assert (
+        f"warning: {shorts[1]}: its synthesis of 768 samples is too short to measure (need at least 1025): "
+        f"left out of the measures" in err
+    )
+    assert (
+        "2 clips synthesized at temperature 0.8 (seed 1234) and measured against their recordings (2 too short, "
+        "left out)" in out
+    )
     assert "4 test clips" in out and "Traceback" not in err
     document = json.load(open(tmp_path / "v.json"))
     assert [clip["file"] for clip in document["left_out"]] == shorts
@@ -803,21 +1021,27 @@ def test_a_measure_that_fails_at_a_checkpoint_is_a_warning(tmp_path, capsys, mon
     status, out, err = run_here(capsys, "-c", config)
     assert status == 0, err
     assert err.count("warning: iteration 3: clip0") == 2
-    assert "warning: iteration 3: clip06: cannot measure the synthesis (ValueError: no pitch found); training goes " \
-           "on" in err
+    assert (
+        "warning: iteration 3: clip06: cannot measure the synthesis (ValueError: no pitch found); training goes "
+        "on" in err
+    )
     assert "training finished at iteration 3" in out
 
 
 # ----------------------------------------------------------------------------- options that did nothing
 
+
 def test_warm_start_or_averaging_without_a_checkpoint_is_refused(tmp_path, capsys):
     make_corpus(str(tmp_path))
     config = write_config(str(tmp_path))
-    for option, says in ((["-w"], "-w/--warm_start needs a checkpoint"),
-                         (["-a", "2"], "-a needs a folder of checkpoints")):
+    for option, says in (
+        (["-w"], "-w/--warm_start needs a checkpoint"),
+        (["-a", "2"], "-a needs a folder of checkpoints"),
+    ):
         status, _, err = run_here(capsys, *option, "-c", config, "--max_iterations", "1")
-        assert status == 1 and err.strip() == (f"error: {config}: {says} to start from: "
-                                               f"train_config.checkpoint_path is empty (or give --checkpoint_path)")
+        assert status == 1 and err.strip() == (
+            f"error: {config}: {says} to start from: train_config.checkpoint_path is empty (or give --checkpoint_path)"
+        )
     assert not os.path.exists(tmp_path / "exp" / "tiny")
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         train.parse_args(["-e", "0.9", "-s", "-c", config])  # -e averages nothing without -a
@@ -825,13 +1049,16 @@ def test_warm_start_or_averaging_without_a_checkpoint_is_refused(tmp_path, capsy
 
 def test_resuming_from_weights_only_is_refused_in_one_line(tmp_path, capsys):
     make_corpus(str(tmp_path))
-    torch.save({"model": build_model(load_config(write_config(str(tmp_path))).waveflow).state_dict()},
-               tmp_path / "weights.pt")
+    torch.save(
+        {"model": build_model(load_config(write_config(str(tmp_path))).waveflow).state_dict()}, tmp_path / "weights.pt"
+    )
     config = write_config(str(tmp_path), train_config__checkpoint_path=str(tmp_path / "weights.pt"))
     status, _, err = run_here(capsys, "-c", config)
-    assert status == 1 and err.strip() == (f"error: {tmp_path / 'weights.pt'}: holds no iteration and optimizer "
-                                           f"state to resume training from (weights only?); use -w/--warm_start to "
-                                           f"start from its weights")
+    assert status == 1 and err.strip() == (
+        f"error: {tmp_path / 'weights.pt'}: holds no iteration and optimizer "
+        f"state to resume training from (weights only?); use -w/--warm_start to "
+        f"start from its weights"
+    )
     status, out, err = run_here(capsys, "-w", "-c", config, "--max_iterations", "1")
     assert status == 0 and "warm start from" in out, err
 
