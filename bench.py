@@ -32,10 +32,10 @@ from dataclasses import replace
 
 import torch
 
-from config import load_config
+from config import HOP_LENGTH, load_config
 from inference import CudaGraphCache
 from mel2samp import Mel2Samp, collate
-from model import SYNTHESIS_TRIM, build_model, negative_log_likelihood
+from model import SYNTHESIS_TRIM_FRAMES, build_model, negative_log_likelihood, synthesis_length
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEMO_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo", "train_files.txt")
@@ -145,9 +145,9 @@ class PeakMemory:
 def bench_synthesis(
     model, device, dtype, seconds: float, batch: int, warmup: int, graphs: CudaGraphCache | None, args
 ) -> dict:
-    frames = round(seconds * SAMPLING_RATE / 256) + SYNTHESIS_TRIM // 256
+    frames = round(seconds * SAMPLING_RATE / HOP_LENGTH) + SYNTHESIS_TRIM_FRAMES
     mel = torch.randn(batch, model.config.cin_channels, frames, device=device, dtype=dtype)
-    samples = batch * 256 * (frames - SYNTHESIS_TRIM // 256)
+    samples = batch * synthesis_length(frames)
     with PeakMemory(device) as memory:
         times = timed(lambda: model.infer(mel, cuda_graphs=graphs), device, args.repeats, warmup, args.max_seconds)
     elapsed = statistics.median(times)
@@ -170,7 +170,7 @@ def bench_training(config, device, dtype, batch: int, segment: int, checkpointin
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     audio = (torch.rand(batch, segment, device=device) * 2 - 1) * 0.5
-    mel = torch.randn(batch, config.waveflow.cin_channels, segment // 256 + 1, device=device)
+    mel = torch.randn(batch, config.waveflow.cin_channels, segment // HOP_LENGTH + 1, device=device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)

@@ -22,7 +22,9 @@ import typing
 from dataclasses import dataclass, field
 
 COUPLING_TYPES = ("waveflow", "nanoflow_naive", "nanoflow_decomp", "nanoflow")
-UPSAMPLE_FACTOR = 256  # the model's two transposed convs of stride 16: one mel frame per 256 samples
+# Audio samples per mel frame: data_config.hop_length must be this, since the model's upsampler
+# (two transposed convs, each stretching time by its square root) turns one mel frame into this many samples.
+HOP_LENGTH = 256
 
 
 class ConfigError(ValueError):
@@ -268,9 +270,9 @@ def check_model_rules(config: Config, training: bool) -> None:
         f"({model.cin_channels}) must be equal: the model reads every band of the mel",
     )
     _require(
-        data.hop_length == UPSAMPLE_FACTOR,
-        f"{where}data_config.hop_length must be {UPSAMPLE_FACTOR}, got {data.hop_length}: the model's upsampler "
-        f"turns each mel frame into {UPSAMPLE_FACTOR} samples",
+        data.hop_length == HOP_LENGTH,
+        f"{where}data_config.hop_length must be {HOP_LENGTH}, got {data.hop_length}: the model's upsampler "
+        f"turns each mel frame into {HOP_LENGTH} samples",
     )
     _require(
         data.hop_length % model.n_height == 0,

@@ -19,7 +19,7 @@ import soundfile
 import torch
 from torch import nn
 
-from config import DataConfig
+from config import HOP_LENGTH, DataConfig
 
 MEL_FILE_EXTENSIONS = (".pt", ".npy")
 MAX_WAV_VALUE = 32768.0  # 16-bit PCM full scale, as Tacotron 2 scales it
@@ -202,7 +202,7 @@ class MelSpectrogram(nn.Module):
         *,
         sampling_rate: int = 22050,
         filter_length: int = 1024,
-        hop_length: int = 256,
+        hop_length: int = HOP_LENGTH,
         win_length: int = 1024,
         n_mel_channels: int = 80,
         mel_fmin: float = 0.0,

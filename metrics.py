@@ -21,7 +21,7 @@ here). Lower is better except for V/UV F1 and PESQ.
 - ``pesq_wb``: wide band PESQ (ITU-T P.862.2, from 1.04 to 4.64) at 16 kHz, from the
   ``pesq`` package when it is installed (``pip install pesq``); absent otherwise.
 
-A synthesis of F mel frames has ``256 * (F - 3)`` samples, a little shorter than its
+A synthesis of F mel frames has ``HOP_LENGTH * (F - 3)`` samples, a little shorter than its
 recording: both are cut to the shorter before measuring. Both are taken as a 16-bit
 file would play them: clamped to [-1, 1], with non-finite samples as silence. A
 measure that a clip leaves undefined (F0 error with no frame voiced in both, F1 with no
@@ -39,6 +39,7 @@ import scipy.signal
 import scipy.stats
 import torch
 
+from config import HOP_LENGTH
 from data import MelSpectrogram
 
 LOG_MEL_FLOOR = 1e-2
@@ -46,7 +47,7 @@ STFT_RESOLUTIONS = ((512, 50, 240), (1024, 120, 600), (2048, 240, 1200))  # (fft
 STFT_MAGNITUDE_FLOOR = 1e-7  # on the squared magnitude, as Parallel WaveGAN's code clamps it
 # Speech pitch range, as CARGAN's (50-550 Hz): wide enough for low male and high female and child voices.
 PITCH_FMIN, PITCH_FMAX = 50.0, 550.0
-PITCH_HOP_LENGTH = 256  # one pitch frame per mel frame at 22,050 Hz
+PITCH_HOP_LENGTH = HOP_LENGTH  # one pitch frame per mel frame
 PITCH_FRAME_LENGTH = 1024  # the mel's window; 512-sample YIN windows reach down to 43 Hz
 PESQ_RATE = 16000
 MIN_SAMPLES = max(fft_size for fft_size, _, _ in STFT_RESOLUTIONS) // 2 + 1  # for the largest STFT's reflect padding

@@ -23,11 +23,18 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from config import WaveFlowConfig, parse_section
+from config import HOP_LENGTH, WaveFlowConfig, parse_section
 from inference import CONDITION_CACHE_BYTES, MAX_CPU_COLUMNS, CudaGraphCache, synthesize
 from modules import FlowEmbedding, ProjLogST, WaveNet2D, WeightNormMixin, WNConvTranspose2d, shift_1d
 
-SYNTHESIS_TRIM = 768  # samples dropped at the end in synthesis, as the original did (3 frames)
+SYNTHESIS_TRIM_FRAMES = 3  # mel frames whose samples synthesis drops at the end, as the original did
+SYNTHESIS_TRIM = SYNTHESIS_TRIM_FRAMES * HOP_LENGTH  # the same, in samples
+UPSAMPLE_STRIDE = math.isqrt(HOP_LENGTH)  # each of the upsampler's two transposed convs
+
+
+def synthesis_length(frames: int) -> int:
+    """Samples that synthesis makes from a mel of `frames` frames (not positive: too short to synthesize)."""
+    return HOP_LENGTH * (frames - SYNTHESIS_TRIM_FRAMES)
 
 
 def squeeze(x: torch.Tensor, n_height: int) -> torch.Tensor:
@@ -100,12 +107,13 @@ class WaveFlow(nn.Module):
         else:
             self.estimator = nn.ModuleDict({"net": estimator()})
             self.flows = nn.ModuleList(Coupling(R, multgate_layers=L if kind == "nanoflow" else 0) for _ in range(K))
-        self.upsample_conv = nn.Sequential(
-            WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)),
-            nn.LeakyReLU(0.4),
-            WNConvTranspose2d(1, 1, (3, 32), stride=(1, 16), padding=(1, 8)),
-            nn.LeakyReLU(0.4),
-        )
+        # Two transposed convs, each stretching time by UPSAMPLE_STRIDE: one mel frame -> HOP_LENGTH samples.
+        stride = UPSAMPLE_STRIDE
+
+        def stretch() -> WNConvTranspose2d:
+            return WNConvTranspose2d(1, 1, (3, 2 * stride), stride=(1, stride), padding=(1, stride // 2))
+
+        self.upsample_conv = nn.Sequential(stretch(), nn.LeakyReLU(0.4), stretch(), nn.LeakyReLU(0.4))
 
     # --- what each flow uses ----------------------------------------------------------------
 
@@ -154,7 +162,7 @@ class WaveFlow(nn.Module):
     # --- training direction: audio -> z -------------------------------------------------------
 
     def upsample(self, mel: torch.Tensor) -> torch.Tensor:
-        """`mel [B, cin, F] -> [B, cin, 256 * F]`."""
+        """`mel [B, cin, F] -> [B, cin, HOP_LENGTH * F]`."""
         return self.upsample_conv(mel.unsqueeze(1)).squeeze(1)
 
     def _flow_forward(
@@ -164,7 +172,7 @@ class WaveFlow(nn.Module):
         return x * torch.exp(log_s) + t, log_s.sum(dim=(1, 2, 3))
 
     def forward(self, audio: torch.Tensor, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`audio [B, T]`, `mel [B, cin, F]` with `256 * F >= T` -> `z [B, 1, H, T / H]`, `logdet [B]` (fp32)."""
+        """`audio [B, T]`, `mel [B, cin, F]` with `HOP_LENGTH * F >= T` -> `z [B, 1, H, T / H]`, `logdet [B]` (fp32)."""
         height = self.config.n_height
         length = audio.shape[1]
         if length % height:
@@ -208,7 +216,7 @@ class WaveFlow(nn.Module):
         condition_cache_bytes: int = CONDITION_CACHE_BYTES,
         cuda_graphs: CudaGraphCache | None = None,
     ) -> torch.Tensor:
-        """Synthesize audio from `mel [B, cin, F]` -> `audio [B, 256 * (F - 3)]` (fp32).
+        """Synthesize audio from `mel [B, cin, F]` -> `audio [B, synthesis_length(F)]` (fp32).
 
         `z [B, 1, H, W]` is the noise, drawn from `N(0, sigma^2)` when not given (`generator`
         makes it reproducible). Exact inverse of `forward`, one row at a time with convolution

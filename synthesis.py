@@ -29,7 +29,7 @@ from data import MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, load_audio, loa
 from inference import CudaGraphCache
 from mel2samp import Mel2Samp, collate
 from metrics import MEASURES, MIN_SAMPLES, format_table, measure, summarize
-from model import SYNTHESIS_TRIM, WaveFlow, build_model, negative_log_likelihood
+from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_likelihood, synthesis_length
 from storage import StorageError, TrainingLogs, describe, warn, write_atomically
 
 # The speech measures synthesize at this temperature unless -t says otherwise (-s keeps the original's 1.0).
@@ -119,12 +119,12 @@ def test_loss(
     return total / count, count
 
 
-def unmeasurable(frames: int, hop_length: int) -> str | None:
+def unmeasurable(frames: int) -> str | None:
     """Why a mel of `frames` frames cannot be synthesized and measured against its recording (its
-    synthesis has `hop_length * frames - SYNTHESIS_TRIM` samples); None when it can."""
-    samples = hop_length * frames - SYNTHESIS_TRIM
+    synthesis has `synthesis_length(frames)` samples); None when it can."""
+    samples = synthesis_length(frames)
     if samples <= 0:
-        return f"a mel of {frames} frames is too short to synthesize (need at least {SYNTHESIS_TRIM // hop_length + 1})"
+        return f"a mel of {frames} frames is too short to synthesize (need at least {SYNTHESIS_TRIM_FRAMES + 1})"
     if samples < MIN_SAMPLES:
         return f"its synthesis of {samples} samples is too short to measure (need at least {MIN_SAMPLES})"
     return None
@@ -133,7 +133,7 @@ def unmeasurable(frames: int, hop_length: int) -> str | None:
 def synthesize_clip(
     model: WaveFlow, mel: torch.Tensor, temperature: float, seed: int, device: torch.device
 ) -> torch.Tensor:
-    """mel [n_mels, F] -> audio [256 * (F - 3)] float32 on the CPU, from noise fixed by `seed`, so that a
+    """mel [n_mels, F] -> audio [synthesis_length(F)] float32 on the CPU, from noise fixed by `seed`, so that a
     clip gets the same noise at every checkpoint and in -v."""
     generator = torch.Generator(device=device).manual_seed(seed)
     return model.infer(mel[None].to(device), sigma=temperature, generator=generator)[0].float().cpu()
@@ -187,7 +187,7 @@ class CheckpointReport:
         ):  # the clip lengths are known now
             if len(measured) == MEASURED_CLIPS:
                 break
-            reason = unmeasurable(1 + length // hop_length, hop_length)
+            reason = unmeasurable(1 + length // hop_length)
             if reason is None:
                 measured.append(path)
             else:
@@ -265,7 +265,7 @@ def evaluate(config: Config, args: argparse.Namespace, device: torch.device, amp
     results, left_out = [], []
     for name, source, read in tqdm(inputs, desc="measures", unit="clip", disable=None):
         mel, reference = read()
-        reason = unmeasurable(mel.shape[-1], config.data.hop_length)
+        reason = unmeasurable(mel.shape[-1])
         if reason is not None:
             warn(f"{source}: {reason}: left out of the measures")
             left_out.append({"name": name, "file": source, "reason": reason})
@@ -390,8 +390,11 @@ def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -
     graphs = CudaGraphCache() if device.type == "cuda" else None  # clips of a length seen before replay a graph
     for name, source, read_mel in inputs:
         mel = read_mel()
-        if mel.shape[-1] <= 3:
-            raise DataError(f"{source}: a mel of {mel.shape[-1]} frames is too short to synthesize (need at least 4)")
+        if synthesis_length(mel.shape[-1]) <= 0:
+            raise DataError(
+                f"{source}: a mel of {mel.shape[-1]} frames is too short to synthesize "
+                f"(need at least {SYNTHESIS_TRIM_FRAMES + 1})"
+            )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()

@@ -27,7 +27,7 @@ from config import ConfigError, load_config
 from data import DataError
 from mel2samp import Mel2Samp
 from metrics import log_mel_l1
-from model import SYNTHESIS_TRIM, build_model
+from model import build_model, synthesis_length
 from synthesis import PRECISIONS as SYNTHESIS_PRECISIONS
 
 PRECISIONS = {name: dtype for name, dtype in SYNTHESIS_PRECISIONS.items() if dtype != torch.float32}  # against fp32
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         differences = []
         for index, path in enumerate(clips.files):
             mel = clips[index][0][None].to(device)
-            samples = config.data.hop_length * mel.shape[-1] - SYNTHESIS_TRIM
+            samples = synthesis_length(mel.shape[-1])
             if samples <= config.data.filter_length // 2:  # what the log-mel needs
                 print(
                     f"{path}: its synthesis of {max(samples, 0)} samples is too short to compare (need more "
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             generator = torch.Generator().manual_seed(config.train.seed + index)
             height = config.waveflow.n_height
-            z = torch.randn(1, 1, height, 256 * (mel.shape[-1] - 3) // height, generator=generator) * args.temp
+            z = torch.randn(1, 1, height, samples // height, generator=generator) * args.temp
             z = z.to(device)
             reference = model.infer(mel, z=z)[0].cpu()
             reduced = reduced_model.infer(mel, z=z)[0].cpu()
