@@ -5,29 +5,17 @@ import torch
 
 from checkpoint import average_checkpoints, checkpoint_path, load_checkpoint, load_weights, save_checkpoint, warm_start
 from model import build_model
+from test_model import random_model, tiny_config
 
-CONFIG = {
-    "model_name": "tiny",
-    "cin_channels": 80,
-    "res_channels": 8,
-    "n_height": 8,
-    "n_layer": 2,
-    "n_flow": 2,
-    "n_layer_per_cycle": 1,
-    "coupling_type": "nanoflow",
-    "size_flow_embed": 4,
-    "use_weightnorm_embed": True,
-}
+# Small, with a weight-normed flow embedding: every kind of weight-normed tensor the model has.
+CONFIG = tiny_config(
+    "nanoflow", res_channels=8, n_height=8, n_layer=2, n_flow=2, size_flow_embed=4, use_weightnorm_embed=True
+)
 
 
 def trained_model(seed):
     """A model whose every weight differs from a fresh one's."""
-    torch.manual_seed(seed)
-    model = build_model(CONFIG)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
-    return model.eval()
+    return random_model(CONFIG, seed)
 
 
 def save(model, path):
