@@ -182,9 +182,8 @@ class CheckpointReport:
         self.eval_set = Mel2Samp.from_config(config.data, mode="eval", seed=config.train.seed)
         hop_length = config.data.hop_length
         measured = []
-        for path, length in zip(
-            self.eval_set.files, self.eval_set.lengths, strict=True
-        ):  # the clip lengths are known now
+        # The clip lengths are known now: the clips too short are named once, here.
+        for path, length in zip(self.eval_set.files, self.eval_set.lengths, strict=True):
             if len(measured) == MEASURED_CLIPS:
                 break
             reason = unmeasurable(1 + length // hop_length)
