@@ -111,23 +111,16 @@ def test_training_stops_at_max_iterations_and_says_where_its_outputs_are(tmp_pat
     assert str(folder) in result.stdout and "python train.py -s -c" in result.stdout
     checkpoint = torch.load(folder / "waveflow_3", weights_only=True)
     assert checkpoint["iteration"] == 3
+
     # Going on: the command line raises the limit; a run already at its end trains nothing.
-    longer = subprocess.run(
-        command + ["--max_iterations", "5", "--checkpoint_path", str(folder / "waveflow_3")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=str(tmp_path),
-    )
+    def go_on_to_5(checkpoint: str) -> subprocess.CompletedProcess:
+        arguments = ["--max_iterations", "5", "--checkpoint_path", str(folder / checkpoint)]
+        return subprocess.run(command + arguments, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+
+    longer = go_on_to_5("waveflow_3")
     assert longer.returncode == 0, longer.stderr
     assert "waveflow_5" in os.listdir(folder)
-    again = subprocess.run(
-        command + ["--max_iterations", "5", "--checkpoint_path", str(folder / "waveflow_5")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=str(tmp_path),
-    )
+    again = go_on_to_5("waveflow_5")
     assert again.returncode == 0 and "nothing to train" in again.stdout
     shutil.rmtree(folder)
 
