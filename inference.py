@@ -387,8 +387,9 @@ class CudaGraphCache:
     it while a shape runs eagerly, is captured or replays. Callers of one shape take turns
     on its graph's static tensors (a lock per graph, held while a replay is queued on the
     caller's stream, ordered on the GPU as `CapturedGraph` says); other shapes never wait.
-    One shape is captured at a time, as PyTorch documents one capture under way at a time in
-    a process (share one cache per process); meanwhile the others, that one included, run
+    One shape is captured at a time, as PyTorch expects one capture under way at a time in
+    a process (its allocator cannot empty its cache, as a capture starts by doing, during
+    another: share one cache per process); meanwhile the others, that one included, run
     eagerly.
 
     A capture that fails (out of memory, most likely: it runs the function twice into a new
@@ -443,7 +444,9 @@ class CudaGraphCache:
         try:
             graph = self.capture(function, inputs)
         except Exception as error:  # whatever it was, the eager call gives the same result or raises its own error
-            failure = error
+            # Its text only: the error's traceback holds the failed graph and its memory, needed by the eager call.
+            reason = str(error).strip().partition("\n")[0]  # the first line: out-of-memory messages run on
+            failure = f"{type(error).__name__}: {reason}"
         finally:  # also when interrupted: the next shape's capture must not wait forever
             with self.lock:
                 self.capturing = False
@@ -459,10 +462,9 @@ class CudaGraphCache:
         if entry is None:
             if first_failure:
                 shapes = ", ".join(str(list(tensor.shape)) for tensor in inputs)
-                reason = str(failure).strip().split("\n")[0]
                 warnings.warn(
-                    f"CUDA graph capture failed for inputs of shape {shapes} ({type(failure).__name__}: "
-                    f"{reason}); these shapes run without a graph from now on, as will others whose capture fails",
+                    f"CUDA graph capture failed for inputs of shape {shapes} ({failure}); these shapes run "
+                    "without a graph from now on, as will others whose capture fails",
                     RuntimeWarning,
                     stacklevel=3,
                 )

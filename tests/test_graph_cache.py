@@ -2,9 +2,11 @@
 graphs, so that eager first calls, failed and slow captures, and threads sharing one graph are
 tested without a GPU. tests/test_cuda.py tests the CUDA graphs themselves."""
 
+import gc
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -90,6 +92,32 @@ def test_a_failed_capture_falls_back_to_eager_warns_once_and_is_not_retried():
     for _ in range(2):
         cache(double, (torch.randn(6),), KEY)
     assert len(cache.graphs) == 1
+
+
+def test_a_failed_capture_releases_its_memory_before_the_eager_call():
+    pools = []
+
+    def failing_capture(function, inputs):
+        pool = torch.empty(16)  # stands for the graph's memory pool, held by this frame
+        pools.append(weakref.ref(pool))
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    held_during_eager_call = []
+
+    def function(x):
+        held_during_eager_call.extend(ref() is not None for ref in pools)
+        return 2 * x
+
+    cache = CudaGraphCache(capture=failing_capture)
+    gc.disable()  # reference counts alone must free it: a cycle would hold it until the next collection
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(2):
+                cache(function, (torch.randn(4),), KEY)
+    finally:
+        gc.enable()
+    assert len(pools) == 1 and held_during_eager_call == [False]
 
 
 def test_a_slow_capture_blocks_no_other_shape():
