@@ -152,7 +152,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="override train_config.max_iterations: stop training at iteration N (0: no limit)",
     )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device: cpu, cuda:N, or cuda, the current GPU (under torchrun, LOCAL_RANK's) "
+        "(default: cuda if available, else cpu)",
+    )
     args = parser.parse_args(argv)
     if args.evaluate and args.synthesize:
         parser.error("choose one of -v/--evaluate and -s/--synthesize")
@@ -173,14 +178,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def resolve_device(name: str | None, local_rank: int | None) -> torch.device:
+    """The device `--device` names (None: a GPU when there is one, else the CPU), a GPU with its
+    index, as `torch.cuda.set_device` and DistributedDataParallel's `device_ids` need it: `cuda`
+    alone is the process's own GPU under torchrun (`local_rank`), else the current one. A name
+    that is no device, or a GPU this machine does not have, is a ConfigError."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a device name (cpu, cuda, cuda:0, ...)") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA device that PyTorch can use")
+    index = device.index
+    if index is None:
+        index = torch.cuda.current_device() if local_rank is None else local_rank
+    count = torch.cuda.device_count()
+    if index >= count:
+        rank_note = f" (LOCAL_RANK {local_rank})" if device.index is None and local_rank is not None else ""
+        raise ConfigError(
+            f"--device {name}: no cuda:{index}{rank_note} on this machine, which has {count} CUDA "
+            f"device{'' if count == 1 else 's'} (cuda:0 to cuda:{count - 1})"
+        )
+    return torch.device("cuda", index)
+
+
 def setup_runtime(config: Config, device_name: str | None) -> Runtime:
     """Pick the device and precision; join the process group when launched by torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name:
-        device = torch.device(device_name)
-    else:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
+    device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

@@ -4,11 +4,13 @@ mixed-precision training steps and agreement with the CPU. Skipped where no GPU 
 
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+import inference
 from inference import CudaGraphCache
 from model import build_model, negative_log_likelihood, unsqueeze
 from test_model import FIXTURES, VARIANTS, random_model, slow_inverse, tiny_config
@@ -118,10 +120,87 @@ def test_threads_share_one_cuda_graph_cache():
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(synthesize, requests))
     torch.cuda.synchronize()
-    assert len(graphs.graphs) == len(requests)
     for expected, results in zip(alone, together, strict=True):
         for audio in results:
             assert torch.allclose(audio, expected, atol=TOLERANCE, rtol=0)
+    # One length is captured at a time, the other running eagerly meanwhile: each has been captured,
+    # or is captured now, on its next call.
+    for (mel, z), expected in zip(requests, alone, strict=True):
+        assert torch.allclose(model.infer(mel, z=z, cuda_graphs=graphs), expected, atol=TOLERANCE, rtol=0)
+    assert len(graphs.graphs) == len(requests)
+
+
+def test_threads_on_their_own_streams_each_get_their_own_audio():
+    """Two threads replay one graph with different inputs, each on its own stream, while a third captures
+    another length on a third: every result is its own input's, however the streams' work interleaves."""
+    model = random_model(tiny_config("nanoflow")).to(CUDA)
+    same_length = [(torch.randn(1, 80, 6, device=CUDA), torch.randn(1, 1, 16, 48, device=CUDA)) for _ in range(2)]
+    requests = [*same_length, (torch.randn(2, 80, 7, device=CUDA), torch.randn(2, 1, 16, 64, device=CUDA))]
+    alone = [model.infer(mel, z=z) for mel, z in requests]
+    graphs = CudaGraphCache()
+    for _ in range(2):  # eager, captured: the first two threads only replay
+        model.infer(same_length[0][0], z=same_length[0][1], cuda_graphs=graphs)
+    assert len(graphs.graphs) == 1
+    torch.cuda.synchronize()  # the threads' streams do not wait on the default stream's work above
+    start = threading.Barrier(len(requests))
+
+    def synthesize(request):
+        stream = torch.cuda.Stream()
+        start.wait()
+        with torch.cuda.stream(stream):
+            audio = [model.infer(request[0], z=request[1], cuda_graphs=graphs) for _ in range(20)]
+        stream.synchronize()
+        return audio
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(synthesize, requests))
+    torch.cuda.synchronize()
+    assert len(graphs.graphs) == 2
+    for expected, results in zip(alone, together, strict=True):
+        for audio in results:
+            assert torch.allclose(audio, expected, atol=TOLERANCE, rtol=0)
+
+
+class RefusedCapture(torch.cuda.CUDAGraph):
+    def capture_begin(self, *args, **kwargs):
+        raise RuntimeError("capture refused (a stand-in)")
+
+
+@pytest.mark.parametrize("failure", ["capture_begin raises", "out of memory while capturing"])
+def test_a_failed_capture_falls_back_to_eager_with_one_warning(monkeypatch, failure):
+    model = random_model(tiny_config("nanoflow")).to(CUDA)
+    mel, z = torch.randn(1, 80, 6, device=CUDA), torch.randn(1, 1, 16, 48, device=CUDA)
+    expected = model.infer(mel, z=z)
+    if failure == "capture_begin raises":
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", RefusedCapture)
+    else:
+        reverse_flows = inference.reverse_flows
+
+        def out_of_memory_while_capturing(*args, **kwargs):
+            x = reverse_flows(*args, **kwargs)  # the whole synthesis is captured before it fails
+            if torch.cuda.is_current_stream_capturing():
+                raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+            return x
+
+        monkeypatch.setattr(inference, "reverse_flows", out_of_memory_while_capturing)
+    graphs = CudaGraphCache()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):  # eager; the capture fails, eager; eager twice, without another attempt
+            audio = model.infer(mel, z=z, cuda_graphs=graphs)
+            assert torch.allclose(audio, expected, atol=TOLERANCE, rtol=0)
+    ours = [str(warning.message) for warning in caught if "CUDA graph capture failed" in str(warning.message)]
+    assert len(ours) == 1 and "stand-in" in ours[0]
+    assert not graphs.graphs
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the capture stream was left
+    assert not torch.cuda.is_current_stream_capturing()
+    monkeypatch.undo()
+    # The device is as it was: another length is captured and replayed through the same cache.
+    mel, z = torch.randn(1, 80, 7, device=CUDA), torch.randn(1, 1, 16, 64, device=CUDA)
+    expected = model.infer(mel, z=z)
+    for _ in range(3):  # eager, captured, replayed
+        assert torch.allclose(model.infer(mel, z=z, cuda_graphs=graphs), expected, atol=TOLERANCE, rtol=0)
+    assert len(graphs.graphs) == 1
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
