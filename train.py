@@ -14,7 +14,9 @@ command with a one-line `error:` message and exit status 1. Training survives
 what long runs meet: the same command after a crash or a preemption resumes
 from the run folder's newest checkpoint; one process at a time trains into a
 run folder; a full disk ends it in one line naming the newest intact
-checkpoint, failing logs or samples are warnings (see storage.py).
+checkpoint, failing logs or samples are warnings. The run folder's machinery is
+in run_folder.py, stopping and exact resumption in resumption.py, the files in
+storage.py; this file reads as setup, the loop, the checkpoints.
 """
 
 from __future__ import annotations
@@ -22,24 +24,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import (
     CheckpointError,
     average_checkpoints,
     checkpoint_path,
-    list_checkpoints,
     load_checkpoint,
     read_checkpoint,
-    rerun_checkpoint,
     save_checkpoint,
     warm_start,
 )
@@ -47,7 +46,10 @@ from config import Config, ConfigError, TrainConfig, check_model_rules, load_con
 from data import DataError
 from mel2samp import Mel2Samp, collate
 from model import WaveFlow, build_model, negative_log_likelihood
-from storage import RunLock, StorageError, TrainingLogs, describe, remove_partial_files, warn, write_atomically
+from resumption import EpochSampler, StopRequest, ignore_stop_signals
+from run_folder import claim_run_folder, refuse_overwriting, run_dir, write_on_main
+from runtime import Runtime, global_any
+from storage import StorageError, TrainingLogs, describe, warn, write_atomically
 from synthesis import (
     BF16_MIN_CHANNELS,
     MEASURE_TEMPERATURE,
@@ -61,24 +63,6 @@ from synthesis import (
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (the loss diverged); the last good checkpoint is intact."""
-
-
-@dataclass
-class Runtime:
-    """Where and how this process runs: passed explicitly, never global."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    amp_dtype: torch.dtype | None = None  # None: fp32
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 # ----------------------------------------------------------------------------- setup
@@ -227,71 +211,7 @@ def setup_runtime(config: Config, device_name: str | None) -> Runtime:
     return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype)
 
 
-def run_dir(config: Config) -> str:
-    return os.path.join(config.train.output_directory, config.waveflow.model_name)
-
-
 # ----------------------------------------------------------------------------- training
-
-
-class EpochSampler(Sampler[int]):
-    """The shuffled indices of one epoch, fixed by (seed, epoch), this rank's share of them,
-    starting after `skip_batches` batches: what exact resumption needs."""
-
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.skip_batches = 0, 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.size // self.world_size // self.batch_size
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip_batches = epoch, skip_batches
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator)[self.rank :: self.world_size]
-        used = order[self.skip_batches * self.batch_size : self.batches_per_epoch * self.batch_size]
-        return iter(used.tolist())
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.skip_batches) * self.batch_size
-
-
-class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            self.restore()
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    # Ctrl-C (and a scheduler's SIGTERM) reach the whole process group; the workers must outlive
-    # them until the checkpoint is written. They still end with the loader, or when the parent dies.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _global_any(flag: bool, runtime: Runtime) -> bool:
-    if not runtime.distributed:
-        return flag
-    value = torch.tensor([float(flag)], device=runtime.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 # Why `train_step` skipped an update; the first two count towards `max_bad_steps`.
@@ -380,64 +300,7 @@ class SkippedSteps:
             )
 
 
-# ----------------------------------------------------------------------------- run folder and starting point
-
-
-def write_failure(folder: str, what: str, error: OSError) -> StorageError:
-    """A failed write in the run folder, as one line naming the folder and the newest intact checkpoint."""
-    available = list_checkpoints(folder)
-    return StorageError(
-        f"{folder}: cannot write {what} ({describe(error)}); the newest intact checkpoint is "
-        f"{available[-1][1] if available else 'none'}"
-    )
-
-
-def write_on_main(write, what: str, folder: str, runtime: Runtime) -> None:
-    """Rank 0 calls `write()`; a failed write (full disk, unwritable folder) stops every rank."""
-    failure = None
-    if runtime.is_main:
-        try:
-            write()
-        except OSError as error:
-            failure = write_failure(folder, what, error)
-    if _global_any(failure is not None, runtime):
-        raise failure or StorageError(f"{folder}: rank 0 could not write {what}; training stopped")
-
-
-def claim_run_folder(config: Config, args: argparse.Namespace, runtime: Runtime) -> tuple[RunLock | None, str]:
-    """Rank 0 locks the run folder and removes the partial files a killed run left. Returns the lock
-    and the checkpoint that every rank starts from: checkpoint_path or, when the same command runs
-    again after an interruption, the newest checkpoint of the run folder."""
-    folder, start = run_dir(config), config.train.checkpoint_path
-    lock, failure = None, None
-    if runtime.is_main:
-        try:
-            lock = RunLock(folder)
-            remove_partial_files(folder)
-            remove_partial_files(samples_dir(config), contains="_iter")
-            newest = None if args.warm_start or args.average_checkpoint else rerun_checkpoint(folder, start)
-            if newest is not None:
-                older = f" (not {start}: to go back to it, remove the newer ones)" if start else ""
-                print(
-                    f"{folder} holds this run's checkpoints: resuming from the newest, "
-                    f"{os.path.basename(newest)}{older}"
-                )
-                start = newest
-        except OSError as error:
-            failure = write_failure(folder, "the run folder", error)
-        except StorageError as error:
-            failure = error
-    if runtime.distributed:  # every rank starts from rank 0's choice, or stops with it
-        shared = [start, None if failure is None else str(failure)]
-        dist.broadcast_object_list(shared, src=0)
-        start, message = shared
-        if message is not None and failure is None:
-            failure = StorageError(f"rank 0 cannot train: {message}")
-    if failure is not None:
-        if lock is not None:
-            lock.release()
-        raise failure
-    return lock, start
+# ----------------------------------------------------------------------------- starting point
 
 
 @dataclass
@@ -506,18 +369,6 @@ def resume_position(
     if tc.max_iterations:
         total = min(total, tc.max_iterations)
     return epoch, batch_in_epoch, total
-
-
-def refuse_overwriting(folder: str, iteration: int) -> None:
-    """Stop before a run from `iteration` overwrites newer checkpoints of its run folder."""
-    newer = [path for it, path in list_checkpoints(folder) if it > iteration]
-    if newer:
-        raise CheckpointError(
-            f"{folder} already holds checkpoints after iteration {iteration} "
-            f"({os.path.basename(newer[-1])}); training would overwrite them. To go on with that "
-            f"run, resume from {newer[-1]} (--checkpoint_path, without -w or -a); or choose "
-            f"another output_directory or model_name"
-        )
 
 
 def data_parallel(model: WaveFlow, runtime: Runtime) -> torch.nn.Module:
@@ -631,7 +482,7 @@ class TrainingRun:
                         self.checkpoint(iteration, epoch, batch_in_epoch)
                     if iteration >= total:
                         break
-                    if _global_any(stop.requested, runtime):
+                    if global_any(stop.requested, runtime):
                         if self.saved_at != iteration:
                             self.save(iteration, epoch, batch_in_epoch)
                         return
@@ -670,7 +521,7 @@ class TrainingRun:
             num_workers=dc.num_workers,
             pin_memory=self.runtime.device.type == "cuda",
             drop_last=True,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=ignore_stop_signals,
         )
 
 

@@ -26,7 +26,8 @@ from checkpoint import average_checkpoints, list_checkpoints, read_checkpoint
 from config import load_config
 from mel2samp import write_mels
 from model import build_model
-from train import EpochSampler
+from resumption import EpochSampler
+from runtime import Runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -889,7 +890,7 @@ def one_step_setup(tmp_path, amp_dtype=None, init_scale=2.0**16):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, enabled=amp_dtype == torch.float16)
-    runtime = train.Runtime(device=torch.device("cpu"), amp_dtype=amp_dtype)
+    runtime = Runtime(device=torch.device("cpu"), amp_dtype=amp_dtype)
     batch = (torch.randn(2, 80, 9), 0.1 * torch.randn(2, 2048))
     return model, optimizer, scheduler, scaler, runtime, config, batch
 
