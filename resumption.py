@@ -1,16 +1,24 @@
 """What lets a training run stop early and go on exactly where it stopped: the data order fixed by
 (seed, epoch) and the position in it (`EpochSampler`), a stop after the current step on Ctrl-C or
-SIGTERM (`StopRequest`), and DataLoader workers that outlive those signals until the checkpoint is
-written (`ignore_stop_signals`).
+SIGTERM (`StopRequest`) or before a wall-clock limit (`WallClockLimit`), and DataLoader workers that
+outlive those signals until the checkpoint is written (`ignore_stop_signals`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import Sampler
+
+# What a checkpoint report (the test loss, synthesis and measures of synthesis.CheckpointReport) counts for
+# in the wall-clock margin until this process has timed one: far more than a step, safely more than the
+# reports of the configs here take (docs/training.md); a guess errs on the side of stopping early.
+UNMEASURED_REPORT_SECONDS = 60.0
 
 
 class EpochSampler(Sampler[int]):
@@ -63,3 +71,57 @@ def ignore_stop_signals(worker_id: int) -> None:
     # them until the checkpoint is written. They still end with the loader, or when the parent dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class WallClockLimit:
+    """Training stops before `minutes` have passed since `started` (0: no limit): after the last step
+    whose successor, and the checkpoint that may follow it, would still end in time. The margin is
+    measured in this process: the longest step after the first (the first also compiles, tunes cuDNN,
+    starts the data workers), the last checkpoint save and the last checkpoint report. Until one has
+    been measured, a save counts as a step and a report as `UNMEASURED_REPORT_SECONDS`. `clock` is
+    injected for the tests."""
+
+    def __init__(self, minutes: float, started: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.started, self.clock = 60.0 * minutes, started, clock
+        self.first_step: float | None = None
+        self.longest_step: float | None = None  # of the steps after the first
+        self.checkpoint_seconds: dict[str, float] = {}  # the last "save" and "report"
+        self.step_began = started
+
+    def elapsed(self) -> float:
+        """Seconds since the command started."""
+        return self.clock() - self.started
+
+    def passed(self) -> bool:
+        return self.seconds > 0 and self.elapsed() >= self.seconds
+
+    def begin_steps(self) -> None:
+        self.step_began = self.clock()
+
+    def step_done(self) -> None:
+        """A step ended: its time, from the end of the step or checkpoint before it, is measured."""
+        now = self.clock()
+        seconds, self.step_began = now - self.step_began, now
+        if self.first_step is None:
+            self.first_step = seconds
+        else:
+            self.longest_step = max(self.longest_step or 0.0, seconds)
+
+    @contextlib.contextmanager
+    def timing(self, part: str) -> Iterator[None]:
+        """Measure a checkpoint's "save" or "report", which the next step's time then leaves out."""
+        began = self.clock()
+        yield
+        self.step_began = self.clock()
+        self.checkpoint_seconds[part] = self.step_began - began
+
+    def leaves_no_time(self, with_report: bool) -> bool:
+        """Whether one more step and a checkpoint save after it (with its report, when the next
+        iteration reports) would end past the limit."""
+        if self.seconds <= 0:
+            return False
+        step = self.longest_step if self.longest_step is not None else self.first_step or 0.0
+        needed = step + self.checkpoint_seconds.get("save", step)
+        if with_report:
+            needed += self.checkpoint_seconds.get("report", UNMEASURED_REPORT_SECONDS)
+        return self.elapsed() + needed > self.seconds

@@ -7,6 +7,7 @@
     python train.py -s --mels mels/ -c config.json               # synthesize precomputed mels (.pt, .npy)
     python train.py -a 10 -s -c config.json                      # ... with the newest 10 checkpoints averaged
     python train.py -w -c config.json                            # warm start: weights only, fresh optimizer
+    python train.py -c config.json --max_minutes 55              # stop, with a checkpoint, before 55 minutes
     torchrun --nproc_per_node=N train.py -c config.json          # DistributedDataParallel, one GPU per process
 
 `main` dispatches to `train`, or to `evaluate` and `synthesize` (synthesis.py); bad input ends the
@@ -26,6 +27,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +48,7 @@ from config import Config, ConfigError, TrainConfig, check_model_rules, load_con
 from data import DataError
 from mel2samp import Mel2Samp, collate
 from model import WaveFlow, build_model, negative_log_likelihood
-from resumption import EpochSampler, StopRequest, ignore_stop_signals
+from resumption import EpochSampler, StopRequest, WallClockLimit, ignore_stop_signals
 from run_folder import claim_run_folder, refuse_overwriting, run_dir, write_on_main
 from runtime import Runtime, global_any
 from storage import StorageError, TrainingLogs, describe, warn, write_atomically
@@ -137,6 +139,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="override train_config.max_iterations: stop training at iteration N (0: no limit)",
     )
     parser.add_argument(
+        "--max_minutes",
+        type=float,
+        default=None,
+        metavar="M",
+        help="override train_config.max_minutes: stop training, with a checkpoint, before M minutes have "
+        "passed since the command started (0: no limit); the same command goes on",
+    )
+    parser.add_argument(
         "--device",
         default=None,
         help="torch device: cpu, cuda:N, or cuda, the current GPU (under torchrun, LOCAL_RANK's) "
@@ -159,6 +169,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("-t/--temp must be positive")
     if args.max_iterations is not None and args.max_iterations < 0:
         parser.error("--max_iterations must be >= 0")
+    if args.max_minutes is not None and args.max_minutes < 0:
+        parser.error("--max_minutes must be >= 0")
     return args
 
 
@@ -398,9 +410,10 @@ class TrainingRun:
         config: Config,
         args: argparse.Namespace,
         runtime: Runtime,
+        limit: WallClockLimit,
     ):
         self.training, self.train_set, self.sampler = training, train_set, sampler
-        self.config, self.args, self.runtime = config, args, runtime
+        self.config, self.args, self.runtime, self.limit = config, args, runtime, limit
         self.folder = run_dir(config)
         self.report = CheckpointReport(config, runtime.device, runtime.amp_dtype) if runtime.is_main else None
         self.skipped_steps = SkippedSteps(config.train.max_bad_steps)
@@ -428,16 +441,18 @@ class TrainingRun:
             )
             print(f"saved {path}")
 
-        write_on_main(write, f"checkpoint {os.path.basename(path)}", self.folder, self.runtime)
+        with self.limit.timing("save"):
+            write_on_main(write, f"checkpoint {os.path.basename(path)}", self.folder, self.runtime)
         self.saved_at = iteration
 
     def checkpoint(self, iteration: int, epoch: int, batch_in_epoch: int) -> None:
         """Save, then report the test loss and measures (rank 0) while the other ranks wait."""
         self.save(iteration, epoch, batch_in_epoch)
-        if self.report is not None:
-            self.report(self.training.model, self.logs, iteration, self.args.temp)
-        if self.runtime.distributed:
-            dist.barrier()
+        with self.limit.timing("report"):
+            if self.report is not None:
+                self.report(self.training.model, self.logs, iteration, self.args.temp)
+            if self.runtime.distributed:
+                dist.barrier()
         self.training.model.train()
 
     def record(self, metrics: dict, iteration: int, seconds: float, progress: tqdm) -> None:
@@ -454,10 +469,22 @@ class TrainingRun:
                 for key in ("loss", "grad_norm", "learning_rate"):
                     self.logs.add("scalar", f"training/{key}", metrics[key], iteration)
 
+    def stop_early(self, iteration: int, epoch: int, batch_in_epoch: int, out_of_time: bool, progress: tqdm) -> None:
+        """Stop after `iteration` (a signal, or the wall-clock limit when `out_of_time`) with its checkpoint."""
+        if self.saved_at != iteration:
+            self.save(iteration, epoch, batch_in_epoch)
+        if out_of_time and self.runtime.is_main:
+            progress.close()
+            print(
+                f"wall-clock limit: stopped at iteration {iteration} after {self.limit.elapsed() / 60:.2f} of "
+                f"{self.config.train.max_minutes:g} min; the same command resumes"
+            )
+
     def run(self, iteration: int, start_epoch: int, batch_in_epoch: int, total: int) -> None:
         """Train from `iteration` (batch `batch_in_epoch` of `start_epoch`) to iteration `total`, or until
-        Ctrl-C or SIGTERM; a checkpoint every `iters_per_checkpoint` iterations and one at the end."""
-        tc, runtime, training = self.config.train, self.runtime, self.training
+        Ctrl-C, SIGTERM or the wall-clock limit; a checkpoint every `iters_per_checkpoint` iterations and
+        one at the end."""
+        tc, runtime, training, limit = self.config.train, self.runtime, self.training, self.limit
         self.saved_at = iteration
         if runtime.is_main and tc.with_tensorboard:
             self.logs = TrainingLogs(os.path.join(self.folder, "logs"))
@@ -467,6 +494,7 @@ class TrainingRun:
         wrapped = data_parallel(training.model, runtime)
         stop = StopRequest()
         position = (start_epoch, batch_in_epoch)  # (epoch, batches done in it) after the last step
+        limit.begin_steps()
         try:
             for epoch in range(start_epoch, tc.epochs):
                 for batch in self.batches(epoch, batch_in_epoch):
@@ -477,14 +505,16 @@ class TrainingRun:
                     iteration, batch_in_epoch = iteration + 1, batch_in_epoch + 1
                     position = (epoch, batch_in_epoch)
                     self.record(metrics, iteration, time.perf_counter() - started, progress)
+                    limit.step_done()
                     diverging = self.skipped_steps.in_a_row > 0  # no checkpoint in the middle of a streak
                     if iteration % tc.iters_per_checkpoint == 0 and not diverging:
                         self.checkpoint(iteration, epoch, batch_in_epoch)
                     if iteration >= total:
                         break
-                    if global_any(stop.requested, runtime):
-                        if self.saved_at != iteration:
-                            self.save(iteration, epoch, batch_in_epoch)
+                    reports_next = (iteration + 1) % tc.iters_per_checkpoint == 0 or iteration + 1 >= total
+                    out_of_time = limit.leaves_no_time(with_report=reports_next)
+                    if global_any(stop.requested or out_of_time, runtime):
+                        self.stop_early(iteration, epoch, batch_in_epoch, global_any(out_of_time, runtime), progress)
                         return
                 if iteration >= total:
                     break
@@ -525,7 +555,7 @@ class TrainingRun:
         )
 
 
-def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
+def train(config: Config, args: argparse.Namespace, runtime: Runtime, limit: WallClockLimit) -> None:
     """Train into the run folder, which rank 0 holds locked until the run ends."""
     if (args.warm_start or args.average_checkpoint) and not config.train.checkpoint_path:
         option = "-w/--warm_start needs a checkpoint" if args.warm_start else "-a needs a folder of checkpoints"
@@ -535,13 +565,13 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
         )
     lock, start = claim_run_folder(config, args, runtime)
     try:
-        train_from(start, config, args, runtime)
+        train_from(start, config, args, runtime, limit)
     finally:
         if lock is not None:
             lock.release()
 
 
-def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
+def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Runtime, limit: WallClockLimit) -> None:
     """Training from checkpoint `start` (none when empty): the model, the data, where they stand, the loop."""
     tc, dc = config.train, config.data
     training = build_training(config, runtime)
@@ -554,6 +584,7 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
         config,
         args,
         runtime,
+        limit,
     )
     batches_per_epoch = run.sampler.batches_per_epoch
     if batches_per_epoch == 0:
@@ -577,13 +608,21 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
                 f"(train_config.epochs, max_iterations)"
             )
         return
+    if global_any(limit.passed(), runtime):
+        if runtime.is_main:
+            print(
+                f"wall-clock limit: {config.train.max_minutes:g} min passed before the first step (setup took "
+                f"{limit.elapsed() / 60:.2f} min); nothing trained"
+            )
+        return
     run.run(iteration, epoch, batch_in_epoch, total)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, clock: Callable[[], float] = time.monotonic) -> int:
+    started = clock()  # --max_minutes counts from here
     args = parse_args(argv)
     runtime = None
     try:
@@ -592,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
             config.train.checkpoint_path = args.checkpoint_path
         if args.max_iterations is not None:
             config.train.max_iterations = args.max_iterations
+        if args.max_minutes is not None:
+            config.train.max_minutes = args.max_minutes
         check_model_rules(config, training=not (args.synthesize or args.evaluate))
         runtime = setup_runtime(config, args.device)
         if args.synthesize or args.evaluate:
@@ -601,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     evaluate(config, args, runtime.device, runtime.amp_dtype)
         else:
-            train(config, args, runtime)
+            train(config, args, runtime, WallClockLimit(config.train.max_minutes, started, clock))
     except (ConfigError, DataError, CheckpointError, TrainingStopped, StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
