@@ -347,9 +347,13 @@ def restore(training: Training, path: str, args: argparse.Namespace, verbose: bo
     if not path:
         return 0, 0, 0
     if not (args.warm_start or args.average_checkpoint):
+        configured = training.scheduler.state_dict()
         checkpoint = load_checkpoint(path, training.model, training.optimizer, training.scheduler, training.scaler)
+        changed = follow_the_configs_schedule(training, configured)
         if verbose:
             print(f"resumed from {path} at iteration {checkpoint['iteration']}")
+            if changed:
+                print(changed)
         return (checkpoint["iteration"], checkpoint.get("epoch", -1), checkpoint.get("batch_in_epoch", -1))
     if args.average_checkpoint:
         weights, newest = average_checkpoints(path, args.average_checkpoint, args.epsilon)
@@ -365,6 +369,35 @@ def restore(training: Training, path: str, args: argparse.Namespace, verbose: bo
         )
     # Numbering goes on from the source so that no checkpoint beside it is overwritten.
     return newest.get("iteration", 0), 0, 0
+
+
+SCHEDULE_KEYS = ("base_lrs", "step_size", "gamma")  # what StepLR's state takes from the config
+
+
+def follow_the_configs_schedule(training: Training, configured: dict) -> str | None:
+    """After a resume: the config's learning-rate schedule (`configured`, StepLR's state as built from it)
+    at the checkpoint's iteration, where the checkpoint stored another one; the stored state is kept when
+    it is the config's, so that resuming stays exact. Returns the line that says which was used, or None."""
+    stored = training.scheduler.state_dict()
+    if all(stored[key] == configured[key] for key in SCHEDULE_KEYS):
+        return None
+    iteration = stored["last_epoch"]
+    rates = [base * configured["gamma"] ** (iteration // configured["step_size"]) for base in configured["base_lrs"]]
+    training.scheduler.load_state_dict(dict(stored, **{key: configured[key] for key in SCHEDULE_KEYS}, _last_lr=rates))
+    for group, base, rate in zip(training.optimizer.param_groups, configured["base_lrs"], rates, strict=True):
+        group["initial_lr"], group["lr"] = base, rate
+    return (
+        f"the checkpoint's learning-rate schedule ({describe_schedule(stored)}) is not the config's "
+        f"({describe_schedule(configured)}): following the config's, learning rate {rates[0]:g} at iteration "
+        f"{iteration}"
+    )
+
+
+def describe_schedule(state: dict) -> str:
+    """StepLR's state in the config's words."""
+    return (
+        f"learning_rate {state['base_lrs'][0]:g}, lr_decay_step {state['step_size']}, lr_decay_gamma {state['gamma']:g}"
+    )
 
 
 def resume_position(

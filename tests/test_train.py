@@ -1073,6 +1073,29 @@ def test_resume_position_of_our_checkpoints_the_originals_and_a_warm_start(tmp_p
     assert train.resume_position(5, 1, 2, 3, tc) == (1, 2, 10)
 
 
+def test_resuming_under_another_schedule_follows_the_configs_and_under_the_same_one_the_checkpoints(capsys):
+    shipped = os.path.join(ROOT, "pretrained", "nanoflow-demo.pt")
+    stored = read_checkpoint(shipped)["scheduler"]  # trained with configs/demo.json: halved every 2,000
+    assert stored["step_size"] == 2000 and stored["last_epoch"] == 4000 and stored["_last_lr"] == [2.5e-4]
+    for name, step_size, rate, said in (("demo-long", 25000, 5e-4, True), ("demo", 2000, 2.5e-4, False)):
+        config_path = os.path.join(ROOT, "configs", f"{name}.json")
+        training = train.build_training(load_config(config_path), Runtime(device=torch.device("cpu")))
+        assert train.restore(training, shipped, train.parse_args(["-c", config_path]), True)[0] == 4000
+        scheduler = training.scheduler
+        assert (scheduler.step_size, scheduler.last_epoch) == (step_size, 4000)
+        assert training.optimizer.param_groups[0]["lr"] == rate and scheduler.get_last_lr() == [rate]
+        out = capsys.readouterr().out
+        assert (
+            "the checkpoint's learning-rate schedule (learning_rate 0.001, lr_decay_step 2000, lr_decay_gamma 0.5) "
+            "is not the config's (learning_rate 0.0005, lr_decay_step 25000, lr_decay_gamma 0.5): following the "
+            "config's, learning rate 0.0005 at iteration 4000" in out
+        ) == said
+        for _ in range(2000):  # to iteration 6000, where the stored schedule halves and the long one does not
+            training.optimizer.step()
+            scheduler.step()
+        assert training.optimizer.param_groups[0]["lr"] == (5e-4 if said else 1.25e-4)
+
+
 # ----------------------------------------------------------------------------- the wall-clock limit
 
 
