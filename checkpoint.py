@@ -60,9 +60,11 @@ def checkpoint_iteration(path: str) -> int | None:
 
 def rerun_checkpoint(run_dir: str, requested: str) -> str | None:
     """The checkpoint that a rerun of an interrupted training command continues from: the newest
-    of its run folder, when `requested` (train_config.checkpoint_path) is empty or names an older
-    checkpoint of that folder. None when the folder holds none, or `requested` is to be used as
-    it is (a checkpoint from elsewhere, or the newest itself)."""
+    of its run folder, when `requested` (train_config.checkpoint_path) is empty, names an older
+    checkpoint of that folder, or names the checkpoint elsewhere that the newest one's run started
+    from (the config stored in the newest names it: the same command again). None when the folder
+    holds none, or `requested` is to be used as it is (another checkpoint from elsewhere, or the
+    newest itself)."""
     available = list_checkpoints(run_dir)
     if not available:
         return None
@@ -73,7 +75,21 @@ def rerun_checkpoint(run_dir: str, requested: str) -> str | None:
     same_folder = os.path.realpath(os.path.dirname(os.path.abspath(requested))) == os.path.realpath(run_dir)
     if same_folder and requested_iteration is not None and requested_iteration < newest_iteration:
         return newest
+    if not same_folder and started_from(newest) == os.path.realpath(requested):
+        return newest
     return None
+
+
+def started_from(path: str) -> str | None:
+    """The real path of the `train_config.checkpoint_path` in the config that checkpoint `path` stores: where
+    the run that wrote it started. None when it names none or the checkpoint cannot be read."""
+    try:
+        config = read_checkpoint(path).get("config")
+    except CheckpointError:
+        return None
+    section = config.get("train_config") if isinstance(config, dict) else None
+    start = section.get("checkpoint_path") if isinstance(section, dict) else None
+    return os.path.realpath(start) if isinstance(start, str) and start else None
 
 
 def save_checkpoint(

@@ -179,6 +179,7 @@ class TrainConfig:
     grad_clip_thresh: float = 5.0
     max_bad_steps: int = 10
     max_iterations: int = 0
+    max_minutes: float = 0.0
 
     def __post_init__(self):
         s = "train_config"
@@ -187,6 +188,7 @@ class TrainConfig:
         for key in ("learning_rate", "lr_decay_gamma", "sigma", "grad_clip_thresh"):
             _require(getattr(self, key) > 0, f"{s}.{key} must be positive, got {getattr(self, key)}")
         _require(self.max_iterations >= 0, f"{s}.max_iterations must be >= 0 (0: no limit), got {self.max_iterations}")
+        _require(self.max_minutes >= 0, f"{s}.max_minutes must be >= 0 (0: no limit), got {self.max_minutes}")
         _require(not (self.fp16_run and self.bf16_run), f"{s}: fp16_run and bf16_run cannot both be on")
 
 

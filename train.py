@@ -7,6 +7,7 @@
     python train.py -s --mels mels/ -c config.json               # synthesize precomputed mels (.pt, .npy)
     python train.py -a 10 -s -c config.json                      # ... with the newest 10 checkpoints averaged
     python train.py -w -c config.json                            # warm start: weights only, fresh optimizer
+    python train.py -c config.json --max_minutes 55              # stop, with a checkpoint, before 55 minutes
     torchrun --nproc_per_node=N train.py -c config.json          # DistributedDataParallel, one GPU per process
 
 `main` dispatches to `train`, or to `evaluate` and `synthesize` (synthesis.py); bad input ends the
@@ -14,7 +15,9 @@ command with a one-line `error:` message and exit status 1. Training survives
 what long runs meet: the same command after a crash or a preemption resumes
 from the run folder's newest checkpoint; one process at a time trains into a
 run folder; a full disk ends it in one line naming the newest intact
-checkpoint, failing logs or samples are warnings (see storage.py).
+checkpoint, failing logs or samples are warnings. The run folder's machinery is
+in run_folder.py, stopping and exact resumption in resumption.py, the files in
+storage.py; this file reads as setup, the loop, the checkpoints.
 """
 
 from __future__ import annotations
@@ -22,24 +25,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import (
     CheckpointError,
     average_checkpoints,
     checkpoint_path,
-    list_checkpoints,
     load_checkpoint,
     read_checkpoint,
-    rerun_checkpoint,
     save_checkpoint,
     warm_start,
 )
@@ -47,7 +48,10 @@ from config import Config, ConfigError, TrainConfig, check_model_rules, load_con
 from data import DataError
 from mel2samp import Mel2Samp, collate
 from model import WaveFlow, build_model, negative_log_likelihood
-from storage import RunLock, StorageError, TrainingLogs, describe, remove_partial_files, warn, write_atomically
+from resumption import EpochSampler, StopRequest, WallClockLimit, ignore_stop_signals
+from run_folder import claim_run_folder, refuse_overwriting, run_dir, write_on_main
+from runtime import Runtime, global_any
+from storage import StorageError, TrainingLogs, describe, warn, write_atomically
 from synthesis import (
     BF16_MIN_CHANNELS,
     MEASURE_TEMPERATURE,
@@ -61,24 +65,6 @@ from synthesis import (
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (the loss diverged); the last good checkpoint is intact."""
-
-
-@dataclass
-class Runtime:
-    """Where and how this process runs: passed explicitly, never global."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    amp_dtype: torch.dtype | None = None  # None: fp32
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 # ----------------------------------------------------------------------------- setup
@@ -153,6 +139,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="override train_config.max_iterations: stop training at iteration N (0: no limit)",
     )
     parser.add_argument(
+        "--max_minutes",
+        type=float,
+        default=None,
+        metavar="M",
+        help="override train_config.max_minutes: stop training, with a checkpoint, before M minutes have "
+        "passed since the command started (0: no limit); the same command goes on",
+    )
+    parser.add_argument(
         "--device",
         default=None,
         help="torch device: cpu, cuda:N, or cuda, the current GPU (under torchrun, LOCAL_RANK's) "
@@ -175,6 +169,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("-t/--temp must be positive")
     if args.max_iterations is not None and args.max_iterations < 0:
         parser.error("--max_iterations must be >= 0")
+    if args.max_minutes is not None and args.max_minutes < 0:
+        parser.error("--max_minutes must be >= 0")
     return args
 
 
@@ -227,71 +223,7 @@ def setup_runtime(config: Config, device_name: str | None) -> Runtime:
     return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype)
 
 
-def run_dir(config: Config) -> str:
-    return os.path.join(config.train.output_directory, config.waveflow.model_name)
-
-
 # ----------------------------------------------------------------------------- training
-
-
-class EpochSampler(Sampler[int]):
-    """The shuffled indices of one epoch, fixed by (seed, epoch), this rank's share of them,
-    starting after `skip_batches` batches: what exact resumption needs."""
-
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.skip_batches = 0, 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.size // self.world_size // self.batch_size
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip_batches = epoch, skip_batches
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator)[self.rank :: self.world_size]
-        used = order[self.skip_batches * self.batch_size : self.batches_per_epoch * self.batch_size]
-        return iter(used.tolist())
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.skip_batches) * self.batch_size
-
-
-class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            self.restore()
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    # Ctrl-C (and a scheduler's SIGTERM) reach the whole process group; the workers must outlive
-    # them until the checkpoint is written. They still end with the loader, or when the parent dies.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _global_any(flag: bool, runtime: Runtime) -> bool:
-    if not runtime.distributed:
-        return flag
-    value = torch.tensor([float(flag)], device=runtime.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 # Why `train_step` skipped an update; the first two count towards `max_bad_steps`.
@@ -380,64 +312,7 @@ class SkippedSteps:
             )
 
 
-# ----------------------------------------------------------------------------- run folder and starting point
-
-
-def write_failure(folder: str, what: str, error: OSError) -> StorageError:
-    """A failed write in the run folder, as one line naming the folder and the newest intact checkpoint."""
-    available = list_checkpoints(folder)
-    return StorageError(
-        f"{folder}: cannot write {what} ({describe(error)}); the newest intact checkpoint is "
-        f"{available[-1][1] if available else 'none'}"
-    )
-
-
-def write_on_main(write, what: str, folder: str, runtime: Runtime) -> None:
-    """Rank 0 calls `write()`; a failed write (full disk, unwritable folder) stops every rank."""
-    failure = None
-    if runtime.is_main:
-        try:
-            write()
-        except OSError as error:
-            failure = write_failure(folder, what, error)
-    if _global_any(failure is not None, runtime):
-        raise failure or StorageError(f"{folder}: rank 0 could not write {what}; training stopped")
-
-
-def claim_run_folder(config: Config, args: argparse.Namespace, runtime: Runtime) -> tuple[RunLock | None, str]:
-    """Rank 0 locks the run folder and removes the partial files a killed run left. Returns the lock
-    and the checkpoint that every rank starts from: checkpoint_path or, when the same command runs
-    again after an interruption, the newest checkpoint of the run folder."""
-    folder, start = run_dir(config), config.train.checkpoint_path
-    lock, failure = None, None
-    if runtime.is_main:
-        try:
-            lock = RunLock(folder)
-            remove_partial_files(folder)
-            remove_partial_files(samples_dir(config), contains="_iter")
-            newest = None if args.warm_start or args.average_checkpoint else rerun_checkpoint(folder, start)
-            if newest is not None:
-                older = f" (not {start}: to go back to it, remove the newer ones)" if start else ""
-                print(
-                    f"{folder} holds this run's checkpoints: resuming from the newest, "
-                    f"{os.path.basename(newest)}{older}"
-                )
-                start = newest
-        except OSError as error:
-            failure = write_failure(folder, "the run folder", error)
-        except StorageError as error:
-            failure = error
-    if runtime.distributed:  # every rank starts from rank 0's choice, or stops with it
-        shared = [start, None if failure is None else str(failure)]
-        dist.broadcast_object_list(shared, src=0)
-        start, message = shared
-        if message is not None and failure is None:
-            failure = StorageError(f"rank 0 cannot train: {message}")
-    if failure is not None:
-        if lock is not None:
-            lock.release()
-        raise failure
-    return lock, start
+# ----------------------------------------------------------------------------- starting point
 
 
 @dataclass
@@ -472,9 +347,13 @@ def restore(training: Training, path: str, args: argparse.Namespace, verbose: bo
     if not path:
         return 0, 0, 0
     if not (args.warm_start or args.average_checkpoint):
+        configured = training.scheduler.state_dict()
         checkpoint = load_checkpoint(path, training.model, training.optimizer, training.scheduler, training.scaler)
+        changed = follow_the_configs_schedule(training, configured)
         if verbose:
             print(f"resumed from {path} at iteration {checkpoint['iteration']}")
+            if changed:
+                print(changed)
         return (checkpoint["iteration"], checkpoint.get("epoch", -1), checkpoint.get("batch_in_epoch", -1))
     if args.average_checkpoint:
         weights, newest = average_checkpoints(path, args.average_checkpoint, args.epsilon)
@@ -492,6 +371,35 @@ def restore(training: Training, path: str, args: argparse.Namespace, verbose: bo
     return newest.get("iteration", 0), 0, 0
 
 
+SCHEDULE_KEYS = ("base_lrs", "step_size", "gamma")  # what StepLR's state takes from the config
+
+
+def follow_the_configs_schedule(training: Training, configured: dict) -> str | None:
+    """After a resume: the config's learning-rate schedule (`configured`, StepLR's state as built from it)
+    at the checkpoint's iteration, where the checkpoint stored another one; the stored state is kept when
+    it is the config's, so that resuming stays exact. Returns the line that says which was used, or None."""
+    stored = training.scheduler.state_dict()
+    if all(stored[key] == configured[key] for key in SCHEDULE_KEYS):
+        return None
+    iteration = stored["last_epoch"]
+    rates = [base * configured["gamma"] ** (iteration // configured["step_size"]) for base in configured["base_lrs"]]
+    training.scheduler.load_state_dict(dict(stored, **{key: configured[key] for key in SCHEDULE_KEYS}, _last_lr=rates))
+    for group, base, rate in zip(training.optimizer.param_groups, configured["base_lrs"], rates, strict=True):
+        group["initial_lr"], group["lr"] = base, rate
+    return (
+        f"the checkpoint's learning-rate schedule ({describe_schedule(stored)}) is not the config's "
+        f"({describe_schedule(configured)}): following the config's, learning rate {rates[0]:g} at iteration "
+        f"{iteration}"
+    )
+
+
+def describe_schedule(state: dict) -> str:
+    """StepLR's state in the config's words."""
+    return (
+        f"learning_rate {state['base_lrs'][0]:g}, lr_decay_step {state['step_size']}, lr_decay_gamma {state['gamma']:g}"
+    )
+
+
 def resume_position(
     iteration: int, epoch: int, batch_in_epoch: int, batches_per_epoch: int, tc: TrainConfig
 ) -> tuple[int, int, int]:
@@ -506,18 +414,6 @@ def resume_position(
     if tc.max_iterations:
         total = min(total, tc.max_iterations)
     return epoch, batch_in_epoch, total
-
-
-def refuse_overwriting(folder: str, iteration: int) -> None:
-    """Stop before a run from `iteration` overwrites newer checkpoints of its run folder."""
-    newer = [path for it, path in list_checkpoints(folder) if it > iteration]
-    if newer:
-        raise CheckpointError(
-            f"{folder} already holds checkpoints after iteration {iteration} "
-            f"({os.path.basename(newer[-1])}); training would overwrite them. To go on with that "
-            f"run, resume from {newer[-1]} (--checkpoint_path, without -w or -a); or choose "
-            f"another output_directory or model_name"
-        )
 
 
 def data_parallel(model: WaveFlow, runtime: Runtime) -> torch.nn.Module:
@@ -547,9 +443,10 @@ class TrainingRun:
         config: Config,
         args: argparse.Namespace,
         runtime: Runtime,
+        limit: WallClockLimit,
     ):
         self.training, self.train_set, self.sampler = training, train_set, sampler
-        self.config, self.args, self.runtime = config, args, runtime
+        self.config, self.args, self.runtime, self.limit = config, args, runtime, limit
         self.folder = run_dir(config)
         self.report = CheckpointReport(config, runtime.device, runtime.amp_dtype) if runtime.is_main else None
         self.skipped_steps = SkippedSteps(config.train.max_bad_steps)
@@ -577,16 +474,18 @@ class TrainingRun:
             )
             print(f"saved {path}")
 
-        write_on_main(write, f"checkpoint {os.path.basename(path)}", self.folder, self.runtime)
+        with self.limit.timing("save"):
+            write_on_main(write, f"checkpoint {os.path.basename(path)}", self.folder, self.runtime)
         self.saved_at = iteration
 
     def checkpoint(self, iteration: int, epoch: int, batch_in_epoch: int) -> None:
         """Save, then report the test loss and measures (rank 0) while the other ranks wait."""
         self.save(iteration, epoch, batch_in_epoch)
-        if self.report is not None:
-            self.report(self.training.model, self.logs, iteration, self.args.temp)
-        if self.runtime.distributed:
-            dist.barrier()
+        with self.limit.timing("report"):
+            if self.report is not None:
+                self.report(self.training.model, self.logs, iteration, self.args.temp)
+            if self.runtime.distributed:
+                dist.barrier()
         self.training.model.train()
 
     def record(self, metrics: dict, iteration: int, seconds: float, progress: tqdm) -> None:
@@ -603,10 +502,22 @@ class TrainingRun:
                 for key in ("loss", "grad_norm", "learning_rate"):
                     self.logs.add("scalar", f"training/{key}", metrics[key], iteration)
 
+    def stop_early(self, iteration: int, epoch: int, batch_in_epoch: int, out_of_time: bool, progress: tqdm) -> None:
+        """Stop after `iteration` (a signal, or the wall-clock limit when `out_of_time`) with its checkpoint."""
+        if self.saved_at != iteration:
+            self.save(iteration, epoch, batch_in_epoch)
+        if out_of_time and self.runtime.is_main:
+            progress.close()
+            print(
+                f"wall-clock limit: stopped at iteration {iteration} after {self.limit.elapsed() / 60:.2f} of "
+                f"{self.config.train.max_minutes:g} min; the same command resumes"
+            )
+
     def run(self, iteration: int, start_epoch: int, batch_in_epoch: int, total: int) -> None:
         """Train from `iteration` (batch `batch_in_epoch` of `start_epoch`) to iteration `total`, or until
-        Ctrl-C or SIGTERM; a checkpoint every `iters_per_checkpoint` iterations and one at the end."""
-        tc, runtime, training = self.config.train, self.runtime, self.training
+        Ctrl-C, SIGTERM or the wall-clock limit; a checkpoint every `iters_per_checkpoint` iterations and
+        one at the end."""
+        tc, runtime, training, limit = self.config.train, self.runtime, self.training, self.limit
         self.saved_at = iteration
         if runtime.is_main and tc.with_tensorboard:
             self.logs = TrainingLogs(os.path.join(self.folder, "logs"))
@@ -616,6 +527,7 @@ class TrainingRun:
         wrapped = data_parallel(training.model, runtime)
         stop = StopRequest()
         position = (start_epoch, batch_in_epoch)  # (epoch, batches done in it) after the last step
+        limit.begin_steps()
         try:
             for epoch in range(start_epoch, tc.epochs):
                 for batch in self.batches(epoch, batch_in_epoch):
@@ -626,14 +538,16 @@ class TrainingRun:
                     iteration, batch_in_epoch = iteration + 1, batch_in_epoch + 1
                     position = (epoch, batch_in_epoch)
                     self.record(metrics, iteration, time.perf_counter() - started, progress)
+                    limit.step_done()
                     diverging = self.skipped_steps.in_a_row > 0  # no checkpoint in the middle of a streak
                     if iteration % tc.iters_per_checkpoint == 0 and not diverging:
                         self.checkpoint(iteration, epoch, batch_in_epoch)
                     if iteration >= total:
                         break
-                    if _global_any(stop.requested, runtime):
-                        if self.saved_at != iteration:
-                            self.save(iteration, epoch, batch_in_epoch)
+                    reports_next = (iteration + 1) % tc.iters_per_checkpoint == 0 or iteration + 1 >= total
+                    out_of_time = limit.leaves_no_time(with_report=reports_next)
+                    if global_any(stop.requested or out_of_time, runtime):
+                        self.stop_early(iteration, epoch, batch_in_epoch, global_any(out_of_time, runtime), progress)
                         return
                 if iteration >= total:
                     break
@@ -670,11 +584,11 @@ class TrainingRun:
             num_workers=dc.num_workers,
             pin_memory=self.runtime.device.type == "cuda",
             drop_last=True,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=ignore_stop_signals,
         )
 
 
-def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
+def train(config: Config, args: argparse.Namespace, runtime: Runtime, limit: WallClockLimit) -> None:
     """Train into the run folder, which rank 0 holds locked until the run ends."""
     if (args.warm_start or args.average_checkpoint) and not config.train.checkpoint_path:
         option = "-w/--warm_start needs a checkpoint" if args.warm_start else "-a needs a folder of checkpoints"
@@ -684,13 +598,13 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
         )
     lock, start = claim_run_folder(config, args, runtime)
     try:
-        train_from(start, config, args, runtime)
+        train_from(start, config, args, runtime, limit)
     finally:
         if lock is not None:
             lock.release()
 
 
-def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
+def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Runtime, limit: WallClockLimit) -> None:
     """Training from checkpoint `start` (none when empty): the model, the data, where they stand, the loop."""
     tc, dc = config.train, config.data
     training = build_training(config, runtime)
@@ -703,6 +617,7 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
         config,
         args,
         runtime,
+        limit,
     )
     batches_per_epoch = run.sampler.batches_per_epoch
     if batches_per_epoch == 0:
@@ -726,13 +641,21 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
                 f"(train_config.epochs, max_iterations)"
             )
         return
+    if global_any(limit.passed(), runtime):
+        if runtime.is_main:
+            print(
+                f"wall-clock limit: {config.train.max_minutes:g} min passed before the first step (setup took "
+                f"{limit.elapsed() / 60:.2f} min); nothing trained"
+            )
+        return
     run.run(iteration, epoch, batch_in_epoch, total)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, clock: Callable[[], float] = time.monotonic) -> int:
+    started = clock()  # --max_minutes counts from here
     args = parse_args(argv)
     runtime = None
     try:
@@ -741,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
             config.train.checkpoint_path = args.checkpoint_path
         if args.max_iterations is not None:
             config.train.max_iterations = args.max_iterations
+        if args.max_minutes is not None:
+            config.train.max_minutes = args.max_minutes
         check_model_rules(config, training=not (args.synthesize or args.evaluate))
         runtime = setup_runtime(config, args.device)
         if args.synthesize or args.evaluate:
@@ -750,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     evaluate(config, args, runtime.device, runtime.amp_dtype)
         else:
-            train(config, args, runtime)
+            train(config, args, runtime, WallClockLimit(config.train.max_minutes, started, clock))
     except (ConfigError, DataError, CheckpointError, TrainingStopped, StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

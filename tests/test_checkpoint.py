@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from checkpoint import average_checkpoints, checkpoint_path, load_checkpoint, load_weights, save_checkpoint, warm_start
+from checkpoint import (
+    average_checkpoints,
+    checkpoint_path,
+    load_checkpoint,
+    load_weights,
+    rerun_checkpoint,
+    save_checkpoint,
+    warm_start,
+)
 from model import build_model
 from test_model import random_model, tiny_config
 
@@ -74,3 +82,23 @@ def test_averaged_weights_and_warm_start_load_across_layouts(tmp_path):
     loaded, skipped = warm_start(fresh, folded.state_dict())
     assert not skipped and len(loaded) == len(folded.state_dict())
     assert_same_function(fresh, folded)
+
+
+def test_a_rerun_goes_on_from_the_run_folders_newest_checkpoint_when_its_run_started_from_the_requested_one(
+    tmp_path,
+):
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    run_dir.mkdir()
+    other.mkdir()
+    source, unrelated = str(other / "start.pt"), str(other / "waveflow_2")
+    for iteration, start in ((6, source), (8, source)):
+        torch.save(
+            {"model": {}, "config": {"train_config": {"checkpoint_path": start}}}, run_dir / f"waveflow_{iteration}"
+        )
+    newest = str(run_dir / "waveflow_8")
+    assert rerun_checkpoint(str(run_dir), source) == newest  # the same command again
+    assert rerun_checkpoint(str(run_dir), str(tmp_path / "other" / ".." / "other" / "start.pt")) == newest
+    assert rerun_checkpoint(str(run_dir), unrelated) is None  # another starting point: used as it is
+    assert rerun_checkpoint(str(run_dir), str(run_dir / "waveflow_6")) == newest
+    assert rerun_checkpoint(str(run_dir), newest) is None and rerun_checkpoint(str(run_dir), "") == newest
+    assert rerun_checkpoint(str(tmp_path / "empty"), source) is None

@@ -37,6 +37,7 @@ def test_every_bundled_config_parses():
         (lambda c: c["train_config"].update(fp16_run=True, bf16_run=True), "fp16_run and bf16_run cannot both be on"),
         (lambda c: c["train_config"].update(batch_size=0), r"train_config\.batch_size must be at least 1"),
         (lambda c: c["train_config"].update(learning_rate="fast"), r"train_config\.learning_rate must be a number"),
+        (lambda c: c["train_config"].update(max_minutes=-1), r"train_config\.max_minutes must be >= 0 \(0: no limit\)"),
         (
             lambda c: c["train_config"].update(with_tensorboard="maybe"),
             r"train_config\.with_tensorboard must be a boolean",

@@ -1,6 +1,7 @@
 """The demo: a corpus without digital silence, dequantization, a run that ends by itself."""
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -126,13 +127,38 @@ def test_training_stops_at_max_iterations_and_says_where_its_outputs_are(tmp_pat
 
 
 @pytest.mark.slow
+def test_the_long_demo_command_continues_the_shipped_model_and_then_its_own_newest_checkpoint(tmp_path):
+    """docs/demo-training.md's `python train.py -c configs/demo-long.json --max_minutes M`, with the run
+    folder in a temporary folder and 2 iterations in fp32 (bf16 is several times slower on a CPU without
+    bf16 instructions): it starts from the shipped model under its own schedule, and the same command
+    again goes on from its own newest checkpoint."""
+    with open(os.path.join(ROOT, "configs", "demo-long.json")) as f:
+        config = json.load(f)
+    config["train_config"].update(output_directory=str(tmp_path / "experiments"), bf16_run=False)
+    (tmp_path / "demo-long.json").write_text(json.dumps(config))
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "-c", str(tmp_path / "demo-long.json")]
+    command += ["--max_minutes", "30", "--max_iterations", "4002"]
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=environment)
+    assert first.returncode == 0, first.stderr
+    assert "resumed from pretrained/nanoflow-demo.pt at iteration 4000" in first.stdout
+    assert "following the config's, learning rate 0.0005 at iteration 4000" in first.stdout
+    assert "training finished at iteration 4002" in first.stdout
+    folder = tmp_path / "experiments" / "nanoflow-demo-long"
+    saved = torch.load(folder / "waveflow_4002", weights_only=True)
+    assert saved["scheduler"]["step_size"] == 25000 and saved["optimizer"]["param_groups"][0]["lr"] == 5e-4
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=environment)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from the newest, waveflow_4002 (not pretrained/nanoflow-demo.pt" in again.stdout
+    assert "nothing to train" in again.stdout and "learning-rate schedule" not in again.stdout
+
+
+@pytest.mark.slow
 def test_the_shipped_demo_model_follows_a_sentence_it_never_heard():
     """pretrained/nanoflow-demo.pt is configs/demo.json's model, trained: on a held-out sentence in
     the demo voice its synthesis follows the recording's spectral envelope (the 300-iteration demo
     scores 0.85 on the held-out sentences). It does not yet reproduce the voice's pitch: see
     the README's quick start."""
-    import json
-
     from checkpoint import load_checkpoint
     from data import MelSpectrogram, load_audio
     from metrics import measure

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,8 @@ from checkpoint import average_checkpoints, list_checkpoints, read_checkpoint
 from config import load_config
 from mel2samp import write_mels
 from model import build_model
-from train import EpochSampler
+from resumption import EpochSampler, WallClockLimit
+from runtime import Runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -421,7 +423,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     )
     progress = ""
     deadline = time.time() + 120
-    while "it/s" not in progress and "s/it" not in progress and time.time() < deadline and process.poll() is None:
+    # A measured speed ("1.23it/s", not the "?it/s" of the bar drawn before the first step): the loop, and
+    # its signal handler, have started.
+    while not re.search(r"\d(it/s|s/it)", progress) and time.time() < deadline and process.poll() is None:
         assert process.stderr is not None
         progress += os.read(process.stderr.fileno(), 4096).decode()
     process.send_signal(signal.SIGTERM)
@@ -889,7 +893,7 @@ def one_step_setup(tmp_path, amp_dtype=None, init_scale=2.0**16):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, enabled=amp_dtype == torch.float16)
-    runtime = train.Runtime(device=torch.device("cpu"), amp_dtype=amp_dtype)
+    runtime = Runtime(device=torch.device("cpu"), amp_dtype=amp_dtype)
     batch = (torch.randn(2, 80, 9), 0.1 * torch.randn(2, 2048))
     return model, optimizer, scheduler, scaler, runtime, config, batch
 
@@ -1070,3 +1074,155 @@ def test_resume_position_of_our_checkpoints_the_originals_and_a_warm_start(tmp_p
     assert train.resume_position(100, 0, 0, 3, tc) == (0, 0, 112)  # warm start: numbering goes on from 100
     tc.max_iterations = 10
     assert train.resume_position(5, 1, 2, 3, tc) == (1, 2, 10)
+
+
+def test_resuming_under_another_schedule_follows_the_configs_and_under_the_same_one_the_checkpoints(capsys):
+    shipped = os.path.join(ROOT, "pretrained", "nanoflow-demo.pt")
+    stored = read_checkpoint(shipped)["scheduler"]  # trained with configs/demo.json: halved every 2,000
+    assert stored["step_size"] == 2000 and stored["last_epoch"] == 4000 and stored["_last_lr"] == [2.5e-4]
+    for name, step_size, rate, said in (("demo-long", 25000, 5e-4, True), ("demo", 2000, 2.5e-4, False)):
+        config_path = os.path.join(ROOT, "configs", f"{name}.json")
+        training = train.build_training(load_config(config_path), Runtime(device=torch.device("cpu")))
+        assert train.restore(training, shipped, train.parse_args(["-c", config_path]), True)[0] == 4000
+        scheduler = training.scheduler
+        assert (scheduler.step_size, scheduler.last_epoch) == (step_size, 4000)
+        assert training.optimizer.param_groups[0]["lr"] == rate and scheduler.get_last_lr() == [rate]
+        out = capsys.readouterr().out
+        assert (
+            "the checkpoint's learning-rate schedule (learning_rate 0.001, lr_decay_step 2000, lr_decay_gamma 0.5) "
+            "is not the config's (learning_rate 0.0005, lr_decay_step 25000, lr_decay_gamma 0.5): following the "
+            "config's, learning rate 0.0005 at iteration 4000" in out
+        ) == said
+        for _ in range(2000):  # to iteration 6000, where the stored schedule halves and the long one does not
+            training.optimizer.step()
+            scheduler.step()
+        assert training.optimizer.param_groups[0]["lr"] == (5e-4 if said else 1.25e-4)
+
+
+# ----------------------------------------------------------------------------- the wall-clock limit
+
+
+def test_the_wall_clock_margin_is_the_longest_step_after_the_first_and_the_last_checkpoints_times():
+    now = [0.0]
+    limit = WallClockLimit(1.0, started=0.0, clock=lambda: now[0])
+    limit.begin_steps()
+    now[0] = 30.0
+    limit.step_done()  # the first step (it compiles): 30 s
+    assert limit.leaves_no_time(with_report=False)  # 30 + 30 + 30 (no save measured yet) > 60
+    now[0] = 32.0
+    limit.step_done()  # 2 s: from now on the first no longer counts
+    assert not limit.leaves_no_time(with_report=False)  # 32 + 2 + 2 (a save not yet measured: a step)
+    assert limit.leaves_no_time(with_report=True)  # ... + 60 (a report not yet measured)
+    with limit.timing("save"):
+        now[0] = 35.0
+    with limit.timing("report"):
+        now[0] = 45.0
+    now[0] = 46.0
+    limit.step_done()  # 1 s after the report: the longest step stays 2 s
+    assert limit.longest_step == 2.0
+    assert not limit.leaves_no_time(with_report=False)  # 46 + 2 + 3
+    assert limit.leaves_no_time(with_report=True)  # 46 + 2 + 3 + 10 > 60
+    assert not limit.passed() and WallClockLimit(0.0, 0.0, clock=lambda: 1e9).leaves_no_time(True) is False
+
+
+class FakeClock:
+    """A clock for `train.main(..., clock=)` in which time passes only where `fake_time` says: in
+    setup, in each training step (the first slower, as it compiles and tunes cuDNN), in each
+    checkpoint save and in each checkpoint report."""
+
+    def __init__(self, setup=0.0, first_step=0.0, step=0.0, save=0.0, report=0.0):
+        self.seconds = dict(setup=setup, first_step=first_step, step=step, save=save, report=report)
+        self.now, self.steps = 0.0, 0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def fake_time(monkeypatch):
+    """`fake_time(**seconds)` -> a fresh `FakeClock`, which train.py's setup, steps, saves and reports
+    advance from then on: no sleeping, nothing depends on the machine's speed."""
+    clocks = []
+
+    def advancing(function, part):
+        def timed(*args, **kwargs):
+            result = function(*args, **kwargs)
+            clock = clocks[-1]
+            clock.now += clock.seconds["first_step" if part == "step" and clock.steps == 0 else part]
+            clock.steps += part == "step"
+            return result
+
+        return timed
+
+    monkeypatch.setattr(train, "build_training", advancing(train.build_training, "setup"))
+    monkeypatch.setattr(train, "train_step", advancing(train.train_step, "step"))
+    monkeypatch.setattr(train, "save_checkpoint", advancing(train.save_checkpoint, "save"))
+    monkeypatch.setattr(
+        synthesis.CheckpointReport, "__call__", advancing(synthesis.CheckpointReport.__call__, "report")
+    )
+
+    def make(**seconds):
+        clocks.append(FakeClock(**seconds))
+        return clocks[-1]
+
+    return make
+
+
+def test_the_wall_clock_limit_stops_in_time_with_a_checkpoint_and_the_same_command_goes_on_exactly(
+    trained, tmp_path, capsys, one_thread, fake_time
+):
+    folder, _, _ = trained
+    uninterrupted = os.path.join(folder, "exp", "tiny")
+    config = write_config(
+        str(tmp_path),
+        train_config__output_directory=str(tmp_path / "exp"),
+        data_config__training_files=os.path.join(folder, "train.txt"),
+        data_config__test_files=os.path.join(folder, "test.txt"),
+    )
+    run_dir = tmp_path / "exp" / "tiny"
+    # 30 s: steps of 5 s after a first one of 10, saves of 2 s, reports of 4 s; 6 iterations, a checkpoint
+    # with a report every 2.
+    seconds = dict(first_step=10.0, step=5.0, save=2.0, report=4.0)
+    stops = []
+    for _ in range(4):
+        clock = fake_time(**seconds)
+        status = train.main(["-c", config, "--max_minutes", "0.5"], clock=clock)
+        out, err = capsys.readouterr()
+        assert status == 0, err
+        assert clock.now <= 30.0  # never past the limit
+        if "training finished" in out:
+            break
+        [line] = [line for line in out.splitlines() if line.startswith("wall-clock limit:")]
+        iteration = int(line.split("stopped at iteration ")[1].split()[0])
+        assert line == (
+            f"wall-clock limit: stopped at iteration {iteration} after {clock.now / 60:.2f} of 0.5 min; the same "
+            f"command resumes"
+        )
+        assert list_checkpoints(str(run_dir))[-1][0] == iteration  # its last iteration is saved
+        stops.append(iteration)
+    # Each stop is where one more step and the checkpoint with its report after it would end past 30 s:
+    # after 1 at 10 s (a step and a save not yet measured count as the first step's 10 s, a report as a
+    # minute), after 3 and 5 at 21 s (5 + 2 + 4 more). Not earlier: after 2 and 4, at 16 s, a step (still
+    # the first's 10 s) and a save fit.
+    assert stops == [1, 3, 5] and "training finished at iteration 6" in out
+    assert [it for it, _ in list_checkpoints(str(run_dir))] == [1, 2, 3, 4, 5, 6]
+    for iteration in (2, 4, 6):
+        assert_same_weights(
+            weights(str(run_dir / f"waveflow_{iteration}")),
+            weights(os.path.join(uninterrupted, f"waveflow_{iteration}")),
+        )
+
+
+def test_a_wall_clock_limit_that_setup_uses_up_trains_nothing(tmp_path, capsys, one_thread, fake_time):
+    make_corpus(str(tmp_path))
+    config = write_config(str(tmp_path))
+    status = train.main(["-c", config, "--max_minutes", "0.5"], clock=fake_time(setup=40.0))
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert out.strip().splitlines()[-1] == (
+        "wall-clock limit: 0.5 min passed before the first step (setup took 0.67 min); nothing trained"
+    )
+    assert list_checkpoints(str(tmp_path / "exp" / "tiny")) == []
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as message:
+        train.parse_args(["-c", config, "--max_minutes", "-1"])
+    assert "--max_minutes must be >= 0" in message.getvalue()
