@@ -20,11 +20,13 @@ checkpoint, failing logs or samples are warnings (see storage.py).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -504,6 +506,38 @@ def data_parallel(model: WaveFlow, runtime: Runtime) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- the loop
 
 
+def training_batches(
+    train_set: Mel2Samp,
+    sampler: EpochSampler,
+    start: tuple[int, int],
+    epochs: int,
+    num_workers: int,
+    pin_memory: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every batch from batch `start[1]` of epoch `start[0]` to the end of epoch `epochs - 1`, each epoch
+    in the order fixed by (seed, epoch), from one DataLoader: (mel [B, n_mels, F], audio [B, T]). Its
+    workers start once and load the next epoch's first batches while this epoch's last ones train; a
+    small corpus's epoch is a few batches, less than starting workers costs (docs/gpu.md)."""
+    first_epoch, skip_batches = start
+
+    def items() -> Iterator[tuple[int, int]]:  # the epoch travels with each index to the workers
+        for epoch in range(first_epoch, epochs):
+            sampler.set_epoch(epoch, skip_batches if epoch == first_epoch else 0)
+            yield from ((epoch, index) for index in sampler)
+
+    loader = DataLoader(
+        train_set,
+        batch_size=sampler.batch_size,
+        sampler=items(),
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        worker_init_fn=_ignore_stop_signals,
+    )
+    return iter(loader)
+
+
 class TrainingRun:
     """The loop of one training run over its epochs, and its bookkeeping: progress, logs, skipped
     steps, checkpoints and the checkpoint reports."""
@@ -523,6 +557,7 @@ class TrainingRun:
         self.report = CheckpointReport(config, runtime.device, runtime.amp_dtype) if runtime.is_main else None
         self.skipped_steps = SkippedSteps(config.train.max_bad_steps)
         self.logs: TrainingLogs | None = None
+        self.loader: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None  # see `batches`
         self.saved_at = 0
 
     def save(self, iteration: int, epoch: int, batch_in_epoch: int) -> None:
@@ -620,27 +655,27 @@ class TrainingRun:
                     f"--checkpoint_path {checkpoint_path(self.folder, iteration)}"
                 )
         finally:
+            self.loader = None  # its workers end with it
             stop.restore()
             progress.close()
             if self.logs is not None:
                 self.logs.close()
 
-    def batches(self, epoch: int, skip_batches: int) -> DataLoader:
-        """The batches of `epoch` after the first `skip_batches`, in the order fixed by (seed, epoch)."""
-        tc, dc = self.config.train, self.config.data
-        self.sampler.set_epoch(epoch, skip_batches)
-        self.train_set.set_epoch(epoch)
+    def batches(self, epoch: int, skip_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch` after the first `skip_batches`, in the order fixed by (seed, epoch): the
+        first call starts `training_batches` for the rest of the run, each later call (epoch after
+        epoch) reads on."""
+        if self.loader is None:
+            self.loader = training_batches(
+                self.train_set,
+                self.sampler,
+                (epoch, skip_batches),
+                self.config.train.epochs,
+                self.config.data.num_workers,
+                pin_memory=self.runtime.device.type == "cuda",
+            )
         self.training.model.train()
-        return DataLoader(
-            self.train_set,
-            batch_size=tc.batch_size,
-            sampler=self.sampler,
-            collate_fn=collate,
-            num_workers=dc.num_workers,
-            pin_memory=self.runtime.device.type == "cuda",
-            drop_last=True,
-            worker_init_fn=_ignore_stop_signals,
-        )
+        return itertools.islice(self.loader, self.sampler.batches_per_epoch - skip_batches)
 
 
 def train(config: Config, args: argparse.Namespace, runtime: Runtime) -> None:
