@@ -14,8 +14,10 @@ smaller one measures the launch, not the tensor cores), and by that of a bf16
 one, measured in the same run before and after the workloads. Times are
 medians over repeated runs after warm-up runs (synthesis warms up on the
 shortest length); cases that take longer than --max_seconds stop repeating.
-Data loading is the real `Mel2Samp` loader on the bundled demo corpus, in the
-main process, i.e. the CPU work one batch costs.
+Data loading is the real `Mel2Samp` loader on the bundled demo corpus: in the
+main process, i.e. the CPU work one batch costs, and as training reads it
+(`train.training_batches`, over many of the demo's 3-batch epochs) with each
+of --loader_workers worker processes, in batches per second.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from config import HOP_LENGTH, load_config
 from inference import CudaGraphCache
 from mel2samp import Mel2Samp, collate
 from model import SYNTHESIS_TRIM_FRAMES, build_model, negative_log_likelihood, synthesis_length
+from resumption import EpochSampler, training_batches
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEMO_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo", "train_files.txt")
@@ -210,6 +213,29 @@ def bench_loading(config, batch: int, segment: int, args) -> dict:
     return {"case": f"data loading {batch} x {segment}", "seconds": statistics.median(times), "runs": len(times)}
 
 
+def bench_loader(config, device, batch: int, segment: int, workers: int, args) -> dict:
+    """Batches per second from the loader training reads, with nothing else running: what it can feed."""
+    data = replace(config.data, segment_length=segment)
+    dataset = Mel2Samp.from_config(data, mode="train", file_list=DEMO_LIST, seed=0)
+    sampler = EpochSampler(len(dataset), batch, seed=0)
+    if sampler.batches_per_epoch == 0:
+        raise SystemExit(f"error: the demo corpus's {len(dataset)} clips cannot fill a batch of {batch}")
+    count = max(10 * args.repeats, 3 * sampler.batches_per_epoch, 30)
+    batches = training_batches(dataset, sampler, (0, 0), 2**31, workers, pin_memory=device.type == "cuda")
+    next(batches)  # the workers' start, paid once per run
+    start = time.perf_counter()
+    for _ in range(count):
+        next(batches)
+    elapsed = time.perf_counter() - start
+    del batches  # its workers end with it
+    return {
+        "case": f"data loader {batch} x {segment}, {workers} worker{'' if workers == 1 else 's'}",
+        "seconds": elapsed / count,
+        "runs": count,
+        "batches_per_second": count / elapsed,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("-c", "--config", required=True)
@@ -223,6 +249,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max_seconds", type=float, default=60.0, help="stop repeating a case after this long")
     parser.add_argument("--skip", nargs="*", default=[], choices=["synthesis", "training", "checkpointing", "loading"])
+    parser.add_argument(
+        "--loader_workers",
+        type=int,
+        nargs="*",
+        default=[0, 1, 2],
+        metavar="N",
+        help="DataLoader worker counts to measure the training loader with",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--eager", action="store_true", help="synthesis on a GPU without CUDA graphs")
     args = parser.parse_args()
@@ -258,6 +292,8 @@ def main() -> None:
         if training is not None:
             loading["percent_of_training_step"] = 100 * loading["seconds"] / training["seconds"]
         results.append(loading)
+        for workers in args.loader_workers:
+            results.append(bench_loader(config, device, batch, segment, workers, args))
     reference.append(matmul_gflops(device, dtype))
     bf16_reference.append(matmul_gflops(device, torch.bfloat16))
     matmul, bf16_matmul = statistics.mean(reference), statistics.mean(bf16_reference)
@@ -297,6 +333,7 @@ def main() -> None:
         ("fraction_of_bf16_matmul", "{:.2f}", 9),
         ("peak_memory_mb", "{:.0f}", 10),
         ("percent_of_training_step", "{:.2f}", 9),
+        ("batches_per_second", "{:.0f}", 9),
     ]
     titles = {
         "real_time_factor": "x realtime",
@@ -305,6 +342,7 @@ def main() -> None:
         "fraction_of_bf16_matmul": "of bf16 mm",
         "peak_memory_mb": "peak MiB",
         "percent_of_training_step": "% of step",
+        "batches_per_second": "batches/s",
     }
     print("  ".join(titles.get(name, name).ljust(width) for name, _, width in columns))
     for result in results:

@@ -8,7 +8,9 @@ is ``(mel [n_mels, F], audio [T])`` with ``F = 1 + T // hop_length``:
   the clip is shorter, and the mel of that crop (as WaveGlow does), so the frames
   the model sees are aligned with the samples it models. The crop depends only on
   ``(seed, epoch, index)``: resuming at an epoch gives the same crops, whatever
-  the number of DataLoader workers.
+  the number of DataLoader workers. The epoch is the one ``set_epoch`` chose, or
+  travels with the index: ``dataset[epoch, index]``, so that one DataLoader whose
+  sampler runs over several epochs keeps its workers and prefetches across epochs.
 - ``mode="eval"``: the first ``segment_length`` samples, padded the same way.
 - ``dequantize``: in training and evaluation, uniform noise of one 16-bit step
   (``U(-0.5, 0.5) / 32768``, drawn from ``(seed, epoch, index)``) is added to the
@@ -181,24 +183,25 @@ class Mel2Samp(Dataset):
         )
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose crops `__getitem__` returns; call before iterating a DataLoader.
+        """Choose the epoch whose crops `dataset[index]` returns; call before iterating a DataLoader.
 
         DataLoader workers receive a copy of the dataset when an iteration starts,
-        so this must not be combined with ``persistent_workers=True``.
+        so this must not be combined with ``persistent_workers=True``: ask for
+        ``dataset[epoch, index]`` instead.
         """
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def crop_start(self, index: int) -> int:
-        """First sample of item `index`'s segment: random in training, a function of (seed, epoch, index);
-        with stored mels, the first sample of a frame."""
+    def crop_start(self, index: int, epoch: int | None = None) -> int:
+        """First sample of item `index`'s segment: random in training, a function of (seed, epoch, index)
+        (by default the epoch `set_epoch` chose); with stored mels, the first sample of a frame."""
         max_start = self.lengths[index] - self.segment_length
         if self.mode != "train" or max_start <= 0:
             return 0
         # A generator per item, rather than one per worker, is what makes crops independent of worker count.
-        generator = np.random.default_rng([self.seed % 2**64, self.epoch, index])
+        generator = np.random.default_rng([self.seed % 2**64, self.epoch if epoch is None else epoch, index])
         if self.mel_files:
             return self.hop_length * int(generator.integers(0, max_start // self.hop_length + 1))
         return int(generator.integers(0, max_start + 1))
@@ -216,14 +219,16 @@ class Mel2Samp(Dataset):
         mel = mel[:, first : first + count]
         return F.pad(mel, (0, count - mel.shape[1]), value=math.log(LOG_FLOOR))  # [n_mels, count]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (mel [n_mels, F], audio [T]) with F = 1 + T // hop_length in training and evaluation."""
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item `index` of the epoch `set_epoch` chose (`key = index`) or of `epoch` (`key = (epoch, index)`)
+        -> (mel [n_mels, F], audio [T]) with F = 1 + T // hop_length in training and evaluation."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         path = self.files[index]
         if self.mode == "synthesis":
             audio = load_audio(path, self.sampling_rate)  # [T]
             mel = self.stored_mel(index) if self.mel_files else self.mel(audio)  # [n_mels, 1 + T // hop]
             return mel, audio[: self.hop_length * (mel.shape[-1] - 1)]
-        start = self.crop_start(index)
+        start = self.crop_start(index, epoch)
         audio = load_audio(path, self.sampling_rate, start=start, length=self.segment_length)
         audio = F.pad(audio, (0, self.segment_length - audio.shape[0]))  # [segment_length]
         if self.mel_files:
@@ -231,8 +236,7 @@ class Mel2Samp(Dataset):
         else:
             mel = self.mel(audio)
         if self.dequantize:
-            epoch = self.epoch if self.mode == "train" else 0
-            generator = np.random.default_rng([self.seed % 2**64, epoch, index, 1])
+            generator = np.random.default_rng([self.seed % 2**64, epoch if self.mode == "train" else 0, index, 1])
             noise = generator.random(audio.shape[0], dtype=np.float32) - 0.5
             audio = audio + torch.from_numpy(noise) / MAX_WAV_VALUE
         return mel, audio

@@ -1,5 +1,6 @@
 """What lets a training run stop early and go on exactly where it stopped: the data order fixed by
-(seed, epoch) and the position in it (`EpochSampler`), a stop after the current step on Ctrl-C or
+(seed, epoch) and the position in it (`EpochSampler`; `training_batches` loads it for the rest of the
+run), a stop after the current step on Ctrl-C or
 SIGTERM (`StopRequest`) or before a wall-clock limit (`WallClockLimit`), and DataLoader workers that
 outlive those signals until the checkpoint is written (`ignore_stop_signals`).
 """
@@ -13,7 +14,9 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
+
+from mel2samp import Mel2Samp, collate
 
 # What a checkpoint report (the test loss, synthesis and measures of synthesis.CheckpointReport) counts for
 # in the wall-clock margin until this process has timed one: far more than a step, safely more than the
@@ -64,6 +67,38 @@ class StopRequest:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def training_batches(
+    train_set: Mel2Samp,
+    sampler: EpochSampler,
+    start: tuple[int, int],
+    epochs: int,
+    num_workers: int,
+    pin_memory: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every batch from batch `start[1]` of epoch `start[0]` to the end of epoch `epochs - 1`, each epoch
+    in the order fixed by (seed, epoch), from one DataLoader: (mel [B, n_mels, F], audio [B, T]). Its
+    workers start once and load the next epoch's first batches while this epoch's last ones train; a
+    small corpus's epoch is a few batches, less than starting workers costs (docs/gpu.md)."""
+    first_epoch, skip_batches = start
+
+    def items() -> Iterator[tuple[int, int]]:  # the epoch travels with each index to the workers
+        for epoch in range(first_epoch, epochs):
+            sampler.set_epoch(epoch, skip_batches if epoch == first_epoch else 0)
+            yield from ((epoch, index) for index in sampler)
+
+    loader = DataLoader(
+        train_set,
+        batch_size=sampler.batch_size,
+        sampler=items(),
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        worker_init_fn=ignore_stop_signals,
+    )
+    return iter(loader)
 
 
 def ignore_stop_signals(worker_id: int) -> None:

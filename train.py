@@ -23,16 +23,16 @@ storage.py; this file reads as setup, the loop, the checkpoints.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import (
@@ -46,9 +46,9 @@ from checkpoint import (
 )
 from config import Config, ConfigError, TrainConfig, check_model_rules, load_config
 from data import DataError
-from mel2samp import Mel2Samp, collate
+from mel2samp import Mel2Samp
 from model import WaveFlow, build_model, negative_log_likelihood
-from resumption import EpochSampler, StopRequest, WallClockLimit, ignore_stop_signals
+from resumption import EpochSampler, StopRequest, WallClockLimit, training_batches
 from run_folder import claim_run_folder, refuse_overwriting, run_dir, write_on_main
 from runtime import Runtime, global_any
 from storage import StorageError, TrainingLogs, describe, warn, write_atomically
@@ -451,6 +451,7 @@ class TrainingRun:
         self.report = CheckpointReport(config, runtime.device, runtime.amp_dtype) if runtime.is_main else None
         self.skipped_steps = SkippedSteps(config.train.max_bad_steps)
         self.logs: TrainingLogs | None = None
+        self.loader: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None  # see `batches`
         self.saved_at = 0
 
     def save(self, iteration: int, epoch: int, batch_in_epoch: int) -> None:
@@ -565,27 +566,27 @@ class TrainingRun:
                     f"--checkpoint_path {checkpoint_path(self.folder, iteration)}"
                 )
         finally:
+            self.loader = None  # its workers end with it
             stop.restore()
             progress.close()
             if self.logs is not None:
                 self.logs.close()
 
-    def batches(self, epoch: int, skip_batches: int) -> DataLoader:
-        """The batches of `epoch` after the first `skip_batches`, in the order fixed by (seed, epoch)."""
-        tc, dc = self.config.train, self.config.data
-        self.sampler.set_epoch(epoch, skip_batches)
-        self.train_set.set_epoch(epoch)
+    def batches(self, epoch: int, skip_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch` after the first `skip_batches`, in the order fixed by (seed, epoch): the
+        first call starts `training_batches` for the rest of the run, each later call (epoch after
+        epoch) reads on."""
+        if self.loader is None:
+            self.loader = training_batches(
+                self.train_set,
+                self.sampler,
+                (epoch, skip_batches),
+                self.config.train.epochs,
+                self.config.data.num_workers,
+                pin_memory=self.runtime.device.type == "cuda",
+            )
         self.training.model.train()
-        return DataLoader(
-            self.train_set,
-            batch_size=tc.batch_size,
-            sampler=self.sampler,
-            collate_fn=collate,
-            num_workers=dc.num_workers,
-            pin_memory=self.runtime.device.type == "cuda",
-            drop_last=True,
-            worker_init_fn=ignore_stop_signals,
-        )
+        return itertools.islice(self.loader, self.sampler.batches_per_epoch - skip_batches)
 
 
 def train(config: Config, args: argparse.Namespace, runtime: Runtime, limit: WallClockLimit) -> None:

@@ -36,6 +36,9 @@ def test_bench_reports_every_case_as_json(tmp_path):
             "2048",
             "--repeats",
             "2",
+            "--loader_workers",
+            "0",
+            "1",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -52,6 +55,8 @@ def test_bench_reports_every_case_as_json(tmp_path):
         "training 2 x 2048",
         "training 2 x 2048 checkpointed",
         "data loading 2 x 2048",
+        "data loader 2 x 2048, 0 workers",
+        "data loader 2 x 2048, 1 worker",
     }
     for name, item in cases.items():
         assert item["seconds"] > 0 and item["runs"] >= 1
@@ -60,3 +65,6 @@ def test_bench_reports_every_case_as_json(tmp_path):
             assert item["gflops"] > 0 and item["peak_memory_mb"] >= 0
     assert cases["synthesis 0.1 s x 2"]["kHz"] > 0 and cases["synthesis 0.1 s x 1"]["real_time_factor"] > 0
     assert 0 < cases["data loading 2 x 2048"]["percent_of_training_step"]
+    for workers in ("0 workers", "1 worker"):
+        loader = cases[f"data loader 2 x 2048, {workers}"]
+        assert loader["batches_per_second"] > 0 and loader["runs"] >= 30

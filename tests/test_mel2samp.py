@@ -86,6 +86,20 @@ def test_crops_do_not_depend_on_the_number_of_workers(corpus):
     assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2], strict=True))
 
 
+def test_an_item_asked_for_with_its_epoch_is_that_epochs_item(corpus):
+    file_list, _ = corpus
+    data = Mel2Samp(file_list=file_list, mode="train", segment_length=SEGMENT, dequantize=True, **MEL_PARAMETERS)
+    by_epoch = {epoch: [data[epoch, index] for index in range(5)] for epoch in (2, 3)}
+    assert data.epoch == 0  # asking for an epoch's item does not change the dataset's epoch
+    for epoch, items in by_epoch.items():
+        data.set_epoch(epoch)
+        for index, (mel, audio) in enumerate(items):
+            assert data.crop_start(index) == data.crop_start(index, epoch)
+            expected_mel, expected_audio = data[index]
+            assert torch.equal(mel, expected_mel) and torch.equal(audio, expected_audio)  # crop and noise
+    assert not torch.equal(by_epoch[2][0][1], by_epoch[3][0][1])
+
+
 def test_short_clips_are_zero_padded(corpus):
     file_list, paths = corpus
     for mode in ("train", "eval"):

@@ -5,6 +5,7 @@ import contextlib
 import errno
 import io
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -20,14 +21,15 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from torch.utils.data import DataLoader
 
 import synthesis
 import train
 from checkpoint import average_checkpoints, list_checkpoints, read_checkpoint
 from config import load_config
-from mel2samp import write_mels
+from mel2samp import Mel2Samp, collate, write_mels
 from model import build_model
-from resumption import EpochSampler, WallClockLimit
+from resumption import EpochSampler, WallClockLimit, training_batches
 from runtime import Runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1226,3 +1228,41 @@ def test_a_wall_clock_limit_that_setup_uses_up_trains_nothing(tmp_path, capsys, 
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as message:
         train.parse_args(["-c", config, "--max_minutes", "-1"])
     assert "--max_minutes must be >= 0" in message.getvalue()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_loader_over_the_run_gives_each_epochs_batches(tmp_path, workers, one_thread):
+    """`training_batches` from the middle of epoch 0 to the end of epoch 2 gives the batches that a
+    DataLoader per epoch (the dataset and sampler set to that epoch) gives: crops and noise included."""
+    make_corpus(str(tmp_path))
+    data = load_config(write_config(str(tmp_path), data_config__dequantize=True)).data
+    train_set, reference_set = (Mel2Samp.from_config(data, mode="train", seed=5) for _ in range(2))
+    sampler, reference_sampler = (EpochSampler(len(train_set), batch_size=2, seed=5) for _ in range(2))
+    expected = []
+    for epoch in range(3):
+        reference_sampler.set_epoch(epoch, skip_batches=1 if epoch == 0 else 0)
+        reference_set.set_epoch(epoch)
+        expected += DataLoader(reference_set, batch_size=2, sampler=reference_sampler, collate_fn=collate)
+    batches = list(training_batches(train_set, sampler, (0, 1), 3, workers, pin_memory=False))
+    assert len(batches) == len(expected) == 2 + 3 + 3
+    for (mel, audio), (expected_mel, expected_audio) in zip(batches, expected, strict=True):
+        assert torch.equal(mel, expected_mel) and torch.equal(audio, expected_audio)
+
+
+def test_the_loaders_workers_start_once_and_end_with_the_run(tmp_path, capsys, monkeypatch, one_thread):
+    make_corpus(str(tmp_path))
+    config = write_config(str(tmp_path), data_config__num_workers=1, train_config__iters_per_checkpoint=100)
+    workers_at_each_step = []
+    train_step = train.train_step
+
+    def recording_train_step(*args, **kwargs):
+        workers_at_each_step.append(frozenset(process.pid for process in multiprocessing.active_children()))
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", recording_train_step)
+    before = {process.pid for process in multiprocessing.active_children()}
+    status, _, err = run_here(capsys, "-c", config)
+    assert status == 0, err
+    assert len(workers_at_each_step) == 6  # 2 epochs of 3 batches
+    assert len(set(workers_at_each_step)) == 1 and len(workers_at_each_step[0] - before) == 1  # one worker throughout
+    assert {process.pid for process in multiprocessing.active_children()} <= before
