@@ -11,7 +11,8 @@ synthesis (the conditioning projected once), and three times that per sample
 in a training step. Every figure is divided by the throughput of a square
 matmul in the same dtype (2048 x 2048 on a CPU; 8192 x 8192 on a GPU, where a
 smaller one measures the launch, not the tensor cores), and by that of a bf16
-one, measured in the same run before and after the workloads. Times are
+one where the device has bf16 matrix units (tensor cores, AMX, AVX-512 bf16),
+measured in the same run before and after the workloads. Times are
 medians over repeated runs after warm-up runs (synthesis warms up on the
 shortest length); cases that take longer than --max_seconds stop repeating.
 Data loading is the real `Mel2Samp` loader on the bundled demo corpus: in the
@@ -39,6 +40,7 @@ from inference import CudaGraphCache
 from mel2samp import Mel2Samp, collate
 from model import SYNTHESIS_TRIM_FRAMES, build_model, negative_log_likelihood, synthesis_length
 from resumption import EpochSampler, training_batches
+from synthesis import has_bf16_matrix_units
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEMO_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo", "train_files.txt")
@@ -266,8 +268,11 @@ def main() -> None:
     batch = args.train_batch or config.train.batch_size
     segment = args.segment_length or config.data.segment_length
     reference = [matmul_gflops(device, dtype)]
-    # Tensor cores and CPU matrix engines are rated in bf16: every figure is also given against that.
-    bf16_reference = [matmul_gflops(device, torch.bfloat16)]
+    # Tensor cores and CPU matrix engines are rated in bf16: every figure is also given against that, where
+    # the device has them. A CPU without them emulates bf16 products, some hundred times slower than fp32:
+    # no yardstick, and minutes to measure.
+    bf16_units = has_bf16_matrix_units(device)
+    bf16_reference = [matmul_gflops(device, torch.bfloat16)] if bf16_units else []
     results = []
     if "synthesis" not in args.skip:
         model = build_model(config.waveflow).to(device).eval().remove_weight_norm().to(dtype)
@@ -295,12 +300,15 @@ def main() -> None:
         for workers in args.loader_workers:
             results.append(bench_loader(config, device, batch, segment, workers, args))
     reference.append(matmul_gflops(device, dtype))
-    bf16_reference.append(matmul_gflops(device, torch.bfloat16))
-    matmul, bf16_matmul = statistics.mean(reference), statistics.mean(bf16_reference)
+    if bf16_units:
+        bf16_reference.append(matmul_gflops(device, torch.bfloat16))
+    matmul = statistics.mean(reference)
+    bf16_matmul = statistics.mean(bf16_reference) if bf16_reference else None
     for result in results:
         if "gflops" in result:
             result["fraction_of_matmul"] = result["gflops"] / matmul
-            result["fraction_of_bf16_matmul"] = result["gflops"] / bf16_matmul
+            if bf16_matmul is not None:
+                result["fraction_of_bf16_matmul"] = result["gflops"] / bf16_matmul
 
     report = {
         "config": args.config,
@@ -318,9 +326,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
+    bf16_figure = "no bf16 matrix units" if bf16_matmul is None else f"{bf16_matmul:.0f} in bf16"
     print(
         f"{args.config} on {report['device']} ({torch.get_num_threads()} threads), {args.dtype}, "
-        f"torch {torch.__version__}: {report['matmul_size']}^2 matmul {matmul:.0f} GFLOP/s ({bf16_matmul:.0f} in bf16)"
+        f"torch {torch.__version__}: {report['matmul_size']}^2 matmul {matmul:.0f} GFLOP/s ({bf16_figure})"
     )
     columns = [
         ("case", "{}", 32),
