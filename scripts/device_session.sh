@@ -17,7 +17,8 @@
 #   bench    bench.py in fp32, bf16 and fp16 (synthesis 1 s and 10 s at batch 1, the training step);
 #   train    `train.py -c TRAIN_CONFIG --compile --max_minutes M` (default configs/demo-long.json:
 #            continuing pretrained/nanoflow-demo.pt, or this run folder's newest checkpoint) for the
-#            time left but the measuring after it, or TRAIN_MINUTES if that is less;
+#            time left but the measuring after it, or TRAIN_MINUTES if that is less, in the config's
+#            precision or TRAIN_PRECISION (fp32, bf16, fp16);
 #   measure  the new checkpoint's measures on the held-out sentences (train.py -v --json).
 # STEPS="train measure" (say) runs only those; COMPILE=0 trains and profiles without --compile.
 # OUT_DIR receives at most 5 files, none in a subfolder (the device tool brings back 8 of at most
@@ -102,6 +103,23 @@ share() { echo $((BUDGET * $1 / 100)); }
 # What the training and measuring at the end keep for themselves while the measurements run.
 RESERVE=$(share 40)
 
+# The demo, continued: a copy of TRAIN_CONFIG whose run folder is under WORK (in TRAIN_PRECISION if set).
+python3 - "$WORK" "$TRAIN_CONFIG" "${TRAIN_PRECISION:-}" <<'EOF'
+import json, sys
+work = sys.argv[1]
+config = json.load(open(sys.argv[2]))
+config["train_config"]["output_directory"] = f"{work}/experiments"
+if sys.argv[3]:
+    config["train_config"].update(fp16_run=sys.argv[3] == "fp16", bf16_run=sys.argv[3] == "bf16")
+json.dump(config, open(f"{work}/demo-long.json", "w"), indent=4)
+heldout = json.loads(json.dumps(config))
+heldout["data_config"]["test_files"] = "data/demo/heldout/test_files.txt"
+json.dump(heldout, open(f"{work}/heldout.json", "w"), indent=4)
+EOF
+RUN_FOLDER=$(python3 -c "import json; c = json.load(open('$WORK/demo-long.json')); \
+print(c['train_config']['output_directory'] + '/' + c['waveflow_config']['model_name'])")
+newest() { ls "$RUN_FOLDER"/waveflow_* 2>/dev/null | sort -t_ -k2 -n | tail -n 1; }
+
 if wanted env; then
     {
         date -u +%FT%TZ
@@ -125,7 +143,7 @@ if wanted profile; then
             "${PROFILE_STEPS[@]}" --json "$WORK/profile_$precision.json"
     done
     # The demo's step as the training below runs it (its config's batch and segment on a GPU).
-    step profile_demo "$(share 8)" python3 scripts/profile_step.py -c "$TRAIN_CONFIG" --device "$DEVICE" \
+    step profile_demo "$(share 8)" python3 scripts/profile_step.py -c "$WORK/demo-long.json" --device "$DEVICE" \
         ${COMPILE_FLAG[@]+"${COMPILE_FLAG[@]}"} ${DEMO_SHAPE[@]+"${DEMO_SHAPE[@]}"} "${PROFILE_STEPS[@]}" --json "$WORK/profile_demo.json"
 fi
 
@@ -144,20 +162,6 @@ if wanted bench; then
     done
 fi
 
-# The demo, continued: a copy of configs/demo-long.json whose run folder is under WORK.
-python3 - "$WORK" "$TRAIN_CONFIG" <<'EOF'
-import json, sys
-work = sys.argv[1]
-config = json.load(open(sys.argv[2]))
-config["train_config"]["output_directory"] = f"{work}/experiments"
-json.dump(config, open(f"{work}/demo-long.json", "w"), indent=4)
-heldout = json.loads(json.dumps(config))
-heldout["data_config"]["test_files"] = "data/demo/heldout/test_files.txt"
-json.dump(heldout, open(f"{work}/heldout.json", "w"), indent=4)
-EOF
-RUN_FOLDER=$(python3 -c "import json; c = json.load(open('$WORK/demo-long.json')); \
-print(c['train_config']['output_directory'] + '/' + c['waveflow_config']['model_name'])")
-newest() { ls "$RUN_FOLDER"/waveflow_* 2>/dev/null | sort -t_ -k2 -n | tail -n 1; }
 
 RESERVE=0
 if wanted train; then

@@ -35,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=sorted(AMP_DTYPES), default="fp32")
+    parser.add_argument(
+        "--precision", choices=sorted(AMP_DTYPES), default=None, help="default: the config's (fp16_run, bf16_run)"
+    )
     parser.add_argument("--batch", type=int, default=None, help="default: the config's batch_size")
     parser.add_argument("--segment", type=int, default=None, help="default: the config's segment_length")
     parser.add_argument("--warmup", type=int, default=3)
@@ -61,6 +63,8 @@ def synchronize(device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config)
+    if args.precision is None:
+        args.precision = "fp16" if config.train.fp16_run else "bf16" if config.train.bf16_run else "fp32"
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
