@@ -37,7 +37,11 @@ if [ -z "${AMP_PROBE:-}" ]; then
     [ -f "$AMP_PROBE/amp_probe.sh" ] || AMP_PROBE=../shared/device
 fi
 TRAIN_CONFIG=${TRAIN_CONFIG:-configs/demo-long.json}
-COMPILE=${COMPILE:-1}
+# --compile where train.py has it (issue 21, item 3, not yet in): COMPILE=0 or 1 decides.
+if [ -z "${COMPILE:-}" ]; then
+    COMPILE=0
+    python3 train.py -h 2>/dev/null | grep -q -- --compile && COMPILE=1
+fi
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)

@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=15, help="kernels listed")
-    parser.add_argument("--compile", action="store_true", help="as train.py --compile")
+    parser.add_argument("--compile", action="store_true", help="as train.py --compile, where it has it")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     for name in ("batch", "segment", "steps", "top"):
@@ -63,6 +63,11 @@ def synchronize(device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config)
+    if args.compile:
+        if not hasattr(config.train, "compile"):
+            print("error: --compile: this train.py compiles no training step yet", file=sys.stderr)
+            return 1
+        config.train.compile = True
     if args.precision is None:
         args.precision = "fp16" if config.train.fp16_run else "bf16" if config.train.bf16_run else "fp32"
     device = torch.device(args.device)
