@@ -53,13 +53,16 @@ if [ "$DEVICE" = cpu ]; then
     # Tiny shapes: the CPU run checks that every step works, it measures nothing.
     PROFILE_CONFIG=${PROFILE_CONFIG:-configs/demo.json} PROFILE_BATCH=${PROFILE_BATCH:-1}
     PROFILE_SEGMENT=${PROFILE_SEGMENT:-2048} PRECISIONS=${PRECISIONS:-fp32 bf16}
-    BENCH=(--seconds 0.05 --batches 1 --train_batch 1 --segment_length 2048 --repeats 1 --warmup 0 --max_seconds 1)
+    BENCH=(--seconds 0.05 --batches 1 --train_batch 1 --segment_length 2048 --repeats 1 --warmup 0 --max_seconds 1
+        --skip checkpointing loading)
+    BENCH_PRECISIONS=fp32 BENCH_SHARE=20  # a CPU without bf16 matrix units takes minutes for a bf16 matmul
     PROFILE_STEPS=(--warmup 1 --steps 1 --top 5)
     DEMO_SHAPE=(--batch "$PROFILE_BATCH" --segment "$PROFILE_SEGMENT")
 else
     PROFILE_CONFIG=${PROFILE_CONFIG:-configs/nanoflow-h16-r128-emb512.json} PROFILE_BATCH=${PROFILE_BATCH:-8}
     PROFILE_SEGMENT=${PROFILE_SEGMENT:-16000} PRECISIONS=${PRECISIONS:-fp32 bf16 fp16}
     BENCH=(--seconds 1 10 --batches 1 --repeats 3 --max_seconds 10 --skip checkpointing loading)
+    BENCH_PRECISIONS=$PRECISIONS BENCH_SHARE=7
     PROFILE_STEPS=(--warmup 3 --steps 5 --top 15)
     DEMO_SHAPE=()  # the training config's batch and segment
 fi
@@ -160,8 +163,8 @@ if wanted probe && [ -f "$AMP_PROBE/amp_probe.sh" ]; then
 fi
 
 if wanted bench; then
-    for precision in $PRECISIONS; do
-        step "bench_$precision" "$(share 7)" sh -c "python3 bench.py -c $PROFILE_CONFIG --device $DEVICE \
+    for precision in $BENCH_PRECISIONS; do
+        step "bench_$precision" "$(share "$BENCH_SHARE")" sh -c "python3 bench.py -c $PROFILE_CONFIG --device $DEVICE \
             --dtype $precision --json ${BENCH[*]} > $WORK/bench_$precision.json"
     done
 fi

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(config.train, "compile"):
             print("error: --compile: this train.py compiles no training step yet", file=sys.stderr)
             return 1
-        config.train.compile = True
+        setattr(config.train, "compile", True)  # noqa: B010  (pyright: the field comes with item 3)
     if args.precision is None:
         args.precision = "fp16" if config.train.fp16_run else "bf16" if config.train.bf16_run else "fp32"
     device = torch.device(args.device)
