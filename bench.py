@@ -36,7 +36,7 @@ from dataclasses import replace
 import torch
 
 from config import HOP_LENGTH, load_config
-from inference import CudaGraphCache
+from cuda_graphs import CudaGraphCache
 from mel2samp import Mel2Samp, collate
 from model import SYNTHESIS_TRIM_FRAMES, build_model, negative_log_likelihood, synthesis_length
 from resumption import EpochSampler, training_batches

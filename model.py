@@ -24,7 +24,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from config import HOP_LENGTH, WaveFlowConfig, parse_section
-from inference import CONDITION_CACHE_BYTES, MAX_CPU_COLUMNS, CudaGraphCache, synthesize
+from cuda_graphs import CudaGraphCache
+from inference import CONDITION_CACHE_BYTES, MAX_CPU_COLUMNS, synthesize
 from modules import FlowEmbedding, ProjLogST, WaveNet2D, WeightNormMixin, WNConvTranspose2d, shift_1d
 
 SYNTHESIS_TRIM_FRAMES = 3  # mel frames whose samples synthesis drops at the end, as the original did

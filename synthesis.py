@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from checkpoint import average_checkpoints, load_checkpoint, load_weights
 from config import Config, ConfigError
+from cuda_graphs import CudaGraphCache
 from data import MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, load_audio, load_mel, read_file_list
-from inference import CudaGraphCache
 from mel2samp import Mel2Samp, collate
 from metrics import MEASURES, MIN_SAMPLES, format_table, measure, summarize
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_likelihood, synthesis_length

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import inference
-from inference import CudaGraphCache
+from cuda_graphs import CudaGraphCache
 from model import build_model, negative_log_likelihood, unsqueeze
 from test_model import FIXTURES, VARIANTS, random_model, slow_inverse, tiny_config
 

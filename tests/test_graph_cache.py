@@ -1,4 +1,4 @@
-"""`inference.CudaGraphCache`'s bookkeeping, on the CPU: a stand-in capture takes the place of CUDA
+"""`cuda_graphs.CudaGraphCache`'s bookkeeping, on the CPU: a stand-in capture takes the place of CUDA
 graphs, so that eager first calls, failed and slow captures, and threads sharing one graph are
 tested without a GPU. tests/test_cuda.py tests the CUDA graphs themselves."""
 
@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from inference import CudaGraphCache
+from cuda_graphs import CudaGraphCache
 
 KEY = "weights"  # what `synthesize` passes: a fingerprint of the weights
 PATIENCE = 60.0  # seconds a stand-in waits for the test to release it: only reached if the cache blocked

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError
-from inference import CudaGraphCache
+from cuda_graphs import CudaGraphCache
 from model import SYNTHESIS_TRIM, WaveFlow, build_model, negative_log_likelihood, squeeze, unsqueeze
 from modules import HeightCausalConv2d, WaveNet2D
 

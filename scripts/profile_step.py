@@ -1,0 +1,142 @@
+"""Where one training step spends its time: the step of train.py, timed and profiled per kernel.
+
+    python scripts/profile_step.py -c configs/nanoflow-h16-r128-emb512.json --device cuda --precision bf16
+    python scripts/profile_step.py -c configs/demo.json --device cuda --compile --batch 8 --segment 8192
+
+Runs `train.train_step` (the forward under autocast, the loss, the backward, gradient clipping, the
+skip checks and Adam, as training runs them) on random audio and mel of `--batch x --segment`:
+`--warmup` untimed steps (cuDNN's algorithm search, compilation), then the median of `--steps` timed
+steps, then one step under `torch.profiler` whose kernels are listed by their own device time
+(CUDA kernels on a GPU, operators on a CPU). Run one precision per process: cuDNN's plan cache and
+`cudnn.benchmark` choices are per process. `--json PATH` also writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from config import HOP_LENGTH, load_config
+from train import Runtime, build_training, train_step
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("-c", "--config", required=True)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--precision", choices=sorted(AMP_DTYPES), default=None, help="default: the config's (fp16_run, bf16_run)"
+    )
+    parser.add_argument("--batch", type=int, default=None, help="default: the config's batch_size")
+    parser.add_argument("--segment", type=int, default=None, help="default: the config's segment_length")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--top", type=int, default=15, help="kernels listed")
+    parser.add_argument("--compile", action="store_true", help="as train.py --compile, where it has it")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    for name in ("batch", "segment", "steps", "top"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    return args
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = load_config(args.config)
+    if args.compile:
+        if not hasattr(config.train, "compile"):
+            print("error: --compile: this train.py compiles no training step yet", file=sys.stderr)
+            return 1
+        setattr(config.train, "compile", True)  # noqa: B010  (pyright: the field comes with item 3)
+    if args.precision is None:
+        args.precision = "fp16" if config.train.fp16_run else "bf16" if config.train.bf16_run else "fp32"
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if args.precision == "fp16" and device.type != "cuda":
+        print("error: fp16 training needs a CUDA device (bf16 runs on CPUs)", file=sys.stderr)
+        return 1
+    runtime = Runtime(device=device, amp_dtype=AMP_DTYPES[args.precision])
+    training = build_training(config, runtime)
+    batch = args.batch or config.train.batch_size
+    segment = args.segment or config.data.segment_length
+    generator = torch.Generator().manual_seed(0)
+    audio = (torch.rand(batch, segment, generator=generator) * 2 - 1) * 0.5  # [B, T]
+    mel = torch.randn(batch, config.waveflow.cin_channels, segment // HOP_LENGTH + 1, generator=generator)
+
+    def step() -> dict:
+        return train_step(
+            training.model, (mel, audio), training.optimizer, training.scheduler, training.scaler, runtime, config
+        )
+
+    started = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    warmup_seconds = time.perf_counter() - started
+    times, skipped = [], 0
+    for _ in range(args.steps):
+        synchronize(device)
+        started = time.perf_counter()
+        metrics = step()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+        skipped += metrics["skipped"] is not None
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        step()
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort_by, row_limit=args.top, max_name_column_width=70)
+    seconds = statistics.median(times)
+    figures = {
+        "config": args.config,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "precision": args.precision,
+        "compile": args.compile,
+        "batch": batch,
+        "segment": segment,
+        "warmup_steps": args.warmup,
+        "warmup_seconds": warmup_seconds,
+        "step_seconds": seconds,
+        "steps_per_second": 1 / seconds,
+        "samples_per_second": batch * segment / seconds,
+        "step_times": times,
+        "skipped_steps": skipped,
+    }
+    print(
+        f"{args.config} on {figures['device']}, {args.precision}{', compiled' if args.compile else ''}, "
+        f"batch {batch} x {segment}: {seconds:.4f} s per step (median of {len(times)}; "
+        f"{1 / seconds:.1f} it/s, {batch * segment / seconds / 1000:.0f} kHz), "
+        f"{args.warmup} warm-up steps took {warmup_seconds:.1f} s, {skipped} steps skipped"
+    )
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
