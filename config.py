@@ -179,6 +179,7 @@ class TrainConfig:
     grad_clip_thresh: float = 5.0
     max_bad_steps: int = 10
     max_iterations: int = 0
+    compile: bool = False  # torch.compile the training step's forward (train.py's `TrainingStep`)
 
     def __post_init__(self):
         s = "train_config"
