@@ -19,6 +19,9 @@ Data loading is the real `Mel2Samp` loader on the bundled demo corpus: in the
 main process, i.e. the CPU work one batch costs, and as training reads it
 (`train.training_batches`, over many of the demo's 3-batch epochs) with each
 of --loader_workers worker processes, in batches per second.
+`--compile` adds the training step compiled as `train.py --compile` compiles
+it, timed alternately with an eager one (`speedup`), and its first step, which
+compiles.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from mel2samp import Mel2Samp, collate
 from model import SYNTHESIS_TRIM_FRAMES, build_model, negative_log_likelihood, synthesis_length
 from resumption import EpochSampler, training_batches
 from synthesis import has_bf16_matrix_units
+from train import compile_mode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEMO_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo", "train_files.txt")
@@ -168,10 +172,13 @@ def bench_synthesis(
     }
 
 
-def bench_training(config, device, dtype, batch: int, segment: int, checkpointing: bool, args) -> dict:
+def training_step(config, device, dtype, batch: int, segment: int, checkpointing: bool, compiled: bool):
+    """One training step of a fresh model on a fixed batch, its forward compiled as `train.py --compile`
+    compiles it when `compiled`."""
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as train.py does: one segment size
     model = build_model(replace(config.waveflow, gradient_checkpointing=checkpointing)).to(device).train()
+    forward = torch.compile(model.forward, dynamic=False, mode=compile_mode(device, False)) if compiled else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     audio = (torch.rand(batch, segment, device=device) * 2 - 1) * 0.5
@@ -180,25 +187,53 @@ def bench_training(config, device, dtype, batch: int, segment: int, checkpointin
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            z, logdet = model(audio, mel)
+            z, logdet = forward(audio, mel)
         scaler.scale(negative_log_likelihood(z, logdet)).backward()
         scaler.step(optimizer)
         scaler.update()
 
-    with PeakMemory(device) as memory:
-        times = timed(step, device, args.repeats, args.warmup, args.max_seconds)
+    return step
+
+
+def training_result(name: str, times: list[float], config, batch: int, segment: int) -> dict:
     elapsed = statistics.median(times)
     samples = batch * segment
     flops = 3 * samples * synthesis_flops_per_sample(config.waveflow)
-    name = f"training {batch} x {segment}" + (" checkpointed" if checkpointing else "")
     return {
         "case": name,
         "seconds": elapsed,
         "runs": len(times),
         "kHz": samples / elapsed / 1000,
         "gflops": flops / elapsed / 1e9,
-        "peak_memory_mb": memory.peak / 2**20,
     }
+
+
+def bench_training(config, device, dtype, batch: int, segment: int, checkpointing: bool, args) -> dict:
+    step = training_step(config, device, dtype, batch, segment, checkpointing, compiled=False)
+    with PeakMemory(device) as memory:
+        times = timed(step, device, args.repeats, args.warmup, args.max_seconds)
+    name = f"training {batch} x {segment}" + (" checkpointed" if checkpointing else "")
+    return {**training_result(name, times, config, batch, segment), "peak_memory_mb": memory.peak / 2**20}
+
+
+def bench_compiled_training(config, device, dtype, batch: int, segment: int, args) -> dict:
+    """The step compiled as `train.py --compile` compiles it, timed alternately with an eager one, so that
+    a drifting machine slows both alike (`speedup`: the eager median over the compiled one), and its first
+    step, which compiles (`first_step_seconds`)."""
+    eager = training_step(config, device, dtype, batch, segment, False, compiled=False)
+    compiled = training_step(config, device, dtype, batch, segment, False, compiled=True)
+    first = timed(compiled, device, 1, 0, args.max_seconds)[0]
+    warmup = max(args.warmup, 2 if device.type == "cuda" else 1)  # CUDA graphs are recorded at the second call
+    for step in (eager, compiled):
+        timed(step, device, 0, warmup, args.max_seconds)  # warm-up runs only
+    eager_times, compiled_times = [], []
+    while len(compiled_times) < args.repeats and sum(eager_times + compiled_times) <= args.max_seconds:
+        eager_times += timed(eager, device, 1, 0, args.max_seconds)
+        compiled_times += timed(compiled, device, 1, 0, args.max_seconds)
+    result = training_result(f"training {batch} x {segment} compiled", compiled_times, config, batch, segment)
+    result["speedup"] = statistics.median(eager_times) / result["seconds"]
+    result["first_step_seconds"] = first
+    return result
 
 
 def bench_loading(config, batch: int, segment: int, args) -> dict:
@@ -261,6 +296,12 @@ def main() -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--eager", action="store_true", help="synthesis on a GPU without CUDA graphs")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also the training step compiled as train.py --compile compiles it, timed alternately with the "
+        "eager one, and its first (compiling) step",
+    )
     args = parser.parse_args()
 
     config = load_config(args.config)
@@ -290,6 +331,8 @@ def main() -> None:
     if "training" not in args.skip:
         training = bench_training(config, device, dtype, batch, segment, False, args)
         results.append(training)
+        if args.compile:
+            results.append(bench_compiled_training(config, device, dtype, batch, segment, args))
         if "checkpointing" not in args.skip:
             results.append(bench_training(config, device, dtype, batch, segment, True, args))
     if "loading" not in args.skip:
@@ -343,6 +386,8 @@ def main() -> None:
         ("peak_memory_mb", "{:.0f}", 10),
         ("percent_of_training_step", "{:.2f}", 9),
         ("batches_per_second", "{:.0f}", 9),
+        ("speedup", "{:.2f}", 8),
+        ("first_step_seconds", "{:.1f}", 10),
     ]
     titles = {
         "real_time_factor": "x realtime",
@@ -352,6 +397,8 @@ def main() -> None:
         "peak_memory_mb": "peak MiB",
         "percent_of_training_step": "% of step",
         "batches_per_second": "batches/s",
+        "speedup": "x eager",
+        "first_step_seconds": "1st step s",
     }
     print("  ".join(titles.get(name, name).ljust(width) for name, _, width in columns))
     for result in results:

@@ -180,6 +180,7 @@ class TrainConfig:
     max_bad_steps: int = 10
     max_iterations: int = 0
     max_minutes: float = 0.0
+    compile: bool = False  # torch.compile the training step's forward (train.py's `TrainingStep`)
 
     def __post_init__(self):
         s = "train_config"

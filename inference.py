@@ -240,7 +240,7 @@ def reverse_coupling(
     z: torch.Tensor,
     c: torch.Tensor,
     cond: torch.Tensor | None,
-    rows: list[int],
+    rows: tuple[int, ...],
     gate_weights: list[torch.Tensor],
 ) -> torch.Tensor:
     """Invert flow `flow`'s coupling row by row. `z [B, 1, H, W]` fp32, `c [B, cin, H, W]` and
@@ -280,13 +280,6 @@ def reverse_flows(
     for all the consecutive flows that share it.
     """
     config = model.config
-    # rows[flow][h]: the row of the unpermuted conditioning that is row h in that flow.
-    order = torch.arange(config.n_height).view(1, 1, config.n_height, 1)
-    rows = []
-    for flow in range(config.n_flow):
-        order = model.permute(flow, order)
-        rows.append(order.flatten().tolist())
-
     x = z.float()
     cache_bytes = c.numel() // config.cin_channels * config.n_layer * 2 * config.res_channels * c.element_size()
     cache = cache_bytes <= condition_cache_bytes
@@ -297,7 +290,7 @@ def reverse_flows(
             weights_net, gate_weights = net, rotated_gate_weights(net, c)
         if cache and net is not cond_net:
             cond_net, cond = net, condition_rows(net, c)  # [H, B, W, L, 2R]
-        x = model.permute(flow, reverse_coupling(model, flow, x, c, cond, rows[flow], gate_weights))
+        x = model.permute(flow, reverse_coupling(model, flow, x, c, cond, model.row_orders[flow], gate_weights))
     return x
 
 

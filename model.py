@@ -115,6 +115,14 @@ class WaveFlow(nn.Module):
             return WNConvTranspose2d(1, 1, (3, 2 * stride), stride=(1, stride), padding=(1, stride // 2))
 
         self.upsample_conv = nn.Sequential(stretch(), nn.LeakyReLU(0.4), stretch(), nn.LeakyReLU(0.4))
+        # row_orders[flow][h]: the row of the unpermuted input that is row h of flow `flow`'s input. The config
+        # fixes them; held as numbers, not tensors, so that torch.compile traces the forward as one graph.
+        order = torch.arange(config.n_height).view(1, 1, config.n_height, 1)
+        row_orders = []
+        for flow in range(K):
+            order = self.permute(flow, order)
+            row_orders.append(tuple(order.flatten().tolist()))
+        self.row_orders: tuple[tuple[int, ...], ...] = tuple(row_orders)
 
     # --- what each flow uses ----------------------------------------------------------------
 
@@ -187,13 +195,12 @@ class WaveFlow(nn.Module):
         use_checkpoint = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         # A shared estimator sees the mel in at most a few row orders: project it once per order.
         conds, cond_net = {}, None
-        order = torch.arange(height).view(1, 1, height, 1)
         for flow in range(self.config.n_flow):
-            x, c, order = self.permute(flow, x), self.permute(flow, c), self.permute(flow, order)
+            x, c = self.permute(flow, x), self.permute(flow, c)
             net = self.flow_parts(flow)[0]
             if net is not cond_net:
                 conds, cond_net = {}, net
-            key = tuple(order.flatten().tolist())
+            key = self.row_orders[flow]
             if key not in conds:
                 conds[key] = net.condition(c)
             if use_checkpoint:

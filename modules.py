@@ -164,6 +164,11 @@ class GatedActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         tanh, sigmoid = ctx.saved_tensors
+        grad_s = grad * sigmoid  # d/d tanh
+        grad_ts = grad_s * tanh  # d/d sigmoid
+        if torch.compiler.is_compiling():
+            # torch.compile cannot trace `out=` into slices, and fuses the concatenation into the kernels anyway.
+            return torch.cat([grad_s - grad_ts * tanh, grad_ts - grad_ts * sigmoid], dim=1)
         channels = tanh.shape[1]
         layout = (
             torch.channels_last
@@ -173,8 +178,6 @@ class GatedActivation(torch.autograd.Function):
         grad_a = torch.empty(
             (tanh.shape[0], 2 * channels, *tanh.shape[2:]), dtype=grad.dtype, device=grad.device, memory_format=layout
         )
-        grad_s = grad * sigmoid  # d/d tanh
-        grad_ts = grad_s * tanh  # d/d sigmoid
         torch.addcmul(grad_s, grad_ts, tanh, value=-1, out=grad_a[:, :channels])  # grad * s * (1 - t^2)
         torch.addcmul(grad_ts, grad_ts, sigmoid, value=-1, out=grad_a[:, channels:])  # grad * t * s * (1 - s)
         return grad_a

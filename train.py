@@ -152,6 +152,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch device: cpu, cuda:N, or cuda, the current GPU (under torchrun, LOCAL_RANK's) "
         "(default: cuda if available, else cpu)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="override train_config.compile: compile the training step's forward with torch.compile",
+    )
     args = parser.parse_args(argv)
     if args.evaluate and args.synthesize:
         parser.error("choose one of -v/--evaluate and -s/--synthesize")
@@ -159,6 +164,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--mels goes with -s/--synthesize or -v/--evaluate")
     if args.precision != "auto" and not (args.synthesize or args.evaluate):
         parser.error("--precision goes with -s/--synthesize or -v/--evaluate (training uses fp16_run/bf16_run)")
+    if args.compile and (args.synthesize or args.evaluate):
+        parser.error("--compile goes with training (-s and -v run the model uncompiled)")
     if args.json and not args.evaluate:
         parser.error("--json goes with -v/--evaluate")
     if args.epsilon is not None and not args.average_checkpoint:
@@ -416,8 +423,8 @@ def resume_position(
     return epoch, batch_in_epoch, total
 
 
-def data_parallel(model: WaveFlow, runtime: Runtime) -> torch.nn.Module:
-    """The model as the training step calls it: under DistributedDataParallel with torchrun, under
+def data_parallel(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
+    """`model` as the training step calls it: under DistributedDataParallel with torchrun, under
     DataParallel on a machine of several GPUs without it, else the model itself."""
     if runtime.distributed:
         return torch.nn.parallel.DistributedDataParallel(
@@ -426,6 +433,85 @@ def data_parallel(model: WaveFlow, runtime: Runtime) -> torch.nn.Module:
     if runtime.device.type == "cuda" and torch.cuda.device_count() > 1:
         return torch.nn.DataParallel(model)
     return model
+
+
+# ----------------------------------------------------------------------------- the compiled step
+
+
+def compile_mode(device: torch.device, distributed: bool) -> str | None:
+    """torch.compile's mode for the training forward: CUDA graphs (`reduce-overhead`) on one GPU, where the
+    step is a chain of small kernels whose launches bound its speed; inductor's default under DDP (CUDA
+    graphs with DDP meet open PyTorch bugs) and on a CPU (no CUDA graphs). See docs/gpu.md."""
+    return "reduce-overhead" if device.type == "cuda" and not distributed else None
+
+
+def first_line(error: Exception) -> str:
+    """`error` in one line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def compile_forward(model: WaveFlow, runtime: Runtime) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """`model.forward` compiled with torch.compile for the training step, or None, with one warning, where it
+    cannot be compiled here. Training segments have one shape: no dynamic shapes. Compiling itself happens
+    at the first call, where most failures come (see `TrainingStep`)."""
+    if runtime.device.type == "cuda" and torch.cuda.device_count() > 1 and not runtime.distributed:
+        cause = "DataParallel (several GPUs without torchrun) does not take a compiled forward; torchrun does"
+    else:
+        try:
+            return torch.compile(model.forward, dynamic=False, mode=compile_mode(runtime.device, runtime.distributed))
+        except Exception as error:  # an unsupported Python or platform
+            cause = first_line(error)
+    if runtime.is_main:
+        warn(f"train_config.compile: {cause}; training without torch.compile")
+    return None
+
+
+class TrainingForward(torch.nn.Module):
+    """The model's forward as the training step runs it: `compiled` (`compile_forward`), or the model's own
+    when that is None. It holds the model, so that DDP and DataParallel wrap it as they would the model,
+    while the model itself, its state_dict and the evaluation paths never run the compiled code."""
+
+    def __init__(self, model: WaveFlow, compiled: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None):
+        super().__init__()
+        self.model, self.compiled = model, compiled
+
+    def forward(self, audio: torch.Tensor, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.compiled or self.model)(audio, mel)
+
+
+class TrainingStep:
+    """`train_step` on the model as the loop trains it: its forward compiled when train_config.compile asks,
+    under DDP or DataParallel as `data_parallel` gives. A compiled first step that fails (no C compiler,
+    an operator the compiler cannot take) warns once, naming the cause, and is redone eagerly, as is the
+    rest of the run: the failure comes in the forward or the backward, before anything was updated."""
+
+    def __init__(self, training: Training, runtime: Runtime, config: Config):
+        self.training, self.runtime, self.config = training, runtime, config
+        compiled = compile_forward(training.model, runtime) if config.train.compile else None
+        self.forward = TrainingForward(training.model, compiled)
+        self.model = data_parallel(self.forward, runtime)
+        self.untried = compiled is not None
+
+    def __call__(self, batch) -> dict:
+        if self.untried:
+            self.untried = False
+            try:
+                return self.step(batch)
+            except Exception as error:
+                if self.runtime.is_main:
+                    warn(
+                        f"train_config.compile: the first compiled training step failed ({first_line(error)}); "
+                        f"training without torch.compile"
+                    )
+                self.forward.compiled = None
+        return self.step(batch)
+
+    def step(self, batch) -> dict:
+        training = self.training
+        return train_step(
+            self.model, batch, training.optimizer, training.scheduler, training.scaler, self.runtime, self.config
+        )
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -525,7 +611,7 @@ class TrainingRun:
         progress = tqdm(
             total=total, initial=min(iteration, total), unit="it", disable=not runtime.is_main, dynamic_ncols=True
         )
-        wrapped = data_parallel(training.model, runtime)
+        step = TrainingStep(training, runtime, self.config)
         stop = StopRequest()
         position = (start_epoch, batch_in_epoch)  # (epoch, batches done in it) after the last step
         limit.begin_steps()
@@ -533,9 +619,7 @@ class TrainingRun:
             for epoch in range(start_epoch, tc.epochs):
                 for batch in self.batches(epoch, batch_in_epoch):
                     started = time.perf_counter()
-                    metrics = train_step(
-                        wrapped, batch, training.optimizer, training.scheduler, training.scaler, runtime, self.config
-                    )
+                    metrics = step(batch)
                     iteration, batch_in_epoch = iteration + 1, batch_in_epoch + 1
                     position = (epoch, batch_in_epoch)
                     self.record(metrics, iteration, time.perf_counter() - started, progress)
@@ -667,6 +751,8 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.monoto
             config.train.max_iterations = args.max_iterations
         if args.max_minutes is not None:
             config.train.max_minutes = args.max_minutes
+        if args.compile:
+            config.train.compile = True
         check_model_rules(config, training=not (args.synthesize or args.evaluate))
         runtime = setup_runtime(config, args.device)
         if args.synthesize or args.evaluate:

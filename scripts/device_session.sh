@@ -7,7 +7,7 @@
 # In this order, each step under `timeout` within what is left of MINUTES, logging to its own file:
 #   env      the device, driver, PyTorch, CUDA and cuDNN versions;
 #   tests    the CUDA tests (tests/test_cuda.py; on a CPU they skip themselves);
-#   profile  one training step (train.train_step) of PROFILE_CONFIG at PROFILE_BATCH x PROFILE_SEGMENT
+#   profile  one training step (train.py's TrainingStep) of PROFILE_CONFIG at PROFILE_BATCH x PROFILE_SEGMENT
 #            (default nanoflow-h16-r128-emb512, 8 x 16000) in fp32, bf16 and fp16, one process each:
 #            step time and the top kernels by device time (scripts/profile_step.py); then the demo's
 #            step compiled, as training runs it below;
@@ -20,7 +20,8 @@
 #            time left but the measuring after it, or TRAIN_MINUTES if that is less, in the config's
 #            precision or TRAIN_PRECISION (fp32, bf16, fp16);
 #   measure  the new checkpoint's measures on the held-out sentences (train.py -v --json).
-# STEPS="train measure" (say) runs only those; COMPILE=0 trains and profiles without --compile.
+# STEPS="train measure" (say) runs only those; COMPILE=0 trains and profiles without --compile
+# (default on a GPU; COMPILE=1 on a CPU).
 # OUT_DIR receives at most 5 files, none in a subfolder (the device tool brings back 8 of at most
 # 16 MiB): summary.txt, nanoflow-demo.pt (the newest checkpoint with its optimizer state, when training
 # ran), measures.json, logs.tar.gz (every log, profile and JSON result) and, if a step failed, failed.txt. The summary is printed last. The
@@ -31,17 +32,14 @@ cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/device_session.sh OUT_DIR [MINUTES]}
 MINUTES=${2:-12}
 DEVICE=${DEVICE:-cuda}
+# The training step compiled (train.py --compile) on a GPU; on a CPU only with COMPILE=1 (minutes to compile).
+if [ "$DEVICE" = cpu ]; then COMPILE=${COMPILE:-0}; else COMPILE=${COMPILE:-1}; fi
 STEPS=${STEPS:-env tests profile probe bench train measure}
 if [ -z "${AMP_PROBE:-}" ]; then
     AMP_PROBE=.probe
     [ -f "$AMP_PROBE/amp_probe.sh" ] || AMP_PROBE=../shared/device
 fi
 TRAIN_CONFIG=${TRAIN_CONFIG:-configs/demo-long.json}
-# --compile where train.py has it (issue 21, item 3, not yet in): COMPILE=0 or 1 decides.
-if [ -z "${COMPILE:-}" ]; then
-    COMPILE=0
-    python3 train.py -h 2>/dev/null | grep -q -- --compile && COMPILE=1
-fi
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)

@@ -3,8 +3,9 @@
     python scripts/profile_step.py -c configs/nanoflow-h16-r128-emb512.json --device cuda --precision bf16
     python scripts/profile_step.py -c configs/demo.json --device cuda --compile --batch 8 --segment 8192
 
-Runs `train.train_step` (the forward under autocast, the loss, the backward, gradient clipping, the
-skip checks and Adam, as training runs them) on random audio and mel of `--batch x --segment`:
+Runs train.py's training step (`TrainingStep`: the forward under autocast, compiled with --compile,
+the loss, the backward, gradient clipping, the skip checks and Adam, as training runs them) on random
+audio and mel of `--batch x --segment`:
 `--warmup` untimed steps (cuDNN's algorithm search, compilation), then the median of `--steps` timed
 steps, then one step under `torch.profiler` whose kernels are listed by their own device time
 (CUDA kernels on a GPU, operators on a CPU). Run one precision per process: cuDNN's plan cache and
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import synchronize
 from config import HOP_LENGTH, load_config
-from train import Runtime, build_training, train_step
+from train import Runtime, TrainingStep, build_training
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=15, help="kernels listed")
-    parser.add_argument("--compile", action="store_true", help="as train.py --compile, where it has it")
+    parser.add_argument("--compile", action="store_true", help="as train.py --compile: the step's forward compiled")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     for name in ("batch", "segment", "steps", "top"):
@@ -60,10 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config)
     if args.compile:
-        if not hasattr(config.train, "compile"):
-            print("error: --compile: this train.py compiles no training step yet", file=sys.stderr)
-            return 1
-        setattr(config.train, "compile", True)  # noqa: B010  (pyright: the field comes with item 3)
+        config.train.compile = True
     if args.precision is None:
         args.precision = "fp16" if config.train.fp16_run else "bf16" if config.train.bf16_run else "fp32"
     device = torch.device(args.device)
@@ -80,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     audio = (torch.rand(batch, segment, generator=generator) * 2 - 1) * 0.5  # [B, T]
     mel = torch.randn(batch, config.waveflow.cin_channels, segment // HOP_LENGTH + 1, generator=generator)
 
+    training_step = TrainingStep(training, runtime, config)  # compiled as train.py compiles it, if asked
+
     def step() -> dict:
-        return train_step(
-            training.model, (mel, audio), training.optimizer, training.scheduler, training.scaler, runtime, config
-        )
+        return training_step((mel, audio))
 
     started = time.perf_counter()
     for _ in range(args.warmup):
