@@ -38,7 +38,7 @@ from dataclasses import replace
 
 import torch
 
-from config import HOP_LENGTH, load_config
+from config import load_config
 from cuda_graphs import CudaGraphCache
 from mel2samp import Mel2Samp, collate
 from model import SYNTHESIS_TRIM_FRAMES, build_model, negative_log_likelihood, synthesis_length
@@ -48,7 +48,6 @@ from train import compile_mode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEMO_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo", "train_files.txt")
-SAMPLING_RATE = 22050
 
 
 def synchronize(device: torch.device) -> None:
@@ -152,11 +151,13 @@ class PeakMemory:
 
 
 def bench_synthesis(
-    model, device, dtype, seconds: float, batch: int, warmup: int, graphs: CudaGraphCache | None, args
+    model, device, dtype, seconds: float, batch: int, warmup: int, graphs: CudaGraphCache | None, rate: int, args
 ) -> dict:
-    frames = round(seconds * SAMPLING_RATE / HOP_LENGTH) + SYNTHESIS_TRIM_FRAMES
+    """Synthesis of `seconds` of audio at `rate` Hz, `batch` clips at once."""
+    hop_length = model.config.hop_length
+    frames = round(seconds * rate / hop_length) + SYNTHESIS_TRIM_FRAMES
     mel = torch.randn(batch, model.config.cin_channels, frames, device=device, dtype=dtype)
-    samples = batch * synthesis_length(frames)
+    samples = batch * synthesis_length(frames, hop_length)
     with PeakMemory(device) as memory:
         times = timed(lambda: model.infer(mel, cuda_graphs=graphs), device, args.repeats, warmup, args.max_seconds)
     elapsed = statistics.median(times)
@@ -166,7 +167,7 @@ def bench_synthesis(
         "seconds": elapsed,
         "runs": len(times),
         "kHz": samples / elapsed / 1000,
-        "real_time_factor": samples / SAMPLING_RATE / elapsed,
+        "real_time_factor": samples / rate / elapsed,
         "gflops": flops / elapsed / 1e9,
         "peak_memory_mb": memory.peak / 2**20,
     }
@@ -182,7 +183,7 @@ def training_step(config, device, dtype, batch: int, segment: int, checkpointing
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     audio = (torch.rand(batch, segment, device=device) * 2 - 1) * 0.5
-    mel = torch.randn(batch, config.waveflow.cin_channels, segment // HOP_LENGTH + 1, device=device)
+    mel = torch.randn(batch, config.waveflow.cin_channels, segment // config.data.hop_length + 1, device=device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -325,7 +326,11 @@ def main() -> None:
                 warmup = args.warmup if index == 0 else 0
                 if device.type == "cuda":
                     warmup = max(warmup, 2)
-                results.append(bench_synthesis(model, device, dtype, seconds, synth_batch, warmup, graphs, args))
+                results.append(
+                    bench_synthesis(
+                        model, device, dtype, seconds, synth_batch, warmup, graphs, config.data.sampling_rate, args
+                    )
+                )
         del model
     training = None
     if "training" not in args.skip:

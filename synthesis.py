@@ -119,10 +119,10 @@ def test_loss(
     return total / count, count
 
 
-def unmeasurable(frames: int) -> str | None:
-    """Why a mel of `frames` frames cannot be synthesized and measured against its recording (its
-    synthesis has `synthesis_length(frames)` samples); None when it can."""
-    samples = synthesis_length(frames)
+def unmeasurable(frames: int, hop_length: int) -> str | None:
+    """Why a mel of `frames` frames of `hop_length` samples cannot be synthesized and measured against its
+    recording (its synthesis has `synthesis_length(frames, hop_length)` samples); None when it can."""
+    samples = synthesis_length(frames, hop_length)
     if samples <= 0:
         return f"a mel of {frames} frames is too short to synthesize (need at least {SYNTHESIS_TRIM_FRAMES + 1})"
     if samples < MIN_SAMPLES:
@@ -133,8 +133,8 @@ def unmeasurable(frames: int) -> str | None:
 def synthesize_clip(
     model: WaveFlow, mel: torch.Tensor, temperature: float, seed: int, device: torch.device
 ) -> torch.Tensor:
-    """mel [n_mels, F] -> audio [synthesis_length(F)] float32 on the CPU, from noise fixed by `seed`, so that a
-    clip gets the same noise at every checkpoint and in -v."""
+    """mel [n_mels, F] -> audio [synthesis_length(F, hop_length)] float32 on the CPU, from noise fixed by
+    `seed`, so that a clip gets the same noise at every checkpoint and in -v."""
     generator = torch.Generator(device=device).manual_seed(seed)
     return model.infer(mel[None].to(device), sigma=temperature, generator=generator)[0].float().cpu()
 
@@ -186,7 +186,7 @@ class CheckpointReport:
         for path, length in zip(self.eval_set.files, self.eval_set.lengths, strict=True):
             if len(measured) == MEASURED_CLIPS:
                 break
-            reason = unmeasurable(1 + length // hop_length)
+            reason = unmeasurable(1 + length // hop_length, hop_length)
             if reason is None:
                 measured.append(path)
             else:
@@ -221,7 +221,7 @@ class CheckpointReport:
                     logs.add("audio", "eval/sample", audio.clamp(-1, 1), iteration, sample_rate=rate)
                     logs.add("figure", "eval/mel", mel_figure(self.mel_spectrogram(audio), mel), iteration)
             try:
-                results.append(measure(audio, reference, rate))
+                results.append(measure(audio, reference, rate, config.data.hop_length))
             except Exception as error:  # a measure is a report: whatever its failure, training goes on
                 warn(
                     f"iteration {iteration}: {name}: cannot measure the synthesis "
@@ -264,13 +264,13 @@ def evaluate(config: Config, args: argparse.Namespace, device: torch.device, amp
     results, left_out = [], []
     for name, source, read in tqdm(inputs, desc="measures", unit="clip", disable=None):
         mel, reference = read()
-        reason = unmeasurable(mel.shape[-1])
+        reason = unmeasurable(mel.shape[-1], config.data.hop_length)
         if reason is not None:
             warn(f"{source}: {reason}: left out of the measures")
             left_out.append({"name": name, "file": source, "reason": reason})
             continue
         audio = synthesize_clip(model, mel, args.temp, config.train.seed, device)
-        results.append({"name": name, **measure(audio, reference, config.data.sampling_rate)})
+        results.append({"name": name, **measure(audio, reference, config.data.sampling_rate, config.data.hop_length)})
     summary = summarize(results)
     print(
         f"{len(results)} clips synthesized at temperature {args.temp} (seed {config.train.seed}) and measured "
@@ -389,7 +389,7 @@ def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -
     graphs = CudaGraphCache() if device.type == "cuda" else None  # clips of a length seen before replay a graph
     for name, source, read_mel in inputs:
         mel = read_mel()
-        if synthesis_length(mel.shape[-1]) <= 0:
+        if synthesis_length(mel.shape[-1], config.data.hop_length) <= 0:
             raise DataError(
                 f"{source}: a mel of {mel.shape[-1]} frames is too short to synthesize "
                 f"(need at least {SYNTHESIS_TRIM_FRAMES + 1})"
