@@ -28,6 +28,7 @@ from config import Config, ConfigError
 from cuda_graphs import CudaGraphCache
 from data import MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, load_audio, load_mel, read_file_list
 from mel2samp import Mel2Samp, collate
+from mel_scale import MelConversion
 from metrics import MEASURES, MIN_SAMPLES, format_table, measure, summarize
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_likelihood, synthesis_length
 from storage import StorageError, TrainingLogs, describe, warn, write_atomically
@@ -328,6 +329,12 @@ def mel_files(paths: list[str]) -> list[str]:
     return files
 
 
+def mel_conversion(config: Config, args: argparse.Namespace) -> MelConversion:
+    """What --mel_scale and --mel_stats make of each mel of --mels (mel_scale.py): converted to the ln mel,
+    and a warning for one that does not look like it."""
+    return MelConversion(getattr(args, "mel_scale", "ln"), getattr(args, "mel_stats", None), config.data.n_mel_channels)
+
+
 def evaluation_inputs(config: Config, args: argparse.Namespace):
     """`(name, mel file, read)` for every mel of --mels, `read() -> (mel [80, F], audio [T])`.
 
@@ -337,6 +344,7 @@ def evaluation_inputs(config: Config, args: argparse.Namespace):
     """
     test_files = None
     inputs = []
+    convert = mel_conversion(config, args)
     for path in mel_files(args.mels):
         name = os.path.basename(path)[: -len(os.path.splitext(path)[1])]
         candidates = [name] if name.lower().endswith((".wav", ".flac")) else [name + ".wav", name + ".flac"]
@@ -359,7 +367,7 @@ def evaluation_inputs(config: Config, args: argparse.Namespace):
                 stem(path),
                 path,
                 lambda path=path, audio=found[0]: (
-                    load_mel(path, config.data.n_mel_channels),
+                    convert(load_mel(path, config.data.n_mel_channels), path),
                     load_audio(audio, config.data.sampling_rate),
                 ),
             )
@@ -373,8 +381,9 @@ def synthesis_inputs(config: Config, args: argparse.Namespace):
     if not args.mels:
         clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
         return [(stem(path), path, lambda index=index: clips[index][0]) for index, path in enumerate(clips.files)]
+    convert = mel_conversion(config, args)
     return [
-        (stem(path), path, lambda path=path: load_mel(path, config.data.n_mel_channels))
+        (stem(path), path, lambda path=path: convert(load_mel(path, config.data.n_mel_channels), path))
         for path in mel_files(args.mels)
     ]
 

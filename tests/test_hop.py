@@ -20,20 +20,24 @@ from test_train import one_thread, run_here  # noqa: F401  # one_thread: a fixtu
 TINY = dict(res_channels=8, n_layer=2, n_flow=2, n_layer_per_cycle=1, coupling_type="nanoflow", size_flow_embed=4)
 
 
-def tiny_model(factors, n_height, cin_channels=80, seed=0):
+def tiny_model(section: dict, seed=0):
+    """The model of a waveflow_config `section`, its weights moved away from the near-identity start, so that
+    the checks see every flow and the mel act."""
     torch.manual_seed(seed)
-    model = build_model(
-        dict(TINY, model_name="tiny", cin_channels=cin_channels, n_height=n_height, upsample_factors=factors)
-    )
-    with torch.no_grad():  # away from the near-identity start, so that the checks below see every flow act
+    model = build_model(section)
+    with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
     return model.eval()
 
 
+def tiny(factors, n_height):
+    return tiny_model(dict(TINY, model_name="tiny", cin_channels=80, n_height=n_height, upsample_factors=factors))
+
+
 @pytest.mark.parametrize("factors", [[16, 16], [15, 20], [16, 32], [5, 6, 10], [3], [7, 8]])
 def test_the_upsampler_turns_each_frame_into_hop_samples(factors):
-    model = tiny_model(factors, n_height=math.prod(factors) if math.prod(factors) < 40 else 4)
+    model = tiny(factors, n_height=math.prod(factors) if math.prod(factors) < 40 else 4)
     assert len(model.upsample_conv) == 2 * len(factors)  # a transposed conv and a leaky ReLU per factor
     for frames in (1, 2, 7):
         assert model.upsample(torch.randn(2, 80, frames)).shape == (2, 80, math.prod(factors) * frames)
@@ -42,7 +46,7 @@ def test_the_upsampler_turns_each_frame_into_hop_samples(factors):
 def test_the_default_upsampler_is_the_originals():
     """The original's keys and shapes (two convs, kernel (3, 32), stride 16, padding 8), and the same numbers
     as a plain ConvTranspose2d with the original's settings."""
-    model = tiny_model([16, 16], n_height=8)
+    model = tiny([16, 16], n_height=8)
     shapes = {name: list(value.shape) for name, value in model.state_dict().items() if "upsample" in name}
     assert shapes == {
         "upsample_conv.0.bias": [1],
@@ -66,7 +70,7 @@ def test_the_default_upsampler_is_the_originals():
 @pytest.mark.parametrize("factors,n_height", [([15, 20], 20), ([15, 20], 12), ([16, 32], 16), ([5, 6, 10], 15)])
 def test_synthesis_at_another_hop_is_the_exact_inverse(factors, n_height):
     hop = math.prod(factors)
-    model = tiny_model(factors, n_height).remove_weight_norm()
+    model = tiny(factors, n_height).remove_weight_norm()
     mel = torch.randn(1, 80, 6)
     z = torch.randn(1, 1, n_height, hop * 3 // n_height, generator=torch.Generator().manual_seed(1)) * 0.5
     audio = model.infer(mel, z=z)
@@ -76,8 +80,8 @@ def test_synthesis_at_another_hop_is_the_exact_inverse(factors, n_height):
 
 
 def test_weights_of_another_hop_are_refused_naming_both_hops():
-    model = tiny_model([16, 16], n_height=8)
-    other = tiny_model([15, 20], n_height=10).state_dict()
+    model = tiny([16, 16], n_height=8)
+    other = tiny([15, 20], n_height=10).state_dict()
     with pytest.raises(CheckpointError, match=r"hop 300\).*hop 256\).*upsample_conv\.0\.weight"):
         load_weights(model, other, "other.pt")
 
