@@ -15,7 +15,8 @@ one where the device has bf16 matrix units (tensor cores, AMX, AVX-512 bf16),
 measured in the same run before and after the workloads. Times are
 medians over repeated runs after warm-up runs (synthesis warms up on the
 shortest length); cases that take longer than --max_seconds stop repeating.
-Data loading is the real `Mel2Samp` loader on the bundled demo corpus: in the
+Data loading is the real `Mel2Samp` loader on the bundled demo corpus (for a
+config at another rate than the demo's 22,050 Hz, on the config's training list): in the
 main process, i.e. the CPU work one batch costs, and as training reads it
 (`train.training_batches`, over many of the demo's 3-batch epochs) with each
 of --loader_workers worker processes, in batches per second.
@@ -48,6 +49,12 @@ from train import compile_mode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEMO_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo", "train_files.txt")
+DEMO_RATE = 22050
+
+
+def loading_list(config) -> str:
+    """The file list the loading cases read: the demo corpus, or the config's own at another rate."""
+    return DEMO_LIST if config.data.sampling_rate == DEMO_RATE else config.data.training_files
 
 
 def synchronize(device: torch.device) -> None:
@@ -239,7 +246,7 @@ def bench_compiled_training(config, device, dtype, batch: int, segment: int, arg
 
 def bench_loading(config, batch: int, segment: int, args) -> dict:
     data = replace(config.data, segment_length=segment)
-    dataset = Mel2Samp.from_config(data, mode="train", file_list=DEMO_LIST, seed=0)
+    dataset = Mel2Samp.from_config(data, mode="train", file_list=loading_list(config), seed=0)
     indices = [i % len(dataset) for i in range(batch)]
     times = timed(
         lambda: collate([dataset[i] for i in indices]),
@@ -254,10 +261,10 @@ def bench_loading(config, batch: int, segment: int, args) -> dict:
 def bench_loader(config, device, batch: int, segment: int, workers: int, args) -> dict:
     """Batches per second from the loader training reads, with nothing else running: what it can feed."""
     data = replace(config.data, segment_length=segment)
-    dataset = Mel2Samp.from_config(data, mode="train", file_list=DEMO_LIST, seed=0)
+    dataset = Mel2Samp.from_config(data, mode="train", file_list=loading_list(config), seed=0)
     sampler = EpochSampler(len(dataset), batch, seed=0)
     if sampler.batches_per_epoch == 0:
-        raise SystemExit(f"error: the demo corpus's {len(dataset)} clips cannot fill a batch of {batch}")
+        raise SystemExit(f"error: the corpus's {len(dataset)} clips cannot fill a batch of {batch}")
     count = max(10 * args.repeats, 3 * sampler.batches_per_epoch, 30)
     batches = training_batches(dataset, sampler, (0, 0), 2**31, workers, pin_memory=device.type == "cuda")
     next(batches)  # the workers' start, paid once per run
