@@ -1,8 +1,10 @@
 """Mels from other models: log10, decibel and normalised mels recognised, converted back, and warned about."""
 
+import argparse
 import json
 import math
 import os
+import shutil
 
 import librosa
 import numpy as np
@@ -12,6 +14,8 @@ import soundfile
 import torch
 
 import mel_scale
+import synthesis
+from config import load_config
 from conftest import ROOT
 from data import DataError, MelSpectrogram, load_audio, read_file_list
 from mel_scale import MelConversion, corpus_features, looks_like, read_mel_stats
@@ -208,3 +212,17 @@ def test_mel_options_go_with_mels(capsys):
     with pytest.raises(SystemExit):
         run_here(capsys, "-s", "--mel_scale", "log10", "-c", "x.json")
     assert "--mel_scale and --mel_stats go with --mels" in capsys.readouterr().err
+
+
+def test_evaluation_converts_the_mels_it_measures(heldout, tmp_path):
+    """-v --mels reads each mel through the same conversion as -s, before measuring it against its audio."""
+    folder = tmp_path / "mels"
+    folder.mkdir()
+    np.save(folder / "clip.npy", (heldout[0] / math.log(10)).astype(np.float32))
+    shutil.copy(read_file_list(os.path.join(DEMO, "heldout", "test_files.txt"))[0], folder / "clip.wav")
+    config = load_config(os.path.join(ROOT, "configs", "demo.json"))
+    args = argparse.Namespace(mels=[str(folder)], mel_scale="log10", mel_stats=None)
+    [(name, _, read)] = synthesis.evaluation_inputs(config, args)
+    mel, audio = read()
+    assert name == "clip" and torch.allclose(mel, torch.from_numpy(heldout[0]), atol=1e-4)
+    assert mel.shape[-1] == 1 + audio.shape[0] // 256
