@@ -125,13 +125,13 @@ def test_a_config_of_another_rate_trains_and_synthesizes_at_its_rate(name, tmp_p
         output_directory=str(tmp_path / "exp"),
         iters_per_checkpoint=ITERATIONS,
         max_iterations=ITERATIONS,
-        batch_size=2,
+        batch_size=1,
         with_tensorboard=False,
     )
     data.update(
         training_files=str(tmp_path / "train.txt"),
         test_files=str(tmp_path / "test.txt"),
-        segment_length=4 * hop,  # four frames
+        segment_length=4 * hop,  # four frames: more than the reflect padding of a 2048-point STFT
         num_workers=0,
     )
     model.update(TINY)
