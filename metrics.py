@@ -48,9 +48,9 @@ STFT_RESOLUTIONS = ((512, 50, 240), (1024, 120, 600), (2048, 240, 1200))  # (fft
 STFT_MAGNITUDE_FLOOR = 1e-7  # on the squared magnitude, as Parallel WaveGAN's code clamps it
 # Speech pitch range, as CARGAN's (50-550 Hz): wide enough for low male and high female and child voices.
 PITCH_FMIN, PITCH_FMAX = 50.0, 550.0
-# pYIN's frame at 22,050 Hz, the mel's window; its 512-sample YIN windows reach down to 43 Hz. At another rate
-# the frame is the power of two that keeps at least this duration (pitch_frame_length).
-PITCH_FRAME_LENGTH = 1024
+# pYIN's frame at PITCH_FRAME_RATE, the mel's window; its 512-sample YIN windows reach down to 43 Hz. At another
+# rate the frame is the power of two that keeps at least this duration (pitch_frame_length).
+PITCH_FRAME_LENGTH, PITCH_FRAME_RATE = 1024, 22050
 LOG_MEL_FMAX = 8000.0  # the 22,050 Hz configs' mel_fmax
 PESQ_RATE = 16000
 MIN_SAMPLES = max(fft_size for fft_size, _, _ in STFT_RESOLUTIONS) // 2 + 1  # for the largest STFT's reflect padding
@@ -93,8 +93,8 @@ def align(synthesis, reference) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pitch_frame_length(sampling_rate: int) -> int:
-    """pYIN's frame at `sampling_rate`: at least as long in time as `PITCH_FRAME_LENGTH` at 22,050 Hz."""
-    return PITCH_FRAME_LENGTH * 2 ** max(0, math.ceil(math.log2(sampling_rate / 22050)))
+    """pYIN's frame at `sampling_rate`: at least as long in time as `PITCH_FRAME_LENGTH` at `PITCH_FRAME_RATE`."""
+    return PITCH_FRAME_LENGTH * 2 ** max(0, math.ceil(math.log2(sampling_rate / PITCH_FRAME_RATE)))
 
 
 def log_mel_l1(

@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import scipy.signal
 import soundfile
 import torch
 
+import metrics
 from checkpoint import CheckpointError, load_weights
 from conftest import ROOT
 from model import build_model
@@ -157,3 +159,17 @@ def test_a_config_of_another_rate_trains_and_synthesizes_at_its_rate(name, tmp_p
     assert written_rate == rate
     assert synthesized.shape == (hop * (frames - 3),)
     assert np.isfinite(synthesized).all() and synthesized.std() > 0
+
+
+def test_the_pitch_measures_follow_the_rate_and_hop():
+    """At 44.1 kHz with hop 512: one pitch frame per mel frame, and frames that hold two periods of the lowest
+    pitch (50 Hz: 882 samples; the 1024 samples of a 22,050 Hz frame do not, and librosa warns)."""
+    rate, hop = 44100, 512
+    t = np.arange(rate) / rate
+    harmonics = np.arange(1, 8)[:, None]
+    voice = (0.3 / harmonics * np.sin(2 * np.pi * 70 * harmonics * t)).sum(axis=0).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f0, voiced, _ = metrics.pitch(voice, rate, hop)
+    assert f0.shape == (1 + rate // hop,)
+    assert voiced.mean() > 0.8 and np.nanmedian(f0) == pytest.approx(70, rel=0.01)
