@@ -15,7 +15,8 @@ one where the device has bf16 matrix units (tensor cores, AMX, AVX-512 bf16),
 measured in the same run before and after the workloads. Times are
 medians over repeated runs after warm-up runs (synthesis warms up on the
 shortest length); cases that take longer than --max_seconds stop repeating.
-Data loading is the real `Mel2Samp` loader on the bundled demo corpus: in the
+Data loading is the real `Mel2Samp` loader on the bundled demo corpus (for a
+config at another rate than the demo's 22,050 Hz, on the config's training list): in the
 main process, i.e. the CPU work one batch costs, and as training reads it
 (`train.training_batches`, over many of the demo's 3-batch epochs) with each
 of --loader_workers worker processes, in batches per second.
@@ -38,7 +39,7 @@ from dataclasses import replace
 
 import torch
 
-from config import HOP_LENGTH, load_config
+from config import load_config
 from cuda_graphs import CudaGraphCache
 from mel2samp import Mel2Samp, collate
 from model import SYNTHESIS_TRIM_FRAMES, build_model, negative_log_likelihood, synthesis_length
@@ -48,7 +49,12 @@ from train import compile_mode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEMO_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo", "train_files.txt")
-SAMPLING_RATE = 22050
+DEMO_RATE = 22050
+
+
+def loading_list(config) -> str:
+    """The file list the loading cases read: the demo corpus, or the config's own at another rate."""
+    return DEMO_LIST if config.data.sampling_rate == DEMO_RATE else config.data.training_files
 
 
 def synchronize(device: torch.device) -> None:
@@ -152,11 +158,13 @@ class PeakMemory:
 
 
 def bench_synthesis(
-    model, device, dtype, seconds: float, batch: int, warmup: int, graphs: CudaGraphCache | None, args
+    model, device, dtype, seconds: float, batch: int, warmup: int, graphs: CudaGraphCache | None, rate: int, args
 ) -> dict:
-    frames = round(seconds * SAMPLING_RATE / HOP_LENGTH) + SYNTHESIS_TRIM_FRAMES
+    """Synthesis of `seconds` of audio at `rate` Hz, `batch` clips at once."""
+    hop_length = model.config.hop_length
+    frames = round(seconds * rate / hop_length) + SYNTHESIS_TRIM_FRAMES
     mel = torch.randn(batch, model.config.cin_channels, frames, device=device, dtype=dtype)
-    samples = batch * synthesis_length(frames)
+    samples = batch * synthesis_length(frames, hop_length)
     with PeakMemory(device) as memory:
         times = timed(lambda: model.infer(mel, cuda_graphs=graphs), device, args.repeats, warmup, args.max_seconds)
     elapsed = statistics.median(times)
@@ -166,7 +174,7 @@ def bench_synthesis(
         "seconds": elapsed,
         "runs": len(times),
         "kHz": samples / elapsed / 1000,
-        "real_time_factor": samples / SAMPLING_RATE / elapsed,
+        "real_time_factor": samples / rate / elapsed,
         "gflops": flops / elapsed / 1e9,
         "peak_memory_mb": memory.peak / 2**20,
     }
@@ -182,7 +190,7 @@ def training_step(config, device, dtype, batch: int, segment: int, checkpointing
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     audio = (torch.rand(batch, segment, device=device) * 2 - 1) * 0.5
-    mel = torch.randn(batch, config.waveflow.cin_channels, segment // HOP_LENGTH + 1, device=device)
+    mel = torch.randn(batch, config.waveflow.cin_channels, segment // config.data.hop_length + 1, device=device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -238,7 +246,7 @@ def bench_compiled_training(config, device, dtype, batch: int, segment: int, arg
 
 def bench_loading(config, batch: int, segment: int, args) -> dict:
     data = replace(config.data, segment_length=segment)
-    dataset = Mel2Samp.from_config(data, mode="train", file_list=DEMO_LIST, seed=0)
+    dataset = Mel2Samp.from_config(data, mode="train", file_list=loading_list(config), seed=0)
     indices = [i % len(dataset) for i in range(batch)]
     times = timed(
         lambda: collate([dataset[i] for i in indices]),
@@ -253,10 +261,10 @@ def bench_loading(config, batch: int, segment: int, args) -> dict:
 def bench_loader(config, device, batch: int, segment: int, workers: int, args) -> dict:
     """Batches per second from the loader training reads, with nothing else running: what it can feed."""
     data = replace(config.data, segment_length=segment)
-    dataset = Mel2Samp.from_config(data, mode="train", file_list=DEMO_LIST, seed=0)
+    dataset = Mel2Samp.from_config(data, mode="train", file_list=loading_list(config), seed=0)
     sampler = EpochSampler(len(dataset), batch, seed=0)
     if sampler.batches_per_epoch == 0:
-        raise SystemExit(f"error: the demo corpus's {len(dataset)} clips cannot fill a batch of {batch}")
+        raise SystemExit(f"error: the corpus's {len(dataset)} clips cannot fill a batch of {batch}")
     count = max(10 * args.repeats, 3 * sampler.batches_per_epoch, 30)
     batches = training_batches(dataset, sampler, (0, 0), 2**31, workers, pin_memory=device.type == "cuda")
     next(batches)  # the workers' start, paid once per run
@@ -325,7 +333,11 @@ def main() -> None:
                 warmup = args.warmup if index == 0 else 0
                 if device.type == "cuda":
                     warmup = max(warmup, 2)
-                results.append(bench_synthesis(model, device, dtype, seconds, synth_batch, warmup, graphs, args))
+                results.append(
+                    bench_synthesis(
+                        model, device, dtype, seconds, synth_batch, warmup, graphs, config.data.sampling_rate, args
+                    )
+                )
         del model
     training = None
     if "training" not in args.skip:

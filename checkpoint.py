@@ -19,6 +19,7 @@ loaders delete it; so does `read_checkpoint`.
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import zipfile
@@ -182,10 +183,17 @@ def architecture(state: dict) -> str:
     flows = {name.split(".")[1] for name in names if name.startswith("flows.")}
     fronts = [value for name, value in state.items() if name.endswith("front_conv.0.conv.bias")]
     layers = {name.split("res_blocks.")[1].split(".")[0] for name in names if "res_blocks." in name}
+    # Each upsampling conv's kernel is twice its factor along time: their product is the hop.
+    factors = [
+        value.shape[-1] // 2
+        for name, value in state.items()
+        if name.startswith("upsample_conv.") and name.endswith(("weight_v", "weight"))
+    ]
     details = [
         f"res_channels {fronts[0].shape[0]}" if fronts else None,
         f"n_layer {len(layers)}" if layers else None,
         f"n_flow {len(flows)}" if flows else None,
+        f"hop {math.prod(factors)}" if factors else None,
     ]
     return f"{kind} ({', '.join(detail for detail in details if detail)})"
 

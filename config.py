@@ -17,14 +17,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 
 COUPLING_TYPES = ("waveflow", "nanoflow_naive", "nanoflow_decomp", "nanoflow")
-# Audio samples per mel frame: data_config.hop_length must be this, since the model's upsampler
-# (two transposed convs, each stretching time by its square root) turns one mel frame into this many samples.
-HOP_LENGTH = 256
+# The original's upsampler: two transposed convs, each stretching time 16 times, so that one mel frame
+# becomes 256 samples, the hop of its 22,050 Hz Tacotron 2 mels. waveflow_config.upsample_factors defaults to it.
+UPSAMPLE_FACTORS = (16, 16)
+HOP_LENGTH = math.prod(UPSAMPLE_FACTORS)  # the original's hop: the default of the mel spectrogram's
 
 
 class ConfigError(ValueError):
@@ -57,6 +59,10 @@ def _coerce(value, kind, where: str):
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
+    if typing.get_origin(kind) is tuple:  # tuple[int, ...]: a JSON list of integers
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list of integers, got {value!r}")
+        return tuple(_coerce(item, int, f"{where}[{index}]") for index, item in enumerate(value))
     raise TypeError(f"unsupported config field type {kind!r}")  # a bug in this file, not in the config
 
 
@@ -106,9 +112,19 @@ class WaveFlowConfig:
     use_weightnorm_embed: bool = False
     bipartize: bool = False
     gradient_checkpointing: bool = False
+    upsample_factors: tuple[int, ...] = UPSAMPLE_FACTORS  # one transposed conv per factor; their product: the hop
+
+    @property
+    def hop_length(self) -> int:
+        """Audio samples per mel frame: the product of the upsampler's factors."""
+        return math.prod(self.upsample_factors)
 
     def __post_init__(self):
         s = "waveflow_config"
+        _require(
+            len(self.upsample_factors) >= 1 and all(factor >= 1 for factor in self.upsample_factors),
+            f"{s}.upsample_factors must be a non-empty list of positive integers, got {list(self.upsample_factors)}",
+        )
         _require(
             self.coupling_type in COUPLING_TYPES,
             f"{s}.coupling_type must be one of {', '.join(COUPLING_TYPES)}, got '{self.coupling_type}'",
@@ -123,6 +139,12 @@ class WaveFlowConfig:
             )
         if self.bipartize:
             _require(self.n_height % 2 == 0, f"{s}.n_height must be even when bipartize is on")
+        _require(
+            self.hop_length % self.n_height == 0,
+            f"{s}.n_height ({self.n_height}) must divide the hop of {s}.upsample_factors "
+            f"({' x '.join(map(str, self.upsample_factors))} = {self.hop_length}): synthesis makes that many "
+            f"samples per mel frame, in columns of n_height",
+        )
 
 
 @dataclass
@@ -273,14 +295,10 @@ def check_model_rules(config: Config, training: bool) -> None:
         f"({model.cin_channels}) must be equal: the model reads every band of the mel",
     )
     _require(
-        data.hop_length == HOP_LENGTH,
-        f"{where}data_config.hop_length must be {HOP_LENGTH}, got {data.hop_length}: the model's upsampler "
-        f"turns each mel frame into {HOP_LENGTH} samples",
-    )
-    _require(
-        data.hop_length % model.n_height == 0,
-        f"{where}waveflow_config.n_height ({model.n_height}) must divide data_config.hop_length "
-        f"({data.hop_length}): synthesis makes hop_length samples per mel frame, in columns of n_height",
+        data.hop_length == model.hop_length,
+        f"{where}data_config.hop_length ({data.hop_length}) must equal the product of "
+        f"waveflow_config.upsample_factors ({' x '.join(map(str, model.upsample_factors))} = {model.hop_length}): "
+        f"the upsampler turns each mel frame into that many samples",
     )
     if training:
         _require(

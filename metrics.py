@@ -1,13 +1,14 @@
 """Objective measures of synthesized speech against the real audio it should reproduce.
 
 The measures that vocoder papers report, each comparing one synthesis with its
-recording (mono float audio in [-1, 1] at the same rate: 22,050 Hz in every config
-here). Lower is better except for V/UV F1 and PESQ.
+recording (mono float audio in [-1, 1] at the same rate, the config's, with the
+config's hop). Lower is better except for V/UV F1 and PESQ.
 
 - ``log_mel_l1``: mean absolute difference, over 80 bands and all frames, of the natural
   log of Tacotron 2's mel spectrogram of magnitudes (``data.MelSpectrogram``, the feature
-  the vocoder is conditioned on) floored at 1e-2 instead of 1e-5, so that differences in
-  near-silence, which nobody hears, do not dominate.
+  the vocoder is conditioned on at 22,050 Hz: 1024-point STFT, 0-8 kHz; at another rate
+  the same bands, with the config's hop) floored at 1e-2 instead of 1e-5, so that
+  differences in near-silence, which nobody hears, do not dominate.
 - ``mr_stft``: the multi-resolution STFT distance of Parallel WaveGAN (Yamamoto et al.,
   ICASSP 2020, Section 2.3): spectral convergence plus the L1 distance of log STFT
   magnitudes, averaged over FFT sizes 512/1024/2048 with hops 50/120/240 and Hann
@@ -21,7 +22,7 @@ here). Lower is better except for V/UV F1 and PESQ.
 - ``pesq_wb``: wide band PESQ (ITU-T P.862.2, from 1.04 to 4.64) at 16 kHz, from the
   ``pesq`` package when it is installed (``pip install pesq``); absent otherwise.
 
-A synthesis of F mel frames has ``HOP_LENGTH * (F - 3)`` samples, a little shorter than its
+A synthesis of F mel frames has ``hop_length * (F - 3)`` samples, a little shorter than its
 recording: both are cut to the shorter before measuring. Both are taken as a 16-bit
 file would play them: clamped to [-1, 1], with non-finite samples as silence. A
 measure that a clip leaves undefined (F0 error with no frame voiced in both, F1 with no
@@ -47,8 +48,10 @@ STFT_RESOLUTIONS = ((512, 50, 240), (1024, 120, 600), (2048, 240, 1200))  # (fft
 STFT_MAGNITUDE_FLOOR = 1e-7  # on the squared magnitude, as Parallel WaveGAN's code clamps it
 # Speech pitch range, as CARGAN's (50-550 Hz): wide enough for low male and high female and child voices.
 PITCH_FMIN, PITCH_FMAX = 50.0, 550.0
-PITCH_HOP_LENGTH = HOP_LENGTH  # one pitch frame per mel frame
-PITCH_FRAME_LENGTH = 1024  # the mel's window; 512-sample YIN windows reach down to 43 Hz
+# pYIN's frame at PITCH_FRAME_RATE, the mel's window; its 512-sample YIN windows reach down to 43 Hz. At another
+# rate the frame is the power of two that keeps at least this duration (pitch_frame_length).
+PITCH_FRAME_LENGTH, PITCH_FRAME_RATE = 1024, 22050
+LOG_MEL_FMAX = 8000.0  # the 22,050 Hz configs' mel_fmax
 PESQ_RATE = 16000
 MIN_SAMPLES = max(fft_size for fft_size, _, _ in STFT_RESOLUTIONS) // 2 + 1  # for the largest STFT's reflect padding
 INTERVAL_LEVEL = 0.95
@@ -89,9 +92,24 @@ def align(synthesis, reference) -> tuple[np.ndarray, np.ndarray]:
     return synthesis[:length], reference[:length]
 
 
-def log_mel_l1(synthesis: np.ndarray, reference: np.ndarray, sampling_rate: int = 22050) -> float:
+def pitch_frame_length(sampling_rate: int) -> int:
+    """pYIN's frame at `sampling_rate`: at least as long in time as `PITCH_FRAME_LENGTH` at `PITCH_FRAME_RATE`."""
+    return PITCH_FRAME_LENGTH * 2 ** max(0, math.ceil(math.log2(sampling_rate / PITCH_FRAME_RATE)))
+
+
+def log_mel_l1(
+    synthesis: np.ndarray, reference: np.ndarray, sampling_rate: int = 22050, hop_length: int = HOP_LENGTH
+) -> float:
     """Mean |log mel(synthesis) - log mel(reference)| over bands and frames; aligned inputs [T]."""
-    mel = MelSpectrogram(sampling_rate=sampling_rate, log_floor=LOG_MEL_FLOOR)
+    fft = pitch_frame_length(sampling_rate)
+    mel = MelSpectrogram(
+        sampling_rate=sampling_rate,
+        filter_length=fft,
+        hop_length=hop_length,
+        win_length=fft,
+        mel_fmax=min(LOG_MEL_FMAX, sampling_rate / 2),
+        log_floor=LOG_MEL_FLOOR,
+    )
     with torch.no_grad():
         difference = mel(torch.from_numpy(synthesis)) - mel(torch.from_numpy(reference))  # [80, F]
     return difference.abs().mean().item()
@@ -116,25 +134,29 @@ def multi_resolution_stft(synthesis: np.ndarray, reference: np.ndarray) -> float
     return total / len(STFT_RESOLUTIONS)
 
 
-def pitch(audio: np.ndarray, sampling_rate: int = 22050) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pitch(
+    audio: np.ndarray, sampling_rate: int = 22050, hop_length: int = HOP_LENGTH
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """pYIN on audio [T] -> (f0 [F] in Hz, NaN where unvoiced; voiced [F] bool; voicing probability [F]),
-    F = 1 + T // PITCH_HOP_LENGTH. F0 is quantised to pYIN's 10-cent grid."""
+    F = 1 + T // hop_length: one pitch frame per mel frame. F0 is quantised to pYIN's 10-cent grid."""
     f0, voiced, probability = librosa.pyin(
         audio,
         fmin=PITCH_FMIN,
         fmax=PITCH_FMAX,
         sr=sampling_rate,
-        frame_length=PITCH_FRAME_LENGTH,
-        hop_length=PITCH_HOP_LENGTH,
+        frame_length=pitch_frame_length(sampling_rate),
+        hop_length=hop_length,
     )
     return f0, voiced, probability
 
 
-def pitch_measures(synthesis: np.ndarray, reference: np.ndarray, sampling_rate: int = 22050) -> dict[str, float]:
+def pitch_measures(
+    synthesis: np.ndarray, reference: np.ndarray, sampling_rate: int = 22050, hop_length: int = HOP_LENGTH
+) -> dict[str, float]:
     """F0 RMS error in cents (frames voiced in both), V/UV F1 (reference voicing as truth) and
     RMS periodicity (voicing probability) difference over all frames; aligned inputs [T]."""
-    f0, voiced, probability = pitch(synthesis, sampling_rate)
-    f0_true, voiced_true, probability_true = pitch(reference, sampling_rate)
+    f0, voiced, probability = pitch(synthesis, sampling_rate, hop_length)
+    f0_true, voiced_true, probability_true = pitch(reference, sampling_rate, hop_length)
     both = voiced & voiced_true
     cents = 1200.0 * np.log2(f0[both] / f0_true[both])
     true_positives, false_positives = both.sum(), (voiced & ~voiced_true).sum()
@@ -162,16 +184,16 @@ def pesq_wideband(synthesis: np.ndarray, reference: np.ndarray, sampling_rate: i
         return math.nan
 
 
-def measure(synthesis, reference, sampling_rate: int = 22050) -> dict[str, float]:
-    """Every measure of one synthesis [T] against its recording [T'] (tensors or arrays);
-    `pesq_wb` only when the pesq package is installed."""
+def measure(synthesis, reference, sampling_rate: int = 22050, hop_length: int = HOP_LENGTH) -> dict[str, float]:
+    """Every measure of one synthesis [T] against its recording [T'] (tensors or arrays) at `sampling_rate`,
+    with mel and pitch frames every `hop_length` samples; `pesq_wb` only when the pesq package is installed."""
     synthesis, reference = align(synthesis, reference)
     if synthesis.shape[0] < MIN_SAMPLES:
         raise ValueError(f"{synthesis.shape[0]} samples are too few to measure (need at least {MIN_SAMPLES})")
     results = {
-        "log_mel_l1": log_mel_l1(synthesis, reference, sampling_rate),
+        "log_mel_l1": log_mel_l1(synthesis, reference, sampling_rate, hop_length),
         "mr_stft": multi_resolution_stft(synthesis, reference),
-        **pitch_measures(synthesis, reference, sampling_rate),
+        **pitch_measures(synthesis, reference, sampling_rate, hop_length),
     }
     if pesq_available():
         results["pesq_wb"] = pesq_wideband(synthesis, reference, sampling_rate)

@@ -23,19 +23,28 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from config import HOP_LENGTH, WaveFlowConfig, parse_section
+from config import WaveFlowConfig, parse_section
 from cuda_graphs import CudaGraphCache
 from inference import CONDITION_CACHE_BYTES, MAX_CPU_COLUMNS, synthesize
 from modules import FlowEmbedding, ProjLogST, WaveNet2D, WeightNormMixin, WNConvTranspose2d, shift_1d
 
 SYNTHESIS_TRIM_FRAMES = 3  # mel frames whose samples synthesis drops at the end, as the original did
-SYNTHESIS_TRIM = SYNTHESIS_TRIM_FRAMES * HOP_LENGTH  # the same, in samples
-UPSAMPLE_STRIDE = math.isqrt(HOP_LENGTH)  # each of the upsampler's two transposed convs
 
 
-def synthesis_length(frames: int) -> int:
-    """Samples that synthesis makes from a mel of `frames` frames (not positive: too short to synthesize)."""
-    return HOP_LENGTH * (frames - SYNTHESIS_TRIM_FRAMES)
+def synthesis_length(frames: int, hop_length: int) -> int:
+    """Samples that synthesis makes from a mel of `frames` frames of `hop_length` samples each (not positive:
+    too short to synthesize)."""
+    return hop_length * (frames - SYNTHESIS_TRIM_FRAMES)
+
+
+def stretch(factor: int) -> WNConvTranspose2d:
+    """One upsampling step, `[B, 1, cin, F] -> [B, 1, cin, factor * F]`: the original's weight-normed transposed
+    conv (kernel 3 along the bands, `2 * factor` along time, stride `factor`), for any factor. The original's
+    factor 16 has padding 8; an odd factor takes one sample more of padding and gives it back as output
+    padding, so that every factor stretches F frames to exactly `factor * F` samples."""
+    return WNConvTranspose2d(
+        1, 1, (3, 2 * factor), stride=(1, factor), padding=(1, (factor + 1) // 2), output_padding=(0, factor % 2)
+    )
 
 
 def squeeze(x: torch.Tensor, n_height: int) -> torch.Tensor:
@@ -108,13 +117,11 @@ class WaveFlow(nn.Module):
         else:
             self.estimator = nn.ModuleDict({"net": estimator()})
             self.flows = nn.ModuleList(Coupling(R, multgate_layers=L if kind == "nanoflow" else 0) for _ in range(K))
-        # Two transposed convs, each stretching time by UPSAMPLE_STRIDE: one mel frame -> HOP_LENGTH samples.
-        stride = UPSAMPLE_STRIDE
-
-        def stretch() -> WNConvTranspose2d:
-            return WNConvTranspose2d(1, 1, (3, 2 * stride), stride=(1, stride), padding=(1, stride // 2))
-
-        self.upsample_conv = nn.Sequential(stretch(), nn.LeakyReLU(0.4), stretch(), nn.LeakyReLU(0.4))
+        # A transposed conv and a leaky ReLU per factor: one mel frame -> hop_length samples. The original's
+        # two factors of 16 give its keys, upsample_conv.0 and upsample_conv.2.
+        self.upsample_conv = nn.Sequential(
+            *(layer for factor in config.upsample_factors for layer in (stretch(factor), nn.LeakyReLU(0.4)))
+        )
         # row_orders[flow][h]: the row of the unpermuted input that is row h of flow `flow`'s input. The config
         # fixes them; held as numbers, not tensors, so that torch.compile traces the forward as one graph.
         order = torch.arange(config.n_height).view(1, 1, config.n_height, 1)
@@ -171,7 +178,7 @@ class WaveFlow(nn.Module):
     # --- training direction: audio -> z -------------------------------------------------------
 
     def upsample(self, mel: torch.Tensor) -> torch.Tensor:
-        """`mel [B, cin, F] -> [B, cin, HOP_LENGTH * F]`."""
+        """`mel [B, cin, F] -> [B, cin, hop_length * F]`."""
         return self.upsample_conv(mel.unsqueeze(1)).squeeze(1)
 
     def _flow_forward(
@@ -181,7 +188,7 @@ class WaveFlow(nn.Module):
         return x * torch.exp(log_s) + t, log_s.sum(dim=(1, 2, 3))
 
     def forward(self, audio: torch.Tensor, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`audio [B, T]`, `mel [B, cin, F]` with `HOP_LENGTH * F >= T` -> `z [B, 1, H, T / H]`, `logdet [B]` (fp32)."""
+        """`audio [B, T]`, `mel [B, cin, F]` with `hop_length * F >= T` -> `z [B, 1, H, T / H]`, `logdet [B]` (fp32)."""
         height = self.config.n_height
         length = audio.shape[1]
         if length % height:
@@ -224,7 +231,7 @@ class WaveFlow(nn.Module):
         condition_cache_bytes: int = CONDITION_CACHE_BYTES,
         cuda_graphs: CudaGraphCache | None = None,
     ) -> torch.Tensor:
-        """Synthesize audio from `mel [B, cin, F]` -> `audio [B, synthesis_length(F)]` (fp32).
+        """Synthesize audio from `mel [B, cin, F]` -> `audio [B, synthesis_length(F, hop_length)]` (fp32).
 
         `z [B, 1, H, W]` is the noise, drawn from `N(0, sigma^2)` when not given (`generator`
         makes it reproducible). Exact inverse of `forward`, one row at a time with convolution
@@ -233,7 +240,7 @@ class WaveFlow(nn.Module):
         """
         height = self.config.n_height
         dtype = next(self.parameters()).dtype
-        c = self.upsample(mel.to(dtype))[..., :-SYNTHESIS_TRIM]
+        c = self.upsample(mel.to(dtype))[..., : -SYNTHESIS_TRIM_FRAMES * self.config.hop_length]
         if c.shape[-1] <= 0 or c.shape[-1] % height:
             raise ValueError(
                 f"a mel of {mel.shape[-1]} frames gives {max(c.shape[-1], 0)} samples, "

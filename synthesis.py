@@ -28,6 +28,7 @@ from config import Config, ConfigError
 from cuda_graphs import CudaGraphCache
 from data import MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, load_audio, load_mel, read_file_list
 from mel2samp import Mel2Samp, collate
+from mel_scale import MelConversion
 from metrics import MEASURES, MIN_SAMPLES, format_table, measure, summarize
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_likelihood, synthesis_length
 from storage import StorageError, TrainingLogs, describe, warn, write_atomically
@@ -119,10 +120,10 @@ def test_loss(
     return total / count, count
 
 
-def unmeasurable(frames: int) -> str | None:
-    """Why a mel of `frames` frames cannot be synthesized and measured against its recording (its
-    synthesis has `synthesis_length(frames)` samples); None when it can."""
-    samples = synthesis_length(frames)
+def unmeasurable(frames: int, hop_length: int) -> str | None:
+    """Why a mel of `frames` frames of `hop_length` samples cannot be synthesized and measured against its
+    recording (its synthesis has `synthesis_length(frames, hop_length)` samples); None when it can."""
+    samples = synthesis_length(frames, hop_length)
     if samples <= 0:
         return f"a mel of {frames} frames is too short to synthesize (need at least {SYNTHESIS_TRIM_FRAMES + 1})"
     if samples < MIN_SAMPLES:
@@ -133,8 +134,8 @@ def unmeasurable(frames: int) -> str | None:
 def synthesize_clip(
     model: WaveFlow, mel: torch.Tensor, temperature: float, seed: int, device: torch.device
 ) -> torch.Tensor:
-    """mel [n_mels, F] -> audio [synthesis_length(F)] float32 on the CPU, from noise fixed by `seed`, so that a
-    clip gets the same noise at every checkpoint and in -v."""
+    """mel [n_mels, F] -> audio [synthesis_length(F, hop_length)] float32 on the CPU, from noise fixed by
+    `seed`, so that a clip gets the same noise at every checkpoint and in -v."""
     generator = torch.Generator(device=device).manual_seed(seed)
     return model.infer(mel[None].to(device), sigma=temperature, generator=generator)[0].float().cpu()
 
@@ -186,7 +187,7 @@ class CheckpointReport:
         for path, length in zip(self.eval_set.files, self.eval_set.lengths, strict=True):
             if len(measured) == MEASURED_CLIPS:
                 break
-            reason = unmeasurable(1 + length // hop_length)
+            reason = unmeasurable(1 + length // hop_length, hop_length)
             if reason is None:
                 measured.append(path)
             else:
@@ -221,7 +222,7 @@ class CheckpointReport:
                     logs.add("audio", "eval/sample", audio.clamp(-1, 1), iteration, sample_rate=rate)
                     logs.add("figure", "eval/mel", mel_figure(self.mel_spectrogram(audio), mel), iteration)
             try:
-                results.append(measure(audio, reference, rate))
+                results.append(measure(audio, reference, rate, config.data.hop_length))
             except Exception as error:  # a measure is a report: whatever its failure, training goes on
                 warn(
                     f"iteration {iteration}: {name}: cannot measure the synthesis "
@@ -264,13 +265,13 @@ def evaluate(config: Config, args: argparse.Namespace, device: torch.device, amp
     results, left_out = [], []
     for name, source, read in tqdm(inputs, desc="measures", unit="clip", disable=None):
         mel, reference = read()
-        reason = unmeasurable(mel.shape[-1])
+        reason = unmeasurable(mel.shape[-1], config.data.hop_length)
         if reason is not None:
             warn(f"{source}: {reason}: left out of the measures")
             left_out.append({"name": name, "file": source, "reason": reason})
             continue
         audio = synthesize_clip(model, mel, args.temp, config.train.seed, device)
-        results.append({"name": name, **measure(audio, reference, config.data.sampling_rate)})
+        results.append({"name": name, **measure(audio, reference, config.data.sampling_rate, config.data.hop_length)})
     summary = summarize(results)
     print(
         f"{len(results)} clips synthesized at temperature {args.temp} (seed {config.train.seed}) and measured "
@@ -328,6 +329,12 @@ def mel_files(paths: list[str]) -> list[str]:
     return files
 
 
+def mel_conversion(config: Config, args: argparse.Namespace) -> MelConversion:
+    """What --mel_scale and --mel_stats make of each mel of --mels (mel_scale.py): converted to the ln mel,
+    and a warning for one that does not look like it."""
+    return MelConversion(getattr(args, "mel_scale", "ln"), getattr(args, "mel_stats", None), config.data.n_mel_channels)
+
+
 def evaluation_inputs(config: Config, args: argparse.Namespace):
     """`(name, mel file, read)` for every mel of --mels, `read() -> (mel [80, F], audio [T])`.
 
@@ -337,6 +344,7 @@ def evaluation_inputs(config: Config, args: argparse.Namespace):
     """
     test_files = None
     inputs = []
+    convert = mel_conversion(config, args)
     for path in mel_files(args.mels):
         name = os.path.basename(path)[: -len(os.path.splitext(path)[1])]
         candidates = [name] if name.lower().endswith((".wav", ".flac")) else [name + ".wav", name + ".flac"]
@@ -359,7 +367,7 @@ def evaluation_inputs(config: Config, args: argparse.Namespace):
                 stem(path),
                 path,
                 lambda path=path, audio=found[0]: (
-                    load_mel(path, config.data.n_mel_channels),
+                    convert(load_mel(path, config.data.n_mel_channels), path),
                     load_audio(audio, config.data.sampling_rate),
                 ),
             )
@@ -373,8 +381,9 @@ def synthesis_inputs(config: Config, args: argparse.Namespace):
     if not args.mels:
         clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
         return [(stem(path), path, lambda index=index: clips[index][0]) for index, path in enumerate(clips.files)]
+    convert = mel_conversion(config, args)
     return [
-        (stem(path), path, lambda path=path: load_mel(path, config.data.n_mel_channels))
+        (stem(path), path, lambda path=path: convert(load_mel(path, config.data.n_mel_channels), path))
         for path in mel_files(args.mels)
     ]
 
@@ -389,7 +398,7 @@ def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -
     graphs = CudaGraphCache() if device.type == "cuda" else None  # clips of a length seen before replay a graph
     for name, source, read_mel in inputs:
         mel = read_mel()
-        if synthesis_length(mel.shape[-1]) <= 0:
+        if synthesis_length(mel.shape[-1], config.data.hop_length) <= 0:
             raise DataError(
                 f"{source}: a mel of {mel.shape[-1]} frames is too short to synthesize "
                 f"(need at least {SYNTHESIS_TRIM_FRAMES + 1})"

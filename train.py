@@ -5,6 +5,7 @@
     python train.py -v --mels mels/ -c config.json               # the measures for mels beside their audio
     python train.py -s -c config.json [-t 0.8]                   # synthesize the test clips
     python train.py -s --mels mels/ -c config.json               # synthesize precomputed mels (.pt, .npy)
+    python train.py -s --mels mels/ --mel_scale log10 --mel_stats stats.npy -c config.json  # ... another model's
     python train.py -a 10 -s -c config.json                      # ... with the newest 10 checkpoints averaged
     python train.py -w -c config.json                            # warm start: weights only, fresh optimizer
     python train.py -c config.json --max_minutes 55              # stop, with a checkpoint, before 55 minutes
@@ -47,6 +48,7 @@ from checkpoint import (
 from config import Config, ConfigError, TrainConfig, check_model_rules, load_config
 from data import DataError
 from mel2samp import Mel2Samp
+from mel_scale import MEL_SCALES
 from model import WaveFlow, build_model, negative_log_likelihood
 from resumption import EpochSampler, StopRequest, WallClockLimit, training_batches
 from run_folder import claim_run_folder, refuse_overwriting, run_dir, write_on_main
@@ -118,6 +120,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(or NAME.wav, NAME.flac) beside it or in the test list",
     )
     parser.add_argument(
+        "--mel_scale",
+        choices=list(MEL_SCALES),
+        default="ln",
+        help="with --mels: the log of the given mels; log10 (ESPnet, ParallelWaveGAN) and db are converted to the "
+        "natural-log mel the vocoder takes (default ln: taken as they are)",
+    )
+    parser.add_argument(
+        "--mel_stats",
+        metavar="FILE",
+        help="with --mels: the mels are normalised with these per-band statistics (ESPnet's feats_stats.npz, "
+        "ParallelWaveGAN's stats.npy or stats.h5): undone before --mel_scale",
+    )
+    parser.add_argument(
         "--json",
         metavar="PATH",
         help="with -v: also write the results as JSON to PATH ('-': to stdout, the table to stderr)",
@@ -162,6 +177,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("choose one of -v/--evaluate and -s/--synthesize")
     if args.mels and not (args.synthesize or args.evaluate):
         parser.error("--mels goes with -s/--synthesize or -v/--evaluate")
+    if (args.mel_scale != "ln" or args.mel_stats) and not args.mels:
+        parser.error("--mel_scale and --mel_stats go with --mels")
     if args.precision != "auto" and not (args.synthesize or args.evaluate):
         parser.error("--precision goes with -s/--synthesize or -v/--evaluate (training uses fp16_run/bf16_run)")
     if args.compile and (args.synthesize or args.evaluate):

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = config.data.sampling_rate
         recording = load_audio(args.audio, rate)
         hop_length = config.data.hop_length
-        reason = unmeasurable(1 + recording.shape[0] // hop_length)
+        reason = unmeasurable(1 + recording.shape[0] // hop_length, hop_length)
         if reason is not None:
             raise DataError(f"{args.audio}: a recording of {recording.shape[0]} samples, {reason}")
         mel_spectrogram = MelSpectrogram.from_config(config.data)
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    result = measure(audio, recording, rate)
+    result = measure(audio, recording, rate, config.data.hop_length)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         differences = []
         for index, path in enumerate(clips.files):
             mel = clips[index][0][None].to(device)
-            samples = synthesis_length(mel.shape[-1])
+            samples = synthesis_length(mel.shape[-1], config.data.hop_length)
             if samples <= config.data.filter_length // 2:  # what the log-mel needs
                 print(
                     f"{path}: its synthesis of {max(samples, 0)} samples is too short to compare (need more "
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             z = z.to(device)
             reference = model.infer(mel, z=z)[0].cpu()
             reduced = reduced_model.infer(mel, z=z)[0].cpu()
-            difference = log_mel_l1(reduced.numpy(), reference.numpy(), config.data.sampling_rate)
+            difference = log_mel_l1(
+                reduced.numpy(), reference.numpy(), config.data.sampling_rate, config.data.hop_length
+            )
             differences.append(difference)
             print(
                 f"{os.path.basename(path)}: mean |log-mel difference| {difference:.4f}, "

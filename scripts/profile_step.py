@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import synchronize
-from config import HOP_LENGTH, load_config
+from config import load_config
 from train import Runtime, TrainingStep, build_training
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     segment = args.segment or config.data.segment_length
     generator = torch.Generator().manual_seed(0)
     audio = (torch.rand(batch, segment, generator=generator) * 2 - 1) * 0.5  # [B, T]
-    mel = torch.randn(batch, config.waveflow.cin_channels, segment // HOP_LENGTH + 1, generator=generator)
+    mel = torch.randn(batch, config.waveflow.cin_channels, segment // config.data.hop_length + 1, generator=generator)
 
     training_step = TrainingStep(training, runtime, config)  # compiled as train.py compiles it, if asked
 

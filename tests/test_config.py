@@ -4,6 +4,7 @@ import copy
 import glob
 import json
 import os
+import re
 
 import pytest
 
@@ -20,7 +21,10 @@ def demo() -> dict:
 def test_every_bundled_config_parses():
     for path in glob.glob(os.path.join(ROOT, "configs", "*.json")):
         config = load_config(path)
-        assert config.train.learning_rate > 0 and config.data.sampling_rate == 22050
+        check_model_rules(config, training=True)
+        named = re.search(r"-(16|24|44)k", os.path.basename(path))  # the configs of other rates name theirs
+        rate = {"16": 16000, "24": 24000, "44": 44100}[named.group(1)] if named else 22050
+        assert config.train.learning_rate > 0 and config.data.sampling_rate == rate
         assert isinstance(config.waveflow.use_weightnorm_embed, bool)
 
 
@@ -90,11 +94,44 @@ def test_a_command_reads_only_the_sections_it_asks_for():
             False,
             r"data_config\.n_mel_channels \(80\) and waveflow_config\.cin_channels \(64\) must be equal",
         ),
-        ({"data_config": {"hop_length": 200}}, False, r"data_config\.hop_length must be 256, got 200"),
+        (
+            {"data_config": {"hop_length": 200}},
+            False,
+            r"data_config\.hop_length \(200\) must equal the product of waveflow_config\.upsample_factors "
+            r"\(16 x 16 = 256\)",
+        ),
+        (
+            {"data_config": {"hop_length": 256}, "waveflow_config": {"upsample_factors": [15, 20], "n_height": 10}},
+            False,
+            r"data_config\.hop_length \(256\) must equal the product of waveflow_config\.upsample_factors "
+            r"\(15 x 20 = 300\)",
+        ),
         (
             {"waveflow_config": {"n_height": 24}, "data_config": {"segment_length": 8208}},
             False,
-            r"waveflow_config\.n_height \(24\) must divide data_config\.hop_length \(256\)",
+            r"waveflow_config\.n_height \(24\) must divide the hop of waveflow_config\.upsample_factors "
+            r"\(16 x 16 = 256\)",
+        ),
+        (
+            {"data_config": {"hop_length": 300}, "waveflow_config": {"upsample_factors": [15, 20]}},
+            False,
+            r"waveflow_config\.n_height \(64\) must divide the hop of waveflow_config\.upsample_factors "
+            r"\(15 x 20 = 300\)",
+        ),
+        (
+            {"waveflow_config": {"upsample_factors": [16, 0]}},
+            False,
+            r"waveflow_config\.upsample_factors must be a non-empty list of positive integers, got \[16, 0\]",
+        ),
+        (
+            {"waveflow_config": {"upsample_factors": [16, 16.5]}},
+            False,
+            r"waveflow_config\.upsample_factors\[1\] must be an integer, got 16\.5",
+        ),
+        (
+            {"waveflow_config": {"upsample_factors": 256}},
+            False,
+            r"waveflow_config\.upsample_factors must be a list of integers, got 256",
         ),
     ],
 )

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from config import ConfigError
 from cuda_graphs import CudaGraphCache
-from model import SYNTHESIS_TRIM, WaveFlow, build_model, negative_log_likelihood, squeeze, unsqueeze
+from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_likelihood, squeeze, unsqueeze
 from modules import HeightCausalConv2d, WaveNet2D
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,7 +54,7 @@ def random_model(config: dict, seed: int = 0) -> WaveFlow:
 def slow_inverse(model: WaveFlow, mel: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """The exact inverse the definition gives: every row recomputed with a full estimator pass."""
     height, n_flow = model.config.n_height, model.config.n_flow
-    c = squeeze(model.upsample(mel)[..., :-SYNTHESIS_TRIM], height)
+    c = squeeze(model.upsample(mel)[..., : -SYNTHESIS_TRIM_FRAMES * model.config.hop_length], height)
     conditions = []
     for flow in range(n_flow):
         c = model.permute(flow, c)
