@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from config import HOP_LENGTH, DataConfig
+from storage import write_atomically
 
 MEL_FILE_EXTENSIONS = (".pt", ".npy")
 MAX_WAV_VALUE = 32768.0  # 16-bit PCM full scale, as Tacotron 2 scales it
@@ -200,6 +201,17 @@ def read_file_list_entries(list_path: str) -> list[tuple[str, str | None]]:
 def read_file_list(list_path: str) -> list[str]:
     """The audio paths of a file list, in order (see `read_file_list_entries`)."""
     return [path for path, _ in read_file_list_entries(list_path)]
+
+
+def write_file_list(list_path: str, rows: list[list[str]], header: str | None = None) -> None:
+    """Write a file list that `read_file_list_entries` reads: one row per line, its fields joined by ``|``, the
+    first an audio path written relative to the list's folder (so that the list works from any directory);
+    `header` (e.g. ``path|speaker|text``) as a first line ``# header``. Written atomically."""
+    folder = os.path.dirname(os.path.abspath(list_path))
+    os.makedirs(folder, exist_ok=True)
+    lines = [f"# {header}\n"] if header else []
+    lines += ["|".join([os.path.relpath(os.path.abspath(row[0]), folder), *row[1:]]) + "\n" for row in rows]
+    write_atomically(list_path, "".join(lines).encode(), durable=False)
 
 
 def _read_mel(path: str, n_mel_channels: int, mmap: bool):
