@@ -19,7 +19,12 @@ is ``(mel [n_mels, F], audio [T])`` with ``F = 1 + T // hop_length``:
   the 65,536 values 16-bit audio takes. Off by default, as in the original.
 - ``mode="synthesis"``: the mel of the whole clip (exactly what the command below
   writes and what Tacotron 2 is trained on) and the clip cut to
-  ``hop_length * (F - 1)`` samples, a whole number of frames.
+  ``hop_length * (F - 1)`` samples, a whole number of frames. A clip too short
+  for a mel is a `DataError` when it is read, not when the list is: -v and -s
+  leave such clips out with a warning.
+- ``resample``, ``downmix``: clips at another rate are resampled, and the channels
+  of a clip with several averaged, as they are read (``data.load_audio``); a
+  training crop is then cut from the whole resampled clip.
 - ``mel_directory``: fine-tuning on an acoustic model's own mels (ground-truth
   aligned, from teacher forcing), HiFi-GAN's convention. Each clip's mel is read
   from ``<mel_directory>/<audio file name>.pt`` (or ``.npy``, or the file name
@@ -273,7 +278,12 @@ def write_mels(file_list: str, config_path: str, output_dir: str) -> int:
         outputs[name] = path
     options = {"resample": data.resample, "downmix": data.downmix}
     for path in paths:  # every header before any work, so a bad file costs no time
-        audio_length(path, data.sampling_rate, **options)
+        length = audio_length(path, data.sampling_rate, **options)
+        if length <= data.filter_length // 2:
+            raise DataError(
+                f"{path}: clip of {length} samples is too short for a mel spectrogram "
+                f"(need more than {data.filter_length // 2})"
+            )
     mel_spectrogram = MelSpectrogram.from_config(data)
     os.makedirs(output_dir, exist_ok=True)
     for name, path in tqdm(outputs.items(), desc="mel", unit="file", disable=None):

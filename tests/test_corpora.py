@@ -14,10 +14,11 @@ import soundfile
 import soxr
 import torch
 
+import mel2samp
 import synthesis
 import train
 from conftest import ROOT
-from data import DataError, audio_length, load_audio
+from data import DataError, MelSpectrogram, audio_length, load_audio
 from mel2samp import Mel2Samp
 from metrics import measure
 from model import build_model
@@ -100,6 +101,21 @@ def test_a_clip_at_48_khz_is_refused_by_default_and_resampled_exactly_on_request
     assert torch.allclose(mel, dataset.mel(audio))
 
 
+def test_mel2samp_writes_the_mel_of_the_resampled_clip(tmp_path, capsys):
+    path = write_at(tmp_path / "a.flac", demo_clip(1, 0.5), 48000)
+    short = write_at(tmp_path / "short.flac", demo_clip(1, 0.02), 48000)
+    (tmp_path / "list.txt").write_text(path + "\n")
+    config = write_config(str(tmp_path), data_config__resample=True)
+    assert mel2samp.main(["-f", str(tmp_path / "list.txt"), "-c", config, "-o", str(tmp_path / "mels")]) == 0
+    expected = MelSpectrogram()(torch.from_numpy(load_audio(path, RATE, resample=True).numpy()))
+    assert torch.equal(torch.load(tmp_path / "mels" / "a.flac.pt"), expected)
+    (tmp_path / "list.txt").write_text(short + "\n")
+    assert mel2samp.main(["-f", str(tmp_path / "list.txt"), "-c", config, "-o", str(tmp_path / "mels")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {short}: clip of 441 samples is too short for a mel spectrogram (need more than 512)"
+    )
+
+
 def test_a_stereo_clip_is_refused_by_default_and_downmixed_on_request(tmp_path):
     left, right = demo_clip(1, 0.5), demo_clip(2, 0.5)
     path = str(tmp_path / "stereo.flac")
@@ -161,6 +177,14 @@ def test_a_corpus_at_48_khz_trains_the_demo_config_with_resample(tmp_path, capsy
     info = soundfile.info(str(sample))
     assert info.samplerate == RATE
     assert abs(info.frames - audio_length(clips[4], RATE, resample=True)) <= 3 * 256  # synthesis trims 3 frames
+    assert (
+        train.main(["-s", "-c", str(path), "--checkpoint_path", str(tmp_path / "exp" / "nanoflow-demo" / "waveflow_2")])
+        == 0
+    )
+    assert (
+        soundfile.info(str(tmp_path / "exp" / "samples" / "nanoflow-demo" / "clip5_synthesis.wav")).frames
+        == info.frames
+    )
 
 
 # ----------------------------------------------------------------------------- clips too short for -v and -s

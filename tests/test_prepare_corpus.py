@@ -99,7 +99,7 @@ def test_lists_hold_out_utterances_and_speakers_and_name_each_speaker(tmp_path, 
     paths = [path for entries in lists.values() for path, _ in entries]
     assert len(set(paths)) == len(paths)  # no clip in two lists
     for path, speaker in (entry for entries in lists.values() for entry in entries):
-        assert os.path.basename(path).startswith(speaker + "_") and "mic2" not in path
+        assert speaker is not None and os.path.basename(path).startswith(speaker + "_") and "mic2" not in path
     text = (output / "train_files.txt").read_text().splitlines()
     assert text[0] == "# path|speaker|text" and not text[1].startswith("/")  # paths relative to the list
     if layout == "libritts":
