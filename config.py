@@ -164,6 +164,8 @@ class DataConfig:
     num_workers: int = 2
     dequantize: bool = False
     mel_directory: str = ""
+    resample: bool = False  # resample clips at another rate on load (data.resample_audio) instead of refusing them
+    downmix: bool = False  # average the channels of a multi-channel clip instead of refusing it
 
     def __post_init__(self):
         s = "data_config"

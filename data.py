@@ -6,7 +6,10 @@ ICASSP 2018), so that a trained vocoder takes a Tacotron 2 model's output as it 
 `MelSpectrogram` computes exactly that feature; everything here that reads a file
 refuses bad input with a one-line `DataError` naming the file and the problem,
 because a corpus that is silently resampled, downmixed or skipped trains a
-different model from the one the user asked for.
+different model from the one the user asked for: audio at another rate is
+resampled only when `data_config.resample` asks (`resample_audio`, soxr), and several
+channels are averaged only when `data_config.downmix` asks. Lossy formats (MP3,
+Ogg) are refused: their decoders give no sample-exact reads from a position.
 """
 
 from __future__ import annotations
@@ -16,14 +19,20 @@ import os
 import librosa
 import numpy as np
 import soundfile
+import soxr
 import torch
 from torch import nn
 
 from config import HOP_LENGTH, DataConfig
+from storage import write_atomically
 
 MEL_FILE_EXTENSIONS = (".pt", ".npy")
 MAX_WAV_VALUE = 32768.0  # 16-bit PCM full scale, as Tacotron 2 scales it
 LOG_FLOOR = 1e-5  # Tacotron 2's clamp before the log: silence maps to log(1e-5), about -11.5
+# libsndfile's names of the lossy containers: decoding depends on the decoder, and a read from a position
+# (a training crop) need not give the samples a read of the whole file gives there.
+LOSSY_FORMATS = {"MP3": "MP3", "OGG": "Ogg"}
+RESAMPLE_QUALITY = "VHQ"  # soxr's very high quality: a linear-phase filter, about 175 dB of stopband attenuation
 
 
 class DataError(ValueError):
@@ -36,8 +45,9 @@ def _read_error(path: str, error: Exception) -> DataError:
     return DataError(f"{path}: cannot read audio ({reason})")
 
 
-def _open_checked(path: str, sampling_rate: int) -> soundfile.SoundFile:
-    """Open an audio file and check that it is a non-empty mono file at `sampling_rate`."""
+def _open_checked(path: str, sampling_rate: int, resample: bool = False, downmix: bool = False) -> soundfile.SoundFile:
+    """Open an audio file and check that it is a non-empty lossless file, mono (or `downmix`), at
+    `sampling_rate` (or any rate with `resample`)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: audio file not found")
     if not os.path.isfile(path):
@@ -49,13 +59,18 @@ def _open_checked(path: str, sampling_rate: int) -> soundfile.SoundFile:
     except (soundfile.LibsndfileError, RuntimeError) as error:
         raise _read_error(path, error) from None
     problem = None
-    if sound.samplerate != sampling_rate:
+    if sound.format in LOSSY_FORMATS:
+        problem = (
+            f"{LOSSY_FORMATS[sound.format]} audio is lossy and cannot be read sample-exactly; "
+            f"convert the corpus to wav or flac"
+        )
+    elif sound.samplerate != sampling_rate and not resample:
         problem = (
             f"sampling rate is {sound.samplerate} Hz, expected {sampling_rate} Hz "
-            f"(resample the corpus first, e.g. with sox)"
+            f"(set data_config.resample to true, or resample the corpus first, e.g. with sox)"
         )
-    elif sound.channels != 1:
-        problem = f"has {sound.channels} channels, expected mono"
+    elif sound.channels != 1 and not downmix:
+        problem = f"has {sound.channels} channels, expected mono (data_config.downmix: true averages them)"
     elif sound.frames == 0:
         problem = "contains no audio samples"
     if problem is not None:
@@ -64,28 +79,64 @@ def _open_checked(path: str, sampling_rate: int) -> soundfile.SoundFile:
     return sound
 
 
-def audio_length(path: str, sampling_rate: int) -> int:
-    """Number of samples in an audio file, after checking its header as `load_audio` does."""
-    with _open_checked(path, sampling_rate) as sound:
-        return sound.frames
+def resampled_length(frames: int, source_rate: int, target_rate: int) -> int:
+    """Samples of `frames` samples at `source_rate` resampled to `target_rate`, rounded half up."""
+    return (2 * frames * target_rate + source_rate) // (2 * source_rate)
 
 
-def load_audio(path: str, sampling_rate: int, start: int = 0, length: int = -1) -> torch.Tensor:
+def resample_audio(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """audio [T] float32 at `source_rate` -> [resampled_length(T)] float32 at `target_rate`, with soxr.
+
+    soxr's own length can differ from the rounding by one sample in floating point: the result is cut
+    or zero-padded to `resampled_length`, so that a clip's length is known from its header alone."""
+    length = resampled_length(audio.shape[0], source_rate, target_rate)
+    resampled = soxr.resample(audio, source_rate, target_rate, quality=RESAMPLE_QUALITY)[:length]
+    return np.pad(resampled, (0, length - resampled.shape[0])).astype(np.float32, copy=False)
+
+
+def audio_length(path: str, sampling_rate: int, *, resample: bool = False, downmix: bool = False) -> int:
+    """Number of samples in an audio file at `sampling_rate`, after checking its header as `load_audio` does."""
+    with _open_checked(path, sampling_rate, resample, downmix) as sound:
+        return resampled_length(sound.frames, sound.samplerate, sampling_rate)
+
+
+def load_audio(
+    path: str,
+    sampling_rate: int,
+    start: int = 0,
+    length: int = -1,
+    *,
+    resample: bool = False,
+    downmix: bool = False,
+) -> torch.Tensor:
     """Read `length` samples (all when -1) from sample `start` of a mono file: audio [T] float32.
 
     16-bit PCM is scaled by 1/32768 as Tacotron 2 does; other integer formats are
-    scaled to [-1, 1) by libsndfile; float files are taken as they are.
+    scaled to [-1, 1) by libsndfile; float files are taken as they are. With
+    `downmix`, the channels of a multi-channel file are averaged; with `resample`,
+    a file at another rate is read whole and resampled (`resample_audio`) before the
+    samples `start ..` are cut from it, so that a crop is exactly that part of the
+    resampled clip.
     """
-    with _open_checked(path, sampling_rate) as sound:
+    with _open_checked(path, sampling_rate, resample, downmix) as sound:
         dtype = "int16" if sound.subtype == "PCM_16" else "float32"
+        source_rate = sound.samplerate
         try:
-            sound.seek(start)
-            samples = sound.read(length, dtype=dtype)
+            if source_rate == sampling_rate:
+                sound.seek(start)
+                samples = sound.read(length, dtype=dtype)
+            else:
+                samples = sound.read(dtype=dtype)
         except (soundfile.LibsndfileError, RuntimeError) as error:
             raise _read_error(path, error) from None
-    audio = torch.from_numpy(samples.astype(np.float32))
+    samples = samples.astype(np.float32)  # [T] or [T, channels]
     if dtype == "int16":
-        audio = audio / MAX_WAV_VALUE
+        samples = samples / np.float32(MAX_WAV_VALUE)
+    if samples.ndim == 2:
+        samples = samples.mean(axis=1, dtype=np.float32)  # [T]
+    if source_rate != sampling_rate:
+        samples = resample_audio(samples, source_rate, sampling_rate)[start : start + length if length >= 0 else None]
+    audio = torch.from_numpy(np.ascontiguousarray(samples))
     if audio.numel() == 0:
         raise DataError(f"{path}: no audio samples could be read from sample {start}")
     if not torch.isfinite(audio).all():
@@ -93,26 +144,46 @@ def load_audio(path: str, sampling_rate: int, start: int = 0, length: int = -1) 
     return audio
 
 
-def read_file_list(list_path: str) -> list[str]:
-    """The audio paths of a file list, in order.
+SPEAKER_COLUMN = "speaker"  # the column name, in a file list's header, of the speaker field
+
+
+def read_file_list_entries(list_path: str) -> list[tuple[str, str | None]]:
+    """The `(audio path, speaker)` of every line of a file list, in order; speaker None where the list
+    names none.
 
     One entry per line: a path, or a Tacotron 2 / LJSpeech style line
-    ``path|text...`` whose first field is the path. Blank lines are ignored.
-    A relative path is taken as written (relative to the working directory, as
-    the original code did); when no file exists there, relative to the list's
-    own folder, so that a list works from any directory. A path found in
-    neither place is an error naming the list and the line.
+    ``path|text...`` whose first field is the path. Blank lines and lines
+    starting with ``#`` are ignored, except a first line ``# path|speaker|text``
+    (the fields' names, in their order, as scripts/prepare_corpus.py writes it),
+    which says which field holds the speaker. A relative path is taken as
+    written (relative to the working directory, as the original code did);
+    when no file exists there, relative to the list's own folder, so that a
+    list works from any directory. A path found in neither place, or a line
+    without the speaker field the header names, is an error naming the list
+    and the line.
     """
     if not os.path.isfile(list_path):
         raise DataError(f"{list_path}: file list not found")
     with open(list_path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     list_folder = os.path.dirname(os.path.abspath(list_path))
-    paths = []
+    speaker_field = None
+    if lines and lines[0].startswith("#"):
+        names = [name.strip() for name in lines[0][1:].split("|")]
+        speaker_field = names.index(SPEAKER_COLUMN) if SPEAKER_COLUMN in names else None
+    entries = []
     for number, line in enumerate(lines, start=1):
-        path = line.split("|", 1)[0].strip()
+        if line.startswith("#"):
+            continue
+        fields = line.split("|")
+        path = fields[0].strip()
         if not path:
             continue
+        speaker = None
+        if speaker_field is not None:
+            if len(fields) <= speaker_field or not fields[speaker_field].strip():
+                raise DataError(f"{list_path}:{number}: no speaker in field {speaker_field + 1}, as the header says")
+            speaker = fields[speaker_field].strip()
         if not os.path.exists(path):
             beside_list = os.path.join(list_folder, path)  # an absolute path stays as it is
             if not os.path.exists(beside_list):
@@ -121,10 +192,26 @@ def read_file_list(list_path: str) -> list[str]:
                     f"(looked in the working directory and in {list_folder})"
                 )
             path = beside_list
-        paths.append(path)
-    if not paths:
+        entries.append((path, speaker))
+    if not entries:
         raise DataError(f"{list_path}: file list is empty")
-    return paths
+    return entries
+
+
+def read_file_list(list_path: str) -> list[str]:
+    """The audio paths of a file list, in order (see `read_file_list_entries`)."""
+    return [path for path, _ in read_file_list_entries(list_path)]
+
+
+def write_file_list(list_path: str, rows: list[list[str]], header: str | None = None) -> None:
+    """Write a file list that `read_file_list_entries` reads: one row per line, its fields joined by ``|``, the
+    first an audio path written relative to the list's folder (so that the list works from any directory);
+    `header` (e.g. ``path|speaker|text``) as a first line ``# header``. Written atomically."""
+    folder = os.path.dirname(os.path.abspath(list_path))
+    os.makedirs(folder, exist_ok=True)
+    lines = [f"# {header}\n"] if header else []
+    lines += ["|".join([os.path.relpath(os.path.abspath(row[0]), folder), *row[1:]]) + "\n" for row in rows]
+    write_atomically(list_path, "".join(lines).encode(), durable=False)
 
 
 def _read_mel(path: str, n_mel_channels: int, mmap: bool):

@@ -19,7 +19,12 @@ is ``(mel [n_mels, F], audio [T])`` with ``F = 1 + T // hop_length``:
   the 65,536 values 16-bit audio takes. Off by default, as in the original.
 - ``mode="synthesis"``: the mel of the whole clip (exactly what the command below
   writes and what Tacotron 2 is trained on) and the clip cut to
-  ``hop_length * (F - 1)`` samples, a whole number of frames.
+  ``hop_length * (F - 1)`` samples, a whole number of frames. A clip too short
+  for a mel is a `DataError` when it is read, not when the list is: -v and -s
+  leave such clips out with a warning.
+- ``resample``, ``downmix``: clips at another rate are resampled, and the channels
+  of a clip with several averaged, as they are read (``data.load_audio``); a
+  training crop is then cut from the whole resampled clip.
 - ``mel_directory``: fine-tuning on an acoustic model's own mels (ground-truth
   aligned, from teacher forcing), HiFi-GAN's convention. Each clip's mel is read
   from ``<mel_directory>/<audio file name>.pt`` (or ``.npy``, or the file name
@@ -93,6 +98,8 @@ class Mel2Samp(Dataset):
         seed: int = 1234,
         dequantize: bool = False,
         mel_directory: str = "",
+        resample: bool = False,
+        downmix: bool = False,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
@@ -108,6 +115,7 @@ class Mel2Samp(Dataset):
         self.n_mel_channels = n_mel_channels
         self.seed = seed
         self.dequantize = dequantize
+        self.audio_options = {"resample": resample, "downmix": downmix}  # how data.load_audio reads a clip
         self.epoch = 0
         self.mel = MelSpectrogram(
             sampling_rate=sampling_rate,
@@ -120,14 +128,7 @@ class Mel2Samp(Dataset):
         )
         self.files = read_file_list(file_list) if isinstance(file_list, str) else list(file_list)
         # Checking every header now reports a bad file before training starts, not in a worker hours later.
-        self.lengths = [audio_length(path, sampling_rate) for path in self.files]
-        if mode == "synthesis":
-            for path, length in zip(self.files, self.lengths, strict=True):
-                if length <= filter_length // 2:
-                    raise DataError(
-                        f"{path}: clip of {length} samples is too short to synthesise "
-                        f"(need more than {filter_length // 2})"
-                    )
+        self.lengths = [audio_length(path, sampling_rate, **self.audio_options) for path in self.files]
         self.mel_files = self._find_mels(mel_directory) if mel_directory else []  # empty: mels computed from the audio
 
     def _find_mels(self, mel_directory: str) -> list[str]:
@@ -180,6 +181,8 @@ class Mel2Samp(Dataset):
             seed=seed,
             dequantize=data.dequantize,
             mel_directory=data.mel_directory,
+            resample=data.resample,
+            downmix=data.downmix,
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -225,11 +228,16 @@ class Mel2Samp(Dataset):
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         path = self.files[index]
         if self.mode == "synthesis":
-            audio = load_audio(path, self.sampling_rate)  # [T]
+            audio = load_audio(path, self.sampling_rate, **self.audio_options)  # [T]
+            if audio.shape[0] <= self.mel.filter_length // 2:
+                raise DataError(
+                    f"{path}: clip of {audio.shape[0]} samples is too short for a mel spectrogram "
+                    f"(need more than {self.mel.filter_length // 2})"
+                )
             mel = self.stored_mel(index) if self.mel_files else self.mel(audio)  # [n_mels, 1 + T // hop]
             return mel, audio[: self.hop_length * (mel.shape[-1] - 1)]
         start = self.crop_start(index, epoch)
-        audio = load_audio(path, self.sampling_rate, start=start, length=self.segment_length)
+        audio = load_audio(path, self.sampling_rate, start=start, length=self.segment_length, **self.audio_options)
         audio = F.pad(audio, (0, self.segment_length - audio.shape[0]))  # [segment_length]
         if self.mel_files:
             mel = self.stored_mel(index, start // self.hop_length, 1 + self.segment_length // self.hop_length)
@@ -268,13 +276,19 @@ def write_mels(file_list: str, config_path: str, output_dir: str) -> int:
         if name in outputs:
             raise DataError(f"{file_list}: '{outputs[name]}' and '{path}' would both be written to {name}")
         outputs[name] = path
+    options = {"resample": data.resample, "downmix": data.downmix}
     for path in paths:  # every header before any work, so a bad file costs no time
-        audio_length(path, data.sampling_rate)
+        length = audio_length(path, data.sampling_rate, **options)
+        if length <= data.filter_length // 2:
+            raise DataError(
+                f"{path}: clip of {length} samples is too short for a mel spectrogram "
+                f"(need more than {data.filter_length // 2})"
+            )
     mel_spectrogram = MelSpectrogram.from_config(data)
     os.makedirs(output_dir, exist_ok=True)
     for name, path in tqdm(outputs.items(), desc="mel", unit="file", disable=None):
         with torch.no_grad():
-            mel = mel_spectrogram(load_audio(path, data.sampling_rate))  # [n_mels, F]
+            mel = mel_spectrogram(load_audio(path, data.sampling_rate, **options))  # [n_mels, F]
         buffer = io.BytesIO()
         torch.save(mel.contiguous(), buffer)
         write_atomically(os.path.join(output_dir, name), buffer.getbuffer(), durable=False)

@@ -26,7 +26,17 @@ from tqdm import tqdm
 from checkpoint import average_checkpoints, load_checkpoint, load_weights
 from config import Config, ConfigError
 from cuda_graphs import CudaGraphCache
-from data import MEL_FILE_EXTENSIONS, DataError, MelSpectrogram, load_audio, load_mel, read_file_list
+from data import (
+    LOG_FLOOR,
+    MEL_FILE_EXTENSIONS,
+    DataError,
+    MelSpectrogram,
+    load_audio,
+    load_mel,
+    mel_frame_count,
+    read_file_list,
+    read_file_list_entries,
+)
 from mel2samp import Mel2Samp, collate
 from mel_scale import MelConversion
 from metrics import MEASURES, MIN_SAMPLES, format_table, measure, summarize
@@ -120,15 +130,34 @@ def test_loss(
     return total / count, count
 
 
+def unsynthesizable(frames: int, hop_length: int) -> str | None:
+    """Why a mel of `frames` frames of `hop_length` samples cannot be synthesized; None when it can."""
+    if synthesis_length(frames, hop_length) <= 0:
+        return f"a mel of {frames} frames is too short to synthesize (need at least {SYNTHESIS_TRIM_FRAMES + 1})"
+    return None
+
+
 def unmeasurable(frames: int, hop_length: int) -> str | None:
     """Why a mel of `frames` frames of `hop_length` samples cannot be synthesized and measured against its
     recording (its synthesis has `synthesis_length(frames, hop_length)` samples); None when it can."""
+    reason = unsynthesizable(frames, hop_length)
     samples = synthesis_length(frames, hop_length)
-    if samples <= 0:
-        return f"a mel of {frames} frames is too short to synthesize (need at least {SYNTHESIS_TRIM_FRAMES + 1})"
-    if samples < MIN_SAMPLES:
-        return f"its synthesis of {samples} samples is too short to measure (need at least {MIN_SAMPLES})"
-    return None
+    if reason is None and samples < MIN_SAMPLES:
+        reason = f"its synthesis of {samples} samples is too short to measure (need at least {MIN_SAMPLES})"
+    return reason
+
+
+def too_short(length: int, config: Config, measured: bool) -> str | None:
+    """Why a clip of `length` samples cannot be synthesized from its mel (and, when `measured`, measured
+    against itself); None when it can."""
+    hop = config.data.hop_length
+    reason = (unmeasurable if measured else unsynthesizable)(1 + length // hop, hop)
+    if reason is None and length <= config.data.filter_length // 2:
+        reason = (
+            f"a clip of {length} samples is too short for a mel spectrogram "
+            f"(need more than {config.data.filter_length // 2})"
+        )
+    return reason
 
 
 def synthesize_clip(
@@ -157,17 +186,23 @@ def write_wav(path: str, audio: torch.Tensor, sampling_rate: int) -> None:
     write_atomically(path, buffer.getbuffer(), durable=False)
 
 
-def mel_figure(synthesized: torch.Tensor, target: torch.Tensor):
+def mel_figure(synthesized: torch.Tensor, target: torch.Tensor, hop_length: int):
+    """The recording's mel [n_mels, F] above the synthesis's [n_mels, F'], on one colour scale (the log
+    floor to the louder's peak) and the same labelled axes, as scripts/plot_synthesis.py draws them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-    for axis, mel, title in zip(axes, (target, synthesized), ("target", "synthesized"), strict=True):
-        axis.imshow(mel.numpy(), origin="lower", aspect="auto", interpolation="none")
-        axis.set_title(f"{title} mel")
-    figure.tight_layout()
+    low = math.log(LOG_FLOOR)
+    high = max(float(target.max()), float(synthesized.max()), low + 1.0)
+    figure, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True, layout="constrained")
+    for axis, mel, title in zip(axes, (target, synthesized), ("recording", "synthesis"), strict=True):
+        image = axis.imshow(mel.numpy(), origin="lower", aspect="auto", interpolation="none", vmin=low, vmax=high)
+        axis.set_title(f"{title}: log-mel")
+        axis.set_ylabel("mel band")
+    axes[1].set_xlabel(f"frame ({hop_length} samples)")
+    figure.colorbar(image, ax=list(axes), label="ln magnitude")
     return figure
 
 
@@ -220,7 +255,12 @@ class CheckpointReport:
                     warn(f"{path}: cannot write the sample ({describe(error)}); training goes on")
                 if logs is not None:
                     logs.add("audio", "eval/sample", audio.clamp(-1, 1), iteration, sample_rate=rate)
-                    logs.add("figure", "eval/mel", mel_figure(self.mel_spectrogram(audio), mel), iteration)
+                    logs.add(
+                        "figure",
+                        "eval/mel",
+                        mel_figure(self.mel_spectrogram(audio), mel, config.data.hop_length),
+                        iteration,
+                    )
             try:
                 results.append(measure(audio, reference, rate, config.data.hop_length))
             except Exception as error:  # a measure is a report: whatever its failure, training goes on
@@ -248,30 +288,31 @@ def _first_line(error: Exception) -> str:
 
 def evaluate(config: Config, args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None) -> None:
     """The test-set log-likelihood (not with --mels: a TTS model's mel has no audio of its own to score), then
-    every clip synthesized at -t with the seed of the config and measured against its recording."""
+    every clip synthesized at -t with the seed of the config and measured against its recording; a clip too
+    short for either is left out with a warning. Where the test list names speakers, a table per speaker."""
     dtype, precision = synthesis_precision(config, args.precision, device)
     model = trained_model(config, args, device)
     human = sys.stderr if args.json == "-" else sys.stdout  # with --json -, stdout holds only the JSON
-    likelihood = None
+    likelihood, speakers = None, {}
     if args.mels:
         inputs = evaluation_inputs(config, args)
     else:
-        clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
-        nll, samples = test_loss(model, clips, device, amp_dtype, config.train.sigma, batch_size=1)
-        likelihood = {"clips": len(clips), "samples": samples, "negative_log_likelihood": nll, "log_likelihood": -nll}
-        inputs = [(stem(path), path, lambda index=index: clips[index]) for index, path in enumerate(clips.files)]
+        speakers = {path: speaker for path, speaker in read_file_list_entries(config.data.test_files) if speaker}
+        inputs = synthesis_inputs(config, args, measured=True)
+        likelihood = test_likelihood(model, config, device, amp_dtype)
     print(precision, file=human)
     model = model.remove_weight_norm().to(dtype)  # the fast synthesis path, as -s runs it
     results, left_out = [], []
-    for name, source, read in tqdm(inputs, desc="measures", unit="clip", disable=None):
-        mel, reference = read()
-        reason = unmeasurable(mel.shape[-1], config.data.hop_length)
+    for name, source, reason, read in tqdm(inputs, desc="measures", unit="clip", disable=None):
         if reason is not None:
             warn(f"{source}: {reason}: left out of the measures")
             left_out.append({"name": name, "file": source, "reason": reason})
             continue
+        mel, reference = read()
         audio = synthesize_clip(model, mel, args.temp, config.train.seed, device)
-        results.append({"name": name, **measure(audio, reference, config.data.sampling_rate, config.data.hop_length)})
+        speaker = {"speaker": speakers[source]} if source in speakers else {}
+        rate, hop = config.data.sampling_rate, config.data.hop_length
+        results.append({"name": name, **speaker, **measure(audio, reference, rate, hop)})
     summary = summarize(results)
     print(
         f"{len(results)} clips synthesized at temperature {args.temp} (seed {config.train.seed}) and measured "
@@ -279,6 +320,9 @@ def evaluate(config: Config, args: argparse.Namespace, device: torch.device, amp
         f"{format_table(summary, len(results))}",
         file=human,
     )
+    by_speaker = speaker_summaries(results)
+    if by_speaker:
+        print(f"per speaker:\n{format_speaker_table(by_speaker)}", file=human)
     if likelihood is not None:
         print(
             f"{likelihood['clips']} test clips, {likelihood['samples']} samples: negative log-likelihood "
@@ -296,6 +340,7 @@ def evaluate(config: Config, args: argparse.Namespace, device: torch.device, amp
             "seed": config.train.seed,
             "log_likelihood": likelihood,
             "measures": summary,
+            **({"speakers": by_speaker} if by_speaker else {}),
             "left_out": left_out,
             "clips": [
                 {
@@ -312,6 +357,47 @@ def evaluate(config: Config, args: argparse.Namespace, device: torch.device, amp
             with open(args.json, "w") as f:
                 f.write(text + "\n")
             print(f"wrote {args.json}", file=human)
+
+
+def test_likelihood(
+    model: WaveFlow, config: Config, device: torch.device, amp_dtype: torch.dtype | None
+) -> dict | None:
+    """The log-likelihood of the whole test clips that have a mel (those too short for one are left out,
+    as from the measures); None, with a warning, when none has."""
+    clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
+    long_enough = [
+        path for path, length in zip(clips.files, clips.lengths, strict=True) if length > config.data.filter_length // 2
+    ]
+    if not long_enough:
+        warn(f"{config.data.test_files}: no test clip is long enough for a mel: no log-likelihood")
+        return None
+    clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed, file_list=long_enough)
+    nll, samples = test_loss(model, clips, device, amp_dtype, config.train.sigma, batch_size=1)
+    return {"clips": len(clips), "samples": samples, "negative_log_likelihood": nll, "log_likelihood": -nll}
+
+
+def speaker_summaries(results: list[dict]) -> dict[str, dict]:
+    """{speaker: {"clips": n, measure: mean or None, ...}} over the clips of each speaker, in order of first
+    appearance; empty when no clip names a speaker."""
+    grouped: dict[str, list[dict]] = {}
+    for result in results:
+        if "speaker" in result:
+            grouped.setdefault(result["speaker"], []).append(result)
+    return {
+        speaker: {"clips": len(clips), **{name: entry["mean"] for name, entry in summarize(clips).items()}}
+        for speaker, clips in grouped.items()
+    }
+
+
+def format_speaker_table(by_speaker: dict[str, dict]) -> str:
+    """A plain-text table of `speaker_summaries`: one row per speaker, the mean of each measure defined."""
+    names = [name for name in MEASURES if any(entry[name] is not None for entry in by_speaker.values())]
+    width = max(len("speaker"), *(len(speaker) for speaker in by_speaker)) + 2
+    lines = [f"{'speaker':<{width}}{'clips':>6}" + "".join(f"{MEASURES[name][0]:>24}" for name in names)]
+    for speaker, entry in by_speaker.items():
+        values = "".join(f"{'-' if entry[name] is None else f'{entry[name]:.3f}':>24}" for name in names)
+        lines.append(f"{speaker:<{width}}{entry['clips']:>6}{values}")
+    return "\n".join(lines)
 
 
 def mel_files(paths: list[str]) -> list[str]:
@@ -336,7 +422,8 @@ def mel_conversion(config: Config, args: argparse.Namespace) -> MelConversion:
 
 
 def evaluation_inputs(config: Config, args: argparse.Namespace):
-    """`(name, mel file, read)` for every mel of --mels, `read() -> (mel [80, F], audio [T])`.
+    """`(name, mel file, why it is too short or None, read)` for every mel of --mels,
+    `read() -> (mel [80, F], audio [T])`.
 
     The audio of `NAME.pt` or `NAME.npy` is the file `NAME` (mel2samp.py writes the mel of
     `LJ001-0001.wav` as `LJ001-0001.wav.pt`), or `NAME.wav` or `NAME.flac` when NAME has no
@@ -366,43 +453,62 @@ def evaluation_inputs(config: Config, args: argparse.Namespace):
             (
                 stem(path),
                 path,
+                unmeasurable(mel_frame_count(path, config.data.n_mel_channels), config.data.hop_length),
                 lambda path=path, audio=found[0]: (
                     convert(load_mel(path, config.data.n_mel_channels), path),
-                    load_audio(audio, config.data.sampling_rate),
+                    load_audio(
+                        audio, config.data.sampling_rate, resample=config.data.resample, downmix=config.data.downmix
+                    ),
                 ),
             )
         )
     return inputs
 
 
-def synthesis_inputs(config: Config, args: argparse.Namespace):
-    """`(name, source file, read mel [80, F])` for every clip to synthesize: the mels given with --mels,
-    or the test list's."""
+def synthesis_inputs(config: Config, args: argparse.Namespace, measured: bool = False):
+    """`(name, source file, why it is too short or None, read)` for every clip to synthesize (and, when
+    `measured`, to measure: see `too_short`), `read() -> (mel [80, F], audio [T] or None)`: the mels given
+    with --mels (no audio), or the test list's clips. Only the headers are read here."""
     if not args.mels:
         clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed)
-        return [(stem(path), path, lambda index=index: clips[index][0]) for index, path in enumerate(clips.files)]
+        return [
+            (stem(path), path, too_short(length, config, measured), lambda index=index: clips[index])
+            for index, (path, length) in enumerate(zip(clips.files, clips.lengths, strict=True))
+        ]
     convert = mel_conversion(config, args)
+    hop = config.data.hop_length
+    frames = {path: mel_frame_count(path, config.data.n_mel_channels) for path in mel_files(args.mels)}
     return [
-        (stem(path), path, lambda path=path: convert(load_mel(path, config.data.n_mel_channels), path))
-        for path in mel_files(args.mels)
+        (
+            stem(path),
+            path,
+            (unmeasurable if measured else unsynthesizable)(count, hop),
+            lambda path=path: (convert(load_mel(path, config.data.n_mel_channels), path), None),
+        )
+        for path, count in frames.items()
     ]
 
 
 def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -> None:
+    """Every clip of the test list (or mel of --mels) to a .wav file; one too short to synthesize is left out
+    with a warning, and when every one is, that is an error naming the first."""
     inputs = synthesis_inputs(config, args)
+    too_short_inputs = [(source, reason) for _, source, reason, _ in inputs if reason is not None]
+    if len(too_short_inputs) == len(inputs):
+        source, reason = too_short_inputs[0]
+        others = f" (as are the {len(inputs) - 1} others)" if len(inputs) > 1 else ""
+        raise DataError(f"{source}: {reason}{others}")
     dtype, precision = synthesis_precision(config, args.precision, device)
     print(precision)
     model = trained_model(config, args, device).remove_weight_norm().to(dtype)
     folder = samples_dir(config)
     rate = config.data.sampling_rate
     graphs = CudaGraphCache() if device.type == "cuda" else None  # clips of a length seen before replay a graph
-    for name, source, read_mel in inputs:
-        mel = read_mel()
-        if synthesis_length(mel.shape[-1], config.data.hop_length) <= 0:
-            raise DataError(
-                f"{source}: a mel of {mel.shape[-1]} frames is too short to synthesize "
-                f"(need at least {SYNTHESIS_TRIM_FRAMES + 1})"
-            )
+    for name, source, reason, read in inputs:
+        if reason is not None:
+            warn(f"{source}: {reason}: left out of the synthesis")
+            continue
+        mel, _ = read()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()

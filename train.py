@@ -290,7 +290,10 @@ def train_step(model: torch.nn.Module, batch, optimizer, scheduler, scaler, runt
             optimizer.step()
         else:
             skipped = NON_FINITE_GRADIENT
-    scheduler.step()
+    if skipped is None:
+        scheduler.step()
+    else:
+        advance_schedule(scheduler)  # the schedule counts iterations, updates made or not
     return {
         "loss": loss_value.item(),
         "grad_norm": grad_norm.item(),
@@ -299,6 +302,19 @@ def train_step(model: torch.nn.Module, batch, optimizer, scheduler, scaler, runt
         "learning_rate": optimizer.param_groups[0]["lr"],
         "samples": audio.numel() * runtime.world_size,
     }
+
+
+def advance_schedule(scheduler: torch.optim.lr_scheduler.StepLR) -> None:
+    """Move the schedule one iteration on after a skipped update, exactly as `scheduler.step()` would (StepLR's
+    own arithmetic: the rate times gamma every `step_size` iterations), but without stepping a scheduler whose
+    optimizer made no step: PyTorch warns of that order when the first step of a run is skipped."""
+    state = scheduler.state_dict()
+    iteration = state["last_epoch"] + 1
+    groups = scheduler.optimizer.param_groups
+    rates = [group["lr"] * state["gamma"] if iteration % state["step_size"] == 0 else group["lr"] for group in groups]
+    scheduler.load_state_dict(dict(state, last_epoch=iteration, _step_count=state["_step_count"] + 1, _last_lr=rates))
+    for group, rate in zip(groups, rates, strict=True):
+        group["lr"] = rate
 
 
 def skipped_step_warning(metrics: dict, iteration: int) -> str:

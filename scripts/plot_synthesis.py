@@ -11,6 +11,7 @@ in the title.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -24,6 +25,17 @@ from data import DataError, MelSpectrogram, load_audio
 from metrics import measure
 from model import build_model
 from synthesis import unmeasurable
+
+
+def describe_measures(result: dict[str, float]) -> str:
+    """The title's measures; the pitch measures undefined on a clip (NaN) say why instead of "nan"."""
+    f0 = result["f0_rmse_cents"]
+    vuv = result["vuv_f1"]
+    return (
+        f"log-mel L1 {result['log_mel_l1']:.2f}, "
+        + ("no frame voiced in both, no F0 error" if math.isnan(f0) else f"F0 error {f0:.0f} cents")
+        + (", no frame voiced in either, no V/UV F1" if math.isnan(vuv) else f", V/UV F1 {vuv:.2f}")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         load_checkpoint(args.checkpoint_path, model)
         model = model.eval().remove_weight_norm()
         rate = config.data.sampling_rate
-        recording = load_audio(args.audio, rate)
+        recording = load_audio(args.audio, rate, resample=config.data.resample, downmix=config.data.downmix)
         hop_length = config.data.hop_length
         reason = unmeasurable(1 + recording.shape[0] // hop_length, hop_length)
         if reason is not None:
@@ -69,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         axis.set_title(title)
         axis.set_ylabel("mel band")
     axes[1].set_xlabel(f"frame ({config.data.hop_length} samples)")
-    figure.suptitle(
-        f"{os.path.basename(args.checkpoint_path)}: log-mel L1 {result['log_mel_l1']:.2f}, "
-        f"F0 error {result['f0_rmse_cents']:.0f} cents, V/UV F1 {result['vuv_f1']:.2f}"
-    )
+    figure.suptitle(f"{os.path.basename(args.checkpoint_path)}: {describe_measures(result)}")
     figure.tight_layout()
     partial = args.output + ".partial.png"
     figure.savefig(partial, dpi=80)

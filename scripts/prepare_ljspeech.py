@@ -30,7 +30,7 @@ import urllib.request
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root, for data.py
-from data import DataError, audio_length
+from data import DataError, audio_length, write_file_list
 
 URL = "https://data.keithito.com/data/speech/LJSpeech-1.1.tar.bz2"
 ARCHIVE_NAME = "LJSpeech-1.1.tar.bz2"
@@ -114,13 +114,6 @@ def split(wavs: list[str], test_clips: int) -> tuple[list[str], list[str]]:
     return wavs[test_clips:], wavs[:test_clips]
 
 
-def write_list(list_path: str, wavs: list[str]) -> None:
-    folder = os.path.dirname(os.path.abspath(list_path))
-    os.makedirs(folder, exist_ok=True)
-    with open(list_path, "w", encoding="utf-8") as f:
-        f.writelines(os.path.relpath(os.path.abspath(wav), folder) + "\n" for wav in wavs)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Prepare LJSpeech-1.1 and its train/test file lists.")
     source = parser.add_mutually_exclusive_group()
@@ -161,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 corpus = extract(archive, args.data_dir)
         wavs = verify_corpus(corpus, args.expected_clips)
         train, test = split(wavs, args.test_clips)
-        write_list(args.train_list, train)
-        write_list(args.test_list, test)
+        write_file_list(args.train_list, [[wav] for wav in train])
+        write_file_list(args.test_list, [[wav] for wav in test])
     except (DataError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

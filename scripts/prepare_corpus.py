@@ -1,0 +1,213 @@
+"""File lists and configs for a multi-speaker corpus laid out like VCTK or LibriTTS, given as a local folder.
+
+    python scripts/prepare_corpus.py --corpus VCTK-Corpus-0.92 --output-dir filelists/vctk
+    python scripts/prepare_corpus.py --corpus LibriTTS/train-clean-100 --output-dir filelists/libritts
+
+Layouts (``--layout auto`` tells them apart):
+
+- VCTK 0.92 (Yamagishi et al., 2019): ``wav48_silence_trimmed/p225/p225_001_mic1.flac``, the text in
+  ``txt/p225/p225_001.txt``; one microphone is taken (``--mic``, mic1 by default). VCTK 0.80:
+  ``wav48/p225/p225_001.wav`` and the same ``txt/``. 48 kHz.
+- LibriTTS (Zen et al., Interspeech 2019): ``SPEAKER/CHAPTER/SPEAKER_CHAPTER_xxxxxx_xxxxxx.wav`` with
+  ``SPEAKER_CHAPTER_xxxxxx_xxxxxx.normalized.txt`` beside it, at any depth below the folder (a subset
+  such as ``train-clean-100`` or the folder holding several). 24 kHz.
+
+Nothing is downloaded or copied. The split, fixed by ``--seed``: ``--test-speakers`` speakers are held out
+whole (``test_unseen_speakers.txt``, up to ``--test-utterances`` clips of each; their other clips are in
+no list), and of every other speaker ``--test-utterances`` clips are held out (``test_files.txt``); the
+rest is ``train_files.txt``. Each list starts with the header ``# path|speaker|text``, and each line
+names its speaker, which `train.py -v` groups its measures by. ``config.json`` is the base config
+(``--config``) with these lists, and ``data_config.resample`` on when a clip's rate is not the config's:
+clips are resampled as they are read (data.py). ``config_unseen_speakers.json`` differs only in its
+``test_files``, for ``train.py -v`` on the held-out speakers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+
+import soundfile
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from config import ConfigError, load_config
+from data import DataError, audio_length, write_file_list
+from storage import write_atomically
+
+LAYOUTS = ("auto", "vctk", "libritts")
+VCTK_AUDIO_FOLDERS = ("wav48_silence_trimmed", "wav48")  # VCTK 0.92, VCTK 0.80
+LIBRITTS_NAME = re.compile(r"^(\d+)_(\d+)_\d+_\d+\.wav$")
+HEADER = "path|speaker|text"
+
+
+def read_text(path: str) -> str:
+    """A transcript file's text on one line ('' when there is none: VCTK lacks a few); `|` would split a
+    file list's line, so it becomes a space."""
+    if not os.path.isfile(path):
+        return ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return " ".join(f.read().replace("|", " ").split())
+
+
+def vctk_clips(corpus: str, mic: str) -> list[tuple[str, str, str]]:
+    """`(audio path, speaker, text)` of every clip of a VCTK folder (0.92: the `mic` microphone's flac)."""
+    folder = next((name for name in VCTK_AUDIO_FOLDERS if os.path.isdir(os.path.join(corpus, name))), None)
+    if folder is None:
+        raise DataError(f"{corpus}: no {' or '.join(VCTK_AUDIO_FOLDERS)} folder, not a VCTK corpus")
+    clips = []
+    for speaker in sorted(os.listdir(os.path.join(corpus, folder))):
+        speaker_folder = os.path.join(corpus, folder, speaker)
+        if not os.path.isdir(speaker_folder):
+            continue
+        for name in sorted(os.listdir(speaker_folder)):
+            if folder == "wav48_silence_trimmed":
+                suffix = f"_{mic}.flac"
+                if not name.endswith(suffix):
+                    continue
+                utterance = name[: -len(suffix)]
+            else:
+                if not name.endswith(".wav"):
+                    continue
+                utterance = name[: -len(".wav")]
+            text = read_text(os.path.join(corpus, "txt", speaker, utterance + ".txt"))
+            clips.append((os.path.join(speaker_folder, name), speaker, text))
+    return clips
+
+
+def libritts_clips(corpus: str) -> list[tuple[str, str, str]]:
+    """`(audio path, speaker, text)` of every `SPEAKER_CHAPTER_x_y.wav` below `corpus`, with its normalized text."""
+    clips = []
+    for folder, folders, names in os.walk(corpus):
+        folders.sort()
+        for name in sorted(names):
+            match = LIBRITTS_NAME.match(name)
+            if match:
+                text = read_text(os.path.join(folder, name[: -len(".wav")] + ".normalized.txt"))
+                clips.append((os.path.join(folder, name), match.group(1), text))
+    return clips
+
+
+def find_clips(corpus: str, layout: str, mic: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """The layout (`layout`, or the one `corpus` has) and its clips."""
+    if not os.path.isdir(corpus):
+        raise DataError(f"{corpus}: corpus folder not found")
+    if layout == "auto":
+        is_vctk = any(os.path.isdir(os.path.join(corpus, name)) for name in VCTK_AUDIO_FOLDERS)
+        layout = "vctk" if is_vctk else "libritts"
+    clips = vctk_clips(corpus, mic) if layout == "vctk" else libritts_clips(corpus)
+    if not clips:
+        expected = (
+            f"{VCTK_AUDIO_FOLDERS[0]}/SPEAKER/*_{mic}.flac or {VCTK_AUDIO_FOLDERS[1]}/SPEAKER/*.wav"
+            if layout == "vctk"
+            else "SPEAKER/CHAPTER/SPEAKER_CHAPTER_x_y.wav (LibriTTS) or wav48*/SPEAKER/ (VCTK)"
+        )
+        raise DataError(f"{corpus}: no clips found, expected {expected}")
+    return layout, clips
+
+
+def split(
+    clips: list[tuple[str, str, str]], test_speakers: int, test_utterances: int, seed: int
+) -> tuple[list, list, list]:
+    """(train, held-out utterances of the training speakers, held-out speakers' utterances), fixed by `seed`."""
+    by_speaker: dict[str, list[tuple[str, str, str]]] = {}
+    for clip in clips:
+        by_speaker.setdefault(clip[1], []).append(clip)
+    speakers = sorted(by_speaker)
+    if len(speakers) <= test_speakers:
+        raise DataError(
+            f"the corpus has {len(speakers)} speakers, too few to hold out {test_speakers} (--test-speakers)"
+        )
+    generator = random.Random(seed)
+    unseen = set(generator.sample(speakers, test_speakers))
+    train, test, test_unseen = [], [], []
+    for speaker in speakers:
+        chosen = set(generator.sample(range(len(by_speaker[speaker])), min(test_utterances, len(by_speaker[speaker]))))
+        if speaker in unseen:
+            test_unseen += [clip for index, clip in enumerate(by_speaker[speaker]) if index in chosen]
+            continue
+        if len(by_speaker[speaker]) <= test_utterances:
+            raise DataError(
+                f"speaker {speaker} has {len(by_speaker[speaker])} clips, too few to hold out {test_utterances} "
+                f"(--test-utterances) and train on the rest"
+            )
+        for index, clip in enumerate(by_speaker[speaker]):
+            (test if index in chosen else train).append(clip)
+    return train, test, test_unseen
+
+
+def write_configs(base: str, output_dir: str, lists: dict[str, str], resample: bool, name: str) -> list[str]:
+    """config.json (test_files: held-out utterances) and config_unseen_speakers.json (held-out speakers)."""
+    load_config(base)  # a base config that does not parse is refused before anything is written
+    with open(base) as f:
+        raw = json.load(f)
+    raw["data_config"]["training_files"] = lists["train"]
+    raw["data_config"]["resample"] = resample or raw["data_config"].get("resample", False)
+    raw["waveflow_config"]["model_name"] = f"{raw['waveflow_config']['model_name']}-{name}"
+    written = []
+    for file_name, test in (("config.json", lists["test"]), ("config_unseen_speakers.json", lists["unseen"])):
+        raw["data_config"]["test_files"] = test
+        path = os.path.join(output_dir, file_name)
+        write_atomically(path, (json.dumps(raw, indent=4) + "\n").encode(), durable=False)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="File lists and configs for a VCTK- or LibriTTS-like corpus.")
+    parser.add_argument("--corpus", required=True, help="the corpus folder (VCTK's, or a LibriTTS subset's)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="the corpus's layout (default: detected)")
+    parser.add_argument("--mic", default="mic1", help="VCTK 0.92's microphone: mic1 (default) or mic2")
+    parser.add_argument("--output-dir", required=True, help="folder for the file lists and configs")
+    parser.add_argument(
+        "--config",
+        default=os.path.join("configs", "nanoflow-h16-r128-emb512.json"),
+        help="base config whose model and mel settings the written configs keep",
+    )
+    parser.add_argument("--test-speakers", type=int, default=4, help="speakers held out whole (default 4)")
+    parser.add_argument(
+        "--test-utterances", type=int, default=5, help="clips held out of each speaker, and of each held-out one"
+    )
+    parser.add_argument("--seed", type=int, default=1234, help="fixes which speakers and clips are held out")
+    args = parser.parse_args(argv)
+    if args.test_speakers < 1 or args.test_utterances < 1:
+        parser.error("--test-speakers and --test-utterances must be at least 1")
+    try:
+        sampling_rate = load_config(args.config, sections=("data_config",)).data.sampling_rate
+        layout, clips = find_clips(args.corpus, args.layout, args.mic)
+        train, test, unseen = split(clips, args.test_speakers, args.test_utterances, args.seed)
+        rates = set()
+        for path, _, _ in tqdm(clips, desc="checking clips", unit="clip", disable=None):
+            audio_length(path, sampling_rate, resample=True)  # a bad file is named before anything is written
+            rates.add(soundfile.info(path).samplerate)
+        lists = {}
+        for key, file_name, chosen in (
+            ("train", "train_files.txt", train),
+            ("test", "test_files.txt", test),
+            ("unseen", "test_unseen_speakers.txt", unseen),
+        ):
+            lists[key] = os.path.join(args.output_dir, file_name)
+            write_file_list(lists[key], [list(clip) for clip in chosen], header=HEADER)
+        name = os.path.basename(os.path.normpath(args.corpus)).lower()
+        configs = write_configs(args.config, args.output_dir, lists, rates != {sampling_rate}, name)
+    except (DataError, ConfigError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    speakers = len({clip[1] for clip in clips})
+    print(
+        f"{layout}: {len(clips)} clips of {speakers} speakers at {', '.join(f'{rate} Hz' for rate in sorted(rates))}\n"
+        f"  {len(train)} training clips in {lists['train']}\n"
+        f"  {len(test)} held-out clips of the training speakers in {lists['test']}\n"
+        f"  {len(unseen)} clips of {args.test_speakers} held-out speakers in {lists['unseen']}\n"
+        f"  configs: {configs[0]}, {configs[1]}"
+        + (f" (data_config.resample on: resampled to {sampling_rate} Hz as read)" if rates != {sampling_rate} else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
