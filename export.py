@@ -199,13 +199,24 @@ def export_onnx(model: WaveFlow, opset: int = OPSET) -> bytes:
     if importlib.util.find_spec("onnx") is None:
         raise ExportError("export needs the onnx package: pip install -r requirements-onnx.txt")
     graph = OnnxSynthesis(model).eval()
+    threads = torch.get_num_threads()
+    # Tracing runs the graph once on a tiny example, thousands of small operations: more threads only wait
+    # on each other (on a busy machine, tens of milliseconds per operation).
+    torch.set_num_threads(1)
+    try:
+        return _export(graph, example_inputs(model), opset)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _export(graph: OnnxSynthesis, example: tuple[torch.Tensor, torch.Tensor], opset: int) -> bytes:
     with warnings.catch_warnings(), tempfile.TemporaryDirectory() as folder:
         # The exporter's notice that it is the TorchScript-based one, chosen above.
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         path = os.path.join(folder, "model.onnx")
         torch.onnx.export(
             graph,
-            example_inputs(model),
+            example,
             path,
             input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES),
