@@ -1,0 +1,106 @@
+"""onnxruntime against PyTorch: the speed of synthesis on the CPU, same model, same inputs, same threads.
+
+    python scripts/bench_onnx.py -c configs/nanoflow-h16-r128-emb512.json configs/demo.json
+
+For each config, a model with random weights (speed does not depend on them) is exported as export.py
+exports it; then for each length, batch 1, PyTorch's `model.infer(mel, z=z)` and an onnxruntime CPU
+session on the same mel and noise run in turn, in one process, both with `--threads` threads (PyTorch's
+intra-op threads; onnxruntime's intra-op pool, one inter-op thread), after one untimed run of each.
+Prints a Markdown table of median wall times, real-time factors (seconds of audio per second), the
+time ratio (onnxruntime / PyTorch) and the largest difference between the two outputs, and how long the export took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from config import HOP_LENGTH, load_config
+from export import export_onnx, noise_shape
+from model import SYNTHESIS_TRIM_FRAMES, build_model
+
+SAMPLING_RATE = 22050
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="onnxruntime against PyTorch, synthesis on the CPU.")
+    parser.add_argument("-c", "--configs", nargs="+", required=True)
+    parser.add_argument("--seconds", type=float, nargs="+", default=[1.0, 10.0], help="audio lengths")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    import onnxruntime
+
+    print(f"{cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
+    print(f"{args.threads} threads each, batch 1, fp32, median of {args.repeats} alternating runs after one warm-up\n")
+    print("| config | audio | PyTorch | onnxruntime | PyTorch RTF | onnxruntime RTF | time ratio | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    exports = []
+    for path in args.configs:
+        config = load_config(path)
+        torch.manual_seed(0)
+        model = build_model(config.waveflow).remove_weight_norm().eval()
+        started = time.perf_counter()
+        data = export_onnx(model)
+        exports.append(
+            f"{os.path.basename(path)}: export {time.perf_counter() - started:.0f} s, {len(data) / 2**20:.1f} MiB"
+        )
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        torch.set_num_threads(args.threads)
+        for seconds in args.seconds:
+            frames = math.ceil(seconds * SAMPLING_RATE / HOP_LENGTH) + SYNTHESIS_TRIM_FRAMES
+            generator = torch.Generator().manual_seed(1)
+            mel = torch.randn(1, config.waveflow.cin_channels, frames, generator=generator)
+            z = torch.randn(noise_shape(model, 1, frames), generator=generator)
+            feeds = {"mel": mel.numpy(), "z": z.numpy()}
+            times: dict[str, list[float]] = {"torch": [], "onnx": []}
+            outputs = {}
+            for repeat in range(args.repeats + 1):
+                for name in ("torch", "onnx"):
+                    started = time.perf_counter()
+                    if name == "torch":
+                        outputs[name] = model.infer(mel, z=z)
+                    else:
+                        outputs[name] = torch.from_numpy(session.run(None, feeds)[0])
+                    if repeat:
+                        times[name].append(time.perf_counter() - started)
+            difference = (outputs["onnx"] - outputs["torch"]).abs().max().item()
+            audio = outputs["torch"].shape[-1] / SAMPLING_RATE
+            torch_time, onnx_time = statistics.median(times["torch"]), statistics.median(times["onnx"])
+            print(
+                f"| {os.path.basename(path)} | {audio:.2f} s | {torch_time:.2f} s | {onnx_time:.2f} s | "
+                f"{audio / torch_time:.2f}x | {audio / onnx_time:.2f}x | {onnx_time / torch_time:.2f} | "
+                f"{difference:.1e} |",
+                flush=True,
+            )
+    print()
+    for line in exports:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
