@@ -13,6 +13,7 @@ time ratio (onnxruntime / PyTorch) and the largest difference between the two ou
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import platform
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    import onnxruntime
+    onnxruntime = importlib.import_module("onnxruntime")  # optional: requirements-onnx.txt
 
     print(f"{cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
     print(f"{args.threads} threads each, batch 1, fp32, median of {args.repeats} alternating runs after one warm-up\n")
