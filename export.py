@@ -126,17 +126,14 @@ class OnnxSynthesis(nn.Module):
             self.register_buffer(f"out_bias_{index}_{j}", bias.float().clone())
         return keep
 
-    def buffer(self, name: str) -> torch.Tensor:
-        return self.get_buffer(name)
-
     def invert_flow(self, flow: int, z_rows: list[torch.Tensor], c_rows: list[torch.Tensor]) -> list[torch.Tensor]:
         """Flow `flow`'s coupling inverted row by row: `z_rows` H x `[B, W]` in the flow's row order,
         `c_rows` H x `[B, cin, W]` unpermuted -> `x_rows` H x `[B, W]` in the flow's row order."""
         estimator, weights = self.estimator_of[flow], self.weights_of[flow]
         keep = self.keeps[weights]
         channels, n_layer = self.res_channels, len(self.dilations)
-        condition, gate_bias = self.buffer(f"condition_{estimator}"), self.buffer(f"gate_bias_{weights}")
-        front, projection_bias = self.buffer(f"front_{estimator}"), self.buffer(f"projection_bias_{weights}")
+        condition, gate_bias = self.get_buffer(f"condition_{estimator}"), self.get_buffer(f"gate_bias_{weights}")
+        front, projection_bias = self.get_buffer(f"front_{estimator}"), self.get_buffer(f"projection_bias_{weights}")
         inputs: list[list[torch.Tensor]] = [[] for _ in range(n_layer)]  # every block's input rows so far
         zeros: dict[int, torch.Tensor] = {}  # a zero row per block: the causal padding
         x_rows = []
@@ -152,13 +149,13 @@ class OnnxSynthesis(nn.Module):
                 if j not in zeros:
                     zeros[j] = torch.zeros_like(inputs[j][0])
                 taps = [inputs[j][h - k * dilation_h] if h >= k * dilation_h else zeros[j] for k in (2, 1, 0)]
-                gate_weight = self.buffer(f"gate_{estimator}_{j}")
+                gate_weight = self.get_buffer(f"gate_{estimator}_{j}")
                 a = F.conv1d(torch.cat(taps, dim=1), gate_weight, None, 1, dilation_w, dilation_w) + conds[j]
                 filter_, gate = a.split([channels, channels], dim=1)  # [B, R, W] each (chunk adds shape ops)
                 out = F.conv1d(
                     torch.tanh(filter_) * torch.sigmoid(gate),
-                    self.buffer(f"out_weight_{weights}_{j}"),
-                    self.buffer(f"out_bias_{weights}_{j}"),
+                    self.get_buffer(f"out_weight_{weights}_{j}"),
+                    self.get_buffer(f"out_bias_{weights}_{j}"),
                 )  # [B, R + 2, W], the last block [B, 2, W]
                 if j + 1 == n_layer:
                     log_s_t = log_s_t + out
@@ -196,7 +193,7 @@ def export_onnx(model: WaveFlow, opset: int = OPSET) -> bytes:
     """The ONNX file of `model`'s synthesis (`OnnxSynthesis`), as bytes.
 
     The TorchScript-based exporter (`dynamo=False`): the torch.export-based one gives the same graph but
-    takes about 100 times as long on this unrolled loop (docs/deploy.md)."""
+    took some 40 times as long to export on this unrolled loop (docs/deploy.md)."""
     if importlib.util.find_spec("onnx") is None:
         raise ExportError("export needs the onnx package: pip install -r requirements-onnx.txt")
     graph = OnnxSynthesis(model).eval()
