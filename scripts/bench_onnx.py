@@ -8,7 +8,8 @@ session on the same mel and noise run in turn, in one process, both with `--thre
 intra-op threads; onnxruntime's intra-op pool, one inter-op thread), after one untimed run of each on the
 shortest length; a case stops repeating after --max_seconds.
 Prints a Markdown table of median wall times, real-time factors (seconds of audio per second), the
-ratio (onnxruntime time / PyTorch time) and the largest difference between the two outputs, and how long the export took.
+ratio (onnxruntime time / PyTorch time) and the largest difference between the two outputs, and how
+long the export took.
 """
 
 from __future__ import annotations
