@@ -5,8 +5,8 @@ The exported graph is `model.infer(mel, z=z)` in fp32 (docs/deploy.md):
     mel [B, cin, F], z [B, 1, n_height, hop * (F - 3) / n_height] -> audio [B, hop * (F - 3)]
 
 with the batch and the frames dynamic; `hop` is the config's (`data_config.hop_length`, the product of
-`waveflow_config.upsample_factors`: 256 in the original's configs). The noise is an input, as in NVIDIA's WaveGlow export, so that
-the caller sets the temperature (`z = sigma * N(0, 1)`) and the seed.
+`waveflow_config.upsample_factors`: 256 in the original's configs). The noise is an input, as in
+NVIDIA's WaveGlow export, so that the caller sets the temperature (`z = sigma * N(0, 1)`) and the seed.
 
 `OnnxSynthesis` is the graph: the row-by-row inverse of `inference.py` written without in-place
 updates, unrolled over the `n_height` rows of every flow, since ONNX has no mutable queues. Everything
