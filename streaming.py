@@ -4,7 +4,8 @@ WaveFlow's inverse (Ping et al., ICML 2020, section 3) is autoregressive along h
 width (time, in columns of `n_height` samples) its convolutions look both ways. A chunk of
 columns is therefore synthesized over a window that adds `context_frames` of mel on its left
 (recomputed, costing time) and `lookahead_frames` on its right (waited for, costing latency):
-the chunk's audio is the window's middle. The windows cover what whole-utterance synthesis
+the chunk's audio is the window's middle, faded in from the previous window's audio over
+`FADE_SAMPLES` so that no step is left at the seam. The windows cover what whole-utterance synthesis
 sees at the same columns, the same noise included (`ColumnNoise`), so with context and
 lookahead at least `receptive_field(model).frames` the chunks put end to end are the whole
 utterance's synthesis; with less they differ by the little that lies beyond the window.
@@ -42,6 +43,9 @@ CHUNK_FRAMES = 32  # mel frames per audio chunk by default: 0.37 s at 22,050 Hz
 # synthesis stays below the noise of resynthesis (docs/deploy.md, "Streaming synthesis").
 LOOKAHEAD_FRAMES = 8
 CONTEXT_FRAMES = 8
+# A chunk starts by fading from the previous window's audio past that window's chunk into its own over
+# this many samples (or what the previous window had), so that two windows' small differences make no step.
+FADE_SAMPLES = HOP_LENGTH
 
 
 @dataclass(frozen=True)
@@ -143,8 +147,9 @@ class StreamingSynthesis:
     `push(mel [B, cin, n])` takes the next n frames and returns the audio chunks now ready,
     each `[B, chunk_frames * HOP_LENGTH]` (fp32); `finish()` returns the rest. A chunk of frames
     `[e, e + chunk_frames)` is synthesized once `lookahead_frames` more frames have arrived, over
-    a window starting `context_frames` before it. `noise` (default: a `ColumnNoise` of `sigma`
-    and `seed`) gives the prior's noise a window at a time. The model should have weight norm
+    a window starting `context_frames` before it, and starts with a fade from the previous window's
+    audio. `noise` (default: a `ColumnNoise` of `sigma` and `seed`) gives the prior's noise a window
+    at a time. The model should have weight norm
     folded (`remove_weight_norm`) and sits in the precision synthesis is to run in, as with `infer`.
     """
 
@@ -161,10 +166,11 @@ class StreamingSynthesis:
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
         self.upsampler = upsampler_reach(model)
-        if lookahead_frames < self.upsampler[1]:
+        if lookahead_frames < max(self.upsampler[1], SYNTHESIS_TRIM_FRAMES):
             raise ValueError(
-                f"lookahead_frames must be at least {self.upsampler[1]} (the upsampler reads that many frames "
-                f"ahead), got {lookahead_frames}"
+                f"lookahead_frames must be at least {max(self.upsampler[1], SYNTHESIS_TRIM_FRAMES)}: synthesis "
+                f"drops the samples of the last {SYNTHESIS_TRIM_FRAMES} frames, which a stream knows only once "
+                f"it is that far ahead (and the upsampler reads {self.upsampler[1]} ahead); got {lookahead_frames}"
             )
         if context_frames < 0:
             raise ValueError(f"context_frames must be >= 0, got {context_frames}")
@@ -175,6 +181,7 @@ class StreamingSynthesis:
         self.mel_first = 0
         self.received = 0  # mel frames pushed so far
         self.emitted = 0  # mel frames whose audio has been returned
+        self.tail: torch.Tensor | None = None  # [B, <= FADE_SAMPLES]: the last window's audio after its chunk
 
     @property
     def noise(self) -> ColumnNoise:
@@ -219,6 +226,8 @@ class StreamingSynthesis:
         held = 0 if self.mel is None else self.mel.numel()
         if self.noise_source is not None:
             held += sum(frame.numel() for frame in self.noise_source.frames)
+        if self.tail is not None:
+            held += self.tail.numel()
         return held
 
     def _synthesize(self, stop: int, window_stop: int) -> torch.Tensor:
@@ -240,7 +249,14 @@ class StreamingSynthesis:
         z = self.noise.take(window_start * per, window_stop * per)  # [B, 1, H, W of the window]
         with torch.no_grad():
             x = synthesize(model, c, z.to(c.device))  # [B, 1, H, W of the window]
-        audio = unsqueeze(x[..., (start - window_start) * per : (stop - window_start) * per]).squeeze(1)
+        audio = unsqueeze(x[..., (start - window_start) * per :]).squeeze(1)  # [B, samples from the chunk on]
+        chunk_samples = (stop - start) * HOP_LENGTH
+        audio, tail = audio[:, :chunk_samples], audio[:, chunk_samples : chunk_samples + FADE_SAMPLES]
+        if self.tail is not None:
+            fade = min(self.tail.shape[1], chunk_samples)
+            ramp = 0.5 - 0.5 * torch.cos(torch.pi * (torch.arange(fade, device=audio.device) + 0.5) / fade)
+            audio = torch.cat([torch.lerp(self.tail[:, :fade], audio[:, :fade], ramp), audio[:, fade:]], dim=1)
+        self.tail = tail if tail.shape[1] else None
         self.emitted = stop
         # Keep only what the next window reads: its left context and the upsampler's frames before it.
         keep_from = max(0, stop - self.context - self.upsampler[0])

@@ -47,7 +47,7 @@ from checkpoint import (
 from config import Config, ConfigError, TrainConfig, check_model_rules, load_config
 from data import DataError
 from mel2samp import Mel2Samp
-from model import WaveFlow, build_model, negative_log_likelihood
+from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_likelihood
 from resumption import EpochSampler, StopRequest, WallClockLimit, training_batches
 from run_folder import claim_run_folder, refuse_overwriting, run_dir, write_on_main
 from runtime import Runtime, global_any
@@ -201,8 +201,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--chunk_frames and --denoise go with -s/--synthesize")
     if args.chunk_frames < 0:
         parser.error("--chunk_frames must be >= 0")
-    if args.lookahead_frames < 1 or args.context_frames < 0:
-        parser.error("--lookahead_frames must be >= 1 and --context_frames >= 0")
+    if args.lookahead_frames < SYNTHESIS_TRIM_FRAMES or args.context_frames < 0:
+        parser.error(
+            f"--lookahead_frames must be >= {SYNTHESIS_TRIM_FRAMES} (synthesis drops the last {SYNTHESIS_TRIM_FRAMES} "
+            "frames' samples, which a stream knows only that far ahead) and --context_frames >= 0"
+        )
     if args.denoise < 0:
         parser.error("--denoise must be >= 0")
     if args.json and not args.evaluate:
