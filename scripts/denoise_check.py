@@ -27,7 +27,7 @@ from model import build_model  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
     parser.add_argument("-c", "--config", default=os.path.join(ROOT, "configs", "demo.json"))
     parser.add_argument("--checkpoint_path", default=os.path.join(ROOT, "pretrained", "nanoflow-demo.pt"))
     parser.add_argument("--files", default=os.path.join(ROOT, "data", "demo", "heldout", "test_files.txt"))

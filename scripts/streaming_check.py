@@ -130,7 +130,7 @@ def memory_table(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
     parser.add_argument("what", choices=["lookahead", "memory", "memory-child"])
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--checkpoint_path", default=None, help="default: random weights")
