@@ -57,7 +57,8 @@ def main() -> None:
     print("|---" * (len(names) + 1) + "|")
     for strength, clips in results.items():
         summary = summarize(clips)
-        print(f"| {strength:g} | " + " | ".join(f"{summary[name]['mean']:.4f}" for name in names) + " |")
+        means = [summary[name]["mean"] for name in names]  # None: defined on no sentence
+        print(f"| {strength:g} | " + " | ".join("-" if mean is None else f"{mean:.4f}" for mean in means) + " |")
 
 
 if __name__ == "__main__":

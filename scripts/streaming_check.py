@@ -37,10 +37,14 @@ from streaming import ColumnNoise, StreamingSynthesis  # noqa: E402
 HELDOUT = os.path.join(ROOT, "data", "demo", "heldout", "test_files.txt")
 
 
-def load_model(config_path: str, checkpoint_path: str | None) -> WaveFlow:
+def load_model(config_path: str, checkpoint_path: str | None, overrides: list[str] | None = None) -> WaveFlow:
     config = load_config(config_path)
+    section = dict(config.raw["waveflow_config"])
+    for override in overrides or []:  # KEY=VALUE, an integer of waveflow_config
+        key, value = override.split("=")
+        section[key] = int(value)
     torch.manual_seed(0)
-    model = build_model(config.waveflow)
+    model = build_model(section)
     if checkpoint_path:
         model.load_state_dict(read_checkpoint(checkpoint_path)["model"])
     else:
@@ -102,7 +106,7 @@ def lookahead_table(args: argparse.Namespace) -> None:
 
 
 def memory_child(args: argparse.Namespace) -> None:
-    model = load_model(args.config, args.checkpoint_path)
+    model = load_model(args.config, args.checkpoint_path, args.override)
     frames = round(args.seconds[0] * 22050 / HOP_LENGTH)
     generator = torch.Generator().manual_seed(0)
     synthesis = StreamingSynthesis(model, args.chunk, args.lookaheads[0], args.lookaheads[0], args.sigma)
@@ -118,7 +122,10 @@ def memory_child(args: argparse.Namespace) -> None:
 
 
 def memory_table(args: argparse.Namespace) -> None:
-    print(f"{args.config}, chunks of {args.chunk} frames, lookahead and context {args.lookaheads[0]}")
+    print(
+        f"{args.config} {' '.join(args.override or [])}, chunks of {args.chunk} frames, "
+        f"lookahead and context {args.lookaheads[0]}"
+    )
     print("| mel (s) | samples streamed | peak RSS (MiB) | elements held between chunks |")
     print("|---|---|---|---|")
     for seconds in args.seconds:
@@ -126,6 +133,8 @@ def memory_table(args: argparse.Namespace) -> None:
         command += ["--chunk", str(args.chunk), "--lookaheads", str(args.lookaheads[0])]
         if args.checkpoint_path:
             command += ["--checkpoint_path", args.checkpoint_path]
+        if args.override:
+            command += ["--override", *args.override]
         subprocess.run(command, check=True)
 
 
@@ -139,6 +148,12 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=200, help="lookahead: mel frames synthesized")
     parser.add_argument("--seconds", type=float, nargs="+", default=[10, 60], help="memory: lengths of mel")
     parser.add_argument("--sigma", type=float, default=0.8)
+    parser.add_argument(
+        "--override",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="memory: integer waveflow_config keys to change (random weights)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
