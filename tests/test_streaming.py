@@ -98,20 +98,20 @@ def test_the_receptive_field_bounds_what_a_sample_depends_on():
 
 def test_the_state_kept_between_chunks_does_not_grow_with_the_utterance():
     model = small()
-    synthesis = StreamingSynthesis(model, chunk_frames=4, lookahead_frames=2, context_frames=3, sigma=0.8)
+    synthesis = StreamingSynthesis(model, chunk_frames=4, lookahead_frames=3, context_frames=3, sigma=0.8)
     held, samples = [], 0
     generator = torch.Generator().manual_seed(0)
-    for _ in range(64):
+    for _ in range(120):
         for audio in synthesis.push(torch.randn(1, 80, 1, generator=generator)):
             samples += audio.shape[-1]
             assert audio.shape == (1, 4 * HOP_LENGTH)
         held.append(synthesis.state_elements())
     samples += sum(audio.shape[-1] for audio in synthesis.finish())
-    assert samples == synthesis_length(64)
+    assert samples == synthesis_length(120)
     # mel and noise of at most context + upsampler reach + chunk + lookahead frames
     per_frame = 80 + HOP_LENGTH
-    assert max(held) <= (3 + 1 + 4 + 2) * per_frame + FADE_SAMPLES
-    assert max(held[32:]) == max(held[:32])
+    assert max(held) <= (3 + 1 + 4 + 3) * per_frame + FADE_SAMPLES
+    assert max(held[60:]) == max(held[:60])
 
 
 def test_streaming_refuses_what_it_cannot_do():
