@@ -37,11 +37,13 @@ from data import (
     read_file_list,
     read_file_list_entries,
 )
+from denoiser import Denoiser
 from mel2samp import Mel2Samp, collate
 from mel_scale import MelConversion
 from metrics import MEASURES, MIN_SAMPLES, format_table, measure, summarize
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_likelihood, synthesis_length
 from storage import StorageError, TrainingLogs, describe, warn, write_atomically
+from streaming import stream
 
 # The speech measures synthesize at this temperature unless -t says otherwise (-s keeps the original's 1.0).
 MEASURE_TEMPERATURE = 0.8
@@ -504,6 +506,12 @@ def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -
     folder = samples_dir(config)
     rate = config.data.sampling_rate
     graphs = CudaGraphCache() if device.type == "cuda" else None  # clips of a length seen before replay a graph
+    denoiser = Denoiser.from_config(model, config.data) if args.denoise else None
+    if args.chunk_frames:
+        print(
+            f"streaming: chunks of {args.chunk_frames} frames, each after {args.lookahead_frames} frames more "
+            f"(context {args.context_frames})" + (f", denoised at strength {args.denoise}" if denoiser else "")
+        )
     for name, source, reason, read in inputs:
         if reason is not None:
             warn(f"{source}: {reason}: left out of the synthesis")
@@ -512,8 +520,30 @@ def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        generator = torch.Generator(device=device).manual_seed(config.train.seed)  # reproducible
-        audio = model.infer(mel[None].to(device), sigma=args.temp, generator=generator, cuda_graphs=graphs)[0]
+        first = 0.0  # streaming: the compute time of the first chunk
+        if args.chunk_frames:
+            # as an acoustic model would give them: chunk_frames at a time; the noise fixed by the seed
+            pieces = mel[None].to(device).split(args.chunk_frames, dim=2)
+            denoise = denoiser.stream(args.denoise) if denoiser else None
+            chunks = []
+            for chunk in stream(
+                model,
+                pieces,
+                args.chunk_frames,
+                args.lookahead_frames,
+                args.context_frames,
+                args.temp,
+                config.train.seed,
+                denoise,
+            ):
+                if not chunks:
+                    first = time.perf_counter() - started
+                chunks.append(chunk)
+            audio = torch.cat(chunks, dim=1)[0]
+        else:
+            generator = torch.Generator(device=device).manual_seed(config.train.seed)  # reproducible
+            audio = model.infer(mel[None].to(device), sigma=args.temp, generator=generator, cuda_graphs=graphs)
+            audio = (denoiser(audio, args.denoise) if denoiser else audio)[0]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - started
@@ -526,4 +556,5 @@ def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -
         print(
             f"{path}: {seconds:.2f} s of audio in {elapsed:.2f} s, {audio.shape[-1] / elapsed / 1000:.1f} kHz, "
             f"{seconds / elapsed:.2f}x real time"
+            + (f", first chunk computed in {first:.2f} s" if args.chunk_frames else "")
         )

@@ -49,11 +49,12 @@ from config import Config, ConfigError, TrainConfig, check_model_rules, load_con
 from data import DataError
 from mel2samp import Mel2Samp
 from mel_scale import MEL_SCALES
-from model import WaveFlow, build_model, negative_log_likelihood
+from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_likelihood
 from resumption import EpochSampler, StopRequest, WallClockLimit, training_batches
 from run_folder import claim_run_folder, refuse_overwriting, run_dir, write_on_main
 from runtime import Runtime, global_any
 from storage import StorageError, TrainingLogs, describe, warn, write_atomically
+from streaming import CONTEXT_FRAMES, LOOKAHEAD_FRAMES
 from synthesis import (
     BF16_MIN_CHANNELS,
     MEASURE_TEMPERATURE,
@@ -145,6 +146,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the affine update stay fp32). auto (default): fp16 with fp16_run on a GPU, else bf16 "
         f"where the device has bf16 matrix units and res_channels >= {BF16_MIN_CHANNELS}, else fp32",
     )
+    parser.add_argument(
+        "--chunk_frames",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with -s: streaming synthesis, the mel fed N frames at a time and the audio made in chunks of N "
+        "frames, each once --lookahead_frames more have arrived (0, the default: whole clips at once)",
+    )
+    parser.add_argument(
+        "--lookahead_frames",
+        type=int,
+        default=LOOKAHEAD_FRAMES,
+        metavar="N",
+        help=f"with --chunk_frames: mel frames waited for beyond a chunk (default {LOOKAHEAD_FRAMES})",
+    )
+    parser.add_argument(
+        "--context_frames",
+        type=int,
+        default=CONTEXT_FRAMES,
+        metavar="N",
+        help=f"with --chunk_frames: mel frames before a chunk synthesized again with it (default {CONTEXT_FRAMES})",
+    )
+    parser.add_argument(
+        "--denoise",
+        type=float,
+        default=0.0,
+        metavar="STRENGTH",
+        help="with -s: subtract STRENGTH times the model's bias spectrum (its output for a silent mel) from "
+        "the synthesis' magnitude spectrum (0, the default: off; WaveGlow's denoiser used 0.1)",
+    )
     parser.add_argument("--checkpoint_path", default=None, help="override train_config.checkpoint_path")
     parser.add_argument(
         "--max_iterations",
@@ -183,6 +214,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--precision goes with -s/--synthesize or -v/--evaluate (training uses fp16_run/bf16_run)")
     if args.compile and (args.synthesize or args.evaluate):
         parser.error("--compile goes with training (-s and -v run the model uncompiled)")
+    if (args.chunk_frames or args.denoise) and not args.synthesize:
+        parser.error("--chunk_frames and --denoise go with -s/--synthesize")
+    if args.chunk_frames < 0:
+        parser.error("--chunk_frames must be >= 0")
+    if args.lookahead_frames < SYNTHESIS_TRIM_FRAMES or args.context_frames < 0:
+        parser.error(
+            f"--lookahead_frames must be >= {SYNTHESIS_TRIM_FRAMES} (synthesis drops the last {SYNTHESIS_TRIM_FRAMES} "
+            "frames' samples, which a stream knows only that far ahead) and --context_frames >= 0"
+        )
+    if args.denoise < 0:
+        parser.error("--denoise must be >= 0")
     if args.json and not args.evaluate:
         parser.error("--json goes with -v/--evaluate")
     if args.epsilon is not None and not args.average_checkpoint:
