@@ -14,15 +14,6 @@ from test_train import assert_same_weights, make_corpus, run_here, weights, writ
 ITERATIONS = 20
 
 
-@pytest.fixture
-def one_thread():
-    """One thread: two threads on two busy cores are far slower, and inductor's CPU kernels are deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config_file(folder, name="config.json", **changes) -> str:
     """A config that trains the tiny corpus (3 batches per epoch) for up to 30 iterations, a checkpoint every 10."""
     return write_config(folder, name, train_config__epochs=10, train_config__iters_per_checkpoint=10, **changes)

@@ -28,15 +28,6 @@ RATE = 22050
 DEMO_WAVS = os.path.join(ROOT, "data", "demo", "wavs")
 
 
-@pytest.fixture
-def one_thread():
-    """One thread for the model in this process: two on two busy cores are far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load_script(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
     assert spec is not None and spec.loader is not None

@@ -20,13 +20,7 @@ TOLERANCE = 1e-4  # max abs difference, fp32
 SIZE_FLOW_EMBED = 24  # a size no other tensor of the tiny models has
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: two threads on two busy cores are far slower for these tiny models."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here: see conftest.one_thread
 
 
 def small_config(coupling_type: str, **overrides) -> dict:

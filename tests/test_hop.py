@@ -17,7 +17,7 @@ import metrics
 from checkpoint import CheckpointError, load_weights
 from conftest import ROOT
 from model import build_model
-from test_train import one_thread, run_here  # noqa: F401  # one_thread: a fixture
+from test_train import run_here
 
 TINY = dict(res_channels=8, n_layer=2, n_flow=2, n_layer_per_cycle=1, coupling_type="nanoflow", size_flow_embed=4)
 

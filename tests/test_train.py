@@ -113,15 +113,6 @@ def run_here(capsys, *args):
     return status, captured.out, captured.err
 
 
-@pytest.fixture
-def one_thread():
-    """Tests that train in this process use one thread: two threads on two busy cores are far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 
