@@ -54,26 +54,10 @@ def test_real_ln_mels_do_not_warn(heldout, capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize(
-    "rate,filter_length,hop_length,win_length,n_mels,fmin,fmax",
-    [
-        (16000, 1024, 256, 1024, 80, 80.0, 7600.0),
-        (24000, 2048, 300, 1200, 80, 80.0, 7600.0),
-        (44100, 2048, 512, 2048, 128, 40.0, 16000.0),
-    ],
-)
-def test_ln_mels_of_the_other_configs_are_recognised_as_ln(
-    rate, filter_length, hop_length, win_length, n_mels, fmin, fmax
-):
-    mel = MelSpectrogram(
-        sampling_rate=rate,
-        filter_length=filter_length,
-        hop_length=hop_length,
-        win_length=win_length,
-        n_mel_channels=n_mels,
-        mel_fmin=fmin,
-        mel_fmax=fmax,
-    )
+@pytest.mark.parametrize("name", ["nanoflow-16k", "nanoflow-24k-hop300", "nanoflow-44k-hop512"])
+def test_ln_mels_of_the_other_configs_are_recognised_as_ln(name):
+    data = load_config(os.path.join(ROOT, "configs", f"{name}.json")).data
+    rate, mel = data.sampling_rate, MelSpectrogram.from_config(data)
     for path in read_file_list(os.path.join(DEMO, "heldout", "test_files.txt"))[:4]:
         audio = scipy.signal.resample_poly(load_audio(path, RATE).numpy(), rate // 50, RATE // 50)
         with torch.no_grad():
