@@ -16,25 +16,14 @@ import torch
 import metrics
 from checkpoint import CheckpointError, load_weights
 from conftest import ROOT
-from model import build_model
+from test_model import random_model
 from test_train import run_here
 
 TINY = dict(res_channels=8, n_layer=2, n_flow=2, n_layer_per_cycle=1, coupling_type="nanoflow", size_flow_embed=4)
 
 
-def tiny_model(section: dict, seed=0):
-    """The model of a waveflow_config `section`, its weights moved away from the near-identity start, so that
-    the checks see every flow and the mel act."""
-    torch.manual_seed(seed)
-    model = build_model(section)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
-    return model.eval()
-
-
 def tiny(factors, n_height):
-    return tiny_model(dict(TINY, model_name="tiny", cin_channels=80, n_height=n_height, upsample_factors=factors))
+    return random_model(dict(TINY, model_name="tiny", cin_channels=80, n_height=n_height, upsample_factors=factors))
 
 
 @pytest.mark.parametrize("factors", [[16, 16], [15, 20], [16, 32], [5, 6, 10], [3], [7, 8]])

@@ -19,7 +19,7 @@ from config import load_config
 from conftest import ROOT
 from data import DataError, MelSpectrogram, load_audio, read_file_list
 from mel_scale import MelConversion, corpus_features, looks_like, read_mel_stats
-from test_hop import tiny_model
+from test_model import random_model
 from test_train import run_here
 
 RATE = 22050
@@ -173,7 +173,7 @@ def test_synthesis_of_another_models_mel_through_the_command_line(heldout, tmp_p
     with open(config_path, "w") as f:
         json.dump(config, f)
     checkpoint = str(tmp_path / "model.pt")
-    torch.save({"model": tiny_model(config["waveflow_config"]).state_dict()}, checkpoint)
+    torch.save({"model": random_model(config["waveflow_config"]).state_dict()}, checkpoint)
     ln = heldout[0][:, :40]
     (tmp_path / "ln").mkdir()
     (tmp_path / "log10").mkdir()
