@@ -35,13 +35,27 @@ MAX_CPU_COLUMNS = 2**11
 # The conditioning of every row is projected once per estimator when it fits this many bytes (8 per
 # layer, channel and sample in fp32); past it, each row is projected when it is needed.
 CONDITION_CACHE_BYTES = 2**31
+# The filter half of every gate input is computed times this (the weights, biases and conditioning
+# scaled once), so that the gate `tanh(f) * sigmoid(g) = sigmoid(g) * (1 - 2 sigmoid(-2 f))` is one
+# sigmoid over the whole contiguous row and one fused multiply-add: on a CPU, tanh over the strided half
+# row ran 5-8x slower than sigmoid (fp32, AVX2), a fifth of fp32 synthesis. -2 is a power of two: the
+# scaled products are exact.
+FILTER_SCALE = -2.0
+
+
+def scale_filter(gate: torch.Tensor) -> torch.Tensor:
+    """`gate [..., 2R]` (filter channels, then gate channels) with its filter half times `FILTER_SCALE`."""
+    channels = gate.shape[-1] // 2
+    return torch.cat([gate[..., :channels] * FILTER_SCALE, gate[..., channels:]], dim=-1)
 
 
 def condition_rows(net: WaveNet2D, c: torch.Tensor) -> torch.Tensor:
-    """`net.condition(c)` laid out for row-by-row synthesis: `c [B, cin, H, W] -> [H, B, W, L, 2R]`."""
+    """`net.condition(c)` laid out for row-by-row synthesis, its filter half scaled (`scale_filter`):
+    `c [B, cin, H, W] -> [H, B, W, L, 2R]`."""
     batch, _, height, width = c.shape
-    weight = torch.cat([block.filter_gate_conv_c.normed_weight().flatten(1) for block in net.res_blocks])
-    cond = torch.matmul(c.permute(2, 0, 3, 1), weight.t().to(c.dtype))  # [H, B, W, L * 2R]
+    weight = torch.stack([block.filter_gate_conv_c.normed_weight().flatten(1).t() for block in net.res_blocks])
+    weight = scale_filter(weight).permute(1, 0, 2).flatten(1)  # [L, cin, 2R] -> [cin, L * 2R]
+    cond = torch.matmul(c.permute(2, 0, 3, 1), weight.to(c.dtype))  # [H, B, W, L * 2R]
     return cond.view(height, batch, width, len(net.res_blocks), -1)
 
 
@@ -51,8 +65,8 @@ def rotated_gate_weight(block: ResidualBlock, input_map: torch.Tensor | None) ->
     Entry `[turn, tap]` serves rows with `(r // dh) % 3 == turn` and width tap `tap` (0: the
     column `dw` to the left, 1: the centre, 2: `dw` to the right); its row `k C + i` (ring
     position k, queue channel i) and column o (output channel) hold the weight of the height
-    tap whose row sits at ring position k. The last row (the bias) is zero here.
-    `input_map [C, R]` is folded in as in `BlockQueue`.
+    tap whose row sits at ring position k. The last row (the bias) is zero here. The filter outputs
+    (columns `[0, R)`) are scaled by `FILTER_SCALE`. `input_map [C, R]` is folded in as in `BlockQueue`.
     """
     weight = block.filter_gate_conv.conv.normed_weight().detach()  # [2R, R, 3 (height tap), 3 (width tap)]
     if input_map is not None:
@@ -60,8 +74,10 @@ def rotated_gate_weight(block: ResidualBlock, input_map: torch.Tensor | None) ->
     weight = weight.permute(2, 3, 1, 0)  # [height tap, width tap, i, o]
     bias_row = weight.new_zeros(3, 1, weight.shape[-1])  # [width tap, 1, o]
     # With (r // dh) % 3 == turn, ring position k holds row r - ((turn - k) % 3) * dh: height tap 2 - that.
-    return torch.stack(
-        [torch.cat([*(weight[2 - (turn - k) % 3] for k in range(3)), bias_row], dim=1) for turn in range(3)]
+    return scale_filter(
+        torch.stack(
+            [torch.cat([*(weight[2 - (turn - k) % 3] for k in range(3)), bias_row], dim=1) for turn in range(3)]
+        )
     )  # [turn, width tap, 3 C + 1, o]
 
 
@@ -119,7 +135,7 @@ class BlockQueue:
         ]
         # The gated activation gets a constant column of ones, so that one matrix product adds the bias.
         self.gated = like.new_ones(batch, width, channels + 1)
-        gate_weight[:, 1, -1] = gate_bias.detach()  # added with the centre width tap
+        gate_weight[:, 1, -1] = scale_filter(gate_bias.detach())  # added with the centre width tap
         self.gate_weight = gate_weight
         augmented = torch.cat([out_weight, out_bias[:, None]], dim=1).detach().to(like.dtype)  # [R + 2, R + 1]
         self.out_weight = augmented.t()  # [R + 1, R + 2]: residual update, then the share of (log_s, t)
@@ -137,9 +153,10 @@ class BlockQueue:
     ) -> None:
         """Row `row` of the block, once its input row is in the queue (`slot(row)`).
 
-        `cond_row [B, W, 2R]` is the row's conditioning projection (no bias) and `a [B, W, 2R]`
-        scratch space for the gate input. The block's share of the row's `(log_s, t)` is added to
-        `log_s_t [B * W, 2]`, and the next block's input row is written into `next_slot [B * W, R]`.
+        `cond_row [B, W, 2R]` is the row's conditioning projection (no bias, filter half scaled:
+        `condition_rows`) and `a [B, W, 2R]` scratch space for the gate input. The block's share of
+        the row's `(log_s, t)` is added to `log_s_t [B * W, 2]`, and the next block's input row is
+        written into `next_slot [B * W, R]`.
         """
         phases, channels = len(self.slots), self.channels
         batch, width, _ = a.shape
@@ -153,7 +170,9 @@ class BlockQueue:
             a[:, shift:].baddbmm_(queue[:, :-shift], weight[0].expand(batch, -1, -1))
             a[:, :-shift].baddbmm_(queue[:, shift:], weight[2].expand(batch, -1, -1))
         gated = self.gated  # [B, W, R + 1], last column ones
-        torch.mul(torch.tanh_(a[..., :channels]), torch.sigmoid_(a[..., channels:]), out=gated[..., :channels])
+        # a = [-2 f, g]: tanh(f) sigmoid(g) = sigmoid(g) - 2 sigmoid(-2 f) sigmoid(g) (see FILTER_SCALE).
+        s = torch.sigmoid_(a)
+        torch.addcmul(s[..., channels:], s[..., :channels], s[..., channels:], value=-2, out=gated[..., :channels])
         gated = gated.view(batch * width, channels + 1)
         if next_slot is None:
             if log_s_t.dtype == gated.dtype:
