@@ -56,3 +56,21 @@ def test_precision_check_leaves_out_test_clips_too_short_and_says_so(tmp_path, c
         f"{recording}: its synthesis of 256 samples is too short to compare (need more than 512): left out",
         f"error: {tmp_path / 'test.txt'}: no test clip is long enough to compare",
     ]
+
+
+def test_profile_synthesis_times_and_groups_the_row_step(tmp_path, capsys, one_thread):
+    out = tmp_path / "profile.json"
+    config = os.path.join(ROOT, "configs", "demo.json")
+    argv = ["-c", config, "--seconds", "0.05", "--warmup", "0", "--repeats", "1", "--json", str(out)]
+    assert script("profile_synthesis").main(argv) == 0
+    figures = json.loads(out.read_text())
+    assert abs(sum(figures["shares"].values()) - 1) < 1e-6
+    # The row step is matrix products and the gate chain; both must show up, by the row step's own ops.
+    assert figures["shares"]["matrix products"] > 0.2
+    assert figures["shares"]["gate chain"] > 0
+    names = {op["name"] for op in figures["operators"]}
+    assert "aten::baddbmm_" in names and "aten::sigmoid_" in names
+    assert figures["kHz"] > 0 and 0 < figures["of_matmul"]
+    assert "kHz" in capsys.readouterr().out
+    assert script("profile_synthesis").main(["-c", str(tmp_path / "missing.json")]) == 1
+    assert "missing.json" in capsys.readouterr().err
