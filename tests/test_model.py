@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from config import ConfigError
 from cuda_graphs import CudaGraphCache
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_likelihood, squeeze, unsqueeze
-from modules import HeightCausalConv2d, WaveNet2D
+from modules import PRODUCT_WEIGHT_GRADIENT_MIN_CHANNELS, DilatedConv2d, HeightCausalConv2d, WaveNet2D
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -261,7 +261,12 @@ def plain_coupling_params(model: WaveFlow, flow: int, x: torch.Tensor, c: torch.
 
 @pytest.mark.parametrize(
     "variant,overrides",
-    [("nanoflow", {}), ("waveflow", {"n_layer_per_cycle": 2}), ("nanoflow_decomp", {"use_weightnorm_embed": True})],
+    [
+        ("nanoflow", {}),
+        ("waveflow", {"n_layer_per_cycle": 2}),
+        ("nanoflow_decomp", {"use_weightnorm_embed": True}),
+        ("nanoflow", {"res_channels": PRODUCT_WEIGHT_GRADIENT_MIN_CHANNELS}),  # weight gradients by products
+    ],
 )
 def test_estimator_and_its_gradients_equal_the_plain_definition(variant, overrides):
     model = random_model(tiny_config(variant, n_layer=4, **overrides)).train()
@@ -287,6 +292,40 @@ def test_estimator_and_its_gradients_equal_the_plain_definition(variant, overrid
                 n for n, q in model.named_parameters() if q is p
             ]
         assert used > 10
+
+
+@pytest.mark.parametrize(
+    "batch,kernel,dilation,channels_last,bias",
+    [(1, 3, (1, 1), True, True), (3, 3, (2, 8), True, True), (2, 3, (1, 4), False, False), (2, 1, (1, 1), True, True)],
+)
+def test_weight_gradient_by_products_equals_the_library(batch, kernel, dilation, channels_last, bias):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 8, 6 + 2 * dilation[0], 10 + 2 * dilation[1], generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(12, 8, kernel, kernel, generator=generator)
+    b = torch.randn(12, generator=generator) if bias else None
+    inputs = [t.requires_grad_() for t in (x, weight, b) if t is not None]
+    reference = F.conv2d(x, weight, b, dilation=dilation)
+    ours = cast(torch.Tensor, DilatedConv2d.apply(x, weight, b, dilation))
+    assert torch.equal(ours, reference)
+    grad = torch.randn(reference.shape, generator=generator)
+    for expected, got in zip(
+        torch.autograd.grad(reference, inputs, grad), torch.autograd.grad(ours, inputs, grad), strict=True
+    ):
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_wide_fp32_training_on_a_cpu_takes_the_weight_gradient_by_products_and_autocast_does_not():
+    wide = HeightCausalConv2d(PRODUCT_WEIGHT_GRADIENT_MIN_CHANNELS, 8, 3, (1, 2))
+    x = torch.randn(1, PRODUCT_WEIGHT_GRADIENT_MIN_CHANNELS, 4, 8)
+    assert "DilatedConv2d" in wide(x).grad_fn.name()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "DilatedConv2d" not in wide(x).grad_fn.name()
+    with torch.no_grad():
+        assert wide(x).grad_fn is None
+    narrow = HeightCausalConv2d(PRODUCT_WEIGHT_GRADIENT_MIN_CHANNELS // 2, 8, 3, (1, 2))
+    assert "DilatedConv2d" not in narrow(x[:, : PRODUCT_WEIGHT_GRADIENT_MIN_CHANNELS // 2]).grad_fn.name()
 
 
 def test_estimator_is_causal_along_height():
