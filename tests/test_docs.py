@@ -1,6 +1,7 @@
 """The documentation against the code: every command in README.md and docs/*.md that runs a project
 script names a script that exists, flags its argument parser accepts and repository files that exist;
-the links between these pages resolve; the README's tables agree with config.py and model.py.
+the links between these pages resolve; the table of models (README.md) agrees with model.py and that of
+added keys (docs/configuration.md) with config.py.
 
 Nothing is trained here: a script's flags are read from its `--help`. tests/test_demo.py runs the
 demo's training command itself (`test_training_stops_at_max_iterations_and_says_where_its_outputs_are`).
@@ -243,7 +244,7 @@ def table_rows(text: str, first_column: str) -> list[list[str]]:
 PROJECT_CONFIGS = ("demo", "demo-long", "nanoflow-16k", "nanoflow-24k-hop300", "nanoflow-44k-hop512")
 
 
-def test_the_readme_table_of_added_keys_is_config_py():
+def test_the_table_of_added_keys_is_config_py():
     """Every key config.py accepts beyond those of the original's six configs is in the table, with its
     default; nothing else is."""
     original = {section: set() for section in SECTIONS}
@@ -258,7 +259,9 @@ def test_the_readme_table_of_added_keys_is_config_py():
         for field in dataclasses.fields(cls)
         if field.name not in original[section]
     }
-    documented = {(section, key): default for section, key, default, _ in table_rows(read("README.md"), "section")}
+    documented = {
+        (section, key): default for section, key, default, _ in table_rows(read("docs/configuration.md"), "section")
+    }
     assert documented == added
 
 
