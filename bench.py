@@ -44,7 +44,7 @@ from cuda_graphs import CudaGraphCache
 from mel2samp import Mel2Samp, collate
 from model import SYNTHESIS_TRIM_FRAMES, build_model, negative_log_likelihood, synthesis_length
 from resumption import EpochSampler, training_batches
-from synthesis import has_bf16_matrix_units
+from runtime import has_bf16_matrix_units
 from train import compile_mode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

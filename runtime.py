@@ -1,6 +1,6 @@
 """Where and how this process runs (`Runtime`: the device, the rank among torchrun's processes, the
-precision), passed explicitly, never global; and `global_any`, whether a flag holds on any rank, by
-which all ranks stop, or fail, together."""
+precision), passed explicitly, never global; `global_any`, whether a flag holds on any rank, by
+which all ranks stop, or fail, together; and `has_bf16_matrix_units`, whether bf16 runs natively."""
 
 from __future__ import annotations
 
@@ -34,3 +34,16 @@ def global_any(flag: bool, runtime: Runtime) -> bool:
     value = torch.tensor([float(flag)], device=runtime.device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def has_bf16_matrix_units(device: torch.device) -> bool:
+    """Tensor cores, or a CPU with AMX or AVX-512 bf16 instructions.
+
+    The CPU probes are private to PyTorch: one that a release lacks counts as "no", so the
+    automatic choice falls back to fp32 rather than failing."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        return any(probe() for probe in probes if probe is not None)
+    return False

@@ -42,6 +42,7 @@ from mel2samp import Mel2Samp, collate
 from mel_scale import MelConversion
 from metrics import MEASURES, MIN_SAMPLES, format_table, measure, summarize
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_likelihood, synthesis_length
+from runtime import has_bf16_matrix_units
 from storage import StorageError, TrainingLogs, describe, warn, write_atomically
 from streaming import stream
 
@@ -57,19 +58,6 @@ PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
 
 def samples_dir(config: Config) -> str:
     return os.path.join(config.train.output_directory, "samples", config.waveflow.model_name)
-
-
-def has_bf16_matrix_units(device: torch.device) -> bool:
-    """Tensor cores, or a CPU with AMX or AVX-512 bf16 instructions.
-
-    The CPU probes are private to PyTorch: one that a release lacks counts as "no", so the
-    automatic choice falls back to fp32 rather than failing."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-        return any(probe() for probe in probes if probe is not None)
-    return False
 
 
 def synthesis_precision(config: Config, choice: str, device: torch.device) -> tuple[torch.dtype, str]:

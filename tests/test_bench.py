@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from synthesis import has_bf16_matrix_units
+from runtime import has_bf16_matrix_units
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
