@@ -291,7 +291,7 @@ def training_precision(train: TrainConfig, device: torch.device) -> tuple[torch.
     if train.fp16_run:
         if device.type == "cuda":
             return torch.float16, None
-        return None, "fp16_run needs a CUDA device; training in fp32 on the CPU (bf16_run works on CPUs)"
+        return None, "fp16_run needs a CUDA device; training in fp32 on the CPU (bf16_run works on bf16 CPUs)"
     if train.bf16_run:
         if device.type == "cpu" and not has_bf16_matrix_units(device):
             return None, (
