@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import synchronize
 from config import load_config
-from train import Runtime, TrainingStep, build_training
+from train import Runtime, TrainingStep, build_training, training_precision
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,7 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--precision", choices=sorted(AMP_DTYPES), default=None, help="default: the config's (fp16_run, bf16_run)"
+        "--precision",
+        choices=sorted(AMP_DTYPES),
+        default=None,
+        help="default: the config's (fp16_run, bf16_run) as train.py runs it here",
     )
     parser.add_argument("--batch", type=int, default=None, help="default: the config's batch_size")
     parser.add_argument("--segment", type=int, default=None, help="default: the config's segment_length")
@@ -62,11 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config)
     if args.compile:
         config.train.compile = True
-    if args.precision is None:
-        args.precision = "fp16" if config.train.fp16_run else "bf16" if config.train.bf16_run else "fp32"
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if args.precision is None:  # the config's, as train.py chooses it on this device
+        amp_dtype, why_not = training_precision(config.train, device)
+        if why_not is not None:
+            print(f"warning: {why_not}", file=sys.stderr)
+        args.precision = next(name for name, dtype in AMP_DTYPES.items() if dtype == amp_dtype)
     if args.precision == "fp16" and device.type != "cuda":
         print("error: fp16 training needs a CUDA device (bf16 runs on CPUs)", file=sys.stderr)
         return 1
