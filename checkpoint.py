@@ -18,7 +18,9 @@ loaders delete it; so does `read_checkpoint`.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import math
 import os
 import re
@@ -246,10 +248,49 @@ def check_fits(model: torch.nn.Module, state: dict, path: str) -> None:
         )
 
 
+# waveflow_config keys that change what the weights compute without changing their names or shapes
+SHAPELESS_KEYS = ("n_height", "n_layer_per_cycle", "bipartize", "upsample_factors")
+
+
+def check_same_model(model: torch.nn.Module, checkpoint: dict, path: str) -> None:
+    """Refuse, in one line, a checkpoint whose stored config (ours; the original's store none) differs from
+    the model's in a key that the shapes of the weights do not show: n_height, say, where the same
+    tensors would compute another model."""
+    stored = checkpoint.get("config")
+    section = stored.get("waveflow_config") if isinstance(stored, dict) else None
+    config = getattr(model, "config", None)
+    if not isinstance(section, dict) or not dataclasses.is_dataclass(config):
+        return
+    defaults = {field.name: field.default for field in dataclasses.fields(config)}
+    differ = []
+    for key in SHAPELESS_KEYS:
+        theirs = section.get(key, defaults.get(key, dataclasses.MISSING))
+        if theirs is dataclasses.MISSING:
+            continue  # not stored, no default: unknown
+        ours = getattr(config, key)
+        if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != (
+            list(ours) if isinstance(ours, tuple) else ours
+        ):
+            differ.append(f"{key} {json.dumps(theirs)} where this config has {json.dumps(ours)}")
+    if differ:
+        raise CheckpointError(
+            f"{path}: checkpoint was trained with waveflow_config " + ", ".join(differ) + "; its weights "
+            "would compute another model (use its config, or -w/--warm_start to fine-tune from it)"
+        )
+
+
+def check_finite(state: dict, path: str) -> None:
+    """Refuse weights holding NaN or infinite values (a run that diverged), naming the first such tensor."""
+    for name, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: weight {name} holds NaN or infinite values (a run that diverged?)")
+
+
 def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
     """Load weights strictly, in either weight-norm layout, after refusing in one line those of another
-    model (`source` names them)."""
+    model or not finite (`source` names them)."""
     check_fits(model, state, source)
+    check_finite(state, source)
     model.load_state_dict(state)
 
 
@@ -267,6 +308,7 @@ def load_checkpoint(
             f"{path}: holds no iteration and optimizer state to resume training from (weights "
             f"only?); use -w/--warm_start to start from its weights"
         )
+    check_same_model(model, checkpoint, path)
     load_weights(model, checkpoint["model"], path)
     try:
         if optimizer is not None and "optimizer" in checkpoint:

@@ -22,6 +22,8 @@ import os
 import typing
 from dataclasses import dataclass, field
 
+from storage import read_text
+
 COUPLING_TYPES = ("waveflow", "nanoflow_naive", "nanoflow_decomp", "nanoflow")
 # The original's upsampler: two transposed convs, each stretching time 16 times, so that one mel frame
 # becomes 256 samples, the hop of its 22,050 Hz Tacotron 2 mels. waveflow_config.upsample_factors defaults to it.
@@ -312,11 +314,14 @@ def check_model_rules(config: Config, training: bool) -> None:
 
 def load_config(path: str, sections: tuple[str, ...] = MODEL_SECTIONS) -> Config:
     """Read a JSON config file and validate its `sections`."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a folder, not a config file")
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: config file not found")
-    with open(path) as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    try:
+        raw = json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    except ValueError as error:  # not UTF-8
+        raise ConfigError(f"{path}: {error}") from None
     return config_from_dict(raw, source=path, sections=sections)

@@ -15,6 +15,7 @@ Ogg) are refused: their decoders give no sample-exact reads from a position.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import librosa
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from config import HOP_LENGTH, DataConfig
-from storage import write_atomically
+from storage import read_text, write_atomically
 
 MEL_FILE_EXTENSIONS = (".pt", ".npy")
 MAX_WAV_VALUE = 32768.0  # 16-bit PCM full scale, as Tacotron 2 scales it
@@ -45,6 +46,9 @@ def _read_error(path: str, error: Exception) -> DataError:
     return DataError(f"{path}: cannot read audio ({reason})")
 
 
+UNKNOWN_LENGTH = 2**63 - 1  # libsndfile's frame count (SF_COUNT_MAX) for a stream that did not record its length
+
+
 def _open_checked(path: str, sampling_rate: int, resample: bool = False, downmix: bool = False) -> soundfile.SoundFile:
     """Open an audio file and check that it is a non-empty lossless file, mono (or `downmix`), at
     `sampling_rate` (or any rate with `resample`)."""
@@ -56,7 +60,7 @@ def _open_checked(path: str, sampling_rate: int, resample: bool = False, downmix
         raise DataError(f"{path}: audio file is empty (0 bytes)")
     try:
         sound = soundfile.SoundFile(path)
-    except (soundfile.LibsndfileError, RuntimeError) as error:
+    except (soundfile.LibsndfileError, RuntimeError, UnicodeEncodeError) as error:  # the last: a name not in UTF-8
         raise _read_error(path, error) from None
     problem = None
     if sound.format in LOSSY_FORMATS:
@@ -73,6 +77,11 @@ def _open_checked(path: str, sampling_rate: int, resample: bool = False, downmix
         problem = f"has {sound.channels} channels, expected mono (data_config.downmix: true averages them)"
     elif sound.frames == 0:
         problem = "contains no audio samples"
+    elif sound.frames >= UNKNOWN_LENGTH:
+        problem = (
+            "its header does not say how many samples it holds (a FLAC written to a pipe?), and it cannot be "
+            "read in parts; write it again with its length, e.g. `sox in.flac out.flac`"
+        )
     if problem is not None:
         sound.close()
         raise DataError(f"{path}: {problem}")
@@ -144,6 +153,22 @@ def load_audio(
     return audio
 
 
+def refuse_shared_names(paths: list[str], name_of: Callable[[str], str], what: str, source: str = "") -> None:
+    """A DataError naming two of `paths` (different files) that `name_of` gives one name, e.g. two clips
+    `a/x.wav` and `b/x.wav` whose outputs would overwrite each other; `what` says where, as in
+    "would both be written to NAME", after `source` (the list they come from) when given; a path listed
+    twice is the same file, not a clash."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        name = name_of(path)
+        first = seen.setdefault(name, path)
+        if os.path.abspath(first) != os.path.abspath(path):
+            raise DataError(
+                f"{source + ': ' if source else ''}'{first}' and '{path}' {what} {name}; "
+                "rename one, or give them in separate runs"
+            )
+
+
 SPEAKER_COLUMN = "speaker"  # the column name, in a file list's header, of the speaker field
 
 
@@ -162,14 +187,19 @@ def read_file_list_entries(list_path: str) -> list[tuple[str, str | None]]:
     without the speaker field the header names, is an error naming the list
     and the line.
     """
+    if os.path.isdir(list_path):
+        raise DataError(f"{list_path}: is a folder, not a file list")
     if not os.path.isfile(list_path):
         raise DataError(f"{list_path}: file list not found")
-    with open(list_path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    try:
+        lines = read_text(list_path).splitlines()
+    except ValueError as error:  # not UTF-8
+        raise DataError(f"{list_path}: {error}") from None
     list_folder = os.path.dirname(os.path.abspath(list_path))
     speaker_field = None
-    if lines and lines[0].startswith("#"):
-        names = [name.strip() for name in lines[0][1:].split("|")]
+    first = next((line for line in lines if line.strip()), "")  # the header may follow blank lines
+    if first.startswith("#"):
+        names = [name.strip() for name in first[1:].split("|")]
         speaker_field = names.index(SPEAKER_COLUMN) if SPEAKER_COLUMN in names else None
     entries = []
     for number, line in enumerate(lines, start=1):

@@ -72,6 +72,7 @@ from data import (
     load_mel,
     mel_frame_count,
     read_file_list,
+    refuse_shared_names,
 )
 from storage import write_atomically
 
@@ -157,6 +158,8 @@ class Mel2Samp(Dataset):
                     f"not the mel of that clip, or made with another hop length?"
                 )
             found.append(mel_path)
+        mel_of = dict(zip(self.files, found, strict=True))
+        refuse_shared_names(self.files, mel_of.__getitem__, "both find their mel in")  # mels go by file name
         return found
 
     @classmethod
@@ -270,12 +273,8 @@ def write_mels(file_list: str, config_path: str, output_dir: str) -> int:
     """Write the mel [n_mels, F] of every clip in `file_list` to `output_dir`; returns the number written."""
     data = load_config(config_path, sections=("data_config",)).data
     paths = read_file_list(file_list)
-    outputs = {}
-    for path in paths:
-        name = mel_file_name(path)
-        if name in outputs:
-            raise DataError(f"{file_list}: '{outputs[name]}' and '{path}' would both be written to {name}")
-        outputs[name] = path
+    refuse_shared_names(paths, mel_file_name, "would both be written to", file_list)
+    outputs = {mel_file_name(path): path for path in paths}
     options = {"resample": data.resample, "downmix": data.downmix}
     for path in paths:  # every header before any work, so a bad file costs no time
         length = audio_length(path, data.sampling_rate, **options)

@@ -11,7 +11,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -76,7 +76,7 @@ def training_batches(
     epochs: int,
     num_workers: int,
     pin_memory: bool,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
     """Every batch from batch `start[1]` of epoch `start[0]` to the end of epoch `epochs - 1`, each epoch
     in the order fixed by (seed, epoch), from one DataLoader: (mel [B, n_mels, F], audio [B, T]). Its
     workers start once and load the next epoch's first batches while this epoch's last ones train; a
@@ -98,7 +98,19 @@ def training_batches(
         drop_last=True,
         worker_init_fn=ignore_stop_signals,
     )
-    return iter(loader)
+    return _shut_down_when_done(iter(loader))
+
+
+def _shut_down_when_done(batches: Iterator) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
+    """`batches`, whose workers are shut down as soon as it ends, fails (an error raised in a worker passes
+    through here) or is closed. Left to the garbage collector, a failed iterator can outlive the error:
+    its workers ignore SIGTERM (`ignore_stop_signals`), so the process would hang at exit joining them."""
+    try:
+        yield from batches
+    finally:
+        shut_down = getattr(batches, "_shutdown_workers", None)  # DataLoader's; none without workers
+        if shut_down is not None:
+            shut_down()
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -38,6 +38,23 @@ def describe(error: OSError) -> str:
     return f"[Errno {error.errno}] {error.strerror}" if error.strerror else str(error)
 
 
+def read_text(path: str) -> str:
+    """The text of a UTF-8 file, as other tools write it: a byte-order mark (Windows editors) is dropped,
+    and UTF-16 with its mark (Windows PowerShell's `>`) is read too. Text in another encoding is a
+    ValueError whose one-line message says where (the caller names the file)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"not UTF-8 text (line {line}: byte 0x{data[error.start]:02x}); save it as UTF-8") from None
+
+
 def write_atomically(path: str, data: bytes | memoryview, durable: bool = True) -> None:
     """Write `data` to `path` through `path + '.partial'` and a rename. A failure (OSError: ENOSPC,
     EACCES, EROFS, ...) removes the partial file and leaves `path` as it was. `durable` syncs the

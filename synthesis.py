@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import average_checkpoints, load_checkpoint, load_weights
+from checkpoint import average_checkpoints, check_same_model, load_checkpoint, load_weights
 from config import Config, ConfigError
 from cuda_graphs import CudaGraphCache
 from data import (
@@ -36,6 +36,7 @@ from data import (
     mel_frame_count,
     read_file_list,
     read_file_list_entries,
+    refuse_shared_names,
 )
 from denoiser import Denoiser
 from mel2samp import Mel2Samp, collate
@@ -91,7 +92,8 @@ def trained_model(config: Config, args: argparse.Namespace, device: torch.device
         )
     model = build_model(config.waveflow)
     if args.average_checkpoint:
-        weights, _ = average_checkpoints(path, args.average_checkpoint, args.epsilon)
+        weights, newest = average_checkpoints(path, args.average_checkpoint, args.epsilon)
+        check_same_model(model, newest, path)
         load_weights(model, weights, path)
     else:
         load_checkpoint(path, model)
@@ -483,6 +485,8 @@ def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -
     """Every clip of the test list (or mel of --mels) to a .wav file; one too short to synthesize is left out
     with a warning, and when every one is, that is an error naming the first."""
     inputs = synthesis_inputs(config, args)
+    sources = [source for _, source, _, _ in inputs]
+    refuse_shared_names(sources, lambda path: f"{stem(path)}_synthesis.wav", "would both be written to")
     too_short_inputs = [(source, reason) for _, source, reason, _ in inputs if reason is not None]
     if len(too_short_inputs) == len(inputs):
         source, reason = too_short_inputs[0]
@@ -536,6 +540,8 @@ def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - started
         path = os.path.join(folder, f"{name}_synthesis.wav")
+        if not bool(torch.isfinite(audio).all()):
+            raise DataError(f"{source}: the synthesized audio holds NaN or infinite samples; {path} not written")
         try:
             write_wav(path, audio.float().cpu(), rate)
         except OSError as error:

@@ -26,10 +26,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
+import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -212,6 +214,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--mel_scale and --mel_stats go with --mels")
     if args.precision != "auto" and not (args.synthesize or args.evaluate):
         parser.error("--precision goes with -s/--synthesize or -v/--evaluate (training uses fp16_run/bf16_run)")
+    if (args.synthesize or args.evaluate) and (
+        args.warm_start or args.max_iterations is not None or args.max_minutes is not None
+    ):
+        parser.error("-w/--warm_start, --max_iterations and --max_minutes go with training, not -s or -v")
     if args.compile and (args.synthesize or args.evaluate):
         parser.error("--compile goes with training (-s and -v run the model uncompiled)")
     if (args.chunk_frames or args.denoise) and not args.synthesize:
@@ -223,20 +229,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"--lookahead_frames must be >= {SYNTHESIS_TRIM_FRAMES} (synthesis drops the last {SYNTHESIS_TRIM_FRAMES} "
             "frames' samples, which a stream knows only that far ahead) and --context_frames >= 0"
         )
-    if args.denoise < 0:
-        parser.error("--denoise must be >= 0")
+    if not args.denoise >= 0 or math.isinf(args.denoise):  # NaN fails the first test
+        parser.error("--denoise must be a number >= 0")
     if args.json and not args.evaluate:
         parser.error("--json goes with -v/--evaluate")
     if args.epsilon is not None and not args.average_checkpoint:
         parser.error("-e/--epsilon goes with -a/--average_checkpoint")
     if args.temp is None:
         args.temp = 1.0 if args.synthesize else MEASURE_TEMPERATURE
-    if args.temp <= 0:
-        parser.error("-t/--temp must be positive")
+    if not 0 < args.temp < math.inf:  # NaN fails it too
+        parser.error("-t/--temp must be a positive number")
     if args.max_iterations is not None and args.max_iterations < 0:
         parser.error("--max_iterations must be >= 0")
-    if args.max_minutes is not None and args.max_minutes < 0:
-        parser.error("--max_minutes must be >= 0")
+    if args.max_minutes is not None and not 0 <= args.max_minutes < math.inf:
+        parser.error("--max_minutes must be a number >= 0")
     return args
 
 
@@ -268,8 +274,9 @@ def resolve_device(name: str | None, local_rank: int | None) -> torch.device:
     return torch.device("cuda", index)
 
 
-def setup_runtime(config: Config, device_name: str | None) -> Runtime:
-    """Pick the device and precision; join the process group when launched by torchrun."""
+def setup_runtime(config: Config, device_name: str | None, training: bool = True) -> Runtime:
+    """Pick the device and precision; join the process group when launched by torchrun. Only training
+    warns about a precision the device does not run (-v computes in the same precision, silently)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
@@ -279,7 +286,7 @@ def setup_runtime(config: Config, device_name: str | None) -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     amp_dtype, why_not = training_precision(config.train, device)
-    if why_not is not None and rank == 0:
+    if why_not is not None and rank == 0 and training:
         warn(why_not)
     return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype)
 
@@ -504,6 +511,12 @@ def resume_position(
     the source's numbering."""
     if epoch < 0:
         epoch, batch_in_epoch = divmod(iteration, batches_per_epoch)
+    elif batch_in_epoch > batches_per_epoch:
+        raise ConfigError(
+            f"the checkpoint stopped after batch {batch_in_epoch} of epoch {epoch}, but an epoch has "
+            f"{batches_per_epoch} batches now (train_config.batch_size or data_config.training_files changed): "
+            "go on from it with -w/--warm_start, or restore them"
+        )
     first_iteration = iteration - (epoch * batches_per_epoch + batch_in_epoch)
     total = first_iteration + tc.epochs * batches_per_epoch
     if tc.max_iterations:
@@ -531,6 +544,15 @@ def compile_mode(device: torch.device, distributed: bool) -> str | None:
     step is a chain of small kernels whose launches bound its speed; inductor's default under DDP (CUDA
     graphs with DDP meet open PyTorch bugs) and on a CPU (no CUDA graphs). See docs/gpu.md."""
     return "reduce-overhead" if device.type == "cuda" and not distributed else None
+
+
+def worker_message(error: Exception) -> str:
+    """The message of `error`; for one raised in a DataLoader worker, which PyTorch raises again in the
+    main process with the worker's traceback in its message, the worker's own (one-line) message."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    return re.sub(r"^[\w.]*: ", "", text.rstrip().splitlines()[-1], count=1)  # "data.DataError: <message>"
 
 
 def first_line(error: Exception) -> str:
@@ -625,7 +647,7 @@ class TrainingRun:
         self.report = CheckpointReport(config, runtime.device, runtime.amp_dtype) if runtime.is_main else None
         self.skipped_steps = SkippedSteps(config.train.max_bad_steps)
         self.logs: TrainingLogs | None = None
-        self.loader: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None  # see `batches`
+        self.loader: Generator[tuple[torch.Tensor, torch.Tensor], None, None] | None = None  # see `batches`
         self.saved_at = 0
 
     def save(self, iteration: int, epoch: int, batch_in_epoch: int) -> None:
@@ -738,7 +760,9 @@ class TrainingRun:
                     f"--checkpoint_path {checkpoint_path(self.folder, iteration)}"
                 )
         finally:
-            self.loader = None  # its workers end with it
+            if self.loader is not None:
+                self.loader.close()  # its workers end with it
+                self.loader = None
             stop.restore()
             progress.close()
             if self.logs is not None:
@@ -798,7 +822,10 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
             f"{dc.training_files}: {len(train_set)} clips cannot fill one batch of "
             f"{tc.batch_size} per process ({runtime.world_size} processes)"
         )
-    epoch, batch_in_epoch, total = resume_position(iteration, epoch, batch_in_epoch, batches_per_epoch, tc)
+    try:
+        epoch, batch_in_epoch, total = resume_position(iteration, epoch, batch_in_epoch, batches_per_epoch, tc)
+    except ConfigError as error:
+        raise ConfigError(f"{start}: {error}") from None
     refuse_overwriting(run.folder, iteration)
     config_copy = json.dumps(config.raw, indent=4).encode()
     write_on_main(
@@ -842,7 +869,7 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.monoto
         if args.compile:
             config.train.compile = True
         check_model_rules(config, training=not (args.synthesize or args.evaluate))
-        runtime = setup_runtime(config, args.device)
+        runtime = setup_runtime(config, args.device, training=not (args.synthesize or args.evaluate))
         if args.synthesize or args.evaluate:
             if runtime.is_main:
                 if args.synthesize:
@@ -852,7 +879,7 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.monoto
         else:
             train(config, args, runtime, WallClockLimit(config.train.max_minutes, started, clock))
     except (ConfigError, DataError, CheckpointError, TrainingStopped, StorageError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {worker_message(error)}", file=sys.stderr)
         return 1
     except OSError as error:  # a file the command could not read or write, beyond those named above
         print(f"error: {'' if error.filename is None else f'{error.filename}: '}{describe(error)}", file=sys.stderr)

@@ -37,15 +37,16 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from config import ConfigError, load_config
 from data import DataError, audio_length, write_file_list
-from storage import write_atomically
+from storage import read_text, write_atomically
 
 LAYOUTS = ("auto", "vctk", "libritts")
 VCTK_AUDIO_FOLDERS = ("wav48_silence_trimmed", "wav48")  # VCTK 0.92, VCTK 0.80
-LIBRITTS_NAME = re.compile(r"^(\d+)_(\d+)_\d+_\d+\.wav$")
+LIBRITTS_NAME = re.compile(r"^(\d+)_(\d+)_\d+_\d+\.(wav|flac)$", re.IGNORECASE)
+AUDIO_EXTENSIONS = (".wav", ".flac")  # as named in any case: .WAV too
 HEADER = "path|speaker|text"
 
 
-def read_text(path: str) -> str:
+def transcript(path: str) -> str:
     """A transcript file's text on one line ('' when there is none: VCTK lacks a few); `|` would split a
     file list's line, so it becomes a space."""
     if not os.path.isfile(path):
@@ -55,7 +56,8 @@ def read_text(path: str) -> str:
 
 
 def vctk_clips(corpus: str, mic: str) -> list[tuple[str, str, str]]:
-    """`(audio path, speaker, text)` of every clip of a VCTK folder (0.92: the `mic` microphone's flac)."""
+    """`(audio path, speaker, text)` of every clip of a VCTK folder (0.92: the `mic` microphone's flac;
+    0.80: wav, or flac where it was converted)."""
     folder = next((name for name in VCTK_AUDIO_FOLDERS if os.path.isdir(os.path.join(corpus, name))), None)
     if folder is None:
         raise DataError(f"{corpus}: no {' or '.join(VCTK_AUDIO_FOLDERS)} folder, not a VCTK corpus")
@@ -67,27 +69,28 @@ def vctk_clips(corpus: str, mic: str) -> list[tuple[str, str, str]]:
         for name in sorted(os.listdir(speaker_folder)):
             if folder == "wav48_silence_trimmed":
                 suffix = f"_{mic}.flac"
-                if not name.endswith(suffix):
+                if not name.lower().endswith(suffix.lower()):
                     continue
                 utterance = name[: -len(suffix)]
             else:
-                if not name.endswith(".wav"):
+                if not name.lower().endswith(AUDIO_EXTENSIONS):
                     continue
-                utterance = name[: -len(".wav")]
-            text = read_text(os.path.join(corpus, "txt", speaker, utterance + ".txt"))
+                utterance = os.path.splitext(name)[0]
+            text = transcript(os.path.join(corpus, "txt", speaker, utterance + ".txt"))
             clips.append((os.path.join(speaker_folder, name), speaker, text))
     return clips
 
 
 def libritts_clips(corpus: str) -> list[tuple[str, str, str]]:
-    """`(audio path, speaker, text)` of every `SPEAKER_CHAPTER_x_y.wav` below `corpus`, with its normalized text."""
+    """`(audio path, speaker, text)` of every `SPEAKER_CHAPTER_x_y.wav` (or .flac) below `corpus`, with its
+    normalized text."""
     clips = []
     for folder, folders, names in os.walk(corpus):
         folders.sort()
         for name in sorted(names):
             match = LIBRITTS_NAME.match(name)
             if match:
-                text = read_text(os.path.join(folder, name[: -len(".wav")] + ".normalized.txt"))
+                text = transcript(os.path.join(folder, os.path.splitext(name)[0] + ".normalized.txt"))
                 clips.append((os.path.join(folder, name), match.group(1), text))
     return clips
 
@@ -143,8 +146,7 @@ def split(
 def write_configs(base: str, output_dir: str, lists: dict[str, str], resample: bool, name: str) -> list[str]:
     """config.json (test_files: held-out utterances) and config_unseen_speakers.json (held-out speakers)."""
     load_config(base)  # a base config that does not parse is refused before anything is written
-    with open(base) as f:
-        raw = json.load(f)
+    raw = json.loads(read_text(base))
     raw["data_config"]["training_files"] = lists["train"]
     raw["data_config"]["resample"] = resample or raw["data_config"].get("resample", False)
     raw["waveflow_config"]["model_name"] = f"{raw['waveflow_config']['model_name']}-{name}"
@@ -177,12 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.test_speakers < 1 or args.test_utterances < 1:
         parser.error("--test-speakers and --test-utterances must be at least 1")
     try:
-        sampling_rate = load_config(args.config, sections=("data_config",)).data.sampling_rate
+        data = load_config(args.config, sections=("data_config",)).data
+        sampling_rate = data.sampling_rate
         layout, clips = find_clips(args.corpus, args.layout, args.mic)
         train, test, unseen = split(clips, args.test_speakers, args.test_utterances, args.seed)
         rates = set()
         for path, _, _ in tqdm(clips, desc="checking clips", unit="clip", disable=None):
-            audio_length(path, sampling_rate, resample=True)  # a bad file is named before anything is written
+            audio_length(
+                path, sampling_rate, resample=True, downmix=data.downmix
+            )  # a bad file is named before anything is written
             rates.add(soundfile.info(path).samplerate)
         lists = {}
         for key, file_name, chosen in (

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root, for data.py
 from data import DataError, audio_length, write_file_list
+from storage import read_text
 
 URL = "https://data.keithito.com/data/speech/LJSpeech-1.1.tar.bz2"
 ARCHIVE_NAME = "LJSpeech-1.1.tar.bz2"
@@ -94,8 +95,11 @@ def verify_corpus(corpus: str, expected_clips: int) -> list[str]:
     metadata = os.path.join(corpus, "metadata.csv")
     if not os.path.isfile(metadata):
         raise DataError(f"{corpus}: no metadata.csv, not an {CORPUS_FOLDER} folder")
-    with open(metadata, encoding="utf-8") as f:
-        clip_ids = sorted(line.split("|", 1)[0].strip() for line in f if line.strip())
+    try:
+        lines = read_text(metadata).splitlines()
+    except ValueError as error:  # not UTF-8
+        raise DataError(f"{metadata}: {error}") from None
+    clip_ids = sorted({line.split("|", 1)[0].strip() for line in lines if line.strip()})  # a clip listed twice once
     if expected_clips and len(clip_ids) != expected_clips:
         raise DataError(
             f"{metadata}: lists {len(clip_ids)} clips, expected {expected_clips} "

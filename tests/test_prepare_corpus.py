@@ -134,6 +134,28 @@ def test_a_folder_of_another_layout_or_too_few_speakers_is_refused_in_one_line(t
     assert not output.exists()
 
 
+@pytest.mark.parametrize("layout", ["vctk-0.80", "libritts"])
+def test_clips_named_in_upper_case_or_converted_to_stereo_flac_are_found(tmp_path, capsys, layout):
+    """A corpus as people pass it around: one speaker's clips named `.WAV`, another's converted to flac in
+    stereo; with the base config's downmix on, every clip of every speaker is in the lists."""
+    corpus, speakers = make(layout, tmp_path)
+    clips = sorted(path for path in corpus.rglob("*") if path.suffix == ".wav")
+    for path in clips:
+        speaker = path.name.split("_")[0]
+        if speaker == speakers[0]:
+            path.rename(path.with_suffix(".WAV"))
+        elif speaker == speakers[1]:
+            audio, rate = soundfile.read(str(path), dtype="int16")
+            soundfile.write(str(path.with_suffix(".flac")), np.stack([audio, audio], axis=1), rate)
+            path.unlink()
+    base = write_config(str(tmp_path), "base.json", data_config__downmix=True)
+    output = tmp_path / "lists"
+    args = ["--corpus", str(corpus), "--output-dir", str(output), "--config", base, "--test-speakers", "1"]
+    assert prepare_corpus.main([*args, "--test-utterances", "1"]) == 0, capsys.readouterr().err
+    assert "9 clips of 3 speakers" in capsys.readouterr().out
+    assert json.load(open(output / "config.json"))["data_config"]["downmix"] is True
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["vctk-0.92", "libritts"])
 def test_a_prepared_corpus_trains_and_v_gives_a_table_per_speaker(tmp_path, capsys, layout):

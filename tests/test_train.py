@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 import synthesis
 import train
 from checkpoint import average_checkpoints, list_checkpoints, read_checkpoint
-from config import load_config
+from config import ConfigError, load_config
 from mel2samp import Mel2Samp, collate, write_mels
 from model import build_model
 from resumption import EpochSampler, WallClockLimit, training_batches
@@ -379,7 +379,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
 def test_non_finite_losses_stop_training_and_keep_the_last_checkpoint(trained, tmp_path):
     folder, _, _ = trained
     source = read_checkpoint(os.path.join(folder, "exp", "tiny", "waveflow_6"))
-    source["model"]["flows.0.proj_log_s_t.conv.bias"][:] = float("nan")
+    # finite (a checkpoint holding NaN is refused on loading), but exp(log_s) overflows: every loss is inf
+    source["model"]["flows.0.proj_log_s_t.conv.bias"][:] = 1e30
     output = tmp_path / "exp" / "tiny"
     output.mkdir(parents=True)
     torch.save(source, output / "waveflow_6")
@@ -1093,6 +1094,9 @@ def test_resume_position_of_our_checkpoints_the_originals_and_a_warm_start(tmp_p
     assert train.resume_position(100, 0, 0, 3, tc) == (0, 0, 112)  # warm start: numbering goes on from 100
     tc.max_iterations = 10
     assert train.resume_position(5, 1, 2, 3, tc) == (1, 2, 10)
+    # a checkpoint stopped further into its epoch than an epoch now lasts (batch_size grew): refused, no traceback
+    with pytest.raises(ConfigError, match="after batch 5 of epoch 0, but an epoch has 3 batches now"):
+        train.resume_position(5, 0, 5, 3, tc)
 
 
 def test_resuming_under_another_schedule_follows_the_configs_and_under_the_same_one_the_checkpoints(capsys):

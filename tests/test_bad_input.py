@@ -1,0 +1,180 @@
+"""Input as other tools write it, and input that is wrong: file lists and configs in other encodings, audio
+whose header hides its length, outputs that would overwrite each other, checkpoints that would compute
+another model or hold NaN, flags that cannot apply. Each one works, or ends in a one-line error."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import train
+from config import ConfigError, load_config
+from data import DataError, audio_length, read_file_list_entries
+from mel2samp import Mel2Samp, write_mels
+from model import build_model
+from test_train import RATE, make_corpus, run, run_here, write_config
+
+
+def write_bytes(path, data: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def test_file_lists_and_configs_as_windows_tools_write_them(tmp_path):
+    clip = str(tmp_path / "clip.wav")
+    soundfile.write(clip, np.zeros(4096, np.int16), RATE)
+    lines = f"# path|speaker|text\n{clip}|s1|café\n"
+    # a UTF-8 byte-order mark (Notepad), UTF-16 (PowerShell 5's `>`), CRLF; the header after a blank line
+    for name, data in (
+        ("bom.txt", b"\xef\xbb\xbf" + lines.encode()),
+        ("utf16.txt", lines.replace("\n", "\r\n").encode("utf-16")),
+        ("blank_first.txt", ("\n" + lines).encode()),
+    ):
+        assert read_file_list_entries(write_bytes(tmp_path / name, data)) == [(clip, "s1")], name
+    latin1 = write_bytes(tmp_path / "latin1.txt", lines.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt: not UTF-8 text \(line 2: byte 0xe9\); save it as UTF-8$"):
+        read_file_list_entries(latin1)
+    with pytest.raises(DataError, match="is a folder, not a file list"):
+        read_file_list_entries(str(tmp_path))
+
+    config = write_config(str(tmp_path))
+    with open(config, "rb") as f:
+        text = f.read()
+    assert load_config(write_bytes(tmp_path / "bom.json", b"\xef\xbb\xbf" + text)).train.batch_size == 2
+    broken = write_bytes(tmp_path / "latin1.json", text.replace(b'"tiny"', '"tïny"'.encode("latin-1")))
+    with pytest.raises(ConfigError, match="latin1.json: not UTF-8 text"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="is a folder, not a config file"):
+        load_config(str(tmp_path))
+
+
+def test_a_flac_whose_header_hides_its_length_is_refused_in_one_line(tmp_path):
+    """ffmpeg writing FLAC to a pipe cannot go back to fill in the length: libsndfile then reports 2**63 - 1
+    samples, and cannot seek in the file. Here the length field of a FLAC's STREAMINFO is zeroed, as ffmpeg
+    leaves it."""
+    path = str(tmp_path / "piped.flac")
+    soundfile.write(path, np.zeros(22050, np.int16), RATE, subtype="PCM_16")
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[21] &= 0xF0  # the 36-bit total-samples field: the low 4 bits of byte 21 and bytes 22-25
+    data[22:26] = bytes(4)
+    write_bytes(path, bytes(data))
+    with pytest.raises(DataError, match="piped.flac: its header does not say how many samples it holds"):
+        audio_length(path, RATE)
+
+
+def tiny_checkpoint(folder, name="waveflow_2", **changes):
+    """A checkpoint of write_config's model (untrained), with the config it stores."""
+    config_path = write_config(folder, name=f"{name}.json", **changes)
+    raw = json.load(open(config_path))
+    model = build_model(raw["waveflow_config"])
+    path = os.path.join(folder, name)
+    torch.save({"model": model.state_dict(), "iteration": 2, "config": raw}, path)
+    return path, model
+
+
+def test_synthesis_refuses_inputs_whose_outputs_would_overwrite_each_other(tmp_path, capsys):
+    folder = str(tmp_path)
+    config = write_config(folder)
+    checkpoint, _ = tiny_checkpoint(folder)
+    mel = torch.zeros(80, 16) - 5.0
+    for sub in ("a", "b"):
+        os.makedirs(tmp_path / sub)
+        np.save(tmp_path / sub / "x.npy", mel.numpy())
+    a, b = str(tmp_path / "a" / "x.npy"), str(tmp_path / "b" / "x.npy")
+    status, _, err = run_here(capsys, "-s", "-c", config, "--checkpoint_path", checkpoint, "--mels", a, b)
+    assert status == 1
+    assert err.strip() == (
+        f"error: '{a}' and '{b}' would both be written to x_synthesis.wav; rename one, or give them in separate runs"
+    )
+    assert not os.path.exists(os.path.join(folder, "exp", "samples", "tiny"))  # nothing synthesized
+    status, _, err = run_here(capsys, "-s", "-c", config, "--checkpoint_path", checkpoint, "--mels", a, a)
+    assert status == 0, err  # the same file twice is no clash
+    assert os.listdir(os.path.join(folder, "exp", "samples", "tiny")) == ["x_synthesis.wav"]
+
+
+def test_clips_of_one_name_in_two_folders_do_not_share_a_stored_mel(tmp_path):
+    make_corpus(str(tmp_path), n_train=1, n_test=0)
+    clips = []
+    for sub in ("a", "b"):
+        os.makedirs(tmp_path / sub)
+        clips.append(str(tmp_path / sub / "001.wav"))
+        os.link(tmp_path / "clip00.wav", clips[-1])
+    both = write_bytes(tmp_path / "both.txt", "\n".join(clips).encode())
+    with pytest.raises(DataError, match="would both be written to 001.wav.pt"):  # mel2samp.py refuses them
+        write_mels(str(both), write_config(str(tmp_path)), str(tmp_path / "mels"))
+    write_mels(
+        str(write_bytes(tmp_path / "a.txt", clips[0].encode())), write_config(str(tmp_path)), str(tmp_path / "m")
+    )
+    data = load_config(write_config(str(tmp_path), data_config__mel_directory=str(tmp_path / "m"))).data
+    with pytest.raises(DataError, match=r"001.wav' both find their mel in .*001.wav.pt; rename one"):
+        Mel2Samp.from_config(data, mode="train", file_list=clips)
+
+
+def test_checkpoints_that_would_compute_another_model_or_nan_are_refused(tmp_path, capsys):
+    folder = str(tmp_path)
+    make_corpus(folder, n_train=1, n_test=1)
+    checkpoint, model = tiny_checkpoint(folder)  # n_height 8
+    # n_height changes no tensor's shape: the stored config tells
+    config = write_config(folder, waveflow_config__n_height=16, data_config__segment_length=4096)
+    status, _, err = run_here(capsys, "-s", "-c", config, "--checkpoint_path", checkpoint)
+    assert status == 1
+    assert err.startswith(f"error: {checkpoint}: checkpoint was trained with waveflow_config n_height 8 where this")
+    assert len(err.strip().splitlines()) == 1
+    bipartized = write_config(folder, name="bi.json", waveflow_config__bipartize=True)
+    status, _, err = run_here(capsys, "-v", "-c", bipartized, "--checkpoint_path", checkpoint)
+    assert status == 1 and "bipartize false where this config has true" in err
+
+    state = model.state_dict()
+    state["upsample_conv.0.bias"] = torch.full_like(state["upsample_conv.0.bias"], float("nan"))
+    torch.save({"model": state}, tmp_path / "diverged")
+    status, _, err = run_here(capsys, "-s", "-c", write_config(folder), "--checkpoint_path", str(tmp_path / "diverged"))
+    assert status == 1 and "weight upsample_conv.0.bias holds NaN or infinite values" in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("-s", "-t", "nan"),
+        ("-s", "-t", "inf"),
+        ("-s", "--denoise", "nan"),
+        ("-s", "--denoise", "inf"),
+        ("--max_minutes", "nan"),
+        ("-s", "-w"),
+        ("-v", "--max_iterations", "3"),
+        ("-s", "--max_minutes", "1"),
+    ],
+)
+def test_flags_that_are_not_numbers_or_do_not_apply_are_refused(args, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.parse_args(["-c", "config.json", *args])
+    assert stopped.value.code == 2
+    assert ": error: " in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_an_error_in_a_dataloader_worker_is_one_line(tmp_path):
+    """PyTorch raises a worker's exception again in the main process with the worker's traceback in its
+    message; train.py prints the worker's own message."""
+    folder = str(tmp_path)
+    make_corpus(folder, n_train=4, n_test=1)
+    config = write_config(folder, data_config__num_workers=1, train_config__max_iterations=4)
+    clip = os.path.join(folder, "clip01.wav")  # a training clip whose header is good and samples are NaN
+    soundfile.write(clip, np.full(8000, np.nan, np.float32), RATE, subtype="FLOAT")
+    result = run("-c", config, check=False)  # a process of its own: DataLoader workers fork
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"error: {clip}: contains NaN or infinite samples"
+    assert "Traceback" not in result.stderr
+
+
+def test_synthesis_and_evaluation_do_not_warn_about_training_precision(monkeypatch, capsys):
+    monkeypatch.setattr(train, "has_bf16_matrix_units", lambda device: False)
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.json"))
+    assert config.train.bf16_run
+    train.setup_runtime(config, "cpu", training=False)
+    assert "bf16_run" not in capsys.readouterr().err
+    train.setup_runtime(config, "cpu")
+    assert "bf16_run: this CPU has no bf16 instructions" in capsys.readouterr().err
