@@ -147,6 +147,11 @@ def read_checkpoint(path: str) -> dict:
             f"{path}: not a readable checkpoint ({_first_sentence(error)}); only files "
             f"of tensors, numbers and strings are read, never pickled code"
         ) from None
+    if isinstance(checkpoint, dict) and "model" not in checkpoint:
+        # weights saved by hand: torch.save(model.state_dict(), path), or under "state_dict"
+        weights = checkpoint.get("state_dict", checkpoint)
+        if isinstance(weights, dict) and weights and all(isinstance(value, torch.Tensor) for value in weights.values()):
+            checkpoint = {"model": weights}
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise CheckpointError(f"{path}: not a NanoFlow checkpoint (no 'model' weights)")
     state = {

@@ -54,8 +54,8 @@ def _coerce(value, kind, where: str):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")  # JSON's Infinity, NaN, 1e400
         return float(value)
     if kind is str:
         if not isinstance(value, str):
@@ -217,6 +217,7 @@ class TrainConfig:
         _require(self.max_iterations >= 0, f"{s}.max_iterations must be >= 0 (0: no limit), got {self.max_iterations}")
         _require(self.max_minutes >= 0, f"{s}.max_minutes must be >= 0 (0: no limit), got {self.max_minutes}")
         _require(not (self.fp16_run and self.bf16_run), f"{s}: fp16_run and bf16_run cannot both be on")
+        _require(0 <= self.seed < 2**63, f"{s}.seed must be in [0, 2**63), got {self.seed}")  # torch.manual_seed's
 
 
 @dataclass
@@ -305,6 +306,11 @@ def check_model_rules(config: Config, training: bool) -> None:
         f"the upsampler turns each mel frame into that many samples",
     )
     if training:
+        _require(
+            data.segment_length > data.filter_length // 2,
+            f"{where}data_config.segment_length ({data.segment_length}) must exceed data_config.filter_length / 2 "
+            f"({data.filter_length // 2}) for the mel spectrogram's reflect padding of a training crop",
+        )
         _require(
             data.segment_length % model.n_height == 0,
             f"{where}data_config.segment_length ({data.segment_length}) must be a multiple of "

@@ -104,7 +104,7 @@ class Mel2Samp(Dataset):
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
-        if segment_length <= filter_length // 2:
+        if mode != "synthesis" and segment_length <= filter_length // 2:  # whole clips need no crop
             raise ConfigError(
                 f"data_config.segment_length ({segment_length}) must exceed filter_length / 2 "
                 f"({filter_length // 2}) for the mel spectrogram's reflect padding"

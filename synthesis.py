@@ -285,6 +285,10 @@ def evaluate(config: Config, args: argparse.Namespace, device: torch.device, amp
     dtype, precision = synthesis_precision(config, args.precision, device)
     model = trained_model(config, args, device)
     human = sys.stderr if args.json == "-" else sys.stdout  # with --json -, stdout holds only the JSON
+    if args.json and args.json != "-":  # a path that cannot be written is said before the measuring, not after
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise StorageError(f"{args.json}: cannot write the measures there (a folder, or no writable folder)")
     likelihood, speakers = None, {}
     if args.mels:
         inputs = evaluation_inputs(config, args)
@@ -346,8 +350,7 @@ def evaluate(config: Config, args: argparse.Namespace, device: torch.device, amp
         if args.json == "-":
             print(text)
         else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+            write_atomically(args.json, (text + "\n").encode(), durable=False)
             print(f"wrote {args.json}", file=human)
 
 

@@ -257,8 +257,10 @@ def resolve_device(name: str | None, local_rank: int | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name}: not a device name (cpu, cuda, cuda:0, ...)") from None
-    if device.type != "cuda":
+    if device.type == "cpu":
         return device
+    if device.type != "cuda":
+        raise ConfigError(f"--device {name}: not supported; the commands run on cpu or cuda")
     if not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: this machine has no CUDA device that PyTorch can use")
     index = device.index

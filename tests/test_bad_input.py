@@ -178,3 +178,33 @@ def test_synthesis_and_evaluation_do_not_warn_about_training_precision(monkeypat
     assert "bf16_run" not in capsys.readouterr().err
     train.setup_runtime(config, "cpu")
     assert "bf16_run: this CPU has no bf16 instructions" in capsys.readouterr().err
+
+
+def test_weights_saved_by_hand_are_a_checkpoint(tmp_path, capsys):
+    """torch.save(model.state_dict(), path), as the Python API hands the weights out, or under "state_dict"."""
+    folder = str(tmp_path)
+    make_corpus(folder, n_train=1, n_test=1)
+    config = write_config(folder)
+    state = build_model(json.load(open(config))["waveflow_config"]).state_dict()
+    for name, saved in (("bare", state), ("wrapped", {"state_dict": state, "epoch": 3})):
+        torch.save(saved, tmp_path / name)
+        status, out, err = run_here(capsys, "-s", "-c", config, "--checkpoint_path", str(tmp_path / name))
+        assert status == 0 and "clip01_synthesis.wav" in out, err
+    torch.save({"epoch": 3}, tmp_path / "nothing")
+    status, _, err = run_here(capsys, "-s", "-c", config, "--checkpoint_path", str(tmp_path / "nothing"))
+    assert status == 1 and "not a NanoFlow checkpoint (no 'model' weights)" in err
+
+
+def test_evaluation_says_its_json_path_cannot_be_written_before_measuring(tmp_path, capsys):
+    folder = str(tmp_path)
+    make_corpus(folder, n_train=1, n_test=1)
+    checkpoint, _ = tiny_checkpoint(folder)
+    target = str(tmp_path / "missing" / "measures.json")
+    status, out, err = run_here(
+        capsys, "-v", "-c", write_config(folder), "--checkpoint_path", checkpoint, "--json", target
+    )
+    assert (
+        status == 1
+        and err.strip() == f"error: {target}: cannot write the measures there (a folder, or no writable folder)"
+    )
+    assert "log-likelihood" not in out.lower() and "LL" not in out  # nothing measured

@@ -3,6 +3,7 @@
 import copy
 import glob
 import json
+import math
 import os
 import re
 
@@ -40,8 +41,13 @@ def test_every_bundled_config_parses():
         (lambda c: c["data_config"].update(mel_fmax=20000.0), "mel_fmax"),
         (lambda c: c["train_config"].update(fp16_run=True, bf16_run=True), "fp16_run and bf16_run cannot both be on"),
         (lambda c: c["train_config"].update(batch_size=0), r"train_config\.batch_size must be at least 1"),
-        (lambda c: c["train_config"].update(learning_rate="fast"), r"train_config\.learning_rate must be a number"),
+        (
+            lambda c: c["train_config"].update(learning_rate="fast"),
+            r"train_config\.learning_rate must be a finite number",
+        ),
         (lambda c: c["train_config"].update(max_minutes=-1), r"train_config\.max_minutes must be >= 0 \(0: no limit\)"),
+        (lambda c: c["train_config"].update(sigma=math.inf), r"train_config\.sigma must be a finite number, got inf"),
+        (lambda c: c["train_config"].update(seed=2**64), r"train_config\.seed must be in \[0, 2\*\*63\)"),
         (
             lambda c: c["train_config"].update(with_tensorboard="maybe"),
             r"train_config\.with_tensorboard must be a boolean",
@@ -133,6 +139,11 @@ def test_a_command_reads_only_the_sections_it_asks_for():
             False,
             r"waveflow_config\.upsample_factors must be a list of integers, got 256",
         ),
+        (
+            {"data_config": {"segment_length": 512}},
+            True,
+            r"data_config\.segment_length \(512\) must exceed data_config\.filter_length / 2 \(512\)",
+        ),
     ],
 )
 def test_rules_between_sections_name_both_keys(changes, training, message):
@@ -146,5 +157,7 @@ def test_rules_between_sections_name_both_keys(changes, training, message):
 def test_synthesis_does_not_need_the_training_crop_rules():
     config = demo()
     config["data_config"]["segment_length"] = 8200
+    check_model_rules(config_from_dict(config, "demo.json"), training=False)
+    config["data_config"]["segment_length"] = 256  # no crop of whole clips needs it
     check_model_rules(config_from_dict(config, "demo.json"), training=False)
     check_model_rules(config_from_dict(demo(), "demo.json"), training=True)

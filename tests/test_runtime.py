@@ -63,6 +63,8 @@ def test_a_gpu_without_an_index_is_the_local_ranks_or_the_current_one(
         ("cuda:3", 2, None, "error: --device cuda:3: no cuda:3 on this machine, which has 2 CUDA devices"),
         ("cuda", 2, "2", "error: --device cuda: no cuda:2 (LOCAL_RANK 2) on this machine, which has 2 CUDA devices"),
         ("cuda", 0, None, "error: --device cuda: this machine has no CUDA device that PyTorch can use"),
+        ("meta", 2, None, "error: --device meta: not supported; the commands run on cpu or cuda"),
+        ("mps", 2, None, "error: --device mps: not supported"),
     ],
 )
 def test_a_device_that_is_not_there_is_a_one_line_error(two_gpus, monkeypatch, capsys, name, gpus, local_rank, message):
