@@ -46,6 +46,7 @@ def _read_error(path: str, error: Exception) -> DataError:
     return DataError(f"{path}: cannot read audio ({reason})")
 
 
+MAX_FLOAT_PEAK = 4.0  # a float file's samples beyond this are not audio in [-1, 1] (a little over is kept)
 UNKNOWN_LENGTH = 2**63 - 1  # libsndfile's frame count (SF_COUNT_MAX) for a stream that did not record its length
 
 
@@ -150,6 +151,12 @@ def load_audio(
         raise DataError(f"{path}: no audio samples could be read from sample {start}")
     if not torch.isfinite(audio).all():
         raise DataError(f"{path}: contains NaN or infinite samples")
+    peak = float(audio.abs().max())
+    if peak > MAX_FLOAT_PEAK:  # integer formats are in [-1, 1) here: only float files get this far
+        raise DataError(
+            f"{path}: float samples reach {peak:.4g}, far outside [-1, 1] (written at 16-bit scale? "
+            f"divide them by 32768)"
+        )
     return audio
 
 

@@ -12,7 +12,7 @@ import torch
 
 import train
 from config import ConfigError, load_config
-from data import DataError, audio_length, read_file_list_entries
+from data import DataError, audio_length, load_audio, read_file_list_entries
 from mel2samp import Mel2Samp, write_mels
 from model import build_model
 from test_train import RATE, make_corpus, run, run_here, write_config
@@ -208,3 +208,16 @@ def test_evaluation_says_its_json_path_cannot_be_written_before_measuring(tmp_pa
         and err.strip() == f"error: {target}: cannot write the measures there (a folder, or no writable folder)"
     )
     assert "log-likelihood" not in out.lower() and "LL" not in out  # nothing measured
+
+
+def test_a_float_wav_written_at_16_bit_scale_is_refused(tmp_path):
+    """scipy.io.wavfile.write of int16-scaled floats: a peak of thousands is no audio in [-1, 1]; a little
+    over 1 (a float file's headroom) is kept."""
+    t = np.arange(8000) / RATE
+    loud = str(tmp_path / "scaled.wav")
+    soundfile.write(loud, (np.sin(2 * np.pi * 220 * t) * 20000).astype(np.float32), RATE, subtype="FLOAT")
+    with pytest.raises(DataError, match=r"scaled.wav: float samples reach 2e\+04, far outside \[-1, 1\]"):
+        load_audio(loud, RATE)
+    hot = str(tmp_path / "hot.wav")
+    soundfile.write(hot, (np.sin(2 * np.pi * 220 * t) * 1.05).astype(np.float32), RATE, subtype="FLOAT")
+    assert float(load_audio(hot, RATE).abs().max()) > 1.0
