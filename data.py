@@ -24,6 +24,7 @@ import soxr
 import torch
 from torch import nn
 
+from checkpoint import _first_sentence
 from config import HOP_LENGTH, DataConfig
 from storage import read_text, write_atomically
 
@@ -271,15 +272,22 @@ def _read_mel(path: str, n_mel_channels: int, mmap: bool):
                     raise
                 mel = torch.load(path, map_location="cpu", weights_only=True)  # a file in torch's legacy format
     except Exception as error:  # torch.load and np.load raise many types for a damaged file
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise DataError(f"{path}: cannot read mel ({reason})") from None
+        raise DataError(f"{path}: cannot read mel ({_first_sentence(error)})") from None
     if not isinstance(mel, (np.ndarray, torch.Tensor)):
         raise DataError(f"{path}: expected a tensor, found {type(mel).__name__}")
-    if mel.ndim == 3 and mel.shape[0] == 1:
+    batched = mel.ndim == 3 and mel.shape[0] == 1
+    if batched:
         mel = mel[0]
     if mel.ndim != 2 or mel.shape[0] != n_mel_channels or mel.shape[1] == 0:
-        transposed = mel.ndim == 2 and mel.shape[1] == n_mel_channels
-        hint = " (transposed? the mel channels come first)" if transposed else ""
+        hint = ""
+        if mel.ndim == 2 and mel.shape[1] == n_mel_channels:  # a square mel could be either way: taken as it is
+            first = "[0]" if batched else ""
+            transpose = (
+                f"np.save({path!r}, np.load({path!r}){first}.T)"
+                if extension == ".npy"
+                else f"torch.save(torch.load({path!r}){first}.T, {path!r})"
+            )
+            hint = f" (frames first, as ESPnet, ParallelWaveGAN and Coqui save mels: transpose it, {transpose})"
         raise DataError(f"{path}: mel has shape {list(mel.shape)}, expected [{n_mel_channels}, frames]{hint}")
     return mel
 
@@ -298,7 +306,7 @@ def load_mel(path: str, n_mel_channels: int = 80) -> torch.Tensor:
     """
     mel = _read_mel(path, n_mel_channels, mmap=False)
     if isinstance(mel, np.ndarray):
-        mel = torch.from_numpy(mel)
+        mel = torch.from_numpy(mel.astype(mel.dtype.newbyteorder("="), copy=False))  # torch reads native order
     if not mel.is_floating_point():
         raise DataError(f"{path}: mel has dtype {mel.dtype}, expected a floating point log-mel")
     mel = mel.float()

@@ -38,6 +38,9 @@ from modules import WeightNormMixin
 from storage import describe, write_atomically
 
 OPSET = 17  # ONNX opset of the exported graph: every operator it uses is older; TensorRT 8.6+ reads it
+MIN_OPSET = 9  # below it the exporter writes ConstantFill, which onnxruntime no longer runs
+# The TorchScript-based exporter's highest (20 in torch 2.13): torch's own constant, as it moves with torch.
+MAX_OPSET: int = getattr(importlib.import_module("torch.onnx._constants"), "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", OPSET)
 INPUT_NAMES = ("mel", "z")
 OUTPUT_NAMES = ("audio",)
 DYNAMIC_AXES = {
@@ -255,7 +258,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--check", action="store_true", help="run the file with onnxruntime and compare its audio with PyTorch's"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        parser.error(f"--opset {args.opset}: this export supports opsets {MIN_OPSET} to {MAX_OPSET}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

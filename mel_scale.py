@@ -47,18 +47,24 @@ NORMALISED_FEATURES = (-0.002, 0.001)
 # in one recording; a level 10 dB up or down moves the second feature by about 0.5.
 FEATURE_TOLERANCES = (0.15, 0.5)
 STATS_EPSILON = 1e-20  # ESPnet's floor on a band's variance
+# Fewer frames say nothing of a mel's units: every window of this many frames of the demo corpus's ln mels is
+# taken as ln, where shorter ones of quiet frames (the end of a clip) may be taken for log10 (docs/corpora.md).
+MIN_FRAMES = 48
+# After a conversion, more of the values below ln(1e-5) than this means a wrong one: a correctly converted mel
+# of speech 30 dB quieter than the demo's has a fifth there, an ln mel given --mel_scale log10 about half.
+BELOW_FLOOR_FRACTION = 0.25
 
 ADVICE = {
     "log10": "--mel_scale log10 converts it",
     "db": "--mel_scale db converts it",
     "normalised": "--mel_stats FILE, the mean and std per band its model was trained with, converts it",
-    "linear": "take its natural log first, ln(max(mel, 1e-5))",
+    "linear": "a mel of magnitudes needs ln(max(mel, 1e-5)) first, one scaled into [0, 1] its scaling undone",
 }
 DESCRIPTIONS = {
     "log10": "a log10 mel (the ln mel / 2.303, as ESPnet and ParallelWaveGAN make)",
     "db": "a mel in decibels (8.686 times the ln mel)",
     "normalised": "a mean-variance normalised mel (mean near 0, std near 1)",
-    "linear": "a mel of magnitudes, not of their log (no negative value)",
+    "linear": "a mel with no negative value (magnitudes, not their log, or a mel scaled into [0, 1])",
 }
 
 
@@ -81,13 +87,17 @@ def corpus_features(mels: list[np.ndarray]) -> dict[str, tuple[float, float]]:
 
 def looks_like(mel: torch.Tensor | np.ndarray, floored: bool = True) -> str | None:
     """The units `mel [n_mels, F]` looks like: "ln", "log10", "db", "normalised" or "linear"; None for a
-    constant mel, which says nothing of its units. A mel `floored` as this vocoder's is (as read, not one
-    converted from other units, whose floor may lie lower) is not an ln mel if a value is below ln(1e-5)."""
-    values = mel.detach().cpu().numpy() if isinstance(mel, torch.Tensor) else np.asarray(mel)
-    if values.size < 2 or float(values.std()) == 0.0:
+    constant mel and, unless it has no negative value, for one of fewer than `MIN_FRAMES` frames: they say
+    nothing of their units. A mel `floored` as this vocoder's is (as read, not one converted from other units,
+    whose floor may lie lower) is not an ln mel if a value is below ln(1e-5)."""
+    values = mel.detach().cpu().numpy() if isinstance(mel, torch.Tensor) else mel
+    values = np.asarray(values, dtype=np.float64)  # as `features` computes: a float32 std of a constant is not 0
+    if values.size < 2 or float(values.min()) == float(values.max()):
         return None
     if float(values.min()) >= 0.0:
         return "linear"
+    if values.shape[-1] < MIN_FRAMES:
+        return None
     centres = {name: (LN_FEATURES[0] + math.log(factor), LN_FEATURES[1]) for name, factor in MEL_SCALES.items()}
     centres["normalised"] = NORMALISED_FEATURES
     if floored and float(values.min()) < LN_FLOOR - 1e-3:  # below the floor of an ln mel: it is not one
@@ -187,24 +197,45 @@ class MelConversion:
     def __call__(self, mel: torch.Tensor, source: str) -> torch.Tensor:
         """mel [n_mels, F] as read from `source` -> the ln mel [n_mels, F] the vocoder takes."""
         converted = self.scale != "ln" or self.stats is not None
+        read = mel
         if self.stats is not None:
             mean, std = self.stats
             mel = mel * std[:, None] + mean[:, None]
         if converted:
             mel = mel / MEL_SCALES[self.scale]
         kind = looks_like(mel, floored=not converted)  # before the floor, which would hide a wrong scale
-        if kind is not None and kind != "ln":
-            given = " ".join(
-                option
-                for option in (
-                    f"--mel_stats {self.stats_path}" if self.stats_path else "",
-                    f"--mel_scale {self.scale}" if self.scale != "ln" else "",
-                )
-                if option
+        given = " ".join(
+            option
+            for option in (
+                f"--mel_stats {self.stats_path}" if self.stats_path else "",
+                f"--mel_scale {self.scale}" if self.scale != "ln" else "",
             )
+            if option
+        )
+        if kind is not None and kind != "ln":
             state = f"after {given} it still looks like" if converted else "looks like"
             warn(
                 f"{source}: {state} {DESCRIPTIONS[kind]} ({describe_values(mel)}), not the natural-log mel the "
-                f"vocoder takes: {ADVICE[kind]}"
+                f"vocoder takes: {self.advice(kind)}"
+            )
+        elif converted and (below := float((mel < LN_FLOOR - 1e-3).float().mean())) > BELOW_FLOOR_FRACTION:
+            as_read = looks_like(read)
+            if as_read == "ln":
+                advice = f"as read it looks like the natural-log mel already: leave out {given}"
+            elif as_read in MEL_SCALES and self.stats_path:
+                advice = f"as read it looks like {DESCRIPTIONS[as_read]}: --mel_scale {as_read} without --mel_stats"
+            elif as_read is not None:
+                advice = f"as read it looks like {DESCRIPTIONS[as_read]}: {self.advice(as_read)}"
+            else:
+                advice = f"does the mel as read need {given}?"
+            warn(
+                f"{source}: after {given} it still looks like no natural-log mel: {below:.0%} of its values lie "
+                f"below its floor ln(1e-5) = {LN_FLOOR:.1f} and are clamped to it ({describe_values(mel)}); {advice}"
             )
         return mel.clamp(min=LN_FLOOR) if converted else mel
+
+    def advice(self, kind: str) -> str:
+        """What converts a mel that looks like `kind` (not "ln"), given the options given."""
+        if kind == "normalised" and self.stats_path:
+            return f"are the statistics in {self.stats_path} the ones its model was trained with?"
+        return ADVICE[kind]

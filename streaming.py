@@ -216,7 +216,7 @@ class StreamingSynthesis:
         end = self.received - SYNTHESIS_TRIM_FRAMES
         if end <= 0:
             raise ValueError(
-                f"a mel of {self.received} frames is too short to synthesize "
+                f"a mel of {self.received} frame{'s' if self.received != 1 else ''} is too short to synthesize "
                 f"(need at least {SYNTHESIS_TRIM_FRAMES + 1})"
             )
         chunks = []

@@ -125,7 +125,8 @@ def test_loss(
 def unsynthesizable(frames: int, hop_length: int) -> str | None:
     """Why a mel of `frames` frames of `hop_length` samples cannot be synthesized; None when it can."""
     if synthesis_length(frames, hop_length) <= 0:
-        return f"a mel of {frames} frames is too short to synthesize (need at least {SYNTHESIS_TRIM_FRAMES + 1})"
+        plural = "s" if frames != 1 else ""
+        return f"a mel of {frames} frame{plural} is too short to synthesize (need at least {SYNTHESIS_TRIM_FRAMES + 1})"
     return None
 
 
@@ -493,7 +494,7 @@ def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -
     too_short_inputs = [(source, reason) for _, source, reason, _ in inputs if reason is not None]
     if len(too_short_inputs) == len(inputs):
         source, reason = too_short_inputs[0]
-        others = f" (as are the {len(inputs) - 1} others)" if len(inputs) > 1 else ""
+        others = {1: "", 2: " (as is the other)"}.get(len(inputs), f" (as are the {len(inputs) - 1} others)")
         raise DataError(f"{source}: {reason}{others}")
     dtype, precision = synthesis_precision(config, args.precision, device)
     print(precision)

@@ -8,6 +8,7 @@ import pytest
 import soundfile
 import torch
 
+import train
 from data import DataError, MelSpectrogram, audio_length, load_audio, load_mel, read_file_list
 
 RATE = 22050
@@ -162,7 +163,7 @@ def test_bad_mel_files_are_refused(tmp_path):
     (tmp_path / "corrupt.pt").write_bytes(b"garbage")
     (tmp_path / "mel.txt").write_text("1 2 3")
     cases = [
-        ("transposed.pt", "transposed"),
+        ("transposed.pt", "frames first"),
         ("wrong.npy", "[40, 7]"),
         ("dict.pt", "expected a tensor"),
         ("corrupt.pt", "cannot read"),
@@ -173,3 +174,47 @@ def test_bad_mel_files_are_refused(tmp_path):
         with pytest.raises(DataError) as excinfo:
             load_mel(str(tmp_path / name))
         assert_one_line_error(excinfo, tmp_path / name, problem)
+
+
+def test_a_big_endian_npy_mel_loads(tmp_path):
+    mel = np.random.default_rng(0).standard_normal((80, 7)).astype(np.float32)
+    np.save(tmp_path / "big.npy", mel.astype(">f4"))  # as numpy writes on a big-endian machine, or asked to
+    loaded = load_mel(str(tmp_path / "big.npy"))
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, torch.from_numpy(mel))
+
+
+def test_a_pt_mel_of_pickled_objects_is_refused_in_a_short_line(tmp_path):
+    path = tmp_path / "pickled.pt"
+    torch.save(np.zeros((80, 7), np.float32), path)  # a numpy array: torch.load(weights_only=True) refuses it
+    with pytest.raises(DataError) as excinfo:
+        load_mel(str(path))
+    assert_one_line_error(excinfo, path, "cannot read mel")
+    assert len(str(excinfo.value)) < len(str(path)) + 100 and "\x1b" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("name", ["time_major.npy", "time_major.pt", "batched.npy"])
+def test_a_time_major_mel_is_refused_with_the_line_that_transposes_it(tmp_path, monkeypatch, name):
+    """ESPnet, ParallelWaveGAN and Coqui save [frames, 80]: the error gives the command that fixes the file."""
+    mel = np.random.default_rng(0).standard_normal((80, 7)).astype(np.float32)
+    path = str(tmp_path / name)
+    if name.endswith(".pt"):
+        torch.save(torch.from_numpy(mel.T.copy()), path)
+    else:
+        np.save(path, mel.T[None] if name.startswith("batched") else mel.T)
+    with pytest.raises(DataError) as excinfo:
+        load_mel(path)
+    assert_one_line_error(excinfo, path, "[80, frames]", "frames first")
+    command = str(excinfo.value).split("transpose it, ")[1].removesuffix(")")
+    exec(command, {"np": np, "torch": torch})  # as a user pastes it
+    assert torch.equal(load_mel(path), torch.from_numpy(mel))
+
+
+def test_too_short_mels_are_counted_in_good_english(tmp_path, capsys):
+    for name in ("a.npy", "b.npy"):
+        np.save(tmp_path / name, np.zeros((80, 1), np.float32))
+    checkpoint = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrained")
+    config = os.path.join(os.path.dirname(checkpoint), "configs", "demo.json")
+    args = ["-s", "-c", config, "--checkpoint_path", os.path.join(checkpoint, "nanoflow-demo.pt")]
+    assert train.main([*args, "--mels", str(tmp_path)]) == 1
+    expected = "a mel of 1 frame is too short to synthesize (need at least 4) (as is the other)"
+    assert capsys.readouterr().err.strip().endswith(f"error: {tmp_path / 'a.npy'}: {expected}")

@@ -10,6 +10,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
+import export  # noqa: E402
 from export import OPSET, export_onnx, main, noise_shape  # noqa: E402
 from model import WaveFlow, synthesis_length, unsqueeze  # noqa: E402
 from test_model import random_model, tiny_config  # noqa: E402
@@ -162,3 +163,18 @@ def test_without_onnx_the_command_says_what_to_install(exported_setup, tmp_path,
     )
     assert main(["-c", str(config_path), "--checkpoint_path", str(checkpoint), "-o", str(tmp_path / "m.onnx")]) == 1
     one_line_error(capsys, "onnx", "requirements-onnx.txt")
+
+
+@pytest.mark.parametrize("opset", [6, 8, 99])
+def test_an_opset_outside_what_the_export_supports_is_refused_before_exporting(
+    exported_setup, tmp_path, capsys, monkeypatch, opset
+):
+    """Below 9 the file has ConstantFill, which onnxruntime cannot load; above the exporter's highest it fails."""
+    config_path, checkpoint, _ = exported_setup
+    monkeypatch.setattr(export, "export_onnx", lambda *args: pytest.fail("exported"))
+    out = tmp_path / "m.onnx"
+    with pytest.raises(SystemExit):
+        main(["-c", str(config_path), "--checkpoint_path", str(checkpoint), "-o", str(out), "--opset", str(opset)])
+    err = capsys.readouterr().err
+    assert f"error: --opset {opset}: this export supports opsets 9 to {export.MAX_OPSET}\n" in err, err
+    assert "Traceback" not in err and not out.exists()

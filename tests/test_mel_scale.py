@@ -129,13 +129,65 @@ def test_normalised_mels_are_recognised_and_converted_back(kind, scale, heldout,
     assert "--mel_stats FILE" in capsys.readouterr().err
 
 
+def test_a_constant_mel_says_nothing_of_its_units(capsys):
+    for value in (math.log(1e-5), 0.0, -3.0):  # a float32 std of these is not 0, a float64 one is
+        mel = np.full((80, 87), value, np.float32)
+        assert looks_like(mel) is None
+        assert torch.equal(MelConversion()(torch.from_numpy(mel), "silence.npy"), torch.from_numpy(mel))
+    assert capsys.readouterr().err == ""
+
+
+def test_every_window_of_the_demo_corpus_long_enough_to_judge_is_taken_as_ln():
+    """Below MIN_FRAMES frames the units are not judged: shorter windows of quiet frames look like log10."""
+    mel = MelSpectrogram()
+    with torch.no_grad():
+        mels = [mel(load_audio(os.path.join(DEMO, "wavs", name), RATE)).numpy() for name in os.listdir(DEMO + "/wavs")]
+    for frames in (4, 8, 16, mel_scale.MIN_FRAMES - 1, mel_scale.MIN_FRAMES):
+        kinds = {looks_like(ln[:, start : start + frames]) for ln in mels for start in range(ln.shape[1] - frames)}
+        assert kinds == ({"ln"} if frames == mel_scale.MIN_FRAMES else {None}), frames
+
+
+def test_a_conversion_that_leaves_much_below_the_floor_is_warned_about(heldout, tmp_path, capsys):
+    ln = torch.from_numpy(heldout[0])
+    MelConversion("log10")(ln, "ln.npy")  # an ln mel taken for a log10 one: 2.3 times too low
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ln.npy: after --mel_scale log10 it still looks like no natural-log mel: ")
+    assert err.endswith("as read it looks like the natural-log mel already: leave out --mel_scale log10\n")
+    frames = np.concatenate(heldout, axis=1)
+    path = write_stats(str(tmp_path), "parallelwavegan.npy", frames, frames.mean(axis=1), frames.std(axis=1))
+    MelConversion("ln", path)(ln, "ln.npy")  # never normalised
+    assert f"after --mel_stats {path} it still looks like no natural-log mel" in capsys.readouterr().err
+    MelConversion("log10", path)(ln / math.log(10), "log10.npy")  # a log10 mel never normalised
+    assert "as read it looks like a log10 mel (" in capsys.readouterr().err
+    # A log10 mel floored at 1e-10 (ParallelWaveGAN's) of speech 30 dB quieter passes the floor, rightly converted.
+    with torch.no_grad():
+        audio = load_audio(read_file_list(os.path.join(DEMO, "heldout", "test_files.txt"))[0], RATE)
+        quiet = MelSpectrogram(log_floor=1e-10)(0.03 * audio)
+    MelConversion("log10")(quiet / math.log(10), "quiet.npy")
+    assert capsys.readouterr().err == ""
+
+
+def test_the_advice_fits_the_mel_and_the_options_given(heldout, tmp_path, capsys):
+    minmax = (heldout[0] - heldout[0].min()) / (heldout[0].max() - heldout[0].min())  # scaled into [0, 1]
+    MelConversion()(torch.from_numpy(minmax), "minmax.npy")
+    err = capsys.readouterr().err
+    assert "scaled into [0, 1]" in err and "take its natural log first" not in err
+    path = str(tmp_path / "identity.npy")  # statistics that undo nothing
+    np.save(path, np.stack([np.zeros(80), np.ones(80)]))
+    normalised = (heldout[0] - heldout[0].mean(axis=1, keepdims=True)) / heldout[0].std(axis=1, keepdims=True)
+    MelConversion("ln", path)(torch.from_numpy(normalised), "n.npy")
+    err = capsys.readouterr().err
+    assert "still looks like a mean-variance normalised mel" in err and "--mel_stats FILE" not in err
+    assert f"are the statistics in {path} the ones its model was trained with?" in err
+
+
 def test_a_mel_still_wrong_after_conversion_is_named(heldout, capsys):
     log10_and_db = heldout[0] * 20 / math.log(10)
     MelConversion("log10")(torch.from_numpy(log10_and_db), "x.npy")
     err = capsys.readouterr().err
     assert err.startswith("warning: x.npy: after --mel_scale log10 it still looks like a mel in decibels")
     MelConversion()(torch.exp(torch.from_numpy(heldout[0])), "linear.npy")
-    assert "a mel of magnitudes, not of their log" in capsys.readouterr().err
+    assert "a mel with no negative value (magnitudes, not their log" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -174,7 +226,7 @@ def test_synthesis_of_another_models_mel_through_the_command_line(heldout, tmp_p
         json.dump(config, f)
     checkpoint = str(tmp_path / "model.pt")
     torch.save({"model": random_model(config["waveflow_config"]).state_dict()}, checkpoint)
-    ln = heldout[0][:, :40]
+    ln = heldout[0][:, : mel_scale.MIN_FRAMES]
     (tmp_path / "ln").mkdir()
     (tmp_path / "log10").mkdir()
     np.save(tmp_path / "ln" / "clip.npy", ln)
