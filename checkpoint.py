@@ -28,7 +28,7 @@ import zipfile
 
 import torch
 
-from storage import write_atomically
+from storage import first_sentence, write_atomically
 
 CHECKPOINT_PREFIX = "waveflow_"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
@@ -144,7 +144,7 @@ def read_checkpoint(path: str) -> dict:
         if not zipfile.is_zipfile(path):
             raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save)") from None
         raise CheckpointError(
-            f"{path}: not a readable checkpoint ({_first_sentence(error)}); only files "
+            f"{path}: not a readable checkpoint ({first_sentence(error)}); only files "
             f"of tensors, numbers and strings are read, never pickled code"
         ) from None
     if isinstance(checkpoint, dict) and "model" not in checkpoint:
@@ -163,11 +163,6 @@ def read_checkpoint(path: str) -> dict:
     if state and all(key.startswith("module.") for key in state):
         checkpoint["model"] = {key[len("module.") :]: value for key, value in state.items()}
     return checkpoint
-
-
-def _first_sentence(error: Exception) -> str:
-    text = " ".join(str(error).split())
-    return (text.split(". ")[0][:160] or type(error).__name__).rstrip(".")
 
 
 def _describe(names: list[str]) -> str:
@@ -324,7 +319,7 @@ def load_checkpoint(
             scaler.load_state_dict(checkpoint["scaler"])
     except (ValueError, KeyError, RuntimeError) as error:
         raise CheckpointError(
-            f"{path}: optimizer state does not fit this model ({_first_sentence(error)}); "
+            f"{path}: optimizer state does not fit this model ({first_sentence(error)}); "
             f"use --warm_start to load weights only"
         ) from None
     return checkpoint

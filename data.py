@@ -24,9 +24,8 @@ import soxr
 import torch
 from torch import nn
 
-from checkpoint import _first_sentence
 from config import HOP_LENGTH, DataConfig
-from storage import read_text, write_atomically
+from storage import first_sentence, read_text, write_atomically
 
 MEL_FILE_EXTENSIONS = (".pt", ".npy")
 MAX_WAV_VALUE = 32768.0  # 16-bit PCM full scale, as Tacotron 2 scales it
@@ -272,7 +271,7 @@ def _read_mel(path: str, n_mel_channels: int, mmap: bool):
                     raise
                 mel = torch.load(path, map_location="cpu", weights_only=True)  # a file in torch's legacy format
     except Exception as error:  # torch.load and np.load raise many types for a damaged file
-        raise DataError(f"{path}: cannot read mel ({_first_sentence(error)})") from None
+        raise DataError(f"{path}: cannot read mel ({first_sentence(error)})") from None
     if not isinstance(mel, (np.ndarray, torch.Tensor)):
         raise DataError(f"{path}: expected a tensor, found {type(mel).__name__}")
     batched = mel.ndim == 3 and mel.shape[0] == 1

@@ -38,6 +38,18 @@ def describe(error: OSError) -> str:
     return f"[Errno {error.errno}] {error.strerror}" if error.strerror else str(error)
 
 
+def first_sentence(error: Exception) -> str:
+    """The first sentence of `error`'s message on one line (at most 160 characters), or its type's name."""
+    text = " ".join(str(error).split())
+    return (text.split(". ")[0][:160] or type(error).__name__).rstrip(".")
+
+
+def first_line(error: Exception) -> str:
+    """`error` in one line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def read_text(path: str) -> str:
     """The text of a UTF-8 file, as other tools write it: a byte-order mark (Windows editors) is dropped,
     and UTF-16 with its mark (Windows PowerShell's `>`) is read too. Text in another encoding is a

@@ -44,7 +44,7 @@ from mel_scale import MelConversion
 from metrics import MEASURES, MIN_SAMPLES, format_table, measure, summarize
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_likelihood, synthesis_length
 from runtime import has_bf16_matrix_units
-from storage import StorageError, TrainingLogs, describe, warn, write_atomically
+from storage import StorageError, TrainingLogs, describe, first_line, warn, write_atomically
 from streaming import stream
 
 # The speech measures synthesize at this temperature unless -t says otherwise (-s keeps the original's 1.0).
@@ -259,7 +259,7 @@ class CheckpointReport:
             except Exception as error:  # a measure is a report: whatever its failure, training goes on
                 warn(
                     f"iteration {iteration}: {name}: cannot measure the synthesis "
-                    f"({type(error).__name__}: {_first_line(error)}); training goes on"
+                    f"({first_line(error)}); training goes on"
                 )
         summary = summarize(results)
         defined = {name: entry["mean"] for name, entry in summary.items() if entry["mean"] is not None}
@@ -273,10 +273,6 @@ class CheckpointReport:
             logs.add("scalar", "eval/loss", loss, iteration)
             for name, value in defined.items():
                 logs.add("scalar", f"eval/{name}", value, iteration)
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [""])[0]
 
 
 def evaluate(config: Config, args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None) -> None:

@@ -55,7 +55,7 @@ from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_lik
 from resumption import EpochSampler, StopRequest, WallClockLimit, training_batches
 from run_folder import claim_run_folder, refuse_overwriting, run_dir, write_on_main
 from runtime import Runtime, global_any, has_bf16_matrix_units
-from storage import StorageError, TrainingLogs, describe, warn, write_atomically
+from storage import StorageError, TrainingLogs, describe, first_line, warn, write_atomically
 from streaming import CONTEXT_FRAMES, LOOKAHEAD_FRAMES
 from synthesis import (
     BF16_MIN_CHANNELS,
@@ -555,12 +555,6 @@ def worker_message(error: Exception) -> str:
     if "\nOriginal Traceback" not in text:
         return text
     return re.sub(r"^[\w.]*: ", "", text.rstrip().splitlines()[-1], count=1)  # "data.DataError: <message>"
-
-
-def first_line(error: Exception) -> str:
-    """`error` in one line: its type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def compile_forward(model: WaveFlow, runtime: Runtime) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
