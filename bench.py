@@ -22,7 +22,8 @@ main process, i.e. the CPU work one batch costs, and as training reads it
 of --loader_workers worker processes, in batches per second.
 `--compile` adds the training step compiled as `train.py --compile` compiles
 it, timed alternately with an eager one (`speedup`), and its first step, which
-compiles.
+compiles. Bad input (a flag out of range, a config train.py would refuse, fp16 on
+a CPU) ends the command in one `error:` line before anything is measured.
 """
 
 from __future__ import annotations
@@ -31,21 +32,25 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import resource
 import statistics
+import sys
 import time
 from dataclasses import replace
 
 import torch
 
-from config import load_config
+from config import ConfigError, check_model_rules, load_config
 from cuda_graphs import CudaGraphCache
+from data import DataError
 from mel2samp import Mel2Samp, collate
 from model import SYNTHESIS_TRIM_FRAMES, build_model, negative_log_likelihood, synthesis_length
 from resumption import EpochSampler, training_batches
 from runtime import has_bf16_matrix_units
-from train import compile_mode
+from storage import describe
+from train import compile_mode, resolve_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEMO_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo", "train_files.txt")
@@ -55,6 +60,12 @@ DEMO_RATE = 22050
 def loading_list(config) -> str:
     """The file list the loading cases read: the demo corpus, or the config's own at another rate."""
     return DEMO_LIST if config.data.sampling_rate == DEMO_RATE else config.data.training_files
+
+
+def loading_dataset(config, segment: int) -> Mel2Samp:
+    """The dataset of `loading_list` that the loading cases read, in `segment`-sample crops."""
+    data = replace(config.data, segment_length=segment)
+    return Mel2Samp.from_config(data, mode="train", file_list=loading_list(config), seed=0)
 
 
 def synchronize(device: torch.device) -> None:
@@ -157,12 +168,45 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def synthesis_frames(seconds: float, rate: int, hop_length: int) -> int:
+    """Mel frames that synthesize about `seconds` of audio at `rate` Hz."""
+    return round(seconds * rate / hop_length) + SYNTHESIS_TRIM_FRAMES
+
+
+def check_lengths(args: argparse.Namespace, config, cases: set[str]) -> None:
+    """The lengths the flags ask for, against what the model and the mel need (a ConfigError naming the flag):
+    each synthesis a positive multiple of n_height samples; the training crop a multiple of n_height (the
+    model folds the audio into n_height rows) and longer than the mel's reflect padding."""
+    model, data = config.waveflow, config.data
+    if "synthesis" in cases:
+        for seconds in args.seconds:
+            samples = synthesis_length(
+                synthesis_frames(seconds, data.sampling_rate, model.hop_length), model.hop_length
+            )
+            if samples <= 0 or samples % model.n_height:
+                raise ConfigError(
+                    f"--seconds {seconds:g} gives {samples} samples, which must be positive and a multiple of "
+                    f"waveflow_config.n_height ({model.n_height})"
+                )
+    segment = args.segment_length
+    if segment is not None and "training" in cases and segment % model.n_height:
+        raise ConfigError(
+            f"--segment_length {segment} must be a multiple of waveflow_config.n_height ({model.n_height}): "
+            f"the model folds the audio into n_height rows"
+        )
+    if segment is not None and "loading" in cases and segment <= data.filter_length // 2:
+        raise ConfigError(
+            f"--segment_length {segment} must exceed data_config.filter_length / 2 ({data.filter_length // 2}) "
+            f"for the mel spectrogram's reflect padding"
+        )
+
+
 def bench_synthesis(
     model, device, dtype, seconds: float, batch: int, warmup: int, graphs: CudaGraphCache | None, rate: int, args
 ) -> dict:
     """Synthesis of `seconds` of audio at `rate` Hz, `batch` clips at once."""
     hop_length = model.config.hop_length
-    frames = round(seconds * rate / hop_length) + SYNTHESIS_TRIM_FRAMES
+    frames = synthesis_frames(seconds, rate, hop_length)
     mel = torch.randn(batch, model.config.cin_channels, frames, device=device, dtype=dtype)
     samples = batch * synthesis_length(frames, hop_length)
     with PeakMemory(device) as memory:
@@ -244,9 +288,7 @@ def bench_compiled_training(config, device, dtype, batch: int, segment: int, arg
     return result
 
 
-def bench_loading(config, batch: int, segment: int, args) -> dict:
-    data = replace(config.data, segment_length=segment)
-    dataset = Mel2Samp.from_config(data, mode="train", file_list=loading_list(config), seed=0)
+def bench_loading(dataset: Mel2Samp, batch: int, args) -> dict:
     indices = [i % len(dataset) for i in range(batch)]
     times = timed(
         lambda: collate([dataset[i] for i in indices]),
@@ -255,16 +297,16 @@ def bench_loading(config, batch: int, segment: int, args) -> dict:
         args.warmup,
         args.max_seconds,
     )
-    return {"case": f"data loading {batch} x {segment}", "seconds": statistics.median(times), "runs": len(times)}
+    return {
+        "case": f"data loading {batch} x {dataset.segment_length}",
+        "seconds": statistics.median(times),
+        "runs": len(times),
+    }
 
 
-def bench_loader(config, device, batch: int, segment: int, workers: int, args) -> dict:
+def bench_loader(dataset: Mel2Samp, device, batch: int, workers: int, args) -> dict:
     """Batches per second from the loader training reads, with nothing else running: what it can feed."""
-    data = replace(config.data, segment_length=segment)
-    dataset = Mel2Samp.from_config(data, mode="train", file_list=loading_list(config), seed=0)
     sampler = EpochSampler(len(dataset), batch, seed=0)
-    if sampler.batches_per_epoch == 0:
-        raise SystemExit(f"error: the corpus's {len(dataset)} clips cannot fill a batch of {batch}")
     count = max(10 * args.repeats, 3 * sampler.batches_per_epoch, 30)
     batches = training_batches(dataset, sampler, (0, 0), 2**31, workers, pin_memory=device.type == "cuda")
     next(batches)  # the workers' start, paid once per run
@@ -274,18 +316,19 @@ def bench_loader(config, device, batch: int, segment: int, workers: int, args) -
     elapsed = time.perf_counter() - start
     del batches  # its workers end with it
     return {
-        "case": f"data loader {batch} x {segment}, {workers} worker{'' if workers == 1 else 's'}",
+        "case": f"data loader {batch} x {dataset.segment_length}, {workers} worker{'' if workers == 1 else 's'}",
         "seconds": elapsed / count,
         "runs": count,
         "batches_per_second": count / elapsed,
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, each value checked: one out of range is a ConfigError naming its flag."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("-c", "--config", required=True)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", default=None, help="default: a GPU when there is one, else the CPU")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp16 needs a CUDA device")
     parser.add_argument("--seconds", type=float, nargs="+", default=[1.0, 10.0], help="synthesis lengths")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="synthesis batch sizes")
     parser.add_argument("--train_batch", type=int, default=None, help="default: the config's batch_size")
@@ -310,12 +353,58 @@ def main() -> None:
         help="also the training step compiled as train.py --compile compiles it, timed alternately with the "
         "eager one, and its first (compiling) step",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    positive = {
+        "--seconds": args.seconds,
+        "--batches": args.batches,
+        "--train_batch": [] if args.train_batch is None else [args.train_batch],
+        "--segment_length": [] if args.segment_length is None else [args.segment_length],
+        "--repeats": [args.repeats],
+    }
+    for flag, values in positive.items():
+        for value in values:
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} must be positive, got {value:g}")
+    for flag, values in {"--warmup": [args.warmup], "--loader_workers": args.loader_workers}.items():
+        for value in values:
+            if value < 0:
+                raise ConfigError(f"{flag} must be >= 0, got {value}")
+    if not args.max_seconds >= 0:
+        raise ConfigError(f"--max_seconds must be >= 0, got {args.max_seconds:g}")
+    return args
 
-    config = load_config(args.config)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    batch = args.train_batch or config.train.batch_size
-    segment = args.segment_length or config.data.segment_length
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        config = load_config(args.config)
+        cases = {"synthesis", "training", "loading"} - set(args.skip)
+        # The config's own segment_length is checked as training checks it; the flag's in check_lengths.
+        check_model_rules(config, training="training" in cases and args.segment_length is None)
+        device, dtype = resolve_device(args.device, None), DTYPES[args.dtype]
+        if dtype == torch.float16 and device.type != "cuda":
+            raise ConfigError(
+                "--dtype fp16 needs a CUDA device (a CPU emulates fp16, minutes a case); use fp32, or bf16 on a CPU "
+                "with bf16 instructions"
+            )
+        check_lengths(args, config, cases)
+        batch = config.train.batch_size if args.train_batch is None else args.train_batch
+        segment = config.data.segment_length if args.segment_length is None else args.segment_length
+        dataset = loading_dataset(config, segment) if "loading" in cases else None
+        if dataset is not None and args.loader_workers and len(dataset) < batch:
+            raise DataError(f"{loading_list(config)}: its {len(dataset)} clips cannot fill a training batch of {batch}")
+        run(args, config, device, dtype, batch, segment, dataset)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a file the command could not read, beyond those named above
+        print(f"error: {'' if error.filename is None else f'{error.filename}: '}{describe(error)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args, config, device, dtype, batch: int, segment: int, dataset: Mel2Samp | None) -> None:
+    """Every case not skipped, with the matmul yardsticks before and after them; prints the report."""
     reference = [matmul_gflops(device, dtype)]
     # Tensor cores and CPU matrix engines are rated in bf16: every figure is also given against that, where
     # the device has them. A CPU without them emulates bf16 products, some hundred times slower than fp32:
@@ -347,13 +436,13 @@ def main() -> None:
             results.append(bench_compiled_training(config, device, dtype, batch, segment, args))
         if "checkpointing" not in args.skip:
             results.append(bench_training(config, device, dtype, batch, segment, True, args))
-    if "loading" not in args.skip:
-        loading = bench_loading(config, batch, segment, args)
+    if dataset is not None:
+        loading = bench_loading(dataset, batch, args)
         if training is not None:
             loading["percent_of_training_step"] = 100 * loading["seconds"] / training["seconds"]
         results.append(loading)
         for workers in args.loader_workers:
-            results.append(bench_loader(config, device, batch, segment, workers, args))
+            results.append(bench_loader(dataset, device, batch, workers, args))
     reference.append(matmul_gflops(device, dtype))
     if bf16_units:
         bf16_reference.append(matmul_gflops(device, torch.bfloat16))
@@ -422,4 +511,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,11 +11,13 @@ samples `samples_<epoch>.png` and TensorBoard scalars, all in --output_dir.
 
 import argparse
 import json
+import math
 import os
 import random
 import re
 import shutil
 import sys
+import zipfile
 from itertools import islice
 
 import matplotlib.image
@@ -74,27 +76,98 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=0, help="random seed" + default)
     add("--subset", type=int, default=0, help="use only the first N images of each split, 0: all" + default)
     add("--temperature", type=float, default=0.7, help="temperature of the samples saved each epoch" + default)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_ranges(args)
+    if args.saved_optimizer and not args.saved_model:
+        sys.exit("error: --saved_optimizer goes with --saved_model (the weights the optimizer state belongs to)")
+    return args
+
+
+# The least value of each flag that has one; a value below it is refused in one line naming the flag.
+MINIMUMS = {
+    "batch_size": 1,
+    "eval_batch_size": 1,
+    "hidden_channels": 1,
+    "K": 1,
+    "L": 1,
+    "n_init_batches": 1,
+    "n_workers": 0,
+    "subset": 0,
+    "flow_embed_dim": 0,
+    "warmup": 0,
+}
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    for name, minimum in MINIMUMS.items():
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= minimum):
+            sys.exit(f"error: --{name} must be >= {minimum}, got {value:g}")
+    for name in ("lr", "actnorm_scale"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            sys.exit(f"error: --{name} must be positive, got {value:g}")
+
+
+class CheckpointError(ValueError):
+    """A --saved_model or --saved_optimizer that does not fit the model the flags describe; one line."""
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Everything that can refuse the command (flags, data, checkpoints, the output folder) before
+    anything is written."""
     args = parse_args(argv)
     check_resume_files(args)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     try:
         image_shape, num_classes, train_set, test_set = get_datasets(
             args.dataset, args.dataroot, args.augment, args.download, args.subset
         )
+        check_levels(args.L, image_shape)
+        if len(train_set) < args.batch_size:
+            sys.exit(f"error: {len(train_set)} training images is less than one batch of {args.batch_size}")
+        set_seed(args.seed)
+        model = build_model(args, image_shape, num_classes).to(device)
+        optimizer = torch.optim.Adamax(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
+        start_epoch = 0
+        if args.saved_model:
+            start_epoch = load_checkpoint(model, optimizer, args.saved_model, args.saved_optimizer, device)
         prepare_output_dir(args.output_dir, args.fresh)
-    except (DatasetNotFoundError, FileExistsError) as error:
+    except (DatasetNotFoundError, CheckpointError, FileExistsError) as error:
         sys.exit(f"error: {error}")
-    if len(train_set) < args.batch_size:
-        sys.exit(f"error: {len(train_set)} training images is less than one batch of {args.batch_size}")
     with open(os.path.join(args.output_dir, "hparams.json"), "w") as file:
         hparams = {key: value for key, value in vars(args).items() if key != "fresh"}
         json.dump(hparams, file, sort_keys=True, indent=4)
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    set_seed(args.seed)
-    train(args, device, image_shape, num_classes, train_set, test_set)
+    train(args, device, model, optimizer, start_epoch, num_classes, train_set, test_set)
+
+
+def check_levels(levels: int, image_shape: tuple[int, int, int]) -> None:
+    """Each level's squeeze halves the image's side: it must divide by 2 ** --L."""
+    height, width, _ = image_shape
+    if height % 2**levels or width % 2**levels:
+        most = min((height & -height).bit_length(), (width & -width).bit_length()) - 1
+        sys.exit(
+            f"error: --L {levels}: each level halves the side of the {height} x {width} images, which allow at "
+            f"most {most} levels"
+        )
+
+
+def build_model(args: argparse.Namespace, image_shape: tuple[int, int, int], num_classes: int) -> Glow:
+    return Glow(
+        image_shape,
+        args.hidden_channels,
+        args.K,
+        args.L,
+        args.actnorm_scale,
+        args.flow_permutation,
+        args.flow_coupling,
+        args.LU_decomposed,
+        num_classes,
+        args.learn_top,
+        args.y_condition,
+        args.model_type,
+        args.flow_embed_dim,
+    )
 
 
 def check_resume_files(args: argparse.Namespace) -> None:
@@ -128,36 +201,21 @@ def set_seed(seed: int) -> None:
 def train(
     args: argparse.Namespace,
     device: torch.device,
-    image_shape: tuple[int, int, int],
+    model: Glow,
+    optimizer: torch.optim.Optimizer,
+    start_epoch: int,
     num_classes: int,
     train_set: ImageDataset,
     test_set: ImageDataset,
 ) -> None:
+    """Epochs `start_epoch + 1` to --epochs; a model not resumed (no --saved_model) first has its ActNorm
+    initialised."""
     train_loader = DataLoader(
         train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.n_workers, drop_last=True
     )
     test_loader = DataLoader(test_set, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.n_workers)
-    model = Glow(
-        image_shape,
-        args.hidden_channels,
-        args.K,
-        args.L,
-        args.actnorm_scale,
-        args.flow_permutation,
-        args.flow_coupling,
-        args.LU_decomposed,
-        num_classes,
-        args.learn_top,
-        args.y_condition,
-        args.model_type,
-        args.flow_embed_dim,
-    ).to(device)
     print(f"num_param: {model.num_parameters()}")
-    optimizer = torch.optim.Adamax(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
-    if args.saved_model:
-        start_epoch = load_checkpoint(model, optimizer, args.saved_model, args.saved_optimizer, device)
-    else:
-        start_epoch = 0
+    if not args.saved_model:
         initialize_actnorm(model, train_loader, args.n_init_batches, args.y_condition, num_classes, device)
     writer = SummaryWriter(args.output_dir)
     step = start_epoch * len(train_loader)
@@ -267,14 +325,79 @@ def load_checkpoint(
     model: Glow, optimizer: torch.optim.Optimizer, model_path: str, optimizer_path: str, device: torch.device
 ) -> int:
     """Loads the model (and the optimizer, if given); returns the epoch in the file name
-    (`glow_model_<epoch>.pth`, 0 if it has none), from which training resumes."""
-    model.load_state_dict(torch.load(model_path, map_location=device))
+    (`glow_model_<epoch>.pth`, 0 if it has none), from which training resumes. Files that do not fit the
+    model the flags describe are a CheckpointError."""
+    state = read_state_dict(model_path, device)
+    check_fits(model, state, model_path)
+    model.load_state_dict(state)
     # ActNorm's initialisation is not in the state dict, but its result is.
     model.set_actnorm_init()
     if optimizer_path:
-        optimizer.load_state_dict(torch.load(optimizer_path, map_location=device))
+        try:
+            optimizer.load_state_dict(read_state_dict(optimizer_path, device))
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"{optimizer_path}: not the optimizer state of {model_path}'s model ({first_sentence(error)})"
+            ) from None
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                for value in optimizer.state[parameter].values():
+                    if isinstance(value, torch.Tensor) and value.dim() and value.shape != parameter.shape:
+                        raise CheckpointError(
+                            f"{optimizer_path}: not the optimizer state of {model_path}'s model (a state of shape "
+                            f"{list(value.shape)} for a parameter of shape {list(parameter.shape)})"
+                        )
     match = re.search(r"_(\d+)\.\w+$", model_path)
     return int(match.group(1)) if match else 0
+
+
+def read_state_dict(path: str, device: torch.device) -> dict:
+    """A state dict that torch.save wrote, read without unpickling code."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch.load raises many types for a file it cannot read
+        why = "" if not zipfile.is_zipfile(path) else f" ({first_sentence(error)})"
+        raise CheckpointError(f"{path}: not a checkpoint written by torch.save{why}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a state dict (holds a {type(state).__name__})")
+    return state
+
+
+def check_fits(model: Glow, state: dict, path: str) -> None:
+    """Refuse weights whose names or shapes differ from those of the model the flags describe."""
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    reshaped = [
+        f"{name} {list(state[name].shape)} vs {list(value.shape)}"
+        for name, value in expected.items()
+        if isinstance(state.get(name), torch.Tensor) and state[name].shape != value.shape
+    ]
+    others = [name for name, value in state.items() if name in expected and not isinstance(value, torch.Tensor)]
+    problems = [
+        f"{len(names)} {what} ({describe(names)})"
+        for names, what in (
+            (missing, "tensors missing"),
+            (unexpected, "unexpected"),
+            (reshaped, "of another shape"),
+            (others, "not tensors"),
+        )
+        if names
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{path}: not a checkpoint of the model these flags describe (--model_type, --hidden_channels, --K, "
+            f"--L, --flow_embed_dim, ... as in its run's hparams.json): " + "; ".join(problems)
+        )
+
+
+def describe(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def first_sentence(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return (text.split(". ")[0][:160] or type(error).__name__).rstrip(".")
 
 
 @torch.no_grad()

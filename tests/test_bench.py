@@ -8,13 +8,14 @@ import sys
 import pytest
 import torch
 
+import bench
 from runtime import has_bf16_matrix_units
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.json")
 
-pytestmark = pytest.mark.slow  # bench.py end to end, in a subprocess
 
-
+@pytest.mark.slow  # bench.py end to end, in a subprocess
 def test_bench_reports_every_case_as_json(tmp_path):
     with open(os.path.join(ROOT, "configs", "demo.json")) as f:
         config = json.load(f)
@@ -75,3 +76,74 @@ def test_bench_reports_every_case_as_json(tmp_path):
     for workers in ("0 workers", "1 worker"):
         loader = cases[f"data loader 2 x 2048, {workers}"]
         assert loader["batches_per_second"] > 0 and loader["runs"] >= 30
+
+
+def demo_config_with(tmp_path, section: str, **changes) -> str:
+    with open(DEMO_CONFIG) as f:
+        config = json.load(f)
+    config[section].update(changes)
+    path = tmp_path / "changed.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seconds", "0"], "error: --seconds must be positive, got 0"),
+        (["--seconds", "1", "-1"], "error: --seconds must be positive, got -1"),
+        (["--seconds", "0.0001"], "error: --seconds 0.0001 gives 0 samples, which must be positive and a multiple of"),
+        (["--batches", "0"], "error: --batches must be positive, got 0"),
+        (["--repeats", "0"], "error: --repeats must be positive, got 0"),
+        (["--train_batch", "0"], "error: --train_batch must be positive, got 0"),
+        (["--train_batch", "100"], f"error: {bench.DEMO_LIST}: its 26 clips cannot fill a training batch of 100"),
+        (["--segment_length", "-16000"], "error: --segment_length must be positive, got -16000"),
+        (["--segment_length", "1000"], "error: --segment_length 1000 must be a multiple of waveflow_config.n_height"),
+        (["--segment_length", "256", "--skip", "training"], "error: --segment_length 256 must exceed data_config.fil"),
+        (["--warmup", "-1"], "error: --warmup must be >= 0, got -1"),
+        (["--loader_workers", "0", "-1"], "error: --loader_workers must be >= 0, got -1"),
+        (["--max_seconds", "-1"], "error: --max_seconds must be >= 0, got -1"),
+        (["--device", "cpu", "--dtype", "fp16"], "error: --dtype fp16 needs a CUDA device"),
+        (["--device", "cuda"], "error: --device cuda: this machine has no CUDA device that PyTorch can use"),
+        (["--device", "gpu0"], "error: --device gpu0: not a device name"),
+    ],
+)
+def test_a_bad_flag_is_a_one_line_error_before_any_work(flags, message, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device cuda as on a CPU-only build
+
+    def no_work(*args):
+        raise AssertionError("bench.py measured before checking its flags")
+
+    monkeypatch.setattr(bench, "matmul_gflops", no_work)
+    status = bench.main(["-c", DEMO_CONFIG, *flags])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == "" and err.startswith(message) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    "section, changes, message",
+    [
+        ("train_config", {"learning_rte": 1e-3}, "train_config: unknown key 'learning_rte'; did you mean"),
+        ("data_config", {"n_mel_channels": 40}, "data_config.n_mel_channels (40) and waveflow_config.cin_channels"),
+        ("data_config", {"segment_length": 16001}, "data_config.segment_length (16001) must be a multiple of"),
+    ],
+)
+def test_a_bad_config_is_a_one_line_error(tmp_path, section, changes, message, capsys):
+    path = demo_config_with(tmp_path, section, **changes)
+    assert bench.main(["-c", path]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: {path}: {message}") and err.count("\n") == 1, err
+
+
+def test_a_missing_config_ends_the_command_in_one_line(tmp_path):
+    missing = str(tmp_path / "nonexistent.json")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench.py"), "-c", missing],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == f"error: {missing}: config file not found\n"

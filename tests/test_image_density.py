@@ -5,6 +5,7 @@ names, shapes and parameter counts, copied from the project's reference material
 """
 
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -30,6 +31,7 @@ if IMAGE_DIR not in sys.path:
 from glow_model import MODEL_TYPES, Glow  # noqa: E402
 from image_datasets import DatasetNotFoundError, download, get_datasets, random_translate  # noqa: E402
 
+ROOT = os.path.dirname(IMAGE_DIR)
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "image_density_state_dicts.json")
 # The original README's commands (all --hidden_channels 256) and their parameter counts.
 README_COMMANDS = [
@@ -327,3 +329,106 @@ def test_download_verifies_the_checksum(tmp_path):
     download(source.as_uri(), target, hashlib.md5(b"not really cifar").hexdigest())
     with open(target, "rb") as file:
         assert file.read() == b"not really cifar"
+
+
+def image_train_module():
+    """image_density_experiments/train.py under another name than the vocoder's train.py."""
+    spec = importlib.util.spec_from_file_location("image_density_train", os.path.join(IMAGE_DIR, "train.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def refused(argv: list[str]) -> str:
+    """The one `error:` line that `main(argv)` ends with (Python prints it to stderr and exits with 1)."""
+    with pytest.raises(SystemExit) as stopped:
+        image_train_module().main(argv)
+    message = stopped.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch_size", "0"], "error: --batch_size must be >= 1, got 0"),
+        (["--batch_size", "-1"], "error: --batch_size must be >= 1, got -1"),
+        (["--eval_batch_size", "0"], "error: --eval_batch_size must be >= 1, got 0"),
+        (["--n_workers", "-1"], "error: --n_workers must be >= 0, got -1"),
+        (["--hidden_channels", "0"], "error: --hidden_channels must be >= 1, got 0"),
+        (["--n_init_batches", "0"], "error: --n_init_batches must be >= 1, got 0"),
+        (["--K", "0"], "error: --K must be >= 1, got 0"),
+        (["--L", "0"], "error: --L must be >= 1, got 0"),
+        (["--L", "6"], "error: --L 6: each level halves the side of the 32 x 32 images, which allow at most 5 levels"),
+        (["--subset", "-1"], "error: --subset must be >= 0, got -1"),
+        (["--flow_embed_dim", "-1"], "error: --flow_embed_dim must be >= 0, got -1"),
+        (["--lr", "0"], "error: --lr must be positive, got 0"),
+        (["--lr", "-0.001"], "error: --lr must be positive, got -0.001"),
+        (["--warmup", "-1"], "error: --warmup must be >= 0, got -1"),
+        (["--actnorm_scale", "0"], "error: --actnorm_scale must be positive, got 0"),
+        (["--saved_optimizer", "glow_optimizer_1.pth"], "error: --saved_optimizer goes with --saved_model"),
+    ],
+)
+def test_a_flag_out_of_range_is_refused_in_one_line_before_anything_is_written(flags, message, cifar_root, tmp_path):
+    output_dir = tmp_path / "run"
+    common = ["--dataroot", cifar_root, "--output_dir", str(output_dir), "--no_cuda", "--subset", "32"]
+    assert refused([*common, *flags]).startswith(message)
+    assert not output_dir.exists()
+
+
+def saved_state(path, module: torch.nn.Module | torch.optim.Optimizer) -> str:
+    torch.save(module.state_dict(), path)
+    return str(path)
+
+
+def adamax_after_one_step(model: Glow) -> torch.optim.Optimizer:
+    optimizer = torch.optim.Adamax(model.parameters())
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    return optimizer
+
+
+def test_a_checkpoint_of_another_model_or_no_checkpoint_is_refused_before_the_output_folder(cifar_root, tmp_path):
+    glow = Glow((32, 32, 3), model_type="glow", **TINY)
+    nanoflow = saved_state(tmp_path / "glow_model_1.pth", Glow((32, 32, 3), model_type="nanoflow", **TINY))
+    wider = Glow((32, 32, 3), model_type="glow", **{**TINY, "hidden_channels": 16})
+    wider_model = saved_state(tmp_path / "wider_model_1.pth", wider)
+    wider_optimizer = saved_state(tmp_path / "wider_optimizer_1.pth", adamax_after_one_step(wider))
+    glow_model = saved_state(tmp_path / "glow_model_2.pth", glow)
+    vocoder = os.path.join(ROOT, "tests", "fixtures", "waveflow-small.pt")
+    wav = os.path.join(ROOT, "data", "demo", "wavs", "demo_001.wav")
+    output_dir = tmp_path / "run"
+    common = ["--dataroot", cifar_root, "--output_dir", str(output_dir), *CLI_TINY, "--batch_size", "8"]
+    common += ["--subset", "32", "--n_workers", "0", "--no_cuda"]
+    another = "not a checkpoint of the model these flags describe"
+    cases = [
+        (["--saved_model", nanoflow], f"error: {nanoflow}: {another}", "unexpected (flow.layers.1.multgate"),
+        (["--saved_model", wider_model], f"error: {wider_model}: {another}", "of another shape"),
+        (["--saved_model", vocoder], f"error: {vocoder}: {another}", "unexpected (name, waveflow_config"),
+        (["--saved_model", wav], f"error: {wav}: not a checkpoint written by torch.save", ""),
+        (
+            ["--saved_model", glow_model, "--saved_optimizer", glow_model],
+            f"error: {glow_model}: not the optimizer state of {glow_model}'s model",
+            "",
+        ),
+        (
+            ["--saved_model", glow_model, "--saved_optimizer", wider_optimizer],
+            f"error: {wider_optimizer}: not the optimizer state of {glow_model}'s model",
+            "a state of shape",
+        ),
+    ]
+    for flags, start, detail in cases:
+        message = refused([*common, *flags])
+        assert message.startswith(start) and detail in message, message
+        assert not output_dir.exists()
+
+
+def test_a_refused_checkpoint_ends_the_command_in_one_line_and_writes_nothing(cifar_root, tmp_path):
+    output_dir = tmp_path / "run"
+    wrong = saved_state(tmp_path / "glow_model_1.pth", Glow((32, 32, 3), model_type="nanoflow", **TINY))
+    result = run_train(*train_command(cifar_root, str(output_dir), "glow"), "--saved_model", wrong)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {wrong}: not a checkpoint of") and result.stderr.count("\n") == 1
+    assert not output_dir.exists()
