@@ -39,8 +39,19 @@ from storage import describe, write_atomically
 
 OPSET = 17  # ONNX opset of the exported graph: every operator it uses is older; TensorRT 8.6+ reads it
 MIN_OPSET = 9  # below it the exporter writes ConstantFill, which onnxruntime no longer runs
-# The TorchScript-based exporter's highest (20 in torch 2.13): torch's own constant, as it moves with torch.
-MAX_OPSET: int = getattr(importlib.import_module("torch.onnx._constants"), "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", OPSET)
+
+
+def _max_opset() -> int:
+    """The TorchScript-based exporter's highest opset (20 in torch 2.13): torch's own (private) constant, as it
+    moves with torch; OPSET where a torch lacks it."""
+    try:
+        constants = importlib.import_module("torch.onnx._constants")
+    except ImportError:
+        return OPSET
+    return int(getattr(constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", OPSET))
+
+
+MAX_OPSET = _max_opset()
 INPUT_NAMES = ("mel", "z")
 OUTPUT_NAMES = ("audio",)
 DYNAMIC_AXES = {
