@@ -318,6 +318,17 @@ def check_model_rules(config: Config, training: bool) -> None:
         )
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict; a key given twice (of which JSON would keep the last, silently) is a
+    ValueError naming it."""
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key '{key}' appears twice in one object; JSON would keep only the last")
+        result[key] = value
+    return result
+
+
 def load_config(path: str, sections: tuple[str, ...] = MODEL_SECTIONS) -> Config:
     """Read a JSON config file and validate its `sections`."""
     if os.path.isdir(path):
@@ -325,9 +336,9 @@ def load_config(path: str, sections: tuple[str, ...] = MODEL_SECTIONS) -> Config
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = json.loads(read_text(path))
+        raw = json.loads(read_text(path), object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}: not valid JSON ({error})") from None
-    except ValueError as error:  # not UTF-8
+    except ValueError as error:  # not UTF-8, or a key given twice
         raise ConfigError(f"{path}: {error}") from None
     return config_from_dict(raw, source=path, sections=sections)

@@ -421,7 +421,7 @@ def evaluation_inputs(config: Config, args: argparse.Namespace):
     `LJ001-0001.wav` as `LJ001-0001.wav.pt`), or `NAME.wav` or `NAME.flac` when NAME has no
     audio extension; it is looked for beside the mel file, then among the test list's files.
     """
-    test_files = None
+    test_files: dict[str, list[str]] | None = None
     inputs = []
     convert = mel_conversion(config, args)
     for path in mel_files(args.mels):
@@ -434,8 +434,17 @@ def evaluation_inputs(config: Config, args: argparse.Namespace):
         ]
         if not found:
             if test_files is None:
-                test_files = {os.path.basename(audio): audio for audio in read_file_list(config.data.test_files)}
-            found = [test_files[candidate] for candidate in candidates if candidate in test_files]
+                test_files = {}
+                for audio in read_file_list(config.data.test_files):  # base name -> every test clip of that name
+                    test_files.setdefault(os.path.basename(audio), []).append(audio)
+            for candidate in candidates:
+                clips = sorted(set(test_files.get(candidate, [])))
+                if len(clips) > 1:
+                    raise DataError(
+                        f"{path}: its audio is ambiguous: {config.data.test_files} holds {clips[0]} and {clips[1]}; "
+                        f"put the audio beside the mel"
+                    )
+                found += clips
         if not found:
             raise DataError(
                 f"{path}: no audio to measure it against: looked for {' or '.join(candidates)} beside "

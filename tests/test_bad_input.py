@@ -221,3 +221,31 @@ def test_a_float_wav_written_at_16_bit_scale_is_refused(tmp_path):
     hot = str(tmp_path / "hot.wav")
     soundfile.write(hot, (np.sin(2 * np.pi * 220 * t) * 1.05).astype(np.float32), RATE, subtype="FLOAT")
     assert float(load_audio(hot, RATE).abs().max()) > 1.0
+
+
+def test_a_config_key_given_twice_is_refused(tmp_path):
+    """JSON keeps the last of two equal keys without a word: `"batch_size": 2, ..., "batch_size": 8`."""
+    config = write_config(str(tmp_path))
+    text = open(config).read().replace('"epochs": 2,', '"epochs": 2, "epochs": 3,')
+    write_bytes(tmp_path / "twice.json", text.encode())
+    with pytest.raises(ConfigError, match="twice.json: key 'epochs' appears twice in one object"):
+        load_config(str(tmp_path / "twice.json"))
+
+
+def test_measuring_a_mel_whose_audio_two_test_clips_could_be_is_refused(tmp_path, capsys):
+    """-v --mels finds a mel's recording by its name among the test clips: two clips of that name in two
+    folders leave it ambiguous."""
+    folder = str(tmp_path)
+    make_corpus(folder, n_train=1, n_test=1)
+    clips = []
+    for sub in ("a", "b"):
+        os.makedirs(tmp_path / sub)
+        clips.append(str(tmp_path / sub / "clip01.wav"))
+        os.link(tmp_path / "clip01.wav", clips[-1])
+    write_bytes(tmp_path / "test.txt", "\n".join(clips).encode())
+    write_mels(str(write_bytes(tmp_path / "one.txt", clips[0].encode())), write_config(folder), str(tmp_path / "mels"))
+    checkpoint, _ = tiny_checkpoint(folder)
+    mel = str(tmp_path / "mels" / "clip01.wav.pt")
+    status, _, err = run_here(capsys, "-v", "-c", write_config(folder), "--checkpoint_path", checkpoint, "--mels", mel)
+    assert status == 1
+    assert f"error: {mel}: its audio is ambiguous: " in err and clips[0] in err and clips[1] in err
