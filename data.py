@@ -15,6 +15,7 @@ Ogg) are refused: their decoders give no sample-exact reads from a position.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 
 import librosa
@@ -48,6 +49,26 @@ def _read_error(path: str, error: Exception) -> DataError:
 
 MAX_FLOAT_PEAK = 4.0  # a float file's samples beyond this are not audio in [-1, 1] (a little over is kept)
 UNKNOWN_LENGTH = 2**63 - 1  # libsndfile's frame count (SF_COUNT_MAX) for a stream that did not record its length
+# A WAV data or AIFF SSND chunk at least this long (in bytes) is a placeholder that a writer to a pipe
+# leaves (ffmpeg writes 0xFFFFFFFF, sox 0x7FFFF000), not a length: such a file is read to its end.
+STREAMED_CHUNK_SIZE = 0x7FFF0000
+TRUNCATION_SLACK_BYTES = 8  # a data chunk this much past the end of the file (a missing pad byte) is not truncation
+# libsndfile's header log, e.g. "data : 44100 (should be 22029)": the audio chunk's size as written and as the
+# file holds it
+_CHUNK_SIZE_LOG = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+
+
+def _missing_bytes(sound: soundfile.SoundFile) -> tuple[int, int] | None:
+    """`(claimed, present)` bytes of audio of a WAV or AIFF file whose header claims more audio than the file
+    holds (a copy or download cut short), else None. libsndfile reads such a file silently as the shorter clip
+    it finds, and reports the difference only in its header log."""
+    match = _CHUNK_SIZE_LOG.search(sound.extra_info)
+    if match is None:
+        return None
+    claimed, present = int(match.group(1)), int(match.group(2))
+    if claimed >= STREAMED_CHUNK_SIZE or claimed - present <= TRUNCATION_SLACK_BYTES:
+        return None
+    return claimed, present
 
 
 def _open_checked(path: str, sampling_rate: int, resample: bool = False, downmix: bool = False) -> soundfile.SoundFile:
@@ -78,6 +99,12 @@ def _open_checked(path: str, sampling_rate: int, resample: bool = False, downmix
         problem = f"has {sound.channels} channels, expected mono (data_config.downmix: true averages them)"
     elif sound.frames == 0:
         problem = "contains no audio samples"
+    elif (missing := _missing_bytes(sound)) is not None:
+        claimed, present = missing
+        problem = (
+            f"is truncated: its header claims {claimed} bytes of audio and the file holds {present} "
+            f"({100 * present / claimed:.0f}%); copy or convert it again"
+        )
     elif sound.frames >= UNKNOWN_LENGTH:
         problem = (
             "its header does not say how many samples it holds (a FLAC written to a pipe?), and it cannot be "
@@ -126,15 +153,20 @@ def load_audio(
     `downmix`, the channels of a multi-channel file are averaged; with `resample`,
     a file at another rate is read whole and resampled (`resample_audio`) before the
     samples `start ..` are cut from it, so that a crop is exactly that part of the
-    resampled clip.
+    resampled clip. A file libsndfile cannot seek in (GSM 6.10 or G.721 in a WAV) is
+    read from its start.
     """
     with _open_checked(path, sampling_rate, resample, downmix) as sound:
         dtype = "int16" if sound.subtype == "PCM_16" else "float32"
         source_rate = sound.samplerate
         try:
             if source_rate == sampling_rate:
-                sound.seek(start)
-                samples = sound.read(length, dtype=dtype)
+                if sound.seekable():
+                    sound.seek(start)
+                    samples = sound.read(length, dtype=dtype)
+                else:  # only reading moves through such a file, and it must be told how far
+                    sound.read(start, dtype=dtype)
+                    samples = sound.read(length if length >= 0 else max(sound.frames - start, 0), dtype=dtype)
             else:
                 samples = sound.read(dtype=dtype)
         except (soundfile.LibsndfileError, RuntimeError) as error:

@@ -67,6 +67,44 @@ def test_a_flac_whose_header_hides_its_length_is_refused_in_one_line(tmp_path):
         audio_length(path, RATE)
 
 
+def test_a_truncated_wav_or_aiff_is_refused_and_a_streamed_one_is_read(tmp_path):
+    """A copy cut short keeps a header that claims the whole clip; libsndfile reads what is there, silently.
+    A writer to a pipe (ffmpeg: 0xFFFFFFFF, sox: 0x7FFFF000) leaves a placeholder size: read to the end."""
+    clip = (np.sin(np.arange(22050) / 7) * 8000).astype(np.int16)
+    for extension, audio_format in (("wav", "WAV"), ("aiff", "AIFF")):
+        whole = str(tmp_path / f"whole.{extension}")
+        soundfile.write(whole, clip, RATE, format=audio_format)
+        with open(whole, "rb") as f:
+            data = f.read()
+        cut = write_bytes(tmp_path / f"cut.{extension}", data[: len(data) // 2])
+        with pytest.raises(DataError, match=rf"cut.{extension}: is truncated: its header claims 441\d\d bytes"):
+            audio_length(cut, RATE)
+        # a missing pad byte or two is not truncation
+        assert audio_length(write_bytes(tmp_path / f"short.{extension}", data[:-2]), RATE) == 22049
+    whole = str(tmp_path / "whole.wav")
+    with open(whole, "rb") as f:
+        data = bytearray(f.read())
+    assert data[36:40] == b"data"  # a 44-byte header: the RIFF size at 4, the data size at 40
+    for placeholder in (0xFFFFFFFF, 0x7FFFF000):
+        data[4:8] = data[40:44] = placeholder.to_bytes(4, "little")
+        streamed = write_bytes(tmp_path / "streamed.wav", bytes(data))
+        assert audio_length(streamed, RATE) == 22050
+        assert torch.equal(load_audio(streamed, RATE), load_audio(whole, RATE))
+
+
+@pytest.mark.parametrize("subtype", ["GSM610", "G721_32"])
+def test_a_wav_libsndfile_cannot_seek_in_is_read_in_parts(tmp_path, subtype):
+    """GSM 6.10 and G.721 in a WAV (telephony corpora) can only be read from the start."""
+    path = str(tmp_path / "phone.wav")
+    soundfile.write(
+        path, (np.random.default_rng(0).standard_normal(22050) * 0.1).astype(np.float32), RATE, subtype=subtype
+    )
+    whole = load_audio(path, RATE)
+    assert whole.shape[0] == audio_length(path, RATE) >= 22050
+    assert torch.equal(load_audio(path, RATE, start=1000, length=4000), whole[1000:5000])
+    assert torch.equal(load_audio(path, RATE, start=20000), whole[20000:])
+
+
 def tiny_checkpoint(folder, name="waveflow_2", **changes):
     """A checkpoint of write_config's model (untrained), with the config it stores."""
     config_path = write_config(folder, name=f"{name}.json", **changes)
