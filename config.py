@@ -27,6 +27,7 @@ from storage import read_text
 COUPLING_TYPES = ("waveflow", "nanoflow_naive", "nanoflow_decomp", "nanoflow")
 # The original's upsampler: two transposed convs, each stretching time 16 times, so that one mel frame
 # becomes 256 samples, the hop of its 22,050 Hz Tacotron 2 mels. waveflow_config.upsample_factors defaults to it.
+MAX_NUM_WORKERS = 256  # DataLoader processes: more than any one machine feeds usefully, and each costs memory
 UPSAMPLE_FACTORS = (16, 16)
 HOP_LENGTH = math.prod(UPSAMPLE_FACTORS)  # the original's hop: the default of the mel spectrogram's
 
@@ -173,7 +174,11 @@ class DataConfig:
         s = "data_config"
         for key in ("segment_length", "sampling_rate", "filter_length", "hop_length", "win_length", "n_mel_channels"):
             _require(getattr(self, key) >= 1, f"{s}.{key} must be at least 1, got {getattr(self, key)}")
-        _require(self.num_workers >= 0, f"{s}.num_workers must be >= 0, got {self.num_workers}")
+        _require(
+            0 <= self.num_workers <= MAX_NUM_WORKERS,
+            f"{s}.num_workers must be in [0, {MAX_NUM_WORKERS}] (each is a process holding a copy of the dataset), "
+            f"got {self.num_workers}",
+        )
         _require(
             self.win_length <= self.filter_length,
             f"{s}.win_length ({self.win_length}) must not exceed filter_length ({self.filter_length})",

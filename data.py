@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable
 
 import librosa
@@ -346,6 +347,40 @@ def load_mel(path: str, n_mel_channels: int = 80) -> torch.Tensor:
     return mel
 
 
+def mel_filterbank(
+    sampling_rate: int, filter_length: int, n_mel_channels: int, mel_fmin: float, mel_fmax: float
+) -> np.ndarray:
+    """librosa's Slaney mel filterbank [n_mels, filter_length // 2 + 1], without librosa's multi-line warning
+    for channels that cover no STFT bin (`empty_mel_channels` says which, `mel_filter_warning` says it once)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Empty filters detected", category=UserWarning)
+        return librosa.filters.mel(
+            sr=sampling_rate, n_fft=filter_length, n_mels=n_mel_channels, fmin=mel_fmin, fmax=mel_fmax
+        )
+
+
+def empty_mel_channels(data: DataConfig) -> list[int]:
+    """The mel channels of `data`'s filterbank that no STFT bin falls in (too many mel channels for
+    the FFT's resolution at low frequencies): they hold the log floor whatever the audio."""
+    filterbank = mel_filterbank(
+        data.sampling_rate, data.filter_length, data.n_mel_channels, data.mel_fmin, data.mel_fmax
+    )  # [n_mels, filter_length // 2 + 1]
+    return [int(channel) for channel in np.flatnonzero(filterbank.max(axis=1) <= 0)]
+
+
+def mel_filter_warning(data: DataConfig) -> str | None:
+    """One line saying which of `data`'s mel channels are empty and how to avoid it, or None when none is."""
+    empty = empty_mel_channels(data)
+    if not empty:
+        return None
+    shown = ", ".join(str(channel) for channel in empty[:8]) + (", ..." if len(empty) > 8 else "")
+    return (
+        f"data_config: {len(empty)} of {data.n_mel_channels} mel channels ({shown}) cover no STFT bin at "
+        f"filter_length {data.filter_length} and sampling_rate {data.sampling_rate}, and hold the log floor "
+        f"whatever the audio; fewer n_mel_channels, a larger filter_length or a higher mel_fmin avoids it"
+    )
+
+
 class MelSpectrogram(nn.Module):
     """Tacotron 2's log-mel spectrogram: audio [B, T] -> mel [B, n_mels, 1 + T // hop_length].
 
@@ -377,9 +412,7 @@ class MelSpectrogram(nn.Module):
         self.hop_length = hop_length
         self.win_length = win_length
         self.log_floor = log_floor
-        filterbank = librosa.filters.mel(
-            sr=sampling_rate, n_fft=filter_length, n_mels=n_mel_channels, fmin=mel_fmin, fmax=mel_fmax
-        )  # [n_mels, filter_length // 2 + 1]
+        filterbank = mel_filterbank(sampling_rate, filter_length, n_mel_channels, mel_fmin, mel_fmax)
         self.register_buffer("mel_basis", torch.from_numpy(filterbank).float(), persistent=False)
         self.register_buffer("window", torch.hann_window(win_length, periodic=True), persistent=False)
 

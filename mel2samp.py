@@ -70,11 +70,12 @@ from data import (
     audio_length,
     load_audio,
     load_mel,
+    mel_filter_warning,
     mel_frame_count,
     read_file_list,
     refuse_shared_names,
 )
-from storage import write_atomically
+from storage import warn, write_atomically
 
 MODES = ("train", "eval", "synthesis")
 MEL_FRAME_TOLERANCE = 2  # frames a stored mel may differ from 1 + T // hop_length (other STFT paddings)
@@ -272,6 +273,8 @@ def mel_file_name(audio_path: str) -> str:
 def write_mels(file_list: str, config_path: str, output_dir: str) -> int:
     """Write the mel [n_mels, F] of every clip in `file_list` to `output_dir`; returns the number written."""
     data = load_config(config_path, sections=("data_config",)).data
+    if (message := mel_filter_warning(data)) is not None:
+        warn(message)
     paths = read_file_list(file_list)
     refuse_shared_names(paths, mel_file_name, "would both be written to", file_list)
     outputs = {mel_file_name(path): path for path in paths}

@@ -48,7 +48,7 @@ from checkpoint import (
     warm_start,
 )
 from config import Config, ConfigError, TrainConfig, check_model_rules, load_config
-from data import DataError
+from data import DataError, mel_filter_warning
 from mel2samp import Mel2Samp
 from mel_scale import MEL_SCALES
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_likelihood
@@ -866,6 +866,8 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.monoto
             config.train.compile = True
         check_model_rules(config, training=not (args.synthesize or args.evaluate))
         runtime = setup_runtime(config, args.device, training=not (args.synthesize or args.evaluate))
+        if runtime.is_main and (message := mel_filter_warning(config.data)) is not None:
+            warn(message)
         if args.synthesize or args.evaluate:
             if runtime.is_main:
                 if args.synthesize:

@@ -4,6 +4,7 @@ another model or hold NaN, flags that cannot apply. Each one works, or ends in a
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -287,3 +288,31 @@ def test_measuring_a_mel_whose_audio_two_test_clips_could_be_is_refused(tmp_path
     status, _, err = run_here(capsys, "-v", "-c", write_config(folder), "--checkpoint_path", checkpoint, "--mels", mel)
     assert status == 1
     assert f"error: {mel}: its audio is ambiguous: " in err and clips[0] in err and clips[1] in err
+
+
+def test_mel_channels_that_cover_no_stft_bin_are_one_warning_naming_them(tmp_path, capsys):
+    """128 mels on a 256-point FFT: librosa's multi-line warning, once per filterbank built, becomes one line
+    of ours, once per command."""
+    make_corpus(str(tmp_path), n_train=1, n_test=1)
+    test_list = str(tmp_path / "test.txt")
+    changes = {"data_config__filter_length": 256, "data_config__win_length": 256}
+    crowded = write_config(str(tmp_path), name="crowded.json", data_config__n_mel_channels=128, **changes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert write_mels(test_list, crowded, str(tmp_path / "mels")) == 1
+    assert not caught
+    err = capsys.readouterr().err
+    assert err.count("warning: data_config: 26 of 128 mel channels (0, 1, 4, 5, 8, 9, 12, 15, ...) cover no STFT") == 1
+    assert "filter_length 256 and sampling_rate 22050" in err and "Empty filters" not in err
+    assert write_mels(test_list, write_config(str(tmp_path)), str(tmp_path / "mels80")) == 1
+    assert "warning" not in capsys.readouterr().err
+    # train.py says it once, before its work, whatever the command
+    model_changes = {"waveflow_config__cin_channels": 128, "data_config__n_mel_channels": 128}
+    checkpoint, _ = tiny_checkpoint(
+        str(tmp_path), "crowded", data_config__filter_length=256, data_config__win_length=256, **model_changes
+    )
+    config = write_config(str(tmp_path), name="crowded_model.json", **changes, **model_changes)
+    mel = str(tmp_path / "mels" / os.listdir(tmp_path / "mels")[0])
+    status, _, err = run_here(capsys, "-s", "-c", config, "--checkpoint_path", checkpoint, "--mels", mel)
+    assert status == 0, err
+    assert err.count("warning: data_config: 26 of 128 mel channels") == 1 and "Empty filters" not in err

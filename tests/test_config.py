@@ -41,6 +41,7 @@ def test_every_bundled_config_parses():
         (lambda c: c["data_config"].update(mel_fmax=20000.0), "mel_fmax"),
         (lambda c: c["train_config"].update(fp16_run=True, bf16_run=True), "fp16_run and bf16_run cannot both be on"),
         (lambda c: c["train_config"].update(batch_size=0), r"train_config\.batch_size must be at least 1"),
+        (lambda c: c["data_config"].update(num_workers=100000), r"data_config\.num_workers must be in \[0, 256\]"),
         (
             lambda c: c["train_config"].update(learning_rate="fast"),
             r"train_config\.learning_rate must be a finite number",
