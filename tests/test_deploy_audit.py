@@ -1,0 +1,50 @@
+"""Deployment features on the cases their own tests leave out: a stream used after it has finished, mels that
+`infer` cannot synthesize, and the measuring scripts (bench_onnx, streaming_check) at another rate and hop."""
+
+import pytest
+import torch
+
+from denoiser import Denoiser
+from model import synthesis_length
+from streaming import StreamingSynthesis
+from test_model import random_model, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here: see conftest.one_thread
+
+
+def small(**overrides):
+    return random_model(tiny_config("nanoflow", n_height=8, n_layer=2, n_flow=2, **overrides)).remove_weight_norm()
+
+
+def test_a_finished_stream_returns_nothing_more_and_refuses_more_frames():
+    """finish() again gave nothing (right) but a push after it went on synthesizing from the 3 trimmed frames."""
+    model = small()
+    mel = torch.randn(2, 80, 13)
+    synthesis = StreamingSynthesis(model, chunk_frames=4, lookahead_frames=3, context_frames=2)
+    chunks = [audio for size in (0, 5, 1, 7) for audio in synthesis.push(mel[:, :, :size])]
+    chunks += synthesis.finish()
+    assert sum(audio.shape[1] for audio in chunks) == synthesis_length(13, 256)
+    assert synthesis.finish() == []
+    with pytest.raises(ValueError, match=r"pushed after finish\(\): the stream has ended"):
+        synthesis.push(mel[:, :, :4])
+    assert synthesis.finish() == []
+
+
+def test_a_stream_refuses_frames_of_another_shape_in_one_line():
+    synthesis = StreamingSynthesis(small(), chunk_frames=4)
+    for mel in (torch.randn(80, 10), torch.randn(1, 40, 10)):
+        with pytest.raises(ValueError, match=r"mel frames must be \[B, 80, n\], got shape"):
+            synthesis.push(mel)
+
+
+@pytest.mark.parametrize("length", [300, 3000], ids=["shorter-than-half-a-window", "longer"])
+def test_a_finished_denoiser_stream_returns_nothing_more_and_refuses_more_audio(length):
+    """finish() again returned the reflected end of the clip (or a short clip all over again)."""
+    denoiser = Denoiser(small())
+    audio = torch.randn(2, length, generator=torch.Generator().manual_seed(0))
+    stream = denoiser.stream(0.5)
+    chunks = [out for piece in audio.split(700, dim=1) for out in stream.push(piece)] + stream.finish()
+    assert (torch.cat(chunks, dim=1) - denoiser(audio, 0.5)).abs().max() <= 1e-5
+    assert stream.finish() == []
+    with pytest.raises(ValueError, match=r"pushed after finish\(\): the stream has ended"):
+        stream.push(audio)
