@@ -48,3 +48,21 @@ def test_a_finished_denoiser_stream_returns_nothing_more_and_refuses_more_audio(
     assert stream.finish() == []
     with pytest.raises(ValueError, match=r"pushed after finish\(\): the stream has ended"):
         stream.push(audio)
+
+
+def test_infer_refuses_a_mel_it_cannot_synthesize_in_one_line():
+    """An empty mel crashed in the upsampler's transposed conv, a 2-D mel or one of other bands in a matrix
+    product deep in synthesis."""
+    model = small()
+    cases = {
+        (1, 80, 0): "a mel of 0 frames is too short to synthesize (need at least 4)",
+        (1, 80, 1): "a mel of 1 frame is too short to synthesize (need at least 4)",
+        (80, 10): r"mel must be [B, 80, F] with B >= 1, got shape (80, 10)",
+        (1, 40, 10): r"mel must be [B, 80, F] with B >= 1, got shape (1, 40, 10)",
+        (0, 80, 10): r"mel must be [B, 80, F] with B >= 1, got shape (0, 80, 10)",
+    }
+    for shape, message in cases.items():
+        with pytest.raises(ValueError) as error:
+            model.infer(torch.randn(shape))
+        assert str(error.value) == message
+    assert model.infer(torch.randn(1, 80, 4)).shape == (1, 256)
