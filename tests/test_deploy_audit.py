@@ -1,19 +1,34 @@
 """Deployment features on the cases their own tests leave out: a stream used after it has finished, mels that
 `infer` cannot synthesize, and the measuring scripts (bench_onnx, streaming_check) at another rate and hop."""
 
+import json
+import os
+
 import pytest
 import torch
 
+from conftest import ROOT
 from denoiser import Denoiser
 from model import synthesis_length
 from streaming import StreamingSynthesis
 from test_model import random_model, tiny_config
+from test_scripts import script
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # every test here: see conftest.one_thread
 
 
 def small(**overrides):
     return random_model(tiny_config("nanoflow", n_height=8, n_layer=2, n_flow=2, **overrides)).remove_weight_norm()
+
+
+def tiny_config_file(tmp_path, name: str) -> str:
+    """configs/NAME with a tiny model of its hop: 16 channels, 2 blocks, 2 flows."""
+    with open(os.path.join(ROOT, "configs", name)) as f:
+        config = json.load(f)
+    config["waveflow_config"].update(res_channels=16, n_layer=2, n_flow=2, size_flow_embed=8)
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    return str(path)
 
 
 def test_a_finished_stream_returns_nothing_more_and_refuses_more_frames():
@@ -66,3 +81,15 @@ def test_infer_refuses_a_mel_it_cannot_synthesize_in_one_line():
             model.infer(torch.randn(shape))
         assert str(error.value) == message
     assert model.infer(torch.randn(1, 80, 4)).shape == (1, 256)
+
+
+def test_bench_onnx_measures_audio_at_the_configs_rate_and_hop(tmp_path, capsys):
+    """It took every config for 22,050 Hz and hop 256: at 44.1 kHz and hop 512 its audio, and so its
+    real-time factors, were twice what they were."""
+    pytest.importorskip("onnxruntime")
+    config = tiny_config_file(tmp_path, "nanoflow-44k-hop512.json")
+    argv = ["-c", config, "--seconds", "0.05", "--repeats", "1", "--threads", "1"]
+    assert script("bench_onnx").main(argv) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| nanoflow-44k"))
+    samples = 512 * 5  # ceil(0.05 s * 44,100 / 512) frames, 3 more trimmed
+    assert row.split("|")[3].strip() == f"{samples / 44100:.2f} s"
