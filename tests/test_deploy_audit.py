@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -93,3 +94,13 @@ def test_bench_onnx_measures_audio_at_the_configs_rate_and_hop(tmp_path, capsys)
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| nanoflow-44k"))
     samples = 512 * 5  # ceil(0.05 s * 44,100 / 512) frames, 3 more trimmed
     assert row.split("|")[3].strip() == f"{samples / 44100:.2f} s"
+
+
+def test_streaming_check_runs_its_default_lookaheads_at_the_configs_rate(tmp_path, capsys):
+    """Its default lookaheads began at 1, which a stream refuses (a traceback), and it took 22,050 Hz and
+    hop 256 for any config."""
+    config = tiny_config_file(tmp_path, "nanoflow-24k-hop300.json")
+    script("streaming_check").main(["lookahead", "-c", config, "--frames", "24", "--chunk", "5", "--threads", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [int(row.split("|")[1]) for row in rows] == [3, 4, 6, 8, 12, 16]
+    assert "| 3 | 8 |" in rows[0] and "(100 + " in rows[0]  # 8 frames of 300 samples at 24 kHz: 100 ms
