@@ -115,9 +115,12 @@ class StreamingDenoiser:
         self.start = 0  # padded index of the buffer's first sample, a multiple of hop_length
         self.emitted = 0  # padded index up to which denoised audio has been returned
         self.head: torch.Tensor | None = None  # the first audio, until it is long enough to reflect
+        self.finished = False  # finish() has returned the last audio: no audio may follow
 
     def push(self, audio: torch.Tensor) -> list[torch.Tensor]:
         """The next audio `[B, n]` -> the denoised audio now final (a list of at most one `[B, m]`)."""
+        if self.finished:
+            raise ValueError("audio pushed after finish(): the stream has ended; start a new one with Denoiser.stream")
         half = self.denoiser.filter_length // 2
         if self.buffer is None:
             self.head = audio.float() if self.head is None else torch.cat([self.head, audio.float()], dim=1)
@@ -130,7 +133,10 @@ class StreamingDenoiser:
         return self._emit(final=False)
 
     def finish(self) -> list[torch.Tensor]:
-        """The rest of the denoised audio."""
+        """The rest of the denoised audio; the stream ends here (called again, it returns nothing)."""
+        if self.finished:
+            return []
+        self.finished = True
         denoiser, half = self.denoiser, self.denoiser.filter_length // 2
         if self.buffer is None:  # a clip shorter than half a window: denoised whole
             return [] if self.head is None else [denoiser(self.head, self.strength)]

@@ -238,15 +238,18 @@ class WaveFlow(nn.Module):
         queues (`inference.synthesize`, which documents the options; none changes the result).
         Nothing is stored on the model: threads may synthesize with one model at once.
         """
-        height = self.config.n_height
+        height, cin = self.config.n_height, self.config.cin_channels
+        if mel.dim() != 3 or mel.shape[1] != cin or mel.shape[0] == 0:
+            raise ValueError(f"mel must be [B, {cin}, F] with B >= 1, got shape {tuple(mel.shape)}")
+        frames = mel.shape[-1]
+        if synthesis_length(frames, self.config.hop_length) <= 0:
+            raise ValueError(
+                f"a mel of {frames} frame{'s' if frames != 1 else ''} is too short to synthesize "
+                f"(need at least {SYNTHESIS_TRIM_FRAMES + 1})"
+            )
         dtype = next(self.parameters()).dtype
         c = self.upsample(mel.to(dtype))[..., : -SYNTHESIS_TRIM_FRAMES * self.config.hop_length]
-        if c.shape[-1] <= 0 or c.shape[-1] % height:
-            raise ValueError(
-                f"a mel of {mel.shape[-1]} frames gives {max(c.shape[-1], 0)} samples, "
-                f"which must be positive and a multiple of n_height {height}"
-            )
-        c = squeeze(c, height)  # [B, cin, H, W]
+        c = squeeze(c, height)  # [B, cin, H, W]: n_height divides the hop (the config's rule)
         batch, _, _, width = c.shape
         if z is None:
             z = torch.randn(batch, 1, height, width, device=c.device, generator=generator) * sigma

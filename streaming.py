@@ -184,6 +184,7 @@ class StreamingSynthesis:
         self.received = 0  # mel frames pushed so far
         self.emitted = 0  # mel frames whose audio has been returned
         self.tail: torch.Tensor | None = None  # [B, <= FADE_SAMPLES]: the last window's audio after its chunk
+        self.finished = False  # finish() has returned the last audio: no frames may follow
 
     @property
     def noise(self) -> ColumnNoise:
@@ -197,6 +198,11 @@ class StreamingSynthesis:
 
     def push(self, mel: torch.Tensor) -> list[torch.Tensor]:
         """Take the next frames `mel [B, cin, n]`; return the audio chunks now ready (possibly none)."""
+        if self.finished:
+            raise ValueError("mel frames pushed after finish(): the stream has ended; start a new StreamingSynthesis")
+        cin = self.model.config.cin_channels
+        if mel.dim() != 3 or mel.shape[1] != cin:
+            raise ValueError(f"mel frames must be [B, {cin}, n], got shape {tuple(mel.shape)}")
         if self.mel is None:
             self.mel = mel
         elif mel.shape[:2] != self.mel.shape[:2]:
@@ -211,8 +217,11 @@ class StreamingSynthesis:
         return chunks
 
     def finish(self) -> list[torch.Tensor]:
-        """The audio of the frames left, in chunks of at most `chunk_frames` frames; the stream ends here.
-        Whole-utterance synthesis drops the last `SYNTHESIS_TRIM_FRAMES` frames' samples: so does this."""
+        """The audio of the frames left, in chunks of at most `chunk_frames` frames; the stream ends here
+        (called again, it returns nothing). Whole-utterance synthesis drops the last `SYNTHESIS_TRIM_FRAMES`
+        frames' samples: so does this."""
+        if self.finished:
+            return []
         end = self.received - SYNTHESIS_TRIM_FRAMES
         if end <= 0:
             raise ValueError(
@@ -222,6 +231,7 @@ class StreamingSynthesis:
         chunks = []
         while self.emitted < end:
             chunks.append(self._synthesize(min(self.emitted + self.chunk, end), end))
+        self.finished = True
         return chunks
 
     def state_elements(self) -> int:

@@ -27,11 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import HOP_LENGTH, load_config
+from config import load_config
 from export import export_onnx, noise_shape
 from model import SYNTHESIS_TRIM_FRAMES, build_model
-
-SAMPLING_RATE = 22050
 
 
 def cpu_name() -> str:
@@ -65,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     exports = []
     for path in args.configs:
         config = load_config(path)
+        rate, hop = config.data.sampling_rate, config.data.hop_length  # the config's, as synthesis runs it
         torch.manual_seed(0)
         model = build_model(config.waveflow).remove_weight_norm().eval()
         started = time.perf_counter()
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             options.inter_op_num_threads = 1
             session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
             torch.set_num_threads(threads)
-            frames = math.ceil(seconds * SAMPLING_RATE / HOP_LENGTH) + SYNTHESIS_TRIM_FRAMES
+            frames = math.ceil(seconds * rate / hop) + SYNTHESIS_TRIM_FRAMES
             generator = torch.Generator().manual_seed(1)
             mel = torch.randn(1, config.waveflow.cin_channels, frames, generator=generator)
             z = torch.randn(noise_shape(model, 1, frames), generator=generator)
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 if repeat >= warmup and time.perf_counter() - started_case > args.max_seconds:
                     break
             difference = (outputs["onnx"] - outputs["torch"]).abs().max().item()
-            audio = outputs["torch"].shape[-1] / SAMPLING_RATE
+            audio = outputs["torch"].shape[-1] / rate
             torch_time, onnx_time = statistics.median(times["torch"]), statistics.median(times["onnx"])
             print(
                 f"| {os.path.basename(path)} | {threads} | {audio:.2f} s | {torch_time:.2f} s | {onnx_time:.2f} s | "

@@ -28,10 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from checkpoint import read_checkpoint  # noqa: E402
-from config import HOP_LENGTH, load_config  # noqa: E402
+from config import DataConfig, load_config  # noqa: E402
 from data import MelSpectrogram, load_audio, read_file_list  # noqa: E402
 from metrics import log_mel_l1  # noqa: E402
-from model import WaveFlow, build_model, synthesis_length  # noqa: E402
+from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, synthesis_length  # noqa: E402
 from streaming import ColumnNoise, StreamingSynthesis  # noqa: E402
 
 HELDOUT = os.path.join(ROOT, "data", "demo", "heldout", "test_files.txt")
@@ -54,12 +54,14 @@ def load_model(config_path: str, checkpoint_path: str | None, overrides: list[st
     return model.remove_weight_norm().eval()
 
 
-def heldout_mel(frames: int) -> torch.Tensor:
-    """The mel of held-out demo sentences, end to end until `frames` frames: `[1, 80, frames]`."""
+def heldout_mel(frames: int, data: DataConfig) -> torch.Tensor:
+    """The mel of held-out demo sentences (resampled to the config's rate), end to end until `frames` frames,
+    with the config's mel settings: `[1, n_mel_channels, frames]`."""
     mels, total = [], 0
+    mel_spectrogram = MelSpectrogram.from_config(data)
     while total < frames:
         for line in read_file_list(HELDOUT):
-            mel = MelSpectrogram()(load_audio(os.path.join(ROOT, line), 22050))
+            mel = mel_spectrogram(load_audio(os.path.join(ROOT, line), data.sampling_rate, resample=True))
             mels.append(mel)
             total += mel.shape[-1]
             if total >= frames:
@@ -85,10 +87,11 @@ def streamed(model: WaveFlow, mel: torch.Tensor, chunk: int, lookahead: int, con
 def lookahead_table(args: argparse.Namespace) -> None:
     model = load_model(args.config, args.checkpoint_path)
     height, hop = model.config.n_height, model.config.hop_length
-    mel = heldout_mel(args.frames)
+    data = load_config(args.config).data
+    mel = heldout_mel(args.frames, data)
     width = synthesis_length(mel.shape[-1], hop) // height
     whole = model.infer(mel, z=ColumnNoise(1, height, args.sigma, seed=1, hop_length=hop).take(0, width))[0]
-    rate = 22050
+    rate = data.sampling_rate
     print(f"{args.config}, {mel.shape[-1]} frames, chunks of {args.chunk} frames, sigma {args.sigma}")
     print("| lookahead (frames) | frames waited | latency to the first sample (ms) | log-mel L1 vs whole | max abs |")
     print("|---|---|---|---|---|")
@@ -107,7 +110,8 @@ def lookahead_table(args: argparse.Namespace) -> None:
 
 def memory_child(args: argparse.Namespace) -> None:
     model = load_model(args.config, args.checkpoint_path, args.override)
-    frames = round(args.seconds[0] * 22050 / HOP_LENGTH)
+    data = load_config(args.config).data
+    frames = round(args.seconds[0] * data.sampling_rate / data.hop_length)
     generator = torch.Generator().manual_seed(0)
     synthesis = StreamingSynthesis(model, args.chunk, args.lookaheads[0], args.lookaheads[0], args.sigma)
     held, samples = 0, 0
@@ -138,13 +142,15 @@ def memory_table(args: argparse.Namespace) -> None:
         subprocess.run(command, check=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
     parser.add_argument("what", choices=["lookahead", "memory", "memory-child"])
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--checkpoint_path", default=None, help="default: random weights")
     parser.add_argument("--chunk", type=int, default=32, help="chunk_frames")
-    parser.add_argument("--lookaheads", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="lookahead frames")
+    parser.add_argument(
+        "--lookaheads", type=int, nargs="+", default=[3, 4, 6, 8, 12, 16], help="lookahead frames (at least 3)"
+    )
     parser.add_argument("--frames", type=int, default=200, help="lookahead: mel frames synthesized")
     parser.add_argument("--seconds", type=float, nargs="+", default=[10, 60], help="memory: lengths of mel")
     parser.add_argument("--sigma", type=float, default=0.8)
@@ -155,7 +161,9 @@ def main() -> None:
         help="memory: integer waveflow_config keys to change (random weights)",
     )
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if min(args.lookaheads) < SYNTHESIS_TRIM_FRAMES:
+        parser.error(f"--lookaheads must be at least {SYNTHESIS_TRIM_FRAMES} (streaming.StreamingSynthesis)")
     torch.set_num_threads(args.threads)
     {"lookahead": lookahead_table, "memory": memory_table, "memory-child": memory_child}[args.what](args)
 
