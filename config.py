@@ -129,6 +129,11 @@ class WaveFlowConfig:
             f"{s}.upsample_factors must be a non-empty list of positive integers, got {list(self.upsample_factors)}",
         )
         _require(
+            1 not in self.upsample_factors,
+            f"{s}.upsample_factors must not hold a factor of 1 (its transposed conv stretches nothing and cannot "
+            f"keep the length; leave it out), got {list(self.upsample_factors)}",
+        )
+        _require(
             self.coupling_type in COUPLING_TYPES,
             f"{s}.coupling_type must be one of {', '.join(COUPLING_TYPES)}, got '{self.coupling_type}'",
         )

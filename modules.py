@@ -300,11 +300,14 @@ class HeightCausalConv2d(nn.Module):
         weight = conv.normed_weight()
         if input_map is not None:
             weight = torch.einsum("oihw,ci->ochw", weight, input_map)
+        dilation, pad_side = cast(tuple[int, int], conv.dilation), self.pad_side
+        if dilation[1] >= x.shape[-1] and weight.shape[-1] > 1:
+            # The side taps would read only padding, i.e. add zeros: the centre tap alone gives the same
+            # output without padding 2 * dilation columns (2 ** n_layer of them over the layers).
+            centre = (weight.shape[-1] - 1) // 2
+            weight, dilation, pad_side = weight[..., centre : centre + 1], (dilation[0], 1), 0
         return dilated_conv2d(
-            F.pad(x, (self.pad_side, self.pad_side, self.pad_top, 0)),
-            weight,
-            conv.bias if bias is None else bias,
-            cast(tuple[int, int], conv.dilation),
+            F.pad(x, (pad_side, pad_side, self.pad_top, 0)), weight, conv.bias if bias is None else bias, dilation
         )
 
 
