@@ -122,17 +122,23 @@ def one_line(error: BaseException) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
+def dataset_paths(dataset: str, dataroot: str) -> list[str]:
+    """Where `dataset` is looked for, in order: CIFAR-10 extracted, then its archive, under data/CIFAR10/ then
+    in `dataroot`; SVHN's train and test files."""
+    if dataset == "svhn":
+        return [os.path.join(dataroot, "data", "SVHN", f"{split}_32x32.mat") for split in ("train", "test")]
+    roots = (os.path.join(dataroot, "data", "CIFAR10"), dataroot)
+    return [os.path.join(root, name) for root in roots for name in (CIFAR10_FOLDER, CIFAR10_ARCHIVE)]
+
+
 def load_cifar10(dataroot: str, download_missing: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{"train": (images, labels), "test": (images, labels)}, images uint8 [N, 3, 32, 32]."""
-    default_root = os.path.join(dataroot, "data", "CIFAR10")
-    # Where CIFAR-10 may be, in the order it is looked for: extracted first, then the archive.
-    candidates = [
-        os.path.join(root, name) for root in (default_root, dataroot) for name in (CIFAR10_FOLDER, CIFAR10_ARCHIVE)
-    ]
+    candidates = dataset_paths("cifar10", dataroot)
     found = next((path for path in candidates if os.path.exists(path)), None)
     if download_missing and (found is None or os.path.isfile(found)):
-        # An archive already there is checked too, and fetched again if its checksum is wrong.
-        found = found or os.path.join(default_root, CIFAR10_ARCHIVE)
+        # An archive already there is checked too, and fetched again if its checksum is wrong; a new one
+        # goes to data/CIFAR10/, where the original kept it.
+        found = found or candidates[1]
         download(CIFAR10_URL, found, CIFAR10_MD5)
     if found is None:
         raise DatasetNotFoundError(
@@ -171,11 +177,9 @@ def _read_cifar10_splits(
 
 def load_svhn(dataroot: str, download_missing: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{"train": (images, labels), "test": (images, labels)}, images uint8 [N, 3, 32, 32]."""
-    root = os.path.join(dataroot, "data", "SVHN")
     splits = {}
-    for split in ("train", "test"):
-        name = f"{split}_32x32.mat"
-        path = os.path.join(root, name)
+    for split, path in zip(("train", "test"), dataset_paths("svhn", dataroot), strict=True):
+        name = os.path.basename(path)
         if download_missing:
             download(SVHN_URL + name, path, SVHN_MD5[name])
         if not os.path.isfile(path):

@@ -9,13 +9,21 @@ import numpy as np
 import pytest
 import scipy.io
 
-from test_image_density import IMAGE_DIR, write_fake_cifar10
+from test_image_density import CLI_TINY, IMAGE_DIR, TINY, image_train_module, refused, saved_state, write_fake_cifar10
 
 if IMAGE_DIR not in sys.path:  # appended, not prepended: the vocoder at the root has its own train.py
     sys.path.append(IMAGE_DIR)
 
 import image_datasets
+from glow_model import Glow
 from image_datasets import DatasetNotFoundError, load_cifar10, load_svhn
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("dataroot"))
+    write_fake_cifar10(os.path.join(root, "data", "CIFAR10"), images_per_batch=16, as_archive=True)
+    return root
 
 
 def one_line_error(error: pytest.ExceptionInfo, *parts: str) -> None:
@@ -82,3 +90,50 @@ def test_a_damaged_svhn_file_is_an_error_naming_it(tmp_path):
     with pytest.raises(DatasetNotFoundError) as error:
         load_svhn(str(tmp_path), download_missing=False)
     one_line_error(error, str(svhn / "train_32x32.mat"), "[32, 32, 3, N]")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--epochs", "0"], "error: --epochs must be >= 1, got 0"),
+        (["--temperature", "nan"], "error: --temperature must be >= 0, got nan"),
+        (["--temperature", "-1"], "error: --temperature must be >= 0, got -1"),
+        (["--y_weight", "nan"], "error: --y_weight must be >= 0, got nan"),
+        (["--max_grad_clip", "nan"], "error: --max_grad_clip must be >= 0, got nan"),
+        (["--max_grad_norm", "-1"], "error: --max_grad_norm must be >= 0, got -1"),
+    ],
+)
+def test_more_flags_out_of_range_are_refused_in_one_line(flags, message, cifar_root, tmp_path):
+    output_dir = tmp_path / "run"
+    common = ["--dataroot", cifar_root, "--output_dir", str(output_dir), *CLI_TINY, "--batch_size", "8"]
+    common += ["--subset", "16", "--n_workers", "0", "--n_init_batches", "1", "--no_cuda", "--epochs", "1"]
+    assert refused([*common, *flags]) == message
+    assert not output_dir.exists()
+
+
+def test_resuming_a_checkpoint_already_at_epochs_is_refused(cifar_root, tmp_path):
+    checkpoint = saved_state(tmp_path / "glow_model_3.pth", Glow((32, 32, 3), model_type="glow", **TINY))
+    output_dir = tmp_path / "run"
+    common = ["--dataroot", cifar_root, "--output_dir", str(output_dir), *CLI_TINY, "--batch_size", "8"]
+    common += ["--subset", "16", "--n_workers", "0", "--n_init_batches", "1", "--no_cuda"]
+    message = refused([*common, "--epochs", "3", "--saved_model", checkpoint])
+    assert message == f"error: --epochs 3: {checkpoint} is already at epoch 3; resume to a later --epochs"
+    assert not output_dir.exists()
+
+
+def test_fresh_refuses_to_delete_the_dataset_or_the_program(tmp_path):
+    write_fake_cifar10(str(tmp_path / "data" / "CIFAR10"), images_per_batch=16, as_archive=True)
+    common = [*CLI_TINY, "--batch_size", "8", "--subset", "16", "--n_workers", "0", "--no_cuda", "--epochs", "1"]
+    message = refused(["--dataroot", str(tmp_path), "--output_dir", str(tmp_path / "data"), "--fresh", *common])
+    archive = tmp_path / "data" / "CIFAR10" / "cifar-10-python.tar.gz"
+    assert message == f"error: --fresh would delete {archive}, the dataset; give another --output_dir"
+    assert archive.is_file()
+    # The program's own folder, moved into tmp_path so that no version of this test can delete the real one.
+    train = image_train_module()
+    program = tmp_path / "program"
+    program.mkdir()
+    train.__file__ = str(program / "train.py")
+    args = train.parse_args(["--dataroot", str(program / "no_data"), "--output_dir", str(tmp_path), "--fresh"])
+    with pytest.raises(SystemExit) as stopped:
+        train.check_fresh(args)
+    assert str(stopped.value.code).startswith(f"error: --fresh would delete {program}, this program's folder")
