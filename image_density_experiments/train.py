@@ -347,6 +347,10 @@ def load_checkpoint(
     (`glow_model_<epoch>.pth`, 0 if it has none), from which training resumes. Files that do not fit the
     model the flags describe are a CheckpointError."""
     state = read_state_dict(model_path, device)
+    # The original kept Permute2d's indices out of the state dict; a reversal's are those of every model.
+    for name, value in model.state_dict().items():
+        if name not in state and re.search(r"\.reverse\.indices(_inverse)?$", name):
+            state[name] = value
     check_fits(model, state, model_path)
     model.load_state_dict(state)
     # ActNorm's initialisation is not in the state dict, but its result is.

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import scipy.io
+import torch
 
 from test_image_density import CLI_TINY, IMAGE_DIR, TINY, image_train_module, refused, saved_state, write_fake_cifar10
 
@@ -137,3 +138,21 @@ def test_fresh_refuses_to_delete_the_dataset_or_the_program(tmp_path):
     with pytest.raises(SystemExit) as stopped:
         train.check_fresh(args)
     assert str(stopped.value.code).startswith(f"error: --fresh would delete {program}, this program's folder")
+
+
+def test_an_original_checkpoint_of_the_reverse_permutation_loads(tmp_path):
+    """The original kept Permute2d's indices out of the state dict; a reversal needs none."""
+    train = image_train_module()
+    trained = Glow((32, 32, 3), model_type="nanoflow", flow_permutation="reverse", **TINY)
+    original = {name: value for name, value in trained.state_dict().items() if ".indices" not in name}
+    path = str(tmp_path / "glow_model_4.pth")
+    torch.save(original, path)
+    model = Glow((32, 32, 3), model_type="nanoflow", flow_permutation="reverse", **TINY)
+    optimizer = torch.optim.Adamax(model.parameters())
+    assert train.load_checkpoint(model, optimizer, path, "", torch.device("cpu")) == 4
+    for name, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    shuffled = Glow((32, 32, 3), model_type="glow", flow_permutation="shuffle", **TINY)
+    torch.save({name: value for name, value in shuffled.state_dict().items() if ".indices" not in name}, path)
+    with pytest.raises(train.CheckpointError, match="tensors missing"):
+        train.load_checkpoint(shuffled, torch.optim.Adamax(shuffled.parameters()), path, "", torch.device("cpu"))
