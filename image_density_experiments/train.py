@@ -425,7 +425,8 @@ def first_sentence(error: Exception) -> str:
 
 @torch.no_grad()
 def save_samples(model: Glow, path: str, temperature: float, num_classes: int, y_condition: bool) -> None:
-    """A grid of SAMPLE_GRID_SIDE^2 samples as a PNG (one class per column under --y_condition)."""
+    """A grid of SAMPLE_GRID_SIDE^2 samples as a PNG (under --y_condition, of classes 0, 1, ... in turn, row by
+    row)."""
     model.eval()
     num_samples = SAMPLE_GRID_SIDE**2
     device = model.prior_h.device
