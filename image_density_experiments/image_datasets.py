@@ -12,6 +12,7 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import zlib
 from collections.abc import Callable
 from typing import IO
 
@@ -99,72 +100,100 @@ def download(url: str, path: str, md5: str) -> None:
 
 
 def read_cifar10_batches(
-    names: list[str], open_member: Callable[[str], IO[bytes]]
+    names: list[str], open_batch: Callable[[str], IO[bytes]], source: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pickled batches `names`, opened by `open_member` from a folder or an archive."""
+    """The pickled batches `names`, opened by `open_batch` from `source`, the extracted folder or the archive."""
     images, labels = [], []
     for name in names:
-        with open_member(f"{CIFAR10_FOLDER}/{name}") as file:
-            batch = pickle.load(file, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # [N, C, H, W]
-        labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        try:
+            with open_batch(name) as file:
+                batch = pickle.load(file, encoding="bytes")
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # [N, C, H, W]
+            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        except Exception as error:  # a missing or damaged batch; unpickling garbage raises many types
+            raise DatasetNotFoundError(
+                f"{source}: {name} is not a readable CIFAR-10 batch ({one_line(error)}); delete {source} and "
+                "pass --download to fetch CIFAR-10 again"
+            ) from None
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def dataset_paths(dataset: str, dataroot: str) -> list[str]:
+    """Where `dataset` is looked for, in order: CIFAR-10 extracted, then its archive, under data/CIFAR10/ then
+    in `dataroot`; SVHN's train and test files."""
+    if dataset == "svhn":
+        return [os.path.join(dataroot, "data", "SVHN", f"{split}_32x32.mat") for split in ("train", "test")]
+    roots = (os.path.join(dataroot, "data", "CIFAR10"), dataroot)
+    return [os.path.join(root, name) for root in roots for name in (CIFAR10_FOLDER, CIFAR10_ARCHIVE)]
 
 
 def load_cifar10(dataroot: str, download_missing: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{"train": (images, labels), "test": (images, labels)}, images uint8 [N, 3, 32, 32]."""
-    default_root = os.path.join(dataroot, "data", "CIFAR10")
-    roots = [default_root, dataroot]
-    if download_missing and not any(_has_cifar10(root) for root in roots):
-        download(CIFAR10_URL, os.path.join(default_root, CIFAR10_ARCHIVE), CIFAR10_MD5)
-    for root in roots:
-        folder = os.path.join(root, CIFAR10_FOLDER)
-        if os.path.isdir(folder):
-            return _read_cifar10_splits(functools.partial(_folder_member, root))
-        archive = os.path.join(root, CIFAR10_ARCHIVE)
-        if os.path.isfile(archive):
-            with tarfile.open(archive, "r:gz") as tar:
-                return _read_cifar10_splits(functools.partial(_tar_member, tar))
-    looked = " or ".join(os.path.join(root, name) for root in roots for name in (CIFAR10_FOLDER, CIFAR10_ARCHIVE))
-    raise DatasetNotFoundError(f"CIFAR-10 not found: looked for {looked}; pass --download to fetch it")
+    candidates = dataset_paths("cifar10", dataroot)
+    found = next((path for path in candidates if os.path.exists(path)), None)
+    if download_missing and (found is None or os.path.isfile(found)):
+        # An archive already there is checked too, and fetched again if its checksum is wrong; a new one
+        # goes to data/CIFAR10/, where the original kept it.
+        found = found or candidates[1]
+        download(CIFAR10_URL, found, CIFAR10_MD5)
+    if found is None:
+        raise DatasetNotFoundError(
+            f"CIFAR-10 not found: looked for {' or '.join(candidates)}; pass --download to fetch it"
+        )
+    if os.path.isdir(found):
+        return _read_cifar10_splits(functools.partial(_folder_batch, found), found)
+    try:
+        with tarfile.open(found, "r:gz") as tar:
+            return _read_cifar10_splits(functools.partial(_tar_batch, tar), found)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        raise DatasetNotFoundError(
+            f"{found}: not a readable archive ({one_line(error)}); delete it and pass --download to fetch it again"
+        ) from None
 
 
-def _has_cifar10(root: str) -> bool:
-    return os.path.isdir(os.path.join(root, CIFAR10_FOLDER)) or os.path.isfile(os.path.join(root, CIFAR10_ARCHIVE))
+def _folder_batch(folder: str, name: str) -> IO[bytes]:
+    return open(os.path.join(folder, name), "rb")
 
 
-def _folder_member(root: str, name: str) -> IO[bytes]:
-    return open(os.path.join(root, name), "rb")
-
-
-def _tar_member(tar: tarfile.TarFile, name: str) -> IO[bytes]:
-    file = tar.extractfile(name)
+def _tar_batch(tar: tarfile.TarFile, name: str) -> IO[bytes]:
+    file = tar.extractfile(f"{CIFAR10_FOLDER}/{name}")  # a KeyError if the archive lacks it
     if file is None:
-        raise DatasetNotFoundError(f"{tar.name} has no file {name}")
+        raise KeyError(f"{CIFAR10_FOLDER}/{name} is not a file")
     return file
 
 
-def _read_cifar10_splits(open_member: Callable[[str], IO[bytes]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _read_cifar10_splits(
+    open_batch: Callable[[str], IO[bytes]], source: str
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {
-        "train": read_cifar10_batches(CIFAR10_TRAIN_BATCHES, open_member),
-        "test": read_cifar10_batches(CIFAR10_TEST_BATCHES, open_member),
+        "train": read_cifar10_batches(CIFAR10_TRAIN_BATCHES, open_batch, source),
+        "test": read_cifar10_batches(CIFAR10_TEST_BATCHES, open_batch, source),
     }
 
 
 def load_svhn(dataroot: str, download_missing: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{"train": (images, labels), "test": (images, labels)}, images uint8 [N, 3, 32, 32]."""
-    root = os.path.join(dataroot, "data", "SVHN")
     splits = {}
-    for split in ("train", "test"):
-        name = f"{split}_32x32.mat"
-        path = os.path.join(root, name)
+    for split, path in zip(("train", "test"), dataset_paths("svhn", dataroot), strict=True):
+        name = os.path.basename(path)
         if download_missing:
             download(SVHN_URL + name, path, SVHN_MD5[name])
         if not os.path.isfile(path):
             raise DatasetNotFoundError(f"SVHN not found: looked for {path}; pass --download to fetch it")
-        mat = scipy.io.loadmat(path)
-        images = torch.from_numpy(mat["X"]).permute(3, 2, 0, 1).contiguous()  # [H, W, C, N] -> [N, C, H, W]
-        labels = torch.from_numpy(mat["y"].astype(np.int64)).flatten() % 10  # SVHN labels digit 0 as 10
+        try:
+            mat = scipy.io.loadmat(path)
+            if mat["X"].shape[:3] != (32, 32, 3) or mat["X"].dtype != np.uint8:
+                raise ValueError(f"X is {mat['X'].dtype} {list(mat['X'].shape)}, not uint8 [32, 32, 3, N]")
+            images = torch.from_numpy(mat["X"]).permute(3, 2, 0, 1).contiguous()  # [H, W, C, N] -> [N, C, H, W]
+            labels = torch.from_numpy(mat["y"].astype(np.int64)).flatten() % 10  # SVHN labels digit 0 as 10
+        except Exception as error:  # a damaged file; scipy raises many types
+            raise DatasetNotFoundError(
+                f"{path}: not a readable SVHN file ({one_line(error)}); delete it and pass --download to fetch it again"
+            ) from None
         splits[split] = (images, labels)
     return splits
 

@@ -29,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from glow_model import MODEL_TYPES, Glow
-from image_datasets import DatasetNotFoundError, ImageDataset, get_datasets
+from image_datasets import DatasetNotFoundError, ImageDataset, dataset_paths, get_datasets
 
 WEIGHT_DECAY = 5e-5
 CHECKPOINTS_KEPT = 2
@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 MINIMUMS = {
     "batch_size": 1,
     "eval_batch_size": 1,
+    "epochs": 1,
     "hidden_channels": 1,
     "K": 1,
     "L": 1,
@@ -95,6 +96,10 @@ MINIMUMS = {
     "subset": 0,
     "flow_embed_dim": 0,
     "warmup": 0,
+    "y_weight": 0,
+    "max_grad_clip": 0,
+    "max_grad_norm": 0,
+    "temperature": 0,
 }
 
 
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     anything is written."""
     args = parse_args(argv)
     check_resume_files(args)
+    check_fresh(args)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     try:
         image_shape, num_classes, train_set, test_set = get_datasets(
@@ -132,6 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         start_epoch = 0
         if args.saved_model:
             start_epoch = load_checkpoint(model, optimizer, args.saved_model, args.saved_optimizer, device)
+            if start_epoch >= args.epochs:
+                sys.exit(
+                    f"error: --epochs {args.epochs}: {args.saved_model} is already at epoch {start_epoch}; "
+                    "resume to a later --epochs"
+                )
         prepare_output_dir(args.output_dir, args.fresh)
     except (DatasetNotFoundError, CheckpointError, FileExistsError) as error:
         sys.exit(f"error: {error}")
@@ -171,16 +182,24 @@ def build_model(args: argparse.Namespace, image_shape: tuple[int, int, int], num
 
 
 def check_resume_files(args: argparse.Namespace) -> None:
-    """Before any work: the checkpoints to resume from exist, and --fresh would not delete them."""
+    """Before any work: the checkpoints to resume from exist."""
     for path in (args.saved_model, args.saved_optimizer):
-        if not path:
-            continue
-        if not os.path.isfile(path):
+        if path and not os.path.isfile(path):
             sys.exit(f"error: {path}: checkpoint not found")
-        if args.fresh and os.path.realpath(path).startswith(os.path.realpath(args.output_dir) + os.sep):
-            sys.exit(
-                f"error: --fresh would delete {path}, the checkpoint to resume from; resume into another --output_dir"
-            )
+
+
+def check_fresh(args: argparse.Namespace) -> None:
+    """--fresh deletes --output_dir: not when the checkpoints to resume from, the dataset or this program
+    lie in it."""
+    if not args.fresh:
+        return
+    output_dir = os.path.realpath(args.output_dir)
+    spared = [(path, "the checkpoint to resume from; resume into") for path in (args.saved_model, args.saved_optimizer)]
+    spared += [(path, "the dataset; give") for path in dataset_paths(args.dataset, args.dataroot)]
+    spared.append((os.path.dirname(os.path.abspath(__file__)), "this program's folder; give"))
+    for path, what in spared:
+        if path and os.path.exists(path) and os.path.commonpath([os.path.realpath(path), output_dir]) == output_dir:
+            sys.exit(f"error: --fresh would delete {path}, {what} another --output_dir")
 
 
 def prepare_output_dir(output_dir: str, fresh: bool) -> None:
@@ -328,6 +347,10 @@ def load_checkpoint(
     (`glow_model_<epoch>.pth`, 0 if it has none), from which training resumes. Files that do not fit the
     model the flags describe are a CheckpointError."""
     state = read_state_dict(model_path, device)
+    # The original kept Permute2d's indices out of the state dict; a reversal's are those of every model.
+    for name, value in model.state_dict().items():
+        if name not in state and re.search(r"\.reverse\.indices(_inverse)?$", name):
+            state[name] = value
     check_fits(model, state, model_path)
     model.load_state_dict(state)
     # ActNorm's initialisation is not in the state dict, but its result is.
@@ -402,7 +425,8 @@ def first_sentence(error: Exception) -> str:
 
 @torch.no_grad()
 def save_samples(model: Glow, path: str, temperature: float, num_classes: int, y_condition: bool) -> None:
-    """A grid of SAMPLE_GRID_SIDE^2 samples as a PNG (one class per column under --y_condition)."""
+    """A grid of SAMPLE_GRID_SIDE^2 samples as a PNG (under --y_condition, of classes 0, 1, ... in turn, row by
+    row)."""
     model.eval()
     num_samples = SAMPLE_GRID_SIDE**2
     device = model.prior_h.device
