@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from storage import read_text
 
 COUPLING_TYPES = ("waveflow", "nanoflow_naive", "nanoflow_decomp", "nanoflow")
+MAX_NUM_WORKERS = 256  # DataLoader processes: more than any one machine feeds usefully, and each costs memory
 # The original's upsampler: two transposed convs, each stretching time 16 times, so that one mel frame
 # becomes 256 samples, the hop of its 22,050 Hz Tacotron 2 mels. waveflow_config.upsample_factors defaults to it.
-MAX_NUM_WORKERS = 256  # DataLoader processes: more than any one machine feeds usefully, and each costs memory
 UPSAMPLE_FACTORS = (16, 16)
 HOP_LENGTH = math.prod(UPSAMPLE_FACTORS)  # the original's hop: the default of the mel spectrogram's
 
