@@ -88,7 +88,10 @@ def parse_section(cls, raw, section: str):
     values = {}
     for name, f in fields.items():
         if name in raw:
-            values[name] = _coerce(raw[name], hints[name], f"{section}.{name}")
+            if raw[name] is None and f.metadata.get("null"):
+                values[name] = None  # the section's __post_init__ gives it the meaning f.metadata["null"] says
+            else:
+                values[name] = _coerce(raw[name], hints[name], f"{section}.{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{section}: missing required key '{name}'")
     return cls(**values)
@@ -167,7 +170,8 @@ class DataConfig:
     hop_length: int
     win_length: int
     mel_fmin: float
-    mel_fmax: float
+    # null, as WaveGlow's, HiFi-GAN's and librosa's fmax=None: the Nyquist frequency, sampling_rate / 2
+    mel_fmax: float = field(metadata={"null": "sampling_rate / 2"})
     n_mel_channels: int = 80
     num_workers: int = 2
     dequantize: bool = False
@@ -188,6 +192,8 @@ class DataConfig:
             self.win_length <= self.filter_length,
             f"{s}.win_length ({self.win_length}) must not exceed filter_length ({self.filter_length})",
         )
+        if self.mel_fmax is None:  # null in the JSON (parse_section)
+            self.mel_fmax = self.sampling_rate / 2
         _require(
             0 <= self.mel_fmin < self.mel_fmax <= self.sampling_rate / 2,
             f"{s}: need 0 <= mel_fmin < mel_fmax <= sampling_rate / 2, "

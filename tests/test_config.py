@@ -62,6 +62,27 @@ def test_bad_configs_name_the_problem(change, message):
         config_from_dict(config, "demo.json")
 
 
+def test_a_null_mel_fmax_is_the_nyquist_frequency():
+    # WaveGlow's and HiFi-GAN's configs write "mel_fmax": null for librosa's fmax=None, sampling_rate / 2
+    import torch
+
+    from data import MelSpectrogram
+
+    config = demo()
+    config["data_config"]["mel_fmax"] = None
+    data = config_from_dict(config).data
+    assert data.mel_fmax == data.sampling_rate / 2
+    config["data_config"]["mel_fmax"] = data.sampling_rate / 2
+    explicit = config_from_dict(config).data
+    audio = torch.sin(torch.arange(4096) * 0.3)[None]
+    assert torch.equal(MelSpectrogram.from_config(data)(audio), MelSpectrogram.from_config(explicit)(audio))
+    for key in ("mel_fmin", "sampling_rate", "hop_length"):  # null means nothing for the others
+        config = demo()
+        config["data_config"][key] = None
+        with pytest.raises(ConfigError, match=rf"data_config\.{key} must be .*got None"):
+            config_from_dict(config)
+
+
 def test_dist_config_is_optional_and_files_are_checked(tmp_path):
     config = demo()
     del config["dist_config"]
