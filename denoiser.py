@@ -89,6 +89,7 @@ class Denoiser:
 
     def __call__(self, audio: torch.Tensor, strength: float) -> torch.Tensor:
         """`audio [B, T]` -> the same with `strength` times the bias spectrum removed, `[B, T]` fp32."""
+        check_strength(strength)
         audio = audio.float()
         if strength == 0:
             return audio
@@ -102,6 +103,12 @@ class Denoiser:
         return StreamingDenoiser(self, strength)
 
 
+def check_strength(strength: float) -> None:
+    """Refuse a strength that is negative (it would add the bias) or not finite."""
+    if not (math.isfinite(strength) and strength >= 0):
+        raise ValueError(f"denoiser strength must be a finite number >= 0 (0: off), got {strength}")
+
+
 class StreamingDenoiser:
     """`Denoiser` on audio given a piece at a time, giving the samples of the whole clip's denoising.
 
@@ -110,6 +117,7 @@ class StreamingDenoiser:
     Holds at most about two frames' worth of audio between pieces."""
 
     def __init__(self, denoiser: Denoiser, strength: float):
+        check_strength(strength)
         self.denoiser, self.strength = denoiser, strength
         self.buffer: torch.Tensor | None = None  # [B, samples] of the padded clip, from padded index `start`
         self.start = 0  # padded index of the buffer's first sample, a multiple of hop_length
@@ -121,6 +129,8 @@ class StreamingDenoiser:
         """The next audio `[B, n]` -> the denoised audio now final (a list of at most one `[B, m]`)."""
         if self.finished:
             raise ValueError("audio pushed after finish(): the stream has ended; start a new one with Denoiser.stream")
+        if self.strength == 0:  # the identity, as the whole clip's, not its STFT round trip
+            return [audio.float()]
         half = self.denoiser.filter_length // 2
         if self.buffer is None:
             self.head = audio.float() if self.head is None else torch.cat([self.head, audio.float()], dim=1)

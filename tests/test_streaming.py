@@ -174,6 +174,22 @@ def test_the_denoiser_streams_at_a_hop_that_does_not_divide_the_window():
     assert (torch.cat(chunks, dim=1) - expected).abs().max() <= 1e-5
 
 
+def test_the_denoiser_refuses_a_negative_strength_and_streams_strength_0_unchanged():
+    model = small()
+    denoiser = Denoiser(model)
+    audio = model.infer(torch.randn(1, 80, 30), sigma=0.8)
+    for strength in (-0.1, float("nan"), float("inf")):  # a negative one would add the bias
+        with pytest.raises(ValueError, match="denoiser strength must be a finite number >= 0"):
+            denoiser(audio, strength)
+        with pytest.raises(ValueError, match="denoiser strength must be a finite number >= 0"):
+            denoiser.stream(strength)
+    streaming = denoiser.stream(0.0)  # as the whole clip's: the audio itself, not its STFT round trip
+    chunks = [out for piece in audio.split(300, dim=1) for out in streaming.push(piece)] + streaming.finish()
+    assert torch.equal(torch.cat(chunks, dim=1), audio)
+    with pytest.raises(ValueError, match="audio pushed after finish"):
+        streaming.push(audio)
+
+
 def test_train_py_streams_and_denoises_with_the_seed_of_the_config(tmp_path):
     from train import main
 
