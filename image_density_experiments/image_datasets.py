@@ -86,16 +86,28 @@ def download(url: str, path: str, md5: str) -> None:
     """Fetch `url` to `path` unless a file with the right checksum is already there."""
     if os.path.isfile(path) and md5sum(path) == md5:
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    created = []  # the folders made for it, deepest first: removed again if the download fails
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     print(f"downloading {url} to {path}")
     partial = path + ".part"
     try:
-        urllib.request.urlretrieve(url, partial)
-    except OSError as error:  # URLError and HTTPError included
-        raise DatasetNotFoundError(f"could not download {url}: {error}") from error
-    if md5sum(partial) != md5:
-        os.remove(partial)
-        raise DatasetNotFoundError(f"{url} downloaded with a wrong MD5 checksum (expected {md5})")
+        try:
+            urllib.request.urlretrieve(url, partial)
+        except OSError as error:  # URLError and HTTPError included
+            raise DatasetNotFoundError(f"could not download {url}: {error}") from error
+        if md5sum(partial) != md5:
+            raise DatasetNotFoundError(f"{url} downloaded with a wrong MD5 checksum (expected {md5})")
+    except BaseException:  # Ctrl-C too: leave no partial file, nor the empty folders made for it
+        if os.path.exists(partial):
+            os.remove(partial)
+        for made in created:
+            if os.path.isdir(made) and not os.listdir(made):
+                os.rmdir(made)
+        raise
     os.replace(partial, path)
 
 

@@ -57,6 +57,22 @@ def test_a_missing_or_damaged_cifar10_batch_is_an_error_naming_it(tmp_path, as_a
         one_line_error(error, str(folder), "data_batch_3")
 
 
+def test_a_failed_download_leaves_no_partial_file_nor_the_folders_made_for_it(tmp_path, monkeypatch):
+    def interrupted(url, filename):
+        pathlib.Path(filename).write_bytes(b"half an archive")
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(image_datasets.urllib.request, "urlretrieve", interrupted)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "other.txt").write_text("a user's file")
+    with pytest.raises(DatasetNotFoundError, match="could not download .*connection reset"):
+        load_cifar10(str(tmp_path / "root" / "data"), download_missing=True)
+    assert sorted(os.listdir(tmp_path)) == ["kept"]  # root/data/ and what was under it: gone
+    with pytest.raises(DatasetNotFoundError, match="could not download"):
+        load_svhn(str(tmp_path / "kept"), download_missing=True)
+    assert sorted(os.listdir(tmp_path / "kept")) == ["other.txt"]  # a folder that was there stays
+
+
 def test_download_fetches_again_an_archive_with_a_wrong_checksum(tmp_path, monkeypatch):
     good = tmp_path / "good"
     write_fake_cifar10(str(good), images_per_batch=2, as_archive=True)
