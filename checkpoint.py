@@ -129,6 +129,21 @@ def save_checkpoint(
     write_atomically(path, buffer.getbuffer())
 
 
+def check_zip_checksums(path: str) -> None:
+    """Refuse a torch.save zip file whose members fail their CRC-32 (a file of the older format passes)."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        damaged = first_sentence(error)
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path}: a damaged checkpoint ({damaged} fails its checksum); copy or download it again"
+        ) from None
+
+
 def read_checkpoint(path: str) -> dict:
     """Read a checkpoint (ours or the original's) with the model weights' `module.` prefix and the
     original's `h_cache` removed."""
@@ -140,8 +155,21 @@ def read_checkpoint(path: str) -> dict:
         )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        check_zip_checksums(path)  # torch.load reads tensors without their CRC: a flipped byte loads silently
+    except CheckpointError:
+        raise
     except Exception as error:  # torch.load raises many types for a file that is not a checkpoint
+        check_zip_checksums(path)
         if not zipfile.is_zipfile(path):
+            with open(path, "rb") as file:
+                head = file.read(4)
+            if not head:
+                raise CheckpointError(f"{path}: not a checkpoint (an empty file)") from None
+            if head == b"PK\x03\x04":  # torch.save's zip, without its end: the central directory comes last
+                raise CheckpointError(
+                    f"{path}: a damaged or incomplete checkpoint (torch.save's zip file, cut short or corrupted); "
+                    f"copy or download it again"
+                ) from None
             raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save)") from None
         raise CheckpointError(
             f"{path}: not a readable checkpoint ({first_sentence(error)}); only files "

@@ -102,3 +102,36 @@ def test_a_rerun_goes_on_from_the_run_folders_newest_checkpoint_when_its_run_sta
     assert rerun_checkpoint(str(run_dir), str(run_dir / "waveflow_6")) == newest
     assert rerun_checkpoint(str(run_dir), newest) is None and rerun_checkpoint(str(run_dir), "") == newest
     assert rerun_checkpoint(str(tmp_path / "empty"), source) is None
+
+
+def test_a_damaged_or_cut_short_checkpoint_is_refused_in_one_line(tmp_path):
+    """torch.load reads a tensor whose bytes changed without a word: the zip's CRC-32s catch it."""
+    import struct
+    import zipfile
+
+    from checkpoint import CheckpointError, read_checkpoint
+
+    path = tmp_path / "good.pt"
+    save(trained_model(0), path)
+    data = path.read_bytes()
+    assert read_checkpoint(str(path))["iteration"] == 1
+
+    def damaged(name: str, content: bytes) -> str:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError) as error:
+            read_checkpoint(str(tmp_path / name))
+        assert "\n" not in str(error.value) and str(error.value).startswith(str(tmp_path / name))
+        return str(error.value)
+
+    with zipfile.ZipFile(path) as archive:
+        members = {info.filename: info for info in archive.infolist()}
+    tensor = max((name for name in members if "/data/" in name), key=lambda name: members[name].file_size)
+    for member in (tensor, next(name for name in members if name.endswith(".pkl"))):
+        start = members[member].header_offset
+        name_length, extra_length = struct.unpack("<HH", data[start + 26 : start + 30])
+        at = start + 30 + name_length + extra_length + members[member].file_size // 2  # in the member's bytes
+        flipped = data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1 :]
+        assert f"a damaged checkpoint ({member} fails its checksum)" in damaged("flipped.pt", flipped)
+    assert "a damaged or incomplete checkpoint" in damaged("cut.pt", data[: len(data) // 2])
+    assert "not a checkpoint (an empty file)" in damaged("empty.pt", b"")
+    assert "not a checkpoint (not a file written by torch.save)" in damaged("text.pt", b"weights")
