@@ -493,6 +493,9 @@ def synthesis_inputs(config: Config, args: argparse.Namespace, measured: bool = 
 def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -> None:
     """Every clip of the test list (or mel of --mels) to a .wav file; one too short to synthesize is left out
     with a warning, and when every one is, that is an error naming the first."""
+    folder = args.output_dir or samples_dir(config)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise StorageError(f"{folder}: not a folder; the audio goes into a folder (-o/--output_dir)")
     inputs = synthesis_inputs(config, args)
     sources = [source for _, source, _, _ in inputs]
     refuse_shared_names(sources, lambda path: f"{stem(path)}_synthesis.wav", "would both be written to")
@@ -504,10 +507,13 @@ def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -
     dtype, precision = synthesis_precision(config, args.precision, device)
     print(precision)
     model = trained_model(config, args, device).remove_weight_norm().to(dtype)
-    folder = samples_dir(config)
     rate = config.data.sampling_rate
     graphs = CudaGraphCache() if device.type == "cuda" else None  # clips of a length seen before replay a graph
     denoiser = Denoiser.from_config(model, config.data) if args.denoise else None
+    try:  # before synthesizing anything: a folder that cannot be made is said at once
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise StorageError(f"{folder}: cannot make the folder for the audio ({describe(error)})") from None
     if args.chunk_frames:
         print(
             f"streaming: chunks of {args.chunk_frames} frames, each after {args.lookahead_frames} frames more "

@@ -141,6 +141,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with -v: also write the results as JSON to PATH ('-': to stdout, the table to stderr)",
     )
     parser.add_argument(
+        "-o",
+        "--output_dir",
+        metavar="DIR",
+        help="with -s: write the audio to DIR, made if missing "
+        "(default: <train_config.output_directory>/samples/<model_name>/)",
+    )
+    parser.add_argument(
         "--precision",
         choices=["auto", *PRECISIONS],
         default="auto",
@@ -233,6 +240,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--denoise must be a number >= 0")
     if args.json and not args.evaluate:
         parser.error("--json goes with -v/--evaluate")
+    if args.output_dir is not None and not args.synthesize:
+        parser.error("-o/--output_dir goes with -s/--synthesize")
+    if args.output_dir == "":
+        parser.error("-o/--output_dir needs a folder")
     if args.epsilon is not None and not args.average_checkpoint:
         parser.error("-e/--epsilon goes with -a/--average_checkpoint")
     if args.temp is None:

@@ -316,3 +316,29 @@ def test_mel_channels_that_cover_no_stft_bin_are_one_warning_naming_them(tmp_pat
     status, _, err = run_here(capsys, "-s", "-c", config, "--checkpoint_path", checkpoint, "--mels", mel)
     assert status == 0, err
     assert err.count("warning: data_config: 26 of 128 mel channels") == 1 and "Empty filters" not in err
+
+
+def test_synthesis_writes_where_output_dir_says_and_refuses_a_file_there(tmp_path, capsys):
+    folder = str(tmp_path)
+    config = write_config(folder)
+    checkpoint, _ = tiny_checkpoint(folder)
+    mel = str(tmp_path / "utterance.npy")
+    np.save(mel, np.zeros((80, 16), np.float32) - 5.0)
+    wanted = tmp_path / "tts" / "wavs"  # not there yet: made
+    status, out, _ = run_here(
+        capsys, "-s", "-c", config, "--checkpoint_path", checkpoint, "--mels", mel, "-o", str(wanted)
+    )
+    assert status == 0 and os.listdir(wanted) == ["utterance_synthesis.wav"]
+    assert soundfile.info(str(wanted / "utterance_synthesis.wav")).frames == 13 * 256  # hop * (frames - 3)
+    assert str(wanted / "utterance_synthesis.wav") in out
+    assert not os.path.exists(os.path.join(folder, "exp", "samples"))  # not the default folder
+    (tmp_path / "taken").write_text("a file of the user's")
+    for target in (tmp_path / "taken", tmp_path / "taken" / "below"):
+        status, _, err = run_here(
+            capsys, "-s", "-c", config, "--checkpoint_path", checkpoint, "--mels", mel, "-o", str(target)
+        )
+        assert status == 1 and len(err.strip().splitlines()) == 1 and err.startswith(f"error: {target}: ")
+    assert (tmp_path / "taken").read_text() == "a file of the user's"
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["-v", "-c", config, "-o", str(wanted)])
+    assert exit_.value.code == 2 and "-o/--output_dir goes with -s/--synthesize" in capsys.readouterr().err
