@@ -341,7 +341,9 @@ def load_mel(path: str, n_mel_channels: int = 80) -> torch.Tensor:
         mel = torch.from_numpy(mel.astype(mel.dtype.newbyteorder("="), copy=False))  # torch reads native order
     if not mel.is_floating_point():
         raise DataError(f"{path}: mel has dtype {mel.dtype}, expected a floating point log-mel")
-    mel = mel.float()
+    # a tensor saved from a TTS model's output may require grad: a DataLoader worker cannot send such a tensor
+    # (and the training loop would wait for it forever), and backward would reach into it
+    mel = mel.detach().float().contiguous()
     if not torch.isfinite(mel).all():
         raise DataError(f"{path}: mel contains NaN or infinite values")
     return mel

@@ -1,0 +1,58 @@
+"""Data as other tools write it: mels saved by TTS toolkits, statistics files, file lists and audio of other
+programs. Each one works where its meaning is unambiguous, or ends in a one-line error naming the file."""
+
+import os
+from multiprocessing.reduction import ForkingPickler
+
+import numpy as np
+import soundfile
+import torch
+import torch.multiprocessing  # registers torch's reductions of tensors with ForkingPickler
+
+from data import load_mel
+from mel2samp import Mel2Samp
+
+RATE = 22050
+MEL_PARAMETERS = dict(
+    sampling_rate=RATE, filter_length=1024, hop_length=256, win_length=1024, mel_fmin=0.0, mel_fmax=8000.0
+)
+
+
+def write_clip(path, num_samples, seed=0):
+    pcm = (np.random.default_rng(seed).standard_normal(num_samples) * 3000).astype(np.int16)
+    soundfile.write(str(path), pcm, RATE, subtype="PCM_16")
+    return str(path)
+
+
+def test_a_mel_saved_with_requires_grad_trains_through_dataloader_workers(tmp_path):
+    """`torch.save(mel_outputs, path)` of a TTS model's output keeps requires_grad. A DataLoader worker cannot
+    send a crop of such a tensor (PyTorch refuses to pickle it across processes, and training then waited
+    forever for the batch): the mel is read as data."""
+    clip = write_clip(tmp_path / "clip.wav", 20000)
+    (tmp_path / "list.txt").write_text(f"{clip}\n")
+    os.makedirs(tmp_path / "mels")
+    mel = torch.randn(80, 1 + 20000 // 256) - 5.0
+    torch.save(mel.clone().requires_grad_(), tmp_path / "mels" / "clip.wav.pt")
+    torch.save(mel.clone()[None].requires_grad_(), tmp_path / "batched.pt")
+    for path in (tmp_path / "mels" / "clip.wav.pt", tmp_path / "batched.pt"):
+        loaded = load_mel(str(path))
+        assert not loaded.requires_grad and loaded.is_contiguous() and torch.equal(loaded, mel)
+    data = Mel2Samp(
+        file_list=str(tmp_path / "list.txt"),
+        mode="train",
+        segment_length=4096,
+        mel_directory=str(tmp_path / "mels"),
+        **MEL_PARAMETERS,
+    )
+    item_mel, _ = data[0]
+    ForkingPickler.dumps(data[0])  # what a worker does with an item; raised RuntimeError before
+    assert not item_mel.requires_grad
+
+
+def test_a_fortran_ordered_or_transposed_view_mel_is_read_contiguous(tmp_path):
+    mel = np.random.default_rng(0).standard_normal((80, 30)).astype(np.float32) - 5.0
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(mel))  # e.g. the .T of a time-major array, saved
+    torch.save(torch.from_numpy(mel.T.copy()).T, tmp_path / "view.pt")  # a non-contiguous view
+    for name in ("fortran.npy", "view.pt"):
+        loaded = load_mel(str(tmp_path / name))
+        assert loaded.is_contiguous() and torch.equal(loaded, torch.from_numpy(mel)), name
