@@ -212,13 +212,30 @@ def refuse_shared_names(paths: list[str], name_of: Callable[[str], str], what: s
 SPEAKER_COLUMN = "speaker"  # the column name, in a file list's header, of the speaker field
 
 
+def _clip_id_hint(path: str, list_folder: str) -> str:
+    """What to do with a clip named by its id alone (``LJ001-0001``), as LJSpeech's metadata.csv and HiFi-GAN's
+    lists name clips (HiFi-GAN adds its --input_wavs_dir and ``.wav``), where such a file is found; else ""."""
+    if os.path.splitext(path)[1]:
+        return ""
+    for folder in ("", "wavs"):
+        for extension in (".wav", ".flac"):
+            candidate = os.path.join(folder, path + extension)
+            if os.path.isfile(os.path.join(list_folder, candidate)):
+                return (
+                    f"; {candidate} is there: this list names clips by id, as LJSpeech's metadata.csv and HiFi-GAN's "
+                    f"lists do, and a file list names the audio files (scripts/prepare_ljspeech.py --corpus FOLDER "
+                    f"writes such lists for LJSpeech)"
+                )
+    return ""
+
+
 def read_file_list_entries(list_path: str) -> list[tuple[str, str | None]]:
     """The `(audio path, speaker)` of every line of a file list, in order; speaker None where the list
     names none.
 
     One entry per line: a path, or a Tacotron 2 / LJSpeech style line
     ``path|text...`` whose first field is the path. Blank lines and lines
-    starting with ``#`` are ignored, except a first line ``# path|speaker|text``
+    starting with ``#`` (after spaces) are ignored, except a first line ``# path|speaker|text``
     (the fields' names, in their order, as scripts/prepare_corpus.py writes it),
     which says which field holds the speaker. A relative path is taken as
     written (relative to the working directory, as the original code did);
@@ -243,7 +260,7 @@ def read_file_list_entries(list_path: str) -> list[tuple[str, str | None]]:
         speaker_field = names.index(SPEAKER_COLUMN) if SPEAKER_COLUMN in names else None
     entries = []
     for number, line in enumerate(lines, start=1):
-        if line.startswith("#"):
+        if line.lstrip().startswith("#"):  # an indented comment too: no path starts with spaces and a '#'
             continue
         fields = line.split("|")
         path = fields[0].strip()
@@ -259,7 +276,7 @@ def read_file_list_entries(list_path: str) -> list[tuple[str, str | None]]:
             if not os.path.exists(beside_list):
                 raise DataError(
                     f"{list_path}:{number}: audio file '{path}' not found "
-                    f"(looked in the working directory and in {list_folder})"
+                    f"(looked in the working directory and in {list_folder}){_clip_id_hint(path, list_folder)}"
                 )
             path = beside_list
         entries.append((path, speaker))

@@ -5,11 +5,12 @@ import os
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
+import pytest
 import soundfile
 import torch
 import torch.multiprocessing  # registers torch's reductions of tensors with ForkingPickler
 
-from data import load_mel
+from data import DataError, load_mel, read_file_list
 from mel2samp import Mel2Samp
 
 RATE = 22050
@@ -56,3 +57,22 @@ def test_a_fortran_ordered_or_transposed_view_mel_is_read_contiguous(tmp_path):
     for name in ("fortran.npy", "view.pt"):
         loaded = load_mel(str(tmp_path / name))
         assert loaded.is_contiguous() and torch.equal(loaded, torch.from_numpy(mel)), name
+
+
+def test_indented_comments_are_skipped_and_a_list_of_clip_ids_says_what_it_is(tmp_path):
+    os.makedirs(tmp_path / "wavs")
+    clip = write_clip(tmp_path / "wavs" / "LJ001-0001.wav", 4096)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{clip}|text\n  # a comment, indented\n\n")
+    assert read_file_list(str(listing)) == [clip]
+    # LJSpeech's metadata.csv, and HiFi-GAN's LJSpeech-1.1/training.txt: ids, not paths
+    metadata = tmp_path / "metadata.csv"
+    metadata.write_text("LJ001-0001|Printing, in the only sense|Printing, in the only sense\n")
+    with pytest.raises(DataError) as excinfo:
+        read_file_list(str(metadata))
+    message = str(excinfo.value)
+    assert "\n" not in message and message.startswith(f"{metadata}:1: audio file 'LJ001-0001' not found")
+    assert "wavs/LJ001-0001.wav is there" in message and "scripts/prepare_ljspeech.py" in message
+    (tmp_path / "other.txt").write_text("LJ009-9999\n")  # no such clip: no hint
+    with pytest.raises(DataError, match=r"not found \(looked in the working directory and in [^)]*\)$"):
+        read_file_list(str(tmp_path / "other.txt"))
