@@ -338,6 +338,9 @@ def _read_mel(path: str, n_mel_channels: int, mmap: bool):
             )
             hint = f" (frames first, as ESPnet, ParallelWaveGAN and Coqui save mels: transpose it, {transpose})"
         raise DataError(f"{path}: mel has shape {list(mel.shape)}, expected [{n_mel_channels}, frames]{hint}")
+    floating = mel.is_floating_point() if isinstance(mel, torch.Tensor) else np.issubdtype(mel.dtype, np.floating)
+    if not floating:  # known from the header: -s and -v refuse such a mel before any work
+        raise DataError(f"{path}: mel has dtype {mel.dtype}, expected a floating point log-mel")
     return mel
 
 
@@ -353,16 +356,17 @@ def load_mel(path: str, n_mel_channels: int = 80) -> torch.Tensor:
     tensor) and ``.npy`` files. A leading batch dimension of 1, as a Tacotron 2
     model's output has, is dropped.
     """
-    mel = _read_mel(path, n_mel_channels, mmap=False)
-    if isinstance(mel, np.ndarray):
-        mel = torch.from_numpy(mel.astype(mel.dtype.newbyteorder("="), copy=False))  # torch reads native order
-    if not mel.is_floating_point():
-        raise DataError(f"{path}: mel has dtype {mel.dtype}, expected a floating point log-mel")
+    read = _read_mel(path, n_mel_channels, mmap=False)
+    if isinstance(read, np.ndarray):
+        read = torch.from_numpy(read.astype(read.dtype.newbyteorder("="), copy=False))  # torch reads native order
     # a tensor saved from a TTS model's output may require grad: a DataLoader worker cannot send such a tensor
     # (and the training loop would wait for it forever), and backward would reach into it
-    mel = mel.detach().float().contiguous()
-    if not torch.isfinite(mel).all():
+    read = read.detach()
+    if not torch.isfinite(read).all():
         raise DataError(f"{path}: mel contains NaN or infinite values")
+    mel = read.float().contiguous()
+    if not torch.isfinite(mel).all():  # a float64 mel beyond float32's range
+        raise DataError(f"{path}: mel holds values up to {read.abs().max().item():.3g}, beyond float32; not a log-mel")
     return mel
 
 

@@ -1,6 +1,7 @@
 """Data as other tools write it: mels saved by TTS toolkits, statistics files, file lists and audio of other
 programs. Each one works where its meaning is unambiguous, or ends in a one-line error naming the file."""
 
+import json
 import os
 from multiprocessing.reduction import ForkingPickler
 
@@ -10,7 +11,9 @@ import soundfile
 import torch
 import torch.multiprocessing  # registers torch's reductions of tensors with ForkingPickler
 
-from data import DataError, load_mel, read_file_list
+import train
+from conftest import ROOT
+from data import DataError, load_mel, mel_frame_count, read_file_list
 from mel2samp import Mel2Samp
 
 RATE = 22050
@@ -76,3 +79,42 @@ def test_indented_comments_are_skipped_and_a_list_of_clip_ids_says_what_it_is(tm
     (tmp_path / "other.txt").write_text("LJ009-9999\n")  # no such clip: no hint
     with pytest.raises(DataError, match=r"not found \(looked in the working directory and in [^)]*\)$"):
         read_file_list(str(tmp_path / "other.txt"))
+
+
+def demo_config(folder) -> str:
+    """configs/demo.json writing into `folder`, for the shipped demo checkpoint."""
+    with open(os.path.join(ROOT, "configs", "demo.json")) as f:
+        config = json.load(f)
+    config["train_config"]["output_directory"] = str(folder / "exp")
+    path = str(folder / "demo.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+DEMO_CHECKPOINT = os.path.join(ROOT, "pretrained", "nanoflow-demo.pt")
+
+
+def test_a_mel_of_integers_is_refused_before_any_synthesis(tmp_path, capsys):
+    """The dtype is in the header: -s refuses such a mel with the others' headers, not after synthesizing
+    the mels before it."""
+    os.makedirs(tmp_path / "mels")
+    mel = np.random.default_rng(0).standard_normal((80, 20)).astype(np.float32) - 5.0
+    np.save(tmp_path / "mels" / "a.npy", mel)
+    np.save(tmp_path / "mels" / "b.npy", mel.astype(np.int16))  # quantised by a careless export
+    args = ["-s", "-c", demo_config(tmp_path), "--checkpoint_path", DEMO_CHECKPOINT]
+    assert train.main([*args, "--mels", str(tmp_path / "mels")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"error: {tmp_path / 'mels' / 'b.npy'}: mel has dtype int16, expected a floating point log-mel"
+    assert not os.path.exists(tmp_path / "exp"), "a synthesis was written before the error"
+    with pytest.raises(DataError, match=r"b.npy: mel has dtype int16"):
+        mel_frame_count(str(tmp_path / "mels" / "b.npy"))
+
+
+def test_a_float64_mel_beyond_float32_is_named_for_what_it_is(tmp_path):
+    mel = np.random.default_rng(0).standard_normal((80, 20)) * 1e300  # finite in float64, inf in float32
+    np.save(tmp_path / "huge.npy", mel)
+    with pytest.raises(DataError) as excinfo:
+        load_mel(str(tmp_path / "huge.npy"))
+    assert str(excinfo.value).startswith(f"{tmp_path / 'huge.npy'}: mel holds values up to ")
+    assert "beyond float32" in str(excinfo.value)
