@@ -301,6 +301,18 @@ def write_file_list(list_path: str, rows: list[list[str]], header: str | None = 
     write_atomically(list_path, "".join(lines).encode(), durable=False)
 
 
+def _holds_objects(path: str) -> bool:
+    """Whether a .npy file's header says it holds pickled Python objects; False for a damaged header, which
+    np.load then reports."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return header(f)[2].hasobject
+    except (ValueError, OSError):
+        return False
+
+
 def _read_mel(path: str, n_mel_channels: int, mmap: bool):
     """A mel file's array [n_mels, F], its shape checked; with `mmap` only what the header says is read."""
     if not os.path.isfile(path):
@@ -309,6 +321,11 @@ def _read_mel(path: str, n_mel_channels: int, mmap: bool):
     if extension not in MEL_FILE_EXTENSIONS:
         raise DataError(
             f"{path}: unknown mel file type '{extension}', expected one of {', '.join(MEL_FILE_EXTENSIONS)}"
+        )
+    if extension == ".npy" and _holds_objects(path):
+        raise DataError(
+            f"{path}: holds pickled Python objects (np.save of a dict, a list or an object array), not an array "
+            f"of numbers; save the mel array itself"
         )
     try:
         if extension == ".npy":
@@ -323,7 +340,12 @@ def _read_mel(path: str, n_mel_channels: int, mmap: bool):
     except Exception as error:  # torch.load and np.load raise many types for a damaged file
         raise DataError(f"{path}: cannot read mel ({first_sentence(error)})") from None
     if not isinstance(mel, (np.ndarray, torch.Tensor)):
-        raise DataError(f"{path}: expected a tensor, found {type(mel).__name__}")
+        found = type(mel).__name__
+        if isinstance(mel, dict):
+            found += f" with keys {', '.join(repr(key) for key in list(mel)[:4])}{', ...' if len(mel) > 4 else ''}"
+        elif isinstance(mel, (list, tuple)):
+            found += f" of {len(mel)} item{'s' if len(mel) != 1 else ''}"
+        raise DataError(f"{path}: expected a tensor, found a {found}; save the mel tensor itself")
     batched = mel.ndim == 3 and mel.shape[0] == 1
     if batched:
         mel = mel[0]

@@ -118,3 +118,27 @@ def test_a_float64_mel_beyond_float32_is_named_for_what_it_is(tmp_path):
         load_mel(str(tmp_path / "huge.npy"))
     assert str(excinfo.value).startswith(f"{tmp_path / 'huge.npy'}: mel holds values up to ")
     assert "beyond float32" in str(excinfo.value)
+
+
+def test_mels_saved_inside_python_objects_are_named_for_what_they_hold(tmp_path):
+    """np.save of a dict pickles it; torch.save of a dict, tuple or list keeps the container: one line that
+    says what the file holds and what to save instead, from -s/-v's header check (mel_frame_count) too."""
+    mel = np.zeros((80, 10), np.float32)
+    holder = np.empty((), dtype=object)
+    holder[()] = mel
+    np.save(tmp_path / "object.npy", holder, allow_pickle=True)
+    np.save(tmp_path / "dict.npy", {"mel": mel}, allow_pickle=True)  # type: ignore[arg-type]
+    torch.save({"mel": torch.from_numpy(mel), "length": 10}, tmp_path / "dict.pt")
+    torch.save((torch.from_numpy(mel), torch.from_numpy(mel)), tmp_path / "tuple.pt")
+    cases = {
+        "object.npy": "holds pickled Python objects (np.save of a dict, a list or an object array)",
+        "dict.npy": "holds pickled Python objects",
+        "dict.pt": "expected a tensor, found a dict with keys 'mel', 'length'; save the mel tensor itself",
+        "tuple.pt": "expected a tensor, found a tuple of 2 items; save the mel tensor itself",
+    }
+    for name, problem in cases.items():
+        for read in (load_mel, mel_frame_count):
+            with pytest.raises(DataError) as excinfo:
+                read(str(tmp_path / name))
+            message = str(excinfo.value)
+            assert message.startswith(f"{tmp_path / name}: ") and problem in message and "\n" not in message, message
