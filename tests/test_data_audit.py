@@ -1,6 +1,7 @@
 """Data as other tools write it: mels saved by TTS toolkits, statistics files, file lists and audio of other
 programs. Each one works where its meaning is unambiguous, or ends in a one-line error naming the file."""
 
+import importlib.util
 import json
 import os
 from multiprocessing.reduction import ForkingPickler
@@ -142,3 +143,13 @@ def test_mels_saved_inside_python_objects_are_named_for_what_they_hold(tmp_path)
                 read(str(tmp_path / name))
             message = str(excinfo.value)
             assert message.startswith(f"{tmp_path / name}: ") and problem in message and "\n" not in message, message
+
+
+def test_a_transcript_saved_with_a_byte_order_mark_and_crlf_is_one_clean_line(tmp_path):
+    spec = importlib.util.spec_from_file_location("prepare_corpus", os.path.join(ROOT, "scripts", "prepare_corpus.py"))
+    assert spec is not None and spec.loader is not None
+    prepare_corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare_corpus)
+    path = tmp_path / "p225_001.txt"
+    path.write_bytes("\ufeffPlease call Stella.\r\n\r\n".encode())  # as Notepad saves it
+    assert prepare_corpus.transcript(str(path)) == "Please call Stella."
