@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 from multiprocessing.reduction import ForkingPickler
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from data import DataError, load_mel, mel_frame_count, read_file_list
 from mel2samp import Mel2Samp
 
 RATE = 22050
-MEL_PARAMETERS = dict(
+MEL_PARAMETERS: dict[str, Any] = dict(
     sampling_rate=RATE, filter_length=1024, hop_length=256, win_length=1024, mel_fmin=0.0, mel_fmax=8000.0
 )
 
