@@ -301,7 +301,7 @@ def write_file_list(list_path: str, rows: list[list[str]], header: str | None = 
     write_atomically(list_path, "".join(lines).encode(), durable=False)
 
 
-def _holds_objects(path: str) -> bool:
+def holds_pickled_objects(path: str) -> bool:
     """Whether a .npy file's header says it holds pickled Python objects; False for a damaged header, which
     np.load then reports."""
     try:
@@ -322,7 +322,7 @@ def _read_mel(path: str, n_mel_channels: int, mmap: bool):
         raise DataError(
             f"{path}: unknown mel file type '{extension}', expected one of {', '.join(MEL_FILE_EXTENSIONS)}"
         )
-    if extension == ".npy" and _holds_objects(path):
+    if extension == ".npy" and holds_pickled_objects(path):
         raise DataError(
             f"{path}: holds pickled Python objects (np.save of a dict, a list or an object array), not an array "
             f"of numbers; save the mel array itself"

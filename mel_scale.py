@@ -33,7 +33,7 @@ import os
 import numpy as np
 import torch
 
-from data import LOG_FLOOR, DataError
+from data import LOG_FLOOR, DataError, holds_pickled_objects
 from storage import warn
 
 # value of the mel in these units = factor * the ln mel
@@ -128,6 +128,14 @@ def read_mel_stats(path: str, n_mel_channels: int) -> tuple[torch.Tensor, torch.
         raise DataError(f"{path}: statistics file not found")
     extension = os.path.splitext(path)[1].lower()
     try:
+        if extension == ".npy" and holds_pickled_objects(path):  # never unpickled: a pickle can run code
+            converted = os.path.join(os.path.dirname(path), "mel_stats.npy")
+            raise DataError(
+                f"{path}: holds a pickled Python object, not an array (Coqui TTS's scale_stats.npy?); if it is "
+                f"Coqui's, convert it: python -c \"import numpy as np; d = np.load({path!r}, allow_pickle=True)"
+                f".item(); np.save({converted!r}, np.stack([d['mel_mean'], d['mel_std']]))\", and give "
+                f"--mel_stats {converted} --mel_scale db (Coqui's mels are 20 log10 of magnitudes)"
+            )
         if extension == ".npy":
             stats = np.load(path, allow_pickle=False)
             mean, std = _from_rows(path, stats, n_mel_channels)

@@ -17,6 +17,7 @@ import train
 from conftest import ROOT
 from data import DataError, load_mel, mel_frame_count, read_file_list
 from mel2samp import Mel2Samp
+from mel_scale import read_mel_stats
 
 RATE = 22050
 MEL_PARAMETERS: dict[str, Any] = dict(
@@ -154,3 +155,23 @@ def test_a_transcript_saved_with_a_byte_order_mark_and_crlf_is_one_clean_line(tm
     path = tmp_path / "p225_001.txt"
     path.write_bytes("\ufeffPlease call Stella.\r\n\r\n".encode())  # as Notepad saves it
     assert prepare_corpus.transcript(str(path)) == "Please call Stella."
+
+
+def test_coqui_statistics_are_not_unpickled_and_the_error_gives_the_conversion(tmp_path):
+    """Coqui TTS's scale_stats.npy is np.save of a dict (mel_mean, mel_std of its 20 log10 mels, ...): not read,
+    since a pickle can run code, and the one-line error converts it as a user pastes it."""
+    rng = np.random.default_rng(0)
+    mean, std = rng.standard_normal(80) * 10 - 40, rng.uniform(5, 15, 80)
+    stats = {"mel_mean": mean, "mel_std": std, "linear_mean": mean, "linear_std": std, "audio_config": {}}
+    path = str(tmp_path / "scale_stats.npy")
+    np.save(path, stats, allow_pickle=True)  # type: ignore[arg-type]
+    with pytest.raises(DataError) as excinfo:
+        read_mel_stats(path, 80)
+    message = str(excinfo.value)
+    assert message.startswith(f"{path}: holds a pickled Python object") and "\n" not in message
+    command = message.split('python -c "')[1].split('"')[0]
+    exec(command, {})
+    converted = str(tmp_path / "mel_stats.npy")
+    assert f"--mel_stats {converted} --mel_scale db" in message
+    read_mean, read_std = read_mel_stats(converted, 80)
+    assert np.allclose(read_mean.numpy(), mean, atol=1e-5) and np.allclose(read_std.numpy(), std, atol=1e-5)
