@@ -3,6 +3,7 @@ programs. Each one works where its meaning is unambiguous, or ends in a one-line
 
 import importlib.util
 import json
+import math
 import os
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -15,9 +16,9 @@ import torch.multiprocessing  # registers torch's reductions of tensors with For
 
 import train
 from conftest import ROOT
-from data import DataError, load_mel, mel_frame_count, read_file_list
+from data import DataError, MelSpectrogram, load_audio, load_mel, mel_frame_count, read_file_list
 from mel2samp import Mel2Samp
-from mel_scale import read_mel_stats
+from mel_scale import MelConversion, looks_like, read_mel_stats
 
 RATE = 22050
 MEL_PARAMETERS: dict[str, Any] = dict(
@@ -175,3 +176,20 @@ def test_coqui_statistics_are_not_unpickled_and_the_error_gives_the_conversion(t
     assert f"--mel_stats {converted} --mel_scale db" in message
     read_mean, read_std = read_mel_stats(converted, 80)
     assert np.allclose(read_mean.numpy(), mean, atol=1e-5) and np.allclose(read_std.numpy(), std, atol=1e-5)
+
+
+def test_an_ln_mel_scattered_around_its_floor_is_still_taken_as_ln(capsys):
+    """A TTS model's prediction scatters around ln(1e-5) in silence, and ln(1e-5) in float16 is -11.516: such a
+    mel was taken for a log10 one, with the advice --mel_scale log10, which would have ruined it."""
+    path = read_file_list(os.path.join(ROOT, "data", "demo", "heldout", "test_files.txt"))[0]
+    audio = load_audio(path, RATE)
+    silence = torch.zeros(5000)
+    with torch.no_grad():
+        mel = MelSpectrogram()(torch.cat([silence, audio, silence]))  # [80, F], reaching the floor
+    assert float(mel.min()) == pytest.approx(math.log(1e-5))
+    noise = torch.randn(mel.shape, generator=torch.Generator().manual_seed(0))
+    for name, predicted in {"half": mel.half().float(), "scattered": mel + 0.3 * noise}.items():
+        assert looks_like(predicted) == "ln", name
+        MelConversion()(predicted, f"{name}.npy")
+    assert capsys.readouterr().err == ""
+    assert looks_like(mel * 20 / math.log(10)) == "db"  # a dB mel lies far below the floor
