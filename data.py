@@ -319,8 +319,9 @@ def _read_mel(path: str, n_mel_channels: int, mmap: bool):
         raise DataError(f"{path}: mel file not found")
     extension = os.path.splitext(path)[1].lower()
     if extension not in MEL_FILE_EXTENSIONS:
+        archive = " (an archive of arrays, np.savez's: save the mel alone with np.save)" if extension == ".npz" else ""
         raise DataError(
-            f"{path}: unknown mel file type '{extension}', expected one of {', '.join(MEL_FILE_EXTENSIONS)}"
+            f"{path}: unknown mel file type '{extension}', expected one of {', '.join(MEL_FILE_EXTENSIONS)}{archive}"
         )
     if extension == ".npy" and holds_pickled_objects(path):
         raise DataError(

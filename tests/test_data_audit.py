@@ -193,3 +193,13 @@ def test_an_ln_mel_scattered_around_its_floor_is_still_taken_as_ln(capsys):
         MelConversion()(predicted, f"{name}.npy")
     assert capsys.readouterr().err == ""
     assert looks_like(mel * 20 / math.log(10)) == "db"  # a dB mel lies far below the floor
+
+
+def test_an_npz_mel_says_how_to_save_it(tmp_path):
+    np.savez(tmp_path / "mel.npz", mel=np.zeros((80, 10), np.float32))
+    with pytest.raises(DataError) as excinfo:
+        load_mel(str(tmp_path / "mel.npz"))
+    assert str(excinfo.value) == (
+        f"{tmp_path / 'mel.npz'}: unknown mel file type '.npz', expected one of .pt, .npy "
+        "(an archive of arrays, np.savez's: save the mel alone with np.save)"
+    )
