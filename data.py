@@ -30,6 +30,7 @@ from config import HOP_LENGTH, DataConfig
 from storage import first_sentence, read_text, write_atomically
 
 MEL_FILE_EXTENSIONS = (".pt", ".npy")
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
 MAX_WAV_VALUE = 32768.0  # 16-bit PCM full scale, as Tacotron 2 scales it
 LOG_FLOOR = 1e-5  # Tacotron 2's clamp before the log: silence maps to log(1e-5), about -11.5
 # libsndfile's names of the lossy containers: decoding depends on the decoder, and a read from a position
@@ -301,6 +302,14 @@ def write_file_list(list_path: str, rows: list[list[str]], header: str | None = 
     write_atomically(list_path, "".join(lines).encode(), durable=False)
 
 
+def _starts_with(path: str, prefix: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(prefix)) == prefix
+    except OSError:
+        return False
+
+
 def holds_pickled_objects(path: str) -> bool:
     """Whether a .npy file's header says it holds pickled Python objects; False for a damaged header, which
     np.load then reports."""
@@ -323,6 +332,8 @@ def _read_mel(path: str, n_mel_channels: int, mmap: bool):
         raise DataError(
             f"{path}: unknown mel file type '{extension}', expected one of {', '.join(MEL_FILE_EXTENSIONS)}{archive}"
         )
+    if extension == ".npy" and not _starts_with(path, NPY_MAGIC):  # numpy would call it "pickled (object) data"
+        raise DataError(f"{path}: not a .npy file (it does not start with numpy's header)")
     if extension == ".npy" and holds_pickled_objects(path):
         raise DataError(
             f"{path}: holds pickled Python objects (np.save of a dict, a list or an object array), not an array "

@@ -203,3 +203,12 @@ def test_an_npz_mel_says_how_to_save_it(tmp_path):
         f"{tmp_path / 'mel.npz'}: unknown mel file type '.npz', expected one of .pt, .npy "
         "(an archive of arrays, np.savez's: save the mel alone with np.save)"
     )
+
+
+def test_a_npy_mel_that_is_no_npy_file_says_so(tmp_path):
+    """numpy takes a file without its header for a pickle and says it "contains pickled (object) data"."""
+    (tmp_path / "text.npy").write_text("-11.5 -11.5 -11.5\n")  # e.g. np.savetxt given a .npy name
+    for read in (load_mel, mel_frame_count):
+        with pytest.raises(DataError) as excinfo:
+            read(str(tmp_path / "text.npy"))
+        assert str(excinfo.value) == f"{tmp_path / 'text.npy'}: not a .npy file (it does not start with numpy's header)"
