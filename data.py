@@ -30,6 +30,7 @@ from config import HOP_LENGTH, DataConfig
 from storage import first_sentence, read_text, write_atomically
 
 MEL_FILE_EXTENSIONS = (".pt", ".npy")
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
 MAX_WAV_VALUE = 32768.0  # 16-bit PCM full scale, as Tacotron 2 scales it
 LOG_FLOOR = 1e-5  # Tacotron 2's clamp before the log: silence maps to log(1e-5), about -11.5
 # libsndfile's names of the lossy containers: decoding depends on the decoder, and a read from a position
@@ -212,13 +213,30 @@ def refuse_shared_names(paths: list[str], name_of: Callable[[str], str], what: s
 SPEAKER_COLUMN = "speaker"  # the column name, in a file list's header, of the speaker field
 
 
+def _clip_id_hint(path: str, list_folder: str) -> str:
+    """What to do with a clip named by its id alone (``LJ001-0001``), as LJSpeech's metadata.csv and HiFi-GAN's
+    lists name clips (HiFi-GAN adds its --input_wavs_dir and ``.wav``), where such a file is found; else ""."""
+    if os.path.splitext(path)[1]:
+        return ""
+    for folder in ("", "wavs"):
+        for extension in (".wav", ".flac"):
+            candidate = os.path.join(folder, path + extension)
+            if os.path.isfile(os.path.join(list_folder, candidate)):
+                return (
+                    f"; {candidate} is there: this list names clips by id, as LJSpeech's metadata.csv and HiFi-GAN's "
+                    f"lists do, and a file list names the audio files (scripts/prepare_ljspeech.py --corpus FOLDER "
+                    f"writes such lists for LJSpeech)"
+                )
+    return ""
+
+
 def read_file_list_entries(list_path: str) -> list[tuple[str, str | None]]:
     """The `(audio path, speaker)` of every line of a file list, in order; speaker None where the list
     names none.
 
     One entry per line: a path, or a Tacotron 2 / LJSpeech style line
     ``path|text...`` whose first field is the path. Blank lines and lines
-    starting with ``#`` are ignored, except a first line ``# path|speaker|text``
+    starting with ``#`` (after spaces) are ignored, except a first line ``# path|speaker|text``
     (the fields' names, in their order, as scripts/prepare_corpus.py writes it),
     which says which field holds the speaker. A relative path is taken as
     written (relative to the working directory, as the original code did);
@@ -243,7 +261,7 @@ def read_file_list_entries(list_path: str) -> list[tuple[str, str | None]]:
         speaker_field = names.index(SPEAKER_COLUMN) if SPEAKER_COLUMN in names else None
     entries = []
     for number, line in enumerate(lines, start=1):
-        if line.startswith("#"):
+        if line.lstrip().startswith("#"):  # an indented comment too: no path starts with spaces and a '#'
             continue
         fields = line.split("|")
         path = fields[0].strip()
@@ -259,7 +277,7 @@ def read_file_list_entries(list_path: str) -> list[tuple[str, str | None]]:
             if not os.path.exists(beside_list):
                 raise DataError(
                     f"{list_path}:{number}: audio file '{path}' not found "
-                    f"(looked in the working directory and in {list_folder})"
+                    f"(looked in the working directory and in {list_folder}){_clip_id_hint(path, list_folder)}"
                 )
             path = beside_list
         entries.append((path, speaker))
@@ -284,14 +302,42 @@ def write_file_list(list_path: str, rows: list[list[str]], header: str | None = 
     write_atomically(list_path, "".join(lines).encode(), durable=False)
 
 
+def _starts_with(path: str, prefix: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(prefix)) == prefix
+    except OSError:
+        return False
+
+
+def holds_pickled_objects(path: str) -> bool:
+    """Whether a .npy file's header says it holds pickled Python objects; False for a damaged header, which
+    np.load then reports."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return header(f)[2].hasobject
+    except (ValueError, OSError):
+        return False
+
+
 def _read_mel(path: str, n_mel_channels: int, mmap: bool):
     """A mel file's array [n_mels, F], its shape checked; with `mmap` only what the header says is read."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: mel file not found")
     extension = os.path.splitext(path)[1].lower()
     if extension not in MEL_FILE_EXTENSIONS:
+        archive = " (an archive of arrays, np.savez's: save the mel alone with np.save)" if extension == ".npz" else ""
         raise DataError(
-            f"{path}: unknown mel file type '{extension}', expected one of {', '.join(MEL_FILE_EXTENSIONS)}"
+            f"{path}: unknown mel file type '{extension}', expected one of {', '.join(MEL_FILE_EXTENSIONS)}{archive}"
+        )
+    if extension == ".npy" and not _starts_with(path, NPY_MAGIC):  # numpy would call it "pickled (object) data"
+        raise DataError(f"{path}: not a .npy file (it does not start with numpy's header)")
+    if extension == ".npy" and holds_pickled_objects(path):
+        raise DataError(
+            f"{path}: holds pickled Python objects (np.save of a dict, a list or an object array), not an array "
+            f"of numbers; save the mel array itself"
         )
     try:
         if extension == ".npy":
@@ -306,7 +352,12 @@ def _read_mel(path: str, n_mel_channels: int, mmap: bool):
     except Exception as error:  # torch.load and np.load raise many types for a damaged file
         raise DataError(f"{path}: cannot read mel ({first_sentence(error)})") from None
     if not isinstance(mel, (np.ndarray, torch.Tensor)):
-        raise DataError(f"{path}: expected a tensor, found {type(mel).__name__}")
+        found = type(mel).__name__
+        if isinstance(mel, dict):
+            found += f" with keys {', '.join(repr(key) for key in list(mel)[:4])}{', ...' if len(mel) > 4 else ''}"
+        elif isinstance(mel, (list, tuple)):
+            found += f" of {len(mel)} item{'s' if len(mel) != 1 else ''}"
+        raise DataError(f"{path}: expected a tensor, found a {found}; save the mel tensor itself")
     batched = mel.ndim == 3 and mel.shape[0] == 1
     if batched:
         mel = mel[0]
@@ -321,6 +372,9 @@ def _read_mel(path: str, n_mel_channels: int, mmap: bool):
             )
             hint = f" (frames first, as ESPnet, ParallelWaveGAN and Coqui save mels: transpose it, {transpose})"
         raise DataError(f"{path}: mel has shape {list(mel.shape)}, expected [{n_mel_channels}, frames]{hint}")
+    floating = mel.is_floating_point() if isinstance(mel, torch.Tensor) else np.issubdtype(mel.dtype, np.floating)
+    if not floating:  # known from the header: -s and -v refuse such a mel before any work
+        raise DataError(f"{path}: mel has dtype {mel.dtype}, expected a floating point log-mel")
     return mel
 
 
@@ -336,14 +390,17 @@ def load_mel(path: str, n_mel_channels: int = 80) -> torch.Tensor:
     tensor) and ``.npy`` files. A leading batch dimension of 1, as a Tacotron 2
     model's output has, is dropped.
     """
-    mel = _read_mel(path, n_mel_channels, mmap=False)
-    if isinstance(mel, np.ndarray):
-        mel = torch.from_numpy(mel.astype(mel.dtype.newbyteorder("="), copy=False))  # torch reads native order
-    if not mel.is_floating_point():
-        raise DataError(f"{path}: mel has dtype {mel.dtype}, expected a floating point log-mel")
-    mel = mel.float()
-    if not torch.isfinite(mel).all():
+    read = _read_mel(path, n_mel_channels, mmap=False)
+    if isinstance(read, np.ndarray):
+        read = torch.from_numpy(read.astype(read.dtype.newbyteorder("="), copy=False))  # torch reads native order
+    # a tensor saved from a TTS model's output may require grad: a DataLoader worker cannot send such a tensor
+    # (and the training loop would wait for it forever), and backward would reach into it
+    read = read.detach()
+    if not torch.isfinite(read).all():
         raise DataError(f"{path}: mel contains NaN or infinite values")
+    mel = read.float().contiguous()
+    if not torch.isfinite(mel).all():  # a float64 mel beyond float32's range
+        raise DataError(f"{path}: mel holds values up to {read.abs().max().item():.3g}, beyond float32; not a log-mel")
     return mel
 
 

@@ -33,7 +33,7 @@ import os
 import numpy as np
 import torch
 
-from data import LOG_FLOOR, DataError
+from data import LOG_FLOOR, DataError, holds_pickled_objects
 from storage import warn
 
 # value of the mel in these units = factor * the ln mel
@@ -50,6 +50,11 @@ STATS_EPSILON = 1e-20  # ESPnet's floor on a band's variance
 # Fewer frames say nothing of a mel's units: every window of this many frames of the demo corpus's ln mels is
 # taken as ln, where shorter ones of quiet frames (the end of a clip) may be taken for log10 (docs/corpora.md).
 MIN_FRAMES = 48
+# An ln mel as read lies above ln(1e-5), but for a TTS model's prediction scattered around the floor in silence,
+# or a half-precision copy (ln(1e-5) in float16 is 0.003 lower): a mel with more than this fraction of its values
+# more than FLOOR_MARGIN below the floor (in dB, or floored lower, such as at 1e-10) is not one.
+BELOW_FLOOR_QUANTILE = 0.01
+FLOOR_MARGIN = 1.0
 # After a conversion, more of the values below ln(1e-5) than this means a wrong one: a correctly converted mel
 # of speech 30 dB quieter than the demo's has a fifth there, an ln mel given --mel_scale log10 about half.
 BELOW_FLOOR_FRACTION = 0.25
@@ -89,7 +94,7 @@ def looks_like(mel: torch.Tensor | np.ndarray, floored: bool = True) -> str | No
     """The units `mel [n_mels, F]` looks like: "ln", "log10", "db", "normalised" or "linear"; None for a
     constant mel and, unless it has no negative value, for one of fewer than `MIN_FRAMES` frames: they say
     nothing of their units. A mel `floored` as this vocoder's is (as read, not one converted from other units,
-    whose floor may lie lower) is not an ln mel if a value is below ln(1e-5)."""
+    whose floor may lie lower) is not an ln mel if more than 1% of its values lie more than 1 below ln(1e-5)."""
     values = mel.detach().cpu().numpy() if isinstance(mel, torch.Tensor) else mel
     values = np.asarray(values, dtype=np.float64)  # as `features` computes: a float32 std of a constant is not 0
     if values.size < 2 or float(values.min()) == float(values.max()):
@@ -100,8 +105,8 @@ def looks_like(mel: torch.Tensor | np.ndarray, floored: bool = True) -> str | No
         return None
     centres = {name: (LN_FEATURES[0] + math.log(factor), LN_FEATURES[1]) for name, factor in MEL_SCALES.items()}
     centres["normalised"] = NORMALISED_FEATURES
-    if floored and float(values.min()) < LN_FLOOR - 1e-3:  # below the floor of an ln mel: it is not one
-        del centres["ln"]
+    if floored and float(np.quantile(values, BELOW_FLOOR_QUANTILE)) < LN_FLOOR - FLOOR_MARGIN:
+        del centres["ln"]  # far below the floor of an ln mel, and not a few values: it is not one
     observed = features(values)
 
     def distance(centre: tuple[float, float]) -> float:
@@ -128,6 +133,14 @@ def read_mel_stats(path: str, n_mel_channels: int) -> tuple[torch.Tensor, torch.
         raise DataError(f"{path}: statistics file not found")
     extension = os.path.splitext(path)[1].lower()
     try:
+        if extension == ".npy" and holds_pickled_objects(path):  # never unpickled: a pickle can run code
+            converted = os.path.join(os.path.dirname(path), "mel_stats.npy")
+            raise DataError(
+                f"{path}: holds a pickled Python object, not an array (Coqui TTS's scale_stats.npy?); if it is "
+                f"Coqui's, convert it: python -c \"import numpy as np; d = np.load({path!r}, allow_pickle=True)"
+                f".item(); np.save({converted!r}, np.stack([d['mel_mean'], d['mel_std']]))\", and give "
+                f"--mel_stats {converted} --mel_scale db (Coqui's mels are 20 log10 of magnitudes)"
+            )
         if extension == ".npy":
             stats = np.load(path, allow_pickle=False)
             mean, std = _from_rows(path, stats, n_mel_channels)

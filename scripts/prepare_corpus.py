@@ -51,7 +51,7 @@ def transcript(path: str) -> str:
     file list's line, so it becomes a space."""
     if not os.path.isfile(path):
         return ""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is not text
         return " ".join(f.read().replace("|", " ").split())
 
 
