@@ -139,7 +139,7 @@ def read_mel_stats(path: str, n_mel_channels: int) -> tuple[torch.Tensor, torch.
                 f"{path}: holds a pickled Python object, not an array (Coqui TTS's scale_stats.npy?); if it is "
                 f"Coqui's, convert it: python -c \"import numpy as np; d = np.load({path!r}, allow_pickle=True)"
                 f".item(); np.save({converted!r}, np.stack([d['mel_mean'], d['mel_std']]))\", and give "
-                f"--mel_stats {converted} --mel_scale db (Coqui's mels are 20 log10 of magnitudes)"
+                f"--mel_stats {converted} --mel_scale db (Coqui's mels are 20 log10 of magnitudes by default)"
             )
         if extension == ".npy":
             stats = np.load(path, allow_pickle=False)
