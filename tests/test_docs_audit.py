@@ -1,0 +1,144 @@
+"""The documentation as a new user follows it, beyond tests/test_docs.py: the commands of
+image_density_experiments/README.md against that folder's own `train.py`, the Python blocks of
+README.md and docs/deploy.md run as written (given the names they take as given)."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from test_docs import FENCED_BLOCK, commands, option_strings, read
+
+IMAGE_DIR = os.path.join(ROOT, "image_density_experiments")
+
+
+def test_the_image_readme_commands_use_flags_of_its_own_train_py():
+    """Its commands run `train.py` in image_density_experiments/, not the vocoder's (which test_docs checks)."""
+    help_text = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=IMAGE_DIR, capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    flags = option_strings(help_text)
+    found = [
+        command for command in commands("image_density_experiments/README.md") if command[:2] == ["python", "train.py"]
+    ]
+    assert len(found) >= 9  # --download, the original's six, the quick run, --help
+    unknown = [
+        f"{shlex.join(command)}: no option {token}"
+        for command in found
+        for token in command[2:]
+        if re.match(r"--?[A-Za-z]", token) and token.split("=", 1)[0] not in flags
+    ]
+    assert unknown == []
+
+
+def python_blocks(document: str) -> list[str]:
+    return [block for language, block in FENCED_BLOCK.findall(read(document)) if language.strip() == "python"]
+
+
+def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# What the README's and deploy.md's Python blocks take as given: a config, a checkpoint, audio and a
+# mel of the demo, a loaded model, an acoustic model that gives mel frames a few at a time, a player.
+GIVEN = """
+import json
+import torch
+from checkpoint import read_checkpoint
+from config import load_config
+from data import MelSpectrogram, load_audio
+from model import build_model
+
+path = "pretrained/nanoflow-demo.pt"
+config = json.load(open("configs/demo.json"))
+audio = load_audio("data/demo/wavs/demo_001.wav", 22050)[None, :8192]
+mel = MelSpectrogram.from_config(load_config("configs/demo.json").data)(audio)
+"""
+GIVEN_DEPLOY = """
+import torch
+from checkpoint import read_checkpoint
+from config import load_config
+from data import MelSpectrogram, load_audio
+from model import build_model
+
+config = load_config("configs/demo.json")
+model = build_model(config.waveflow)
+model.load_state_dict(read_checkpoint("pretrained/nanoflow-demo.pt")["model"])
+mel = MelSpectrogram.from_config(config.data)(load_audio("data/demo/wavs/demo_001.wav", 22050)[None, :12000])
+mel_pieces = [mel[:, :, start : start + 5] for start in range(0, mel.shape[2], 5)]
+acoustic_model_frames = lambda: iter(mel_pieces)
+played = []
+play = played.append
+"""
+
+
+def test_the_readmes_python_block_runs_as_written():
+    (block,) = python_blocks("README.md")
+    checks = """
+hop = 256
+assert z.shape == (1, 1, 64, 8192 // 64) and logdet.shape == (1,), (z.shape, logdet.shape)
+assert torch.isfinite(loss)
+assert audio.shape == (1, hop * (mel.shape[2] - 3)), audio.shape
+print("ok")
+"""
+    result = run_python(GIVEN + block + checks)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_the_python_blocks_of_deploy_md_run_as_written():
+    """The streaming block and the denoiser's, each on its own (the ONNX block needs an exported file: see
+    the slow test below)."""
+    streaming, denoising = [block for block in python_blocks("docs/deploy.md") if "onnxruntime" not in block]
+    streaming_checks = """
+from model import synthesis_length
+length = synthesis_length(sum(piece.shape[2] for piece in mel_pieces), 256)
+assert sum(piece.shape[1] for piece in played) == length, [piece.shape for piece in played]
+assert audio.shape == (1, length) and torch.allclose(audio, torch.cat(played, dim=1), atol=1e-4)
+print("ok")
+"""
+    denoising_checks = """
+assert audio.shape == (1, 256 * (mel.shape[2] - 3)) and torch.isfinite(audio).all()
+assert len(stream.push(audio)) + len(stream.finish()) > 0
+print("ok")
+"""
+    for block, checks in ((streaming, streaming_checks), (denoising, denoising_checks)):
+        result = run_python(GIVEN_DEPLOY + block + checks)
+        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.slow
+def test_the_onnx_block_of_deploy_md_runs_on_the_documented_export(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    (block,) = [block for block in python_blocks("docs/deploy.md") if "onnxruntime" in block]
+    export = [command for command in commands("docs/deploy.md") if command[:2] == ["python", "export.py"]][0]
+    onnx_path = str(tmp_path / "nanoflow-demo.onnx")
+    export = [sys.executable, *export[1:]]
+    export[export.index("-o") + 1] = onnx_path
+    subprocess.run(
+        [token for token in export if token != "--check"], cwd=ROOT, capture_output=True, timeout=600, check=True
+    )
+    given = f"""
+import numpy as np
+import torch
+from config import load_config
+from data import MelSpectrogram, load_audio
+audio = load_audio("data/demo/wavs/demo_001.wav", 22050)
+mel = MelSpectrogram.from_config(load_config("configs/demo.json").data)(audio)
+np.save({str(tmp_path / "mel.npy")!r}, mel.numpy())
+"""
+    code = block.replace('"nanoflow-demo.onnx"', repr(onnx_path)).replace('"mel.npy"', repr(str(tmp_path / "mel.npy")))
+    checks = "\nassert audio.shape == (1, hop * (frames - 3)), audio.shape\nprint('ok')\n"
+    result = run_python(given + code + checks)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
