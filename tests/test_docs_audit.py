@@ -1,10 +1,12 @@
 """The documentation as a new user follows it, beyond tests/test_docs.py: the commands of
 image_density_experiments/README.md against that folder's own `train.py`, the Python blocks of
-README.md and docs/deploy.md run as written (given the names they take as given)."""
+README.md and docs/deploy.md run as written (given the names they take as given), and the commands
+that need a GPU stop in one line on a machine without one."""
 
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -142,3 +144,26 @@ np.save({str(tmp_path / "mel.npy")!r}, mel.numpy())
     checks = "\nassert audio.shape == (1, hop * (frames - 3)), audio.shape\nprint('ok')\n"
     result = run_python(given + code + checks)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_gpu_check_on_a_machine_without_a_gpu_stops_at_once_in_one_line(tmp_path):
+    """docs/gpu.md's `bash scripts/gpu_check.sh OUT_DIR`: without a CUDA device its CUDA tests skip themselves
+    and, before, it went on to train the demo on the CPU for hours."""
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        ["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(out)],
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # so that a run that goes on can be stopped with all its children
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("scripts/gpu_check.sh went on without a GPU")
+    assert process.returncode == 1
+    assert stderr.startswith("error: no CUDA device") and len(stderr.strip().splitlines()) == 1, stderr
+    assert stdout == "" and not out.exists()
