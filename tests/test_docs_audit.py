@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ROOT
 from test_docs import FENCED_BLOCK, commands, option_strings, read
+from test_train import make_corpus, run_here, write_config
 
 IMAGE_DIR = os.path.join(ROOT, "image_density_experiments")
 
@@ -167,3 +168,20 @@ def test_gpu_check_on_a_machine_without_a_gpu_stops_at_once_in_one_line(tmp_path
     assert process.returncode == 1
     assert stderr.startswith("error: no CUDA device") and len(stderr.strip().splitlines()) == 1, stderr
     assert stdout == "" and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["-s", "-v"])
+def test_synthesis_from_a_training_config_names_the_newest_checkpoint_of_its_run(tmp_path, capsys, command):
+    """The README's `python train.py -s -c config.json` with the config that trained (checkpoint_path empty, as
+    in every shipped config but demo-long.json) is refused, naming the checkpoint to give."""
+    make_corpus(str(tmp_path))
+    config = write_config(str(tmp_path))
+    status, _, err = run_here(capsys, command, "-c", config)
+    assert status == 1 and "train_config.checkpoint_path is empty" in err and "e.g." not in err
+    run = tmp_path / "exp" / "tiny"
+    run.mkdir(parents=True)
+    for iteration in (2, 10):
+        (run / f"waveflow_{iteration}").write_bytes(b"")
+    status, _, err = run_here(capsys, command, "-c", config)
+    assert status == 1 and len(err.strip().splitlines()) == 1
+    assert f"--checkpoint_path {run / 'waveflow_10'}, the newest of this config's run" in err
