@@ -3,6 +3,7 @@ image_density_experiments/README.md against that folder's own `train.py`, the Py
 README.md and docs/deploy.md run as written (given the names they take as given), and the commands
 that need a GPU stop in one line on a machine without one."""
 
+import glob
 import os
 import re
 import shlex
@@ -13,7 +14,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from test_docs import FENCED_BLOCK, commands, option_strings, read
+from test_docs import DOCUMENTS, FENCED_BLOCK, INLINE_CODE, accepted_flags, commands, option_strings, read
 from test_train import make_corpus, run_here, write_config
 
 IMAGE_DIR = os.path.join(ROOT, "image_density_experiments")
@@ -21,10 +22,7 @@ IMAGE_DIR = os.path.join(ROOT, "image_density_experiments")
 
 def test_the_image_readme_commands_use_flags_of_its_own_train_py():
     """Its commands run `train.py` in image_density_experiments/, not the vocoder's (which test_docs checks)."""
-    help_text = subprocess.run(
-        [sys.executable, "train.py", "--help"], cwd=IMAGE_DIR, capture_output=True, text=True, timeout=120, check=True
-    ).stdout
-    flags = option_strings(help_text)
+    flags = option_strings(image_help())
     found = [
         command for command in commands("image_density_experiments/README.md") if command[:2] == ["python", "train.py"]
     ]
@@ -36,6 +34,36 @@ def test_the_image_readme_commands_use_flags_of_its_own_train_py():
         if re.match(r"--?[A-Za-z]", token) and token.split("=", 1)[0] not in flags
     ]
     assert unknown == []
+
+
+# Flags the pages name that belong to other programs: pytest, TensorBoard, torchrun, HiFi-GAN's train.py.
+OTHER_PROGRAMS_FLAGS = {"--durations", "--logdir", "--master_addr", "--master_port", "--max-restarts", "--nnodes"}
+OTHER_PROGRAMS_FLAGS |= {"--node_rank", "--fine_tuning"}
+
+
+def test_every_flag_the_pages_name_in_prose_is_a_flag_of_a_project_command():
+    """test_docs checks the flags of whole commands; the prose names many more (`--sha256 HEX`, `--mic`,
+    `--lookahead_frames`, `--override`, ...): each must still be a flag of one of the project's commands."""
+    mentioned: dict[str, set[str]] = {}
+    for document in DOCUMENTS + ["image_density_experiments/README.md"]:
+        text = read(document)
+        spans = INLINE_CODE.findall(FENCED_BLOCK.sub("", text)) + [block for _, block in FENCED_BLOCK.findall(text)]
+        for span in spans:
+            for flag in re.findall(r"(?<![\w-])(--[A-Za-z][\w-]*)", span):
+                mentioned.setdefault(flag, set()).add(document)
+    scripts = ["train.py", "mel2samp.py", "export.py", "bench.py", *sorted(glob.glob("scripts/*.py", root_dir=ROOT))]
+    known = set().union(*(accepted_flags(script) for script in scripts))
+    known |= set().union(*(accepted_flags(script) for script in glob.glob("scripts/*.sh", root_dir=ROOT)))
+    known |= option_strings(image_help())
+    unknown = {flag: sorted(pages) for flag, pages in mentioned.items() if flag not in known | OTHER_PROGRAMS_FLAGS}
+    assert unknown == {}
+    assert len(mentioned) > 60  # the extraction found them
+
+
+def image_help() -> str:
+    return subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=IMAGE_DIR, capture_output=True, text=True, timeout=120, check=True
+    ).stdout
 
 
 def python_blocks(document: str) -> list[str]:
