@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+import train
 from conftest import ROOT
 from test_docs import DOCUMENTS, FENCED_BLOCK, INLINE_CODE, accepted_flags, commands, option_strings, read
 from test_train import make_corpus, run_here, write_config
@@ -213,3 +214,19 @@ def test_synthesis_from_a_training_config_names_the_newest_checkpoint_of_its_run
     status, _, err = run_here(capsys, command, "-c", config)
     assert status == 1 and len(err.strip().splitlines()) == 1
     assert f"--checkpoint_path {run / 'waveflow_10'}, the newest of this config's run" in err
+
+
+@pytest.mark.parametrize("args", [("--lookahead_frames", "12"), ("--context_frames", "0"), ("--lookahead_frames", "8")])
+def test_stream_windows_without_chunk_frames_are_refused_not_ignored(args, capsys):
+    """`-s --lookahead_frames 12` without `--chunk_frames` synthesized whole clips, the flag silently unused."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["-s", "-c", "config.json", *args])
+    assert exit_info.value.code == 2
+    assert "--lookahead_frames and --context_frames go with --chunk_frames" in capsys.readouterr().err
+    streamed = train.parse_args(["-s", "-c", "config.json", "--chunk_frames", "32", *args])
+    assert (streamed.lookahead_frames, streamed.context_frames) == {
+        "--lookahead_frames": (int(args[1]), 8),
+        "--context_frames": (8, int(args[1])),
+    }[args[0]]
+    defaults = train.parse_args(["-s", "-c", "config.json", "--chunk_frames", "32"])
+    assert (defaults.lookahead_frames, defaults.context_frames) == (8, 8)
