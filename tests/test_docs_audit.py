@@ -1,7 +1,8 @@
 """The documentation as a new user follows it, beyond tests/test_docs.py: the commands of
-image_density_experiments/README.md against that folder's own `train.py`, the Python blocks of
-README.md and docs/deploy.md run as written (given the names they take as given), and the commands
-that need a GPU stop in one line on a machine without one."""
+image_density_experiments/README.md against that folder's own `train.py`, every `--flag` the pages name
+in prose, the Python blocks of README.md and docs/deploy.md run as written (given the names they take as
+given), `scripts/gpu_check.sh` on a machine without a GPU, the README's `-s -c config.json` with a config
+that trained, and streaming's window flags without `--chunk_frames`."""
 
 import glob
 import os
