@@ -87,11 +87,18 @@ def trained_model(config: Config, args: argparse.Namespace, device: torch.device
     path = config.train.checkpoint_path
     if not path:
         # The run folder (run_folder.run_dir, whose module imports this one) of a training run of this config.
-        trained = list_checkpoints(os.path.join(config.train.output_directory, config.waveflow.model_name))
+        folder = os.path.join(config.train.output_directory, config.waveflow.model_name)
+        trained = list_checkpoints(folder)
+        example = ""
+        if trained:
+            example = (
+                f", e.g. --checkpoint_path {folder}, this config's run folder"
+                if args.average_checkpoint
+                else f", e.g. --checkpoint_path {trained[-1][1]}, the newest of this config's run"
+            )
         raise ConfigError(
             f"{args.config}: train_config.checkpoint_path is empty; name a checkpoint "
-            f"(or with -a N a folder of checkpoints) to evaluate or synthesize"
-            + (f", e.g. --checkpoint_path {trained[-1][1]}, the newest of this config's run" if trained else "")
+            f"(or with -a N a folder of checkpoints) to evaluate or synthesize{example}"
         )
     model = build_model(config.waveflow)
     if args.average_checkpoint:

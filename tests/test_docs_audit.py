@@ -215,6 +215,8 @@ def test_synthesis_from_a_training_config_names_the_newest_checkpoint_of_its_run
     status, _, err = run_here(capsys, command, "-c", config)
     assert status == 1 and len(err.strip().splitlines()) == 1
     assert f"--checkpoint_path {run / 'waveflow_10'}, the newest of this config's run" in err
+    status, _, err = run_here(capsys, command, "-a", "2", "-c", config)
+    assert status == 1 and f"--checkpoint_path {run}, this config's run folder" in err
 
 
 @pytest.mark.parametrize("args", [("--lookahead_frames", "12"), ("--context_frames", "0"), ("--lookahead_frames", "8")])
