@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import average_checkpoints, check_same_model, load_checkpoint, load_weights
+from checkpoint import average_checkpoints, check_same_model, list_checkpoints, load_checkpoint, load_weights
 from config import Config, ConfigError
 from cuda_graphs import CudaGraphCache
 from data import (
@@ -86,9 +86,19 @@ def trained_model(config: Config, args: argparse.Namespace, device: torch.device
     """The model of checkpoint_path (or the average of its newest -a N checkpoints), for evaluation and synthesis."""
     path = config.train.checkpoint_path
     if not path:
+        # The run folder (run_folder.run_dir, whose module imports this one) of a training run of this config.
+        folder = os.path.join(config.train.output_directory, config.waveflow.model_name)
+        trained = list_checkpoints(folder)
+        example = ""
+        if trained:
+            example = (
+                f", e.g. --checkpoint_path {folder}, this config's run folder"
+                if args.average_checkpoint
+                else f", e.g. --checkpoint_path {trained[-1][1]}, the newest of this config's run"
+            )
         raise ConfigError(
             f"{args.config}: train_config.checkpoint_path is empty; name a checkpoint "
-            f"(or with -a N a folder of checkpoints) to evaluate or synthesize"
+            f"(or with -a N a folder of checkpoints) to evaluate or synthesize{example}"
         )
     model = build_model(config.waveflow)
     if args.average_checkpoint:

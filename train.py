@@ -166,14 +166,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--lookahead_frames",
         type=int,
-        default=LOOKAHEAD_FRAMES,
+        default=None,
         metavar="N",
         help=f"with --chunk_frames: mel frames waited for beyond a chunk (default {LOOKAHEAD_FRAMES})",
     )
     parser.add_argument(
         "--context_frames",
         type=int,
-        default=CONTEXT_FRAMES,
+        default=None,
         metavar="N",
         help=f"with --chunk_frames: mel frames before a chunk synthesized again with it (default {CONTEXT_FRAMES})",
     )
@@ -231,6 +231,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--chunk_frames and --denoise go with -s/--synthesize")
     if args.chunk_frames < 0:
         parser.error("--chunk_frames must be >= 0")
+    if (args.lookahead_frames is not None or args.context_frames is not None) and not args.chunk_frames:
+        parser.error("--lookahead_frames and --context_frames go with --chunk_frames (streaming synthesis)")
+    args.lookahead_frames = LOOKAHEAD_FRAMES if args.lookahead_frames is None else args.lookahead_frames
+    args.context_frames = CONTEXT_FRAMES if args.context_frames is None else args.context_frames
     if args.lookahead_frames < SYNTHESIS_TRIM_FRAMES or args.context_frames < 0:
         parser.error(
             f"--lookahead_frames must be >= {SYNTHESIS_TRIM_FRAMES} (synthesis drops the last {SYNTHESIS_TRIM_FRAMES} "

@@ -15,13 +15,20 @@
 #   4. bench.py --device cuda --json for fp32, fp16 and bf16 (synthesis of 1 s and 10 s at batch
 #      1 and 8, training steps at the config's batch size and segment), and bf16 synthesis with
 #      CUDA graphs off for comparison.
-# Exits non-zero when any step failed. The GPU machines lack soundfile and librosa:
-# ../shared/device/fetch_wheels.sh puts their wheels in .whl/, installed here when present.
+# Exits non-zero when any step failed; on a machine without a CUDA device it stops at once, in one
+# line. The GPU machines lack soundfile and librosa: ../shared/device/fetch_wheels.sh puts their
+# wheels in .whl/, installed here when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [ITERATIONS]}
 ITERATIONS=${2:-600}
 BENCH_CONFIG=configs/nanoflow-h16-r128-emb512.json
+# Without a GPU the CUDA tests skip themselves and train.py would train the demo on the CPU for hours.
+if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "error: no CUDA device that PyTorch can use: scripts/gpu_check.sh checks a GPU machine" \
+        "(on a CPU: python -m pytest -q tests)" >&2
+    exit 1
+fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
