@@ -230,6 +230,14 @@ def _clip_id_hint(path: str, list_folder: str) -> str:
     return ""
 
 
+def _where_to_look(path: str, list_folder: str) -> list[str]:
+    """Where a file list's `path` may be, in order: as written, then beside the list (an absolute path stays as
+    it is); then the same for the path with `~` expanded, and with Windows' backslashes as slashes (a list
+    written on Windows), where these differ from it."""
+    spellings = dict.fromkeys([path, os.path.expanduser(path), path.replace("\\", "/")])
+    return [place for spelling in spellings for place in (spelling, os.path.join(list_folder, spelling))]
+
+
 def read_file_list_entries(list_path: str) -> list[tuple[str, str | None]]:
     """The `(audio path, speaker)` of every line of a file list, in order; speaker None where the list
     names none.
@@ -241,7 +249,8 @@ def read_file_list_entries(list_path: str) -> list[tuple[str, str | None]]:
     which says which field holds the speaker. A relative path is taken as
     written (relative to the working directory, as the original code did);
     when no file exists there, relative to the list's own folder, so that a
-    list works from any directory. A path found in neither place, or a line
+    list works from any directory; a leading `~` is the home folder and a
+    list written on Windows (`wavs\\LJ001-0001.wav`) is read too. A path found in neither place, or a line
     without the speaker field the header names, is an error naming the list
     and the line.
     """
@@ -272,15 +281,13 @@ def read_file_list_entries(list_path: str) -> list[tuple[str, str | None]]:
             if len(fields) <= speaker_field or not fields[speaker_field].strip():
                 raise DataError(f"{list_path}:{number}: no speaker in field {speaker_field + 1}, as the header says")
             speaker = fields[speaker_field].strip()
-        if not os.path.exists(path):
-            beside_list = os.path.join(list_folder, path)  # an absolute path stays as it is
-            if not os.path.exists(beside_list):
-                raise DataError(
-                    f"{list_path}:{number}: audio file '{path}' not found "
-                    f"(looked in the working directory and in {list_folder}){_clip_id_hint(path, list_folder)}"
-                )
-            path = beside_list
-        entries.append((path, speaker))
+        found = next((candidate for candidate in _where_to_look(path, list_folder) if os.path.exists(candidate)), None)
+        if found is None:
+            raise DataError(
+                f"{list_path}:{number}: audio file '{path}' not found "
+                f"(looked in the working directory and in {list_folder}){_clip_id_hint(path, list_folder)}"
+            )
+        entries.append((found, speaker))
     if not entries:
         raise DataError(f"{list_path}: file list is empty")
     return entries

@@ -53,6 +53,20 @@ def test_file_lists_and_configs_as_windows_tools_write_them(tmp_path):
         load_config(str(tmp_path))
 
 
+def test_a_list_written_on_windows_or_naming_the_home_folder_finds_its_clips(tmp_path, monkeypatch):
+    (tmp_path / "wavs").mkdir()
+    clip = tmp_path / "wavs" / "LJ001-0001.wav"
+    soundfile.write(str(clip), np.zeros(4096, np.int16), RATE)
+    windows = write_bytes(tmp_path / "windows.txt", b"wavs\\LJ001-0001.wav|text\r\n")
+    assert read_file_list_entries(windows) == [(str(clip), None)]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = write_bytes(tmp_path / "elsewhere.txt", b"~/wavs/LJ001-0001.wav|text\n")
+    assert read_file_list_entries(home) == [(str(clip), None)]
+    missing = write_bytes(tmp_path / "missing.txt", b"wavs\\LJ009-0009.wav\n")
+    with pytest.raises(DataError, match=r"missing.txt:1: audio file 'wavs\\LJ009-0009.wav' not found"):
+        read_file_list_entries(missing)
+
+
 def test_a_flac_whose_header_hides_its_length_is_refused_in_one_line(tmp_path):
     """ffmpeg writing FLAC to a pipe cannot go back to fill in the length: libsndfile then reports 2**63 - 1
     samples, and cannot seek in the file. Here the length field of a FLAC's STREAMINFO is zeroed, as ffmpeg
