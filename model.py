@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from config import WaveFlowConfig, parse_section
+from config import Config, WaveFlowConfig, config_from_dict, parse_section
 from cuda_graphs import CudaGraphCache
 from inference import CONDITION_CACHE_BYTES, MAX_CPU_COLUMNS, synthesize
 from modules import FlowEmbedding, ProjLogST, WaveNet2D, WeightNormMixin, WNConvTranspose2d, shift_1d
@@ -285,8 +285,13 @@ class WaveFlow(nn.Module):
         return self
 
 
-def build_model(waveflow_config: dict | WaveFlowConfig) -> WaveFlow:
-    """Build the model of a `waveflow_config` section (a dict as in the JSON configs, or parsed)."""
+def build_model(waveflow_config: dict | WaveFlowConfig | Config) -> WaveFlow:
+    """Build the model of a `waveflow_config` section (a dict as in the JSON configs, or parsed), or of
+    a whole config (the JSON's dict of sections, or a `Config`), whose `waveflow_config` it reads."""
+    if isinstance(waveflow_config, Config):
+        waveflow_config = waveflow_config.waveflow
+    elif isinstance(waveflow_config, dict) and "waveflow_config" in waveflow_config:
+        waveflow_config = config_from_dict(waveflow_config, sections=("waveflow_config",)).waveflow
     if not isinstance(waveflow_config, WaveFlowConfig):
         waveflow_config = parse_section(WaveFlowConfig, waveflow_config, "waveflow_config")
     return WaveFlow(waveflow_config)
