@@ -188,11 +188,23 @@ class WaveFlow(nn.Module):
         return x * torch.exp(log_s) + t, log_s.sum(dim=(1, 2, 3))
 
     def forward(self, audio: torch.Tensor, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`audio [B, T]`, `mel [B, cin, F]` with `hop_length * F >= T` -> `z [B, 1, H, T / H]`, `logdet [B]` (fp32)."""
-        height = self.config.n_height
+        """`audio [B, T]`, `mel [B, cin, F]` with `hop_length * F >= T` -> `z [B, 1, H, T / H]`, `logdet [B]` (fp32).
+
+        Both are taken in the model's dtype, as `infer` takes the mel (float64 audio, as soundfile reads it,
+        included); the audio must be floating point, samples in [-1, 1]."""
+        height, cin = self.config.n_height, self.config.cin_channels
+        if audio.dim() != 2 or mel.dim() != 3 or mel.shape[1] != cin or not 1 <= audio.shape[0] == mel.shape[0]:
+            raise ValueError(
+                f"audio must be [B, T] and mel [B, {cin}, F], one B >= 1, got shapes "
+                f"{tuple(audio.shape)} and {tuple(mel.shape)}"
+            )
+        if not audio.is_floating_point():
+            raise ValueError(f"audio must be floating point (samples in [-1, 1]), got {audio.dtype}")
         length = audio.shape[1]
-        if length % height:
-            raise ValueError(f"audio length {length} is not a multiple of n_height {height}")
+        if length == 0 or length % height:
+            raise ValueError(f"audio length {length} is not a positive multiple of n_height {height}")
+        dtype = next(self.parameters()).dtype
+        audio, mel = audio.to(dtype), mel.to(dtype)
         c = self.upsample(mel)
         if c.shape[-1] < length:
             raise ValueError(f"mel of {mel.shape[-1]} frames covers {c.shape[-1]} samples, audio has {length}")
