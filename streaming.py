@@ -203,8 +203,13 @@ class StreamingSynthesis:
         cin = self.model.config.cin_channels
         if mel.dim() != 3 or mel.shape[1] != cin:
             raise ValueError(f"mel frames must be [B, {cin}, n], got shape {tuple(mel.shape)}")
+        if mel.shape[0] == 0:
+            raise ValueError(f"mel frames of an empty batch, shape {tuple(mel.shape)}: B must be at least 1")
+        # A copy without autograd history: the caller may reuse its buffer, and an acoustic model's output
+        # that requires grad would chain every push's graph to the held frames, growing with the utterance.
+        mel = mel.detach()
         if self.mel is None:
-            self.mel = mel
+            self.mel = mel.clone()
         elif mel.shape[:2] != self.mel.shape[:2]:
             raise ValueError(f"mel frames of shape {tuple(mel.shape)} follow frames of {tuple(self.mel.shape)}")
         else:

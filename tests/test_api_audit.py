@@ -2,11 +2,14 @@
 "In Python" section and docs/deploy.md with the inputs such code passes (whole configs, float64 arrays,
 tensors that require grad, buffers the caller reuses)."""
 
+import weakref
+
 import pytest
 import torch
 
 from config import config_from_dict, load_config
 from model import build_model
+from streaming import StreamingSynthesis
 from test_model import ROOT, random_model, tiny_config
 
 
@@ -66,3 +69,50 @@ def test_forward_refuses_integer_audio_rather_than_read_pcm_as_samples():
     model = build_model(small_config())
     with pytest.raises(ValueError, match=r"audio must be floating point \(samples in \[-1, 1\]\), got torch.int16"):
         model(torch.zeros(1, 320, dtype=torch.int16), torch.zeros(1, 80, 2))
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def streamed(model, pushes) -> torch.Tensor:
+    synthesis = StreamingSynthesis(model, chunk_frames=4, lookahead_frames=3, context_frames=3, sigma=0.8, seed=1)
+    chunks = [chunk for mel in pushes for chunk in synthesis.push(mel)]
+    return torch.cat(chunks + synthesis.finish(), dim=1)
+
+
+def test_a_stream_keeps_its_own_copy_of_the_frames_pushed():
+    """An acoustic model writing its frames into one buffer it reuses: the stream read the buffer again
+    later (the first piece was held as given), and synthesized what the buffer held by then."""
+    model = random_model(small_config()).remove_weight_norm()
+    mel = torch.randn(2, 80, 12)
+    expected = streamed(model, [mel[:, :, :2], mel[:, :, 2:]])
+    synthesis = StreamingSynthesis(model, chunk_frames=4, lookahead_frames=3, context_frames=3, sigma=0.8, seed=1)
+    buffer = mel[:, :, :2].clone()
+    chunks = synthesis.push(buffer)
+    buffer.zero_()
+    chunks += synthesis.push(mel[:, :, 2:]) + synthesis.finish()
+    assert torch.equal(torch.cat(chunks, dim=1), expected)
+
+
+def test_a_stream_does_not_hold_the_autograd_graph_of_frames_that_require_grad():
+    """The frames of an acoustic model run without torch.no_grad require grad: each push chained its graph
+    to the frames held, so a stream kept every input of the utterance alive."""
+    model = random_model(small_config()).remove_weight_norm()
+    acoustic_model = torch.nn.Linear(10, 80)
+    synthesis = StreamingSynthesis(model, chunk_frames=4, lookahead_frames=3, context_frames=3)
+    inputs = []
+    for _ in range(12):
+        features = torch.randn(1, 1, 10)
+        inputs.append(weakref.ref(features))
+        mel = acoustic_model(features).transpose(1, 2)  # [1, 80, 1]
+        assert mel.requires_grad
+        assert not any(chunk.requires_grad for chunk in synthesis.push(mel))
+        del features, mel
+    assert sum(ref() is not None for ref in inputs) == 0
+    assert not any(chunk.requires_grad for chunk in synthesis.finish())
+
+
+def test_a_stream_refuses_an_empty_batch_in_one_line():
+    synthesis = StreamingSynthesis(build_model(small_config()), chunk_frames=4)
+    with pytest.raises(ValueError, match=r"mel frames of an empty batch, shape \(0, 80, 20\): B must be at least 1"):
+        synthesis.push(torch.zeros(0, 80, 20))
