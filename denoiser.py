@@ -90,6 +90,10 @@ class Denoiser:
     def __call__(self, audio: torch.Tensor, strength: float) -> torch.Tensor:
         """`audio [B, T]` -> the same with `strength` times the bias spectrum removed, `[B, T]` fp32."""
         check_strength(strength)
+        if audio.dim() != 2:
+            raise ValueError(
+                f"the denoiser takes audio [B, T], as model.infer gives it, got shape {tuple(audio.shape)}"
+            )
         audio = audio.float()
         if strength == 0:
             return audio
@@ -129,17 +133,26 @@ class StreamingDenoiser:
         """The next audio `[B, n]` -> the denoised audio now final (a list of at most one `[B, m]`)."""
         if self.finished:
             raise ValueError("audio pushed after finish(): the stream has ended; start a new one with Denoiser.stream")
+        held = self.buffer if self.buffer is not None else self.head
+        if audio.dim() != 2 or (held is not None and audio.shape[0] != held.shape[0]):
+            after = "" if held is None else f" after audio of {held.shape[0]} items"
+            raise ValueError(
+                f"the denoiser's stream takes audio [B, n] of one B, got shape {tuple(audio.shape)}{after}"
+            )
         if self.strength == 0:  # the identity, as the whole clip's, not its STFT round trip
             return [audio.float()]
+        # Held as a copy without autograd history: the caller may reuse its buffer, and a graph would be
+        # chained from piece to piece.
+        audio = audio.detach().float()
         half = self.denoiser.filter_length // 2
         if self.buffer is None:
-            self.head = audio.float() if self.head is None else torch.cat([self.head, audio.float()], dim=1)
+            self.head = audio.clone() if self.head is None else torch.cat([self.head, audio], dim=1)
             if self.head.shape[1] <= half:
                 return []
             reflected = self.head[:, 1 : half + 1].flip(1)
             self.buffer, self.head, self.emitted = torch.cat([reflected, self.head], dim=1), None, half
         else:
-            self.buffer = torch.cat([self.buffer, audio.float()], dim=1)
+            self.buffer = torch.cat([self.buffer, audio], dim=1)
         return self._emit(final=False)
 
     def finish(self) -> list[torch.Tensor]:

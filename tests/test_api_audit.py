@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from config import config_from_dict, load_config
+from denoiser import Denoiser
 from model import build_model
 from streaming import StreamingSynthesis
 from test_model import ROOT, random_model, tiny_config
@@ -116,3 +117,43 @@ def test_a_stream_refuses_an_empty_batch_in_one_line():
     synthesis = StreamingSynthesis(build_model(small_config()), chunk_frames=4)
     with pytest.raises(ValueError, match=r"mel frames of an empty batch, shape \(0, 80, 20\): B must be at least 1"):
         synthesis.push(torch.zeros(0, 80, 20))
+
+
+# ----------------------------------------------------------------------------- the denoiser
+
+
+def test_the_denoisers_stream_keeps_its_own_copy_of_the_audio_and_not_its_graph():
+    model = random_model(small_config()).remove_weight_norm()
+    denoiser = Denoiser(model)
+    audio = model.infer(torch.randn(2, 80, 10), sigma=0.8)  # [2, 1792]
+    expected = denoiser(audio, 1.0)
+    stream = denoiser.stream(1.0)
+    buffer = audio[:, :100].clone()  # shorter than half a window: held until the end can be reflected
+    out = stream.push(buffer)
+    buffer.zero_()
+    out += stream.push(audio[:, 100:]) + stream.finish()
+    assert torch.allclose(torch.cat(out, dim=1), expected, atol=1e-5)
+
+    stream, inputs = denoiser.stream(1.0), []
+    for start in range(0, audio.shape[1], 256):
+        piece = audio[:, start : start + 256].clone().requires_grad_()
+        inputs.append(weakref.ref(piece))
+        assert not any(chunk.requires_grad for chunk in stream.push(piece * 1))
+        del piece
+    assert sum(ref() is not None for ref in inputs) == 0
+
+
+def test_the_denoiser_refuses_audio_of_another_shape_in_one_line():
+    model = random_model(small_config()).remove_weight_norm()
+    denoiser = Denoiser(model)
+    audio = model.infer(torch.randn(2, 80, 10), sigma=0.8)
+    with pytest.raises(
+        ValueError, match=r"the denoiser takes audio \[B, T\], as model.infer gives it, got shape \(1792,\)"
+    ):
+        denoiser(audio[0], 1.0)
+    stream = denoiser.stream(1.0)
+    with pytest.raises(ValueError, match=r"takes audio \[B, n\] of one B, got shape \(1792,\)"):
+        stream.push(audio[0])
+    stream.push(audio[:, :1000])
+    with pytest.raises(ValueError, match=r"got shape \(1, 792\) after audio of 2 items"):
+        stream.push(audio[:1, 1000:])
