@@ -31,6 +31,13 @@ from modules import FlowEmbedding, ProjLogST, WaveNet2D, WeightNormMixin, WNConv
 SYNTHESIS_TRIM_FRAMES = 3  # mel frames whose samples synthesis drops at the end, as the original did
 
 
+def check_temperature(sigma: float) -> None:
+    """Refuse a temperature (the noise's standard deviation) that is negative or not finite: NaN noise makes
+    NaN audio. 0 (no noise) is one."""
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma, the noise's standard deviation, must be a finite number >= 0, got {sigma}")
+
+
 def synthesis_length(frames: int, hop_length: int) -> int:
     """Samples that synthesis makes from a mel of `frames` frames of `hop_length` samples each (not positive:
     too short to synthesize)."""
@@ -65,6 +72,8 @@ def negative_log_likelihood(z: torch.Tensor, logdet: torch.Tensor, sigma: float 
 
     `z [B, 1, H, W]`, `logdet [B]` -> scalar, under a prior `N(0, sigma^2)`; computed in fp32 or better.
     """
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma, the prior's standard deviation, must be a finite number > 0, got {sigma}")
     dtype = torch.promote_types(z.dtype, torch.float32)
     z = z.to(dtype)
     n = z.numel()
@@ -264,6 +273,7 @@ class WaveFlow(nn.Module):
         c = squeeze(c, height)  # [B, cin, H, W]: n_height divides the hop (the config's rule)
         batch, _, _, width = c.shape
         if z is None:
+            check_temperature(sigma)
             z = torch.randn(batch, 1, height, width, device=c.device, generator=generator) * sigma
         elif z.shape != (batch, 1, height, width):
             raise ValueError(f"z must have shape {(batch, 1, height, width)}, got {tuple(z.shape)}")

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from config import HOP_LENGTH
 from inference import synthesize
-from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, squeeze, unsqueeze
+from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, check_temperature, squeeze, unsqueeze
 
 if TYPE_CHECKING:
     from denoiser import StreamingDenoiser
@@ -117,6 +117,7 @@ class ColumnNoise:
         device: torch.device | str = "cpu",
         hop_length: int = HOP_LENGTH,
     ):
+        check_temperature(sigma)
         self.batch, self.height, self.sigma = batch, height, sigma
         self.columns_per_frame = hop_length // height  # a frame's samples, `hop_length`, in columns of `height`
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -176,6 +177,7 @@ class StreamingSynthesis:
             )
         if context_frames < 0:
             raise ValueError(f"context_frames must be >= 0, got {context_frames}")
+        check_temperature(sigma)
         self.model, self.noise_source = model, noise
         self.chunk, self.lookahead, self.context = chunk_frames, lookahead_frames, context_frames
         self.sigma, self.seed = sigma, seed

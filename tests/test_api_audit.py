@@ -9,8 +9,8 @@ import torch
 
 from config import config_from_dict, load_config
 from denoiser import Denoiser
-from model import build_model
-from streaming import StreamingSynthesis
+from model import build_model, negative_log_likelihood
+from streaming import ColumnNoise, StreamingSynthesis
 from test_model import ROOT, random_model, tiny_config
 
 
@@ -157,3 +157,40 @@ def test_the_denoiser_refuses_audio_of_another_shape_in_one_line():
     stream.push(audio[:, :1000])
     with pytest.raises(ValueError, match=r"got shape \(1, 792\) after audio of 2 items"):
         stream.push(audio[:1, 1000:])
+
+
+# ----------------------------------------------------------------------------- the temperature
+
+
+@pytest.mark.parametrize("sigma", [float("nan"), float("inf"), -0.5])
+def test_a_temperature_that_would_make_nan_or_negative_noise_is_refused(sigma):
+    """NaN or infinite noise made NaN audio without a word (the command line refuses such a -t)."""
+    model = build_model(small_config())
+    message = r"sigma, the noise's standard deviation, must be a finite number >= 0"
+    for make in (
+        lambda: model.infer(torch.randn(1, 80, 5), sigma=sigma),
+        lambda: StreamingSynthesis(model, sigma=sigma),
+        lambda: ColumnNoise(1, 8, sigma=sigma, hop_length=256),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make()
+
+
+def test_temperature_0_is_synthesis_from_zero_noise():
+    model = random_model(small_config())
+    mel = torch.randn(1, 80, 5)
+    assert torch.equal(model.infer(mel, sigma=0.0), model.infer(mel, z=torch.zeros(1, 1, 8, 64)))
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_the_loss_is_the_gaussian_negative_log_likelihood_per_sample_at_any_sigma(sigma):
+    z, logdet = torch.randn(2, 1, 8, 5, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    expected = -(torch.distributions.Normal(0.0, sigma).log_prob(z).sum() + logdet.sum()) / z.numel()
+    assert torch.allclose(negative_log_likelihood(z, logdet, sigma=sigma), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan")])
+def test_the_loss_refuses_a_sigma_that_is_no_standard_deviation(sigma):
+    """0 and negative sigmas failed as Python's "math domain error"; NaN gave a NaN loss."""
+    with pytest.raises(ValueError, match=r"sigma, the prior's standard deviation, must be a finite number > 0"):
+        negative_log_likelihood(torch.zeros(1, 1, 8, 5), torch.zeros(1), sigma=sigma)
