@@ -194,3 +194,14 @@ def test_the_loss_refuses_a_sigma_that_is_no_standard_deviation(sigma):
     """0 and negative sigmas failed as Python's "math domain error"; NaN gave a NaN loss."""
     with pytest.raises(ValueError, match=r"sigma, the prior's standard deviation, must be a finite number > 0"):
         negative_log_likelihood(torch.zeros(1, 1, 8, 5), torch.zeros(1), sigma=sigma)
+
+
+def test_the_denoiser_follows_a_checkpoint_loaded_into_its_model():
+    """A service that loads new weights into the model it serves kept denoising with the old weights' bias."""
+    model = random_model(small_config(), seed=0).remove_weight_norm()
+    other = random_model(small_config(), seed=1).remove_weight_norm()
+    denoiser = Denoiser(model)
+    first = denoiser.bias().clone()
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(denoiser.bias(), Denoiser(other).bias())
+    assert not torch.allclose(denoiser.bias(), first)
