@@ -211,6 +211,12 @@ class StreamingSynthesis:
         # that requires grad would chain every push's graph to the held frames, growing with the utterance.
         mel = mel.detach()
         if self.mel is None:
+            noise, height = self.noise_source, self.model.config.n_height
+            if noise is not None and (noise.batch, noise.height) != (mel.shape[0], height):
+                raise ValueError(
+                    f"the noise given is of batch {noise.batch} and {noise.height} rows; the stream needs "
+                    f"batch {mel.shape[0]} (the mel's) and {height} rows (the model's n_height)"
+                )
             self.mel = mel.clone()
         elif mel.shape[:2] != self.mel.shape[:2]:
             raise ValueError(f"mel frames of shape {tuple(mel.shape)} follow frames of {tuple(self.mel.shape)}")

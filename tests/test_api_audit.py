@@ -113,6 +113,15 @@ def test_a_stream_does_not_hold_the_autograd_graph_of_frames_that_require_grad()
     assert not any(chunk.requires_grad for chunk in synthesis.finish())
 
 
+@pytest.mark.parametrize("batch,height", [(1, 8), (2, 16)])
+def test_a_stream_refuses_noise_of_another_batch_or_height_in_one_line(batch, height):
+    model = build_model(small_config())
+    synthesis = StreamingSynthesis(model, chunk_frames=4, noise=ColumnNoise(batch, height, hop_length=256))
+    message = rf"the noise given is of batch {batch} and {height} rows; the stream needs batch 2 .* and 8 rows"
+    with pytest.raises(ValueError, match=message):
+        synthesis.push(torch.zeros(2, 80, 20))
+
+
 def test_a_stream_refuses_an_empty_batch_in_one_line():
     synthesis = StreamingSynthesis(build_model(small_config()), chunk_frames=4)
     with pytest.raises(ValueError, match=r"mel frames of an empty batch, shape \(0, 80, 20\): B must be at least 1"):
