@@ -2,12 +2,13 @@
 "In Python" section and docs/deploy.md with the inputs such code passes (whole configs, float64 arrays,
 tensors that require grad, buffers the caller reuses)."""
 
+import json
 import weakref
 
 import pytest
 import torch
 
-from config import config_from_dict, load_config
+from config import TrainConfig, WaveFlowConfig, config_from_dict, load_config, parse_section
 from denoiser import Denoiser
 from model import build_model, negative_log_likelihood
 from streaming import ColumnNoise, StreamingSynthesis
@@ -15,7 +16,7 @@ from test_model import ROOT, random_model, tiny_config
 
 
 def small_config(**overrides) -> dict:
-    return tiny_config("nanoflow", n_height=8, n_layer=2, n_flow=2, **overrides)
+    return tiny_config("nanoflow", **{"n_height": 8, "n_layer": 2, "n_flow": 2, **overrides})
 
 
 # ----------------------------------------------------------------------------- build_model
@@ -214,3 +215,17 @@ def test_the_denoiser_follows_a_checkpoint_loaded_into_its_model():
     model.load_state_dict(other.state_dict())
     assert torch.equal(denoiser.bias(), Denoiser(other).bias())
     assert not torch.allclose(denoiser.bias(), first)
+
+
+def test_a_section_built_directly_reads_the_original_string_booleans_as_parsing_does():
+    """`WaveFlowConfig(**section)` kept the original's "False" as a string, which is true: the model it built
+    bipartized its flows, another permutation than the checkpoint's model."""
+    section = small_config(n_flow=4, bipartize="False", use_weightnorm_embed="True", upsample_factors=[16, 16])
+    direct = WaveFlowConfig(**section)
+    assert direct == parse_section(WaveFlowConfig, section, "waveflow_config")
+    assert direct.bipartize is False and direct.use_weightnorm_embed is True and direct.upsample_factors == (16, 16)
+    assert build_model(direct).row_orders == build_model(section).row_orders
+    with pytest.raises(ValueError, match=r"waveflow_config\.bipartize must be a boolean"):
+        WaveFlowConfig(**small_config(bipartize="no"))
+    with pytest.raises(ValueError, match=r"train_config\.with_tensorboard must be a boolean"):
+        TrainConfig(**{**json.load(open(f"{ROOT}/configs/demo.json"))["train_config"], "with_tensorboard": "yes"})
