@@ -8,6 +8,7 @@ import weakref
 import pytest
 import torch
 
+from checkpoint import read_checkpoint
 from config import TrainConfig, WaveFlowConfig, config_from_dict, load_config, parse_section
 from denoiser import Denoiser
 from model import build_model, negative_log_likelihood
@@ -229,3 +230,25 @@ def test_a_section_built_directly_reads_the_original_string_booleans_as_parsing_
         WaveFlowConfig(**small_config(bipartize="no"))
     with pytest.raises(ValueError, match=r"train_config\.with_tensorboard must be a boolean"):
         TrainConfig(**{**json.load(open(f"{ROOT}/configs/demo.json"))["train_config"], "with_tensorboard": "yes"})
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        pytest.param(lambda model: torch.compile(model), id="compile"),
+        pytest.param(lambda model: torch.nn.DataParallel(torch.compile(model)), id="dataparallel-compile"),
+        pytest.param(lambda model: torch.compile(torch.nn.DataParallel(model)), id="compile-dataparallel"),
+    ],
+)
+def test_weights_saved_from_a_compiled_model_load(tmp_path, wrap):
+    """`torch.save(torch.compile(model).state_dict(), path)`, as a fine-tuning loop saves the module it trains:
+    every name began with torch.compile's `_orig_mod.` and no model took them."""
+    model = random_model(small_config())
+    path = str(tmp_path / "weights.pt")
+    torch.save(wrap(model).state_dict(), path)
+    fresh = build_model(small_config())
+    fresh.load_state_dict(read_checkpoint(path)["model"])
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
