@@ -257,7 +257,8 @@ class WaveFlow(nn.Module):
         `z [B, 1, H, W]` is the noise, drawn from `N(0, sigma^2)` when not given (`generator`
         makes it reproducible). Exact inverse of `forward`, one row at a time with convolution
         queues (`inference.synthesize`, which documents the options; none changes the result).
-        Nothing is stored on the model: threads may synthesize with one model at once.
+        Nothing is stored on the model: threads may synthesize with one model at once. Runs under
+        `torch.no_grad`: the audio carries no gradient back to the mel or the weights.
         """
         height, cin = self.config.n_height, self.config.cin_channels
         if mel.dim() != 3 or mel.shape[1] != cin or mel.shape[0] == 0:
