@@ -252,7 +252,8 @@ class WaveFlow(nn.Module):
         condition_cache_bytes: int = CONDITION_CACHE_BYTES,
         cuda_graphs: CudaGraphCache | None = None,
     ) -> torch.Tensor:
-        """Synthesize audio from `mel [B, cin, F]` -> `audio [B, synthesis_length(F, hop_length)]` (fp32).
+        """Synthesize audio from `mel [B, cin, F]` -> `audio [B, synthesis_length(F, hop_length)]` (fp32, on the
+        model's device, where the mel and `z` are moved).
 
         `z [B, 1, H, W]` is the noise, drawn from `N(0, sigma^2)` when not given (`generator`
         makes it reproducible). Exact inverse of `forward`, one row at a time with convolution
@@ -269,8 +270,10 @@ class WaveFlow(nn.Module):
                 f"a mel of {frames} frame{'s' if frames != 1 else ''} is too short to synthesize "
                 f"(need at least {SYNTHESIS_TRIM_FRAMES + 1})"
             )
-        dtype = next(self.parameters()).dtype
-        c = self.upsample(mel.to(dtype))[..., : -SYNTHESIS_TRIM_FRAMES * self.config.hop_length]
+        parameter = next(self.parameters())
+        # The mel and the noise go where the model is: a mel made on the CPU, `ColumnNoise`'s z (drawn there).
+        mel = mel.to(parameter.device, parameter.dtype)
+        c = self.upsample(mel)[..., : -SYNTHESIS_TRIM_FRAMES * self.config.hop_length]
         c = squeeze(c, height)  # [B, cin, H, W]: n_height divides the hop (the config's rule)
         batch, _, _, width = c.shape
         if z is None:
@@ -278,7 +281,7 @@ class WaveFlow(nn.Module):
             z = torch.randn(batch, 1, height, width, device=c.device, generator=generator) * sigma
         elif z.shape != (batch, 1, height, width):
             raise ValueError(f"z must have shape {(batch, 1, height, width)}, got {tuple(z.shape)}")
-        x = synthesize(self, c, z, max_cpu_columns, condition_cache_bytes, cuda_graphs)  # [B, 1, H, W]
+        x = synthesize(self, c, z.to(c.device), max_cpu_columns, condition_cache_bytes, cuda_graphs)  # [B, 1, H, W]
         return unsqueeze(x).squeeze(1)
 
     # --- inference preparation ----------------------------------------------------------------

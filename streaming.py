@@ -267,10 +267,12 @@ class StreamingSynthesis:
         # The upsampler's input: the window and the frames it reads around it.
         mel_start = max(0, window_start - self.upsampler[0])
         mel_stop = min(self.received, window_stop + self.upsampler[1])
-        dtype = next(model.parameters()).dtype
+        parameter = next(model.parameters())
         mel = self.mel[:, :, mel_start - self.mel_first : mel_stop - self.mel_first]
         offset = (window_start - mel_start) * hop
-        c = model.upsample(mel.to(dtype))[..., offset : offset + (window_stop - window_start) * hop]
+        c = model.upsample(mel.to(parameter.device, parameter.dtype))[
+            ..., offset : offset + (window_stop - window_start) * hop
+        ]
         c = squeeze(c, height)  # [B, cin, H, W of the window]
         z = self.noise.take(window_start * per, window_stop * per)  # [B, 1, H, W of the window]
         with torch.no_grad():

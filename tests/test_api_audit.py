@@ -83,6 +83,21 @@ def streamed(model, pushes) -> torch.Tensor:
     return torch.cat(chunks + synthesis.finish(), dim=1)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_on_a_gpu_takes_a_mel_and_column_noise_made_on_the_cpu():
+    """deploy.md's whole synthesis with a stream's noise, `model.infer(mel, z=ColumnNoise(...).take(0, W))`: the
+    noise is drawn on the CPU, and on a GPU model it failed inside synthesis; so did a stream of CPU frames."""
+    model = random_model(small_config()).remove_weight_norm()
+    mel = torch.randn(2, 80, 12)
+    z = ColumnNoise(2, 8, 0.8, seed=1, hop_length=256).take(0, 9 * 32)
+    expected = model.infer(mel, z=z)
+    gpu_model = model.cuda()
+    audio = gpu_model.infer(mel, z=z)
+    assert audio.device.type == "cuda" and torch.allclose(audio.cpu(), expected, atol=1e-4)
+    assert streamed(gpu_model, [mel]).device.type == "cuda"
+
+
 def test_a_stream_keeps_its_own_copy_of_the_frames_pushed():
     """An acoustic model writing its frames into one buffer it reuses: the stream read the buffer again
     later (the first piece was held as given), and synthesized what the buffer held by then."""
