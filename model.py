@@ -175,7 +175,7 @@ class WaveFlow(nn.Module):
                 raise ValueError("coupling_params needs the conditioning c or its projection cond")
             cond = net.condition(c)
         log_s_t = net(
-            shift_1d(x),
+            shift_1d(x).to(next(net.parameters()).dtype),  # the flow's state is fp32 in a bf16 model too
             cond,
             net.gate_biases(embedding),
             getattr(coupling, "multgate", None),
@@ -199,8 +199,8 @@ class WaveFlow(nn.Module):
     def forward(self, audio: torch.Tensor, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`audio [B, T]`, `mel [B, cin, F]` with `hop_length * F >= T` -> `z [B, 1, H, T / H]`, `logdet [B]` (fp32).
 
-        Both are taken in the model's dtype, as `infer` takes the mel (float64 audio, as soundfile reads it,
-        included); the audio must be floating point, samples in [-1, 1]."""
+        The mel is taken in the model's dtype, as `infer` takes it, the audio (floating point, samples in
+        [-1, 1]) in fp32 or the model's dtype if better: float64 arrays, as soundfile reads them, included."""
         height, cin = self.config.n_height, self.config.cin_channels
         if audio.dim() != 2 or mel.dim() != 3 or mel.shape[1] != cin or not 1 <= audio.shape[0] == mel.shape[0]:
             raise ValueError(
@@ -213,7 +213,7 @@ class WaveFlow(nn.Module):
         if length == 0 or length % height:
             raise ValueError(f"audio length {length} is not a positive multiple of n_height {height}")
         dtype = next(self.parameters()).dtype
-        audio, mel = audio.to(dtype), mel.to(dtype)
+        audio, mel = audio.to(torch.promote_types(dtype, torch.float32)), mel.to(dtype)
         c = self.upsample(mel)
         if c.shape[-1] < length:
             raise ValueError(f"mel of {mel.shape[-1]} frames covers {c.shape[-1]} samples, audio has {length}")
