@@ -2,8 +2,10 @@
 "In Python" section and docs/deploy.md with the inputs such code passes (whole configs, float64 arrays,
 tensors that require grad, buffers the caller reuses)."""
 
+import copy
 import json
 import weakref
+from typing import cast
 
 import pytest
 import torch
@@ -266,7 +268,9 @@ def test_a_section_built_directly_reads_the_original_string_booleans_as_parsing_
     "wrap",
     [
         pytest.param(lambda model: torch.compile(model), id="compile"),
-        pytest.param(lambda model: torch.nn.DataParallel(torch.compile(model)), id="dataparallel-compile"),
+        pytest.param(
+            lambda model: torch.nn.DataParallel(cast(torch.nn.Module, torch.compile(model))), id="dataparallel-compile"
+        ),
         pytest.param(lambda model: torch.compile(torch.nn.DataParallel(model)), id="compile-dataparallel"),
     ],
 )
@@ -279,3 +283,21 @@ def test_weights_saved_from_a_compiled_model_load(tmp_path, wrap):
     fresh = build_model(small_config())
     fresh.load_state_dict(read_checkpoint(path)["model"])
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+def held_by(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> bool:
+    """Whether the optimizer holds every parameter of the model (and so trains all of it)."""
+    held = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
+    return all(id(parameter) in held for parameter in model.parameters())
+
+
+def test_listening_during_training_as_the_readme_says_leaves_every_weight_trained():
+    """README: folding weight norm replaces the weight-normed parameters, so an optimizer made before trains
+    only the others; synthesizing with the model as it is, or with a folded copy, leaves it all trained."""
+    model = random_model(small_config()).train()
+    optimizer = torch.optim.Adam(model.parameters())
+    copy.deepcopy(model).remove_weight_norm().infer(torch.randn(1, 80, 5))
+    model.infer(torch.randn(1, 80, 5))
+    assert held_by(optimizer, model)
+    model.remove_weight_norm()
+    assert not held_by(optimizer, model)
