@@ -304,7 +304,8 @@ class WaveFlow(nn.Module):
 
     def remove_weight_norm(self) -> WaveFlow:
         """Fold every weight norm into a plain weight (faster inference); the model stays usable
-        and still loads checkpoints in either layout."""
+        and still loads checkpoints in either layout. The folded weights are new parameters: an optimizer
+        made before no longer updates them (fold a copy to synthesize during training)."""
         for module in self.modules():
             if isinstance(module, WeightNormMixin):
                 module.remove_weight_norm()
