@@ -38,6 +38,17 @@ def check_temperature(sigma: float) -> None:
         raise ValueError(f"sigma, the noise's standard deviation, must be a finite number >= 0, got {sigma}")
 
 
+def check_finite_mel(mel: torch.Tensor) -> None:
+    """Refuse a mel holding NaN or an infinity (the log of a zero magnitude, unfloored): one such value spreads
+    through the convolutions to most of the audio, as NaN."""
+    if not bool(torch.isfinite(mel).all()):
+        bad = int((~torch.isfinite(mel)).sum())
+        raise ValueError(
+            f"the mel holds {bad} NaN or infinite value{'s' if bad != 1 else ''}, which would make NaN audio "
+            f"(a log mel needs a floor: this project's clamp the magnitudes at data.LOG_FLOOR before the log)"
+        )
+
+
 def synthesis_length(frames: int, hop_length: int) -> int:
     """Samples that synthesis makes from a mel of `frames` frames of `hop_length` samples each (not positive:
     too short to synthesize)."""
@@ -270,6 +281,7 @@ class WaveFlow(nn.Module):
                 f"a mel of {frames} frame{'s' if frames != 1 else ''} is too short to synthesize "
                 f"(need at least {SYNTHESIS_TRIM_FRAMES + 1})"
             )
+        check_finite_mel(mel)
         parameter = next(self.parameters())
         # The mel and the noise go where the model is: a mel made on the CPU, `ColumnNoise`'s z (drawn there).
         mel = mel.to(parameter.device, parameter.dtype)

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from config import HOP_LENGTH
 from inference import synthesize
-from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, check_temperature, squeeze, unsqueeze
+from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, check_finite_mel, check_temperature, squeeze, unsqueeze
 
 if TYPE_CHECKING:
     from denoiser import StreamingDenoiser
@@ -210,6 +210,7 @@ class StreamingSynthesis:
         # A copy without autograd history: the caller may reuse its buffer, and an acoustic model's output
         # that requires grad would chain every push's graph to the held frames, growing with the utterance.
         mel = mel.detach()
+        check_finite_mel(mel)
         if self.mel is None:
             noise, height = self.noise_source, self.model.config.n_height
             if noise is not None and (noise.batch, noise.height) != (mel.shape[0], height):

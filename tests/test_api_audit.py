@@ -301,3 +301,20 @@ def test_listening_during_training_as_the_readme_says_leaves_every_weight_traine
     assert held_by(optimizer, model)
     model.remove_weight_norm()
     assert not held_by(optimizer, model)
+
+
+# ----------------------------------------------------------------------------- a mel that would make NaN audio
+
+
+@pytest.mark.parametrize("value", [float("-inf"), float("nan")])
+def test_a_mel_holding_nan_or_an_infinity_is_refused_rather_than_made_into_nan_audio(value):
+    """The log of a zero magnitude, unfloored, is -inf: one such bin made most of the clip NaN."""
+    model = random_model(small_config()).remove_weight_norm()
+    mel = torch.randn(1, 80, 10)
+    mel[0, 5, 3] = value
+    message = r"the mel holds 1 NaN or infinite value, which would make NaN audio"
+    with pytest.raises(ValueError, match=message):
+        model.infer(mel, sigma=0.8)
+    synthesis = StreamingSynthesis(model, chunk_frames=4)
+    with pytest.raises(ValueError, match=message):
+        synthesis.push(mel)
