@@ -6,7 +6,8 @@ The layout is the original code's, so checkpoints go both ways: a dict
 `config` (the JSON the run used), `epoch` and `batch_in_epoch` (where the data
 order stands, for exact resumption) and `scaler` (mixed precision). Model
 weights keep the original names, including the `weight_g`/`weight_v` of weight
-norm; a `module.` prefix left by DataParallel is removed on reading.
+norm; a `module.` prefix left by DataParallel and an `_orig_mod.` left by
+torch.compile are removed on reading.
 
 The original also leaves one entry in `model` that is no weight of the model:
 its training loop synthesizes a test clip at every checkpoint after the first,
@@ -33,6 +34,8 @@ from storage import first_sentence, write_atomically
 CHECKPOINT_PREFIX = "waveflow_"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 ORIGINAL_CACHE_ENTRIES = ("h_cache",)  # what the original leaves in `model` besides the weights
+# What wrappers of the model put before its weights' names: DataParallel's and DDP's, torch.compile's.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 class CheckpointError(ValueError):
@@ -145,8 +148,8 @@ def check_zip_checksums(path: str) -> None:
 
 
 def read_checkpoint(path: str) -> dict:
-    """Read a checkpoint (ours or the original's) with the model weights' `module.` prefix and the
-    original's `h_cache` removed."""
+    """Read a checkpoint (ours or the original's) with the model weights' wrapper prefixes (`module.`,
+    `_orig_mod.`) and the original's `h_cache` removed."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: checkpoint not found")
     if os.path.isdir(path):
@@ -183,14 +186,19 @@ def read_checkpoint(path: str) -> dict:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise CheckpointError(f"{path}: not a NanoFlow checkpoint (no 'model' weights)")
     state = {
-        name: value
-        for name, value in checkpoint["model"].items()
-        if name.removeprefix("module.") not in ORIGINAL_CACHE_ENTRIES
+        name: value for name, value in checkpoint["model"].items() if _unwrapped(name) not in ORIGINAL_CACHE_ENTRIES
     }
+    while state and (prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)):
+        state = {key[len(prefix) :]: value for key, value in state.items()}
     checkpoint["model"] = state
-    if state and all(key.startswith("module.") for key in state):
-        checkpoint["model"] = {key[len("module.") :]: value for key, value in state.items()}
     return checkpoint
+
+
+def _unwrapped(name: str) -> str:
+    """A weight's name without the prefixes of the wrappers around the model (`WRAPPER_PREFIXES`)."""
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
 
 
 def _describe(names: list[str]) -> str:

@@ -97,6 +97,16 @@ def parse_section(cls, raw, section: str):
     return cls(**values)
 
 
+def _coerce_fields(section, name: str) -> None:
+    """Check and convert every field of the dataclass `section` as `parse_section` does, for a section built
+    directly (`WaveFlowConfig(**raw)`): the original's "False" would otherwise be a truthy string."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if not (value is None and f.metadata.get("null")):
+            setattr(section, f.name, _coerce(value, hints[f.name], f"{name}.{f.name}"))
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -127,6 +137,7 @@ class WaveFlowConfig:
 
     def __post_init__(self):
         s = "waveflow_config"
+        _coerce_fields(self, s)
         _require(
             len(self.upsample_factors) >= 1 and all(factor >= 1 for factor in self.upsample_factors),
             f"{s}.upsample_factors must be a non-empty list of positive integers, got {list(self.upsample_factors)}",
@@ -181,6 +192,7 @@ class DataConfig:
 
     def __post_init__(self):
         s = "data_config"
+        _coerce_fields(self, s)
         for key in ("segment_length", "sampling_rate", "filter_length", "hop_length", "win_length", "n_mel_channels"):
             _require(getattr(self, key) >= 1, f"{s}.{key} must be at least 1, got {getattr(self, key)}")
         _require(
@@ -226,6 +238,7 @@ class TrainConfig:
 
     def __post_init__(self):
         s = "train_config"
+        _coerce_fields(self, s)
         for key in ("epochs", "lr_decay_step", "iters_per_checkpoint", "batch_size", "max_bad_steps"):
             _require(getattr(self, key) >= 1, f"{s}.{key} must be at least 1, got {getattr(self, key)}")
         for key in ("learning_rate", "lr_decay_gamma", "sigma", "grad_clip_thresh"):

@@ -42,24 +42,28 @@ class Denoiser:
         self.filter_length, self.hop_length = filter_length, hop_length
         side = (filter_length - win_length) // 2  # torch.stft's centring of a shorter window
         self.window = F.pad(torch.hann_window(win_length, periodic=True), (side, filter_length - win_length - side))
-        self.biases: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        # (dtype, device) -> (the weights it was computed from, the bias spectrum)
+        self.biases: dict[tuple[torch.dtype, torch.device], tuple[tuple, torch.Tensor]] = {}
 
     @classmethod
     def from_config(cls, model: WaveFlow, data: DataConfig) -> Denoiser:
         return cls(model, data.filter_length, data.hop_length, data.win_length)
 
     def bias(self) -> torch.Tensor:
-        """The magnitude spectrum of the model's output for a silent mel, averaged over time: `[n_fft // 2 + 1]`."""
-        parameter = next(self.model.parameters())
+        """The magnitude spectrum of the model's output for a silent mel, averaged over time: `[n_fft // 2 + 1]`.
+        Computed again once the model's weights change (a checkpoint loaded into it, an optimizer step)."""
+        parameters = list(self.model.parameters())
+        parameter = parameters[0]
         key = (parameter.dtype, parameter.device)
-        if key not in self.biases:
+        weights = tuple((p.data_ptr(), p._version) for p in parameters)  # as the CUDA graph cache tells them
+        if key not in self.biases or self.biases[key][0] != weights:
             config = self.model.config
             mel = parameter.new_full((1, config.cin_channels, BIAS_FRAMES + SYNTHESIS_TRIM_FRAMES), math.log(LOG_FLOOR))
             width = (BIAS_FRAMES * config.hop_length) // config.n_height  # the model's hop: its synthesis length
             z = torch.zeros(1, 1, config.n_height, width, device=parameter.device)
             audio = self.model.infer(mel, z=z).float()  # [1, T]: sigma 0, as WaveGlow's
-            self.biases[key] = self.magnitude_and_phase(self.pad(audio))[0].mean(dim=(0, 1))
-        return self.biases[key]
+            self.biases[key] = weights, self.magnitude_and_phase(self.pad(audio))[0].mean(dim=(0, 1))
+        return self.biases[key][1]
 
     def pad(self, audio: torch.Tensor) -> torch.Tensor:
         """`audio [B, T] -> [B, T + n_fft]`, reflected at both ends as torch.stft centres."""
@@ -90,6 +94,10 @@ class Denoiser:
     def __call__(self, audio: torch.Tensor, strength: float) -> torch.Tensor:
         """`audio [B, T]` -> the same with `strength` times the bias spectrum removed, `[B, T]` fp32."""
         check_strength(strength)
+        if audio.dim() != 2:
+            raise ValueError(
+                f"the denoiser takes audio [B, T], as model.infer gives it, got shape {tuple(audio.shape)}"
+            )
         audio = audio.float()
         if strength == 0:
             return audio
@@ -129,17 +137,26 @@ class StreamingDenoiser:
         """The next audio `[B, n]` -> the denoised audio now final (a list of at most one `[B, m]`)."""
         if self.finished:
             raise ValueError("audio pushed after finish(): the stream has ended; start a new one with Denoiser.stream")
+        held = self.buffer if self.buffer is not None else self.head
+        if audio.dim() != 2 or (held is not None and audio.shape[0] != held.shape[0]):
+            after = "" if held is None else f" after audio of {held.shape[0]} items"
+            raise ValueError(
+                f"the denoiser's stream takes audio [B, n] of one B, got shape {tuple(audio.shape)}{after}"
+            )
         if self.strength == 0:  # the identity, as the whole clip's, not its STFT round trip
             return [audio.float()]
+        # Held as a copy without autograd history: the caller may reuse its buffer, and a graph would be
+        # chained from piece to piece.
+        audio = audio.detach().float()
         half = self.denoiser.filter_length // 2
         if self.buffer is None:
-            self.head = audio.float() if self.head is None else torch.cat([self.head, audio.float()], dim=1)
+            self.head = audio.clone() if self.head is None else torch.cat([self.head, audio], dim=1)
             if self.head.shape[1] <= half:
                 return []
             reflected = self.head[:, 1 : half + 1].flip(1)
             self.buffer, self.head, self.emitted = torch.cat([reflected, self.head], dim=1), None, half
         else:
-            self.buffer = torch.cat([self.buffer, audio.float()], dim=1)
+            self.buffer = torch.cat([self.buffer, audio], dim=1)
         return self._emit(final=False)
 
     def finish(self) -> list[torch.Tensor]:

@@ -23,12 +23,30 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from config import WaveFlowConfig, parse_section
+from config import Config, WaveFlowConfig, config_from_dict, parse_section
 from cuda_graphs import CudaGraphCache
 from inference import CONDITION_CACHE_BYTES, MAX_CPU_COLUMNS, synthesize
 from modules import FlowEmbedding, ProjLogST, WaveNet2D, WeightNormMixin, WNConvTranspose2d, shift_1d
 
 SYNTHESIS_TRIM_FRAMES = 3  # mel frames whose samples synthesis drops at the end, as the original did
+
+
+def check_temperature(sigma: float) -> None:
+    """Refuse a temperature (the noise's standard deviation) that is negative or not finite: NaN noise makes
+    NaN audio. 0 (no noise) is one."""
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma, the noise's standard deviation, must be a finite number >= 0, got {sigma}")
+
+
+def check_finite_mel(mel: torch.Tensor) -> None:
+    """Refuse a mel holding NaN or an infinity (the log of a zero magnitude, unfloored): one such value spreads
+    through the convolutions to most of the audio, as NaN."""
+    if not bool(torch.isfinite(mel).all()):
+        bad = int((~torch.isfinite(mel)).sum())
+        raise ValueError(
+            f"the mel holds {bad} NaN or infinite value{'s' if bad != 1 else ''}, which would make NaN audio "
+            f"(a log mel needs a floor: this project's clamp the magnitudes at data.LOG_FLOOR before the log)"
+        )
 
 
 def synthesis_length(frames: int, hop_length: int) -> int:
@@ -65,6 +83,8 @@ def negative_log_likelihood(z: torch.Tensor, logdet: torch.Tensor, sigma: float 
 
     `z [B, 1, H, W]`, `logdet [B]` -> scalar, under a prior `N(0, sigma^2)`; computed in fp32 or better.
     """
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma, the prior's standard deviation, must be a finite number > 0, got {sigma}")
     dtype = torch.promote_types(z.dtype, torch.float32)
     z = z.to(dtype)
     n = z.numel()
@@ -166,7 +186,7 @@ class WaveFlow(nn.Module):
                 raise ValueError("coupling_params needs the conditioning c or its projection cond")
             cond = net.condition(c)
         log_s_t = net(
-            shift_1d(x),
+            shift_1d(x).to(next(net.parameters()).dtype),  # the flow's state is fp32 in a bf16 model too
             cond,
             net.gate_biases(embedding),
             getattr(coupling, "multgate", None),
@@ -188,11 +208,23 @@ class WaveFlow(nn.Module):
         return x * torch.exp(log_s) + t, log_s.sum(dim=(1, 2, 3))
 
     def forward(self, audio: torch.Tensor, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`audio [B, T]`, `mel [B, cin, F]` with `hop_length * F >= T` -> `z [B, 1, H, T / H]`, `logdet [B]` (fp32)."""
-        height = self.config.n_height
+        """`audio [B, T]`, `mel [B, cin, F]` with `hop_length * F >= T` -> `z [B, 1, H, T / H]`, `logdet [B]` (fp32).
+
+        The mel is taken in the model's dtype, as `infer` takes it, the audio (floating point, samples in
+        [-1, 1]) in fp32 or the model's dtype if better: float64 arrays, as soundfile reads them, included."""
+        height, cin = self.config.n_height, self.config.cin_channels
+        if audio.dim() != 2 or mel.dim() != 3 or mel.shape[1] != cin or not 1 <= audio.shape[0] == mel.shape[0]:
+            raise ValueError(
+                f"audio must be [B, T] and mel [B, {cin}, F], one B >= 1, got shapes "
+                f"{tuple(audio.shape)} and {tuple(mel.shape)}"
+            )
+        if not audio.is_floating_point():
+            raise ValueError(f"audio must be floating point (samples in [-1, 1]), got {audio.dtype}")
         length = audio.shape[1]
-        if length % height:
-            raise ValueError(f"audio length {length} is not a multiple of n_height {height}")
+        if length == 0 or length % height:
+            raise ValueError(f"audio length {length} is not a positive multiple of n_height {height}")
+        dtype = next(self.parameters()).dtype
+        audio, mel = audio.to(torch.promote_types(dtype, torch.float32)), mel.to(dtype)
         c = self.upsample(mel)
         if c.shape[-1] < length:
             raise ValueError(f"mel of {mel.shape[-1]} frames covers {c.shape[-1]} samples, audio has {length}")
@@ -231,12 +263,14 @@ class WaveFlow(nn.Module):
         condition_cache_bytes: int = CONDITION_CACHE_BYTES,
         cuda_graphs: CudaGraphCache | None = None,
     ) -> torch.Tensor:
-        """Synthesize audio from `mel [B, cin, F]` -> `audio [B, synthesis_length(F, hop_length)]` (fp32).
+        """Synthesize audio from `mel [B, cin, F]` -> `audio [B, synthesis_length(F, hop_length)]` (fp32, on the
+        model's device, where the mel and `z` are moved).
 
         `z [B, 1, H, W]` is the noise, drawn from `N(0, sigma^2)` when not given (`generator`
         makes it reproducible). Exact inverse of `forward`, one row at a time with convolution
         queues (`inference.synthesize`, which documents the options; none changes the result).
-        Nothing is stored on the model: threads may synthesize with one model at once.
+        Nothing is stored on the model: threads may synthesize with one model at once. Runs under
+        `torch.no_grad`: the audio carries no gradient back to the mel or the weights.
         """
         height, cin = self.config.n_height, self.config.cin_channels
         if mel.dim() != 3 or mel.shape[1] != cin or mel.shape[0] == 0:
@@ -247,15 +281,19 @@ class WaveFlow(nn.Module):
                 f"a mel of {frames} frame{'s' if frames != 1 else ''} is too short to synthesize "
                 f"(need at least {SYNTHESIS_TRIM_FRAMES + 1})"
             )
-        dtype = next(self.parameters()).dtype
-        c = self.upsample(mel.to(dtype))[..., : -SYNTHESIS_TRIM_FRAMES * self.config.hop_length]
+        check_finite_mel(mel)
+        parameter = next(self.parameters())
+        # The mel and the noise go where the model is: a mel made on the CPU, `ColumnNoise`'s z (drawn there).
+        mel = mel.to(parameter.device, parameter.dtype)
+        c = self.upsample(mel)[..., : -SYNTHESIS_TRIM_FRAMES * self.config.hop_length]
         c = squeeze(c, height)  # [B, cin, H, W]: n_height divides the hop (the config's rule)
         batch, _, _, width = c.shape
         if z is None:
+            check_temperature(sigma)
             z = torch.randn(batch, 1, height, width, device=c.device, generator=generator) * sigma
         elif z.shape != (batch, 1, height, width):
             raise ValueError(f"z must have shape {(batch, 1, height, width)}, got {tuple(z.shape)}")
-        x = synthesize(self, c, z, max_cpu_columns, condition_cache_bytes, cuda_graphs)  # [B, 1, H, W]
+        x = synthesize(self, c, z.to(c.device), max_cpu_columns, condition_cache_bytes, cuda_graphs)  # [B, 1, H, W]
         return unsqueeze(x).squeeze(1)
 
     # --- inference preparation ----------------------------------------------------------------
@@ -278,15 +316,21 @@ class WaveFlow(nn.Module):
 
     def remove_weight_norm(self) -> WaveFlow:
         """Fold every weight norm into a plain weight (faster inference); the model stays usable
-        and still loads checkpoints in either layout."""
+        and still loads checkpoints in either layout. The folded weights are new parameters: an optimizer
+        made before no longer updates them (fold a copy to synthesize during training)."""
         for module in self.modules():
             if isinstance(module, WeightNormMixin):
                 module.remove_weight_norm()
         return self
 
 
-def build_model(waveflow_config: dict | WaveFlowConfig) -> WaveFlow:
-    """Build the model of a `waveflow_config` section (a dict as in the JSON configs, or parsed)."""
+def build_model(waveflow_config: dict | WaveFlowConfig | Config) -> WaveFlow:
+    """Build the model of a `waveflow_config` section (a dict as in the JSON configs, or parsed), or of
+    a whole config (the JSON's dict of sections, or a `Config`), whose `waveflow_config` it reads."""
+    if isinstance(waveflow_config, Config):
+        waveflow_config = waveflow_config.waveflow
+    elif isinstance(waveflow_config, dict) and "waveflow_config" in waveflow_config:
+        waveflow_config = config_from_dict(waveflow_config, sections=("waveflow_config",)).waveflow
     if not isinstance(waveflow_config, WaveFlowConfig):
         waveflow_config = parse_section(WaveFlowConfig, waveflow_config, "waveflow_config")
     return WaveFlow(waveflow_config)

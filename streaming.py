@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from config import HOP_LENGTH
 from inference import synthesize
-from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, squeeze, unsqueeze
+from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, check_finite_mel, check_temperature, squeeze, unsqueeze
 
 if TYPE_CHECKING:
     from denoiser import StreamingDenoiser
@@ -117,6 +117,7 @@ class ColumnNoise:
         device: torch.device | str = "cpu",
         hop_length: int = HOP_LENGTH,
     ):
+        check_temperature(sigma)
         self.batch, self.height, self.sigma = batch, height, sigma
         self.columns_per_frame = hop_length // height  # a frame's samples, `hop_length`, in columns of `height`
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -176,6 +177,7 @@ class StreamingSynthesis:
             )
         if context_frames < 0:
             raise ValueError(f"context_frames must be >= 0, got {context_frames}")
+        check_temperature(sigma)
         self.model, self.noise_source = model, noise
         self.chunk, self.lookahead, self.context = chunk_frames, lookahead_frames, context_frames
         self.sigma, self.seed = sigma, seed
@@ -203,8 +205,20 @@ class StreamingSynthesis:
         cin = self.model.config.cin_channels
         if mel.dim() != 3 or mel.shape[1] != cin:
             raise ValueError(f"mel frames must be [B, {cin}, n], got shape {tuple(mel.shape)}")
+        if mel.shape[0] == 0:
+            raise ValueError(f"mel frames of an empty batch, shape {tuple(mel.shape)}: B must be at least 1")
+        # A copy without autograd history: the caller may reuse its buffer, and an acoustic model's output
+        # that requires grad would chain every push's graph to the held frames, growing with the utterance.
+        mel = mel.detach()
+        check_finite_mel(mel)
         if self.mel is None:
-            self.mel = mel
+            noise, height = self.noise_source, self.model.config.n_height
+            if noise is not None and (noise.batch, noise.height) != (mel.shape[0], height):
+                raise ValueError(
+                    f"the noise given is of batch {noise.batch} and {noise.height} rows; the stream needs "
+                    f"batch {mel.shape[0]} (the mel's) and {height} rows (the model's n_height)"
+                )
+            self.mel = mel.clone()
         elif mel.shape[:2] != self.mel.shape[:2]:
             raise ValueError(f"mel frames of shape {tuple(mel.shape)} follow frames of {tuple(self.mel.shape)}")
         else:
@@ -254,10 +268,12 @@ class StreamingSynthesis:
         # The upsampler's input: the window and the frames it reads around it.
         mel_start = max(0, window_start - self.upsampler[0])
         mel_stop = min(self.received, window_stop + self.upsampler[1])
-        dtype = next(model.parameters()).dtype
+        parameter = next(model.parameters())
         mel = self.mel[:, :, mel_start - self.mel_first : mel_stop - self.mel_first]
         offset = (window_start - mel_start) * hop
-        c = model.upsample(mel.to(dtype))[..., offset : offset + (window_stop - window_start) * hop]
+        c = model.upsample(mel.to(parameter.device, parameter.dtype))[
+            ..., offset : offset + (window_stop - window_start) * hop
+        ]
         c = squeeze(c, height)  # [B, cin, H, W of the window]
         z = self.noise.take(window_start * per, window_stop * per)  # [B, 1, H, W of the window]
         with torch.no_grad():
