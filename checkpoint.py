@@ -400,10 +400,11 @@ def average_checkpoints(folder: str, count: int, epsilon: float | None = None) -
     return {name: value.to(dtypes[name]) for name, value in average.items()}, newest
 
 
-def warm_start(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
+def warm_start(model: torch.nn.Module, state: dict, source: str = "checkpoint") -> tuple[list[str], list[str]]:
     """Load the tensors of `state` whose names and shapes match `model`'s (weight norm's layout aside, as
     in `check_fits`); returns `(loaded, skipped)` where `skipped` describes every tensor of either side
-    that was not loaded."""
+    that was not loaded. Tensors to load that hold NaN or infinite values (a run that diverged) are
+    refused in one line naming `source`, as `load_weights` refuses them."""
     own, offered = _folded_shapes(model.state_dict()), _folded_shapes(state)
     fits = {name for name, shape in offered.items() if own.get(name) == shape}
     loaded = [name for name in state if _folded_name(name) in fits]
@@ -414,5 +415,6 @@ def warm_start(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str
     ]
     skipped += [f"{name} (not in this model)" for name in offered if name not in own]
     skipped += [f"{name} (not in the checkpoint, kept as initialised)" for name in own if name not in offered]
+    check_finite({name: state[name] for name in loaded}, source)
     model.load_state_dict({name: state[name] for name in loaded}, strict=False)
     return loaded, skipped

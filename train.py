@@ -480,7 +480,7 @@ def restore(training: Training, path: str, args: argparse.Namespace, verbose: bo
     else:
         newest = read_checkpoint(path)
         weights, source = newest["model"], path
-    loaded, skipped = warm_start(training.model, weights)
+    loaded, skipped = warm_start(training.model, weights, source)
     if verbose:
         print(
             f"warm start from {source}: {len(loaded)} tensors loaded, {len(skipped)} not"
