@@ -369,6 +369,7 @@ def train_step(model: torch.nn.Module, batch, optimizer, scheduler, scaler, runt
             optimizer.step()
         else:
             skipped = NON_FINITE_GRADIENT
+    learning_rate = optimizer.param_groups[0]["lr"]  # this step's: after the schedule's step it is the next one's
     if skipped is None:
         scheduler.step()
     else:
@@ -378,7 +379,7 @@ def train_step(model: torch.nn.Module, batch, optimizer, scheduler, scaler, runt
         "grad_norm": grad_norm.item(),
         "skipped": skipped,
         "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
-        "learning_rate": optimizer.param_groups[0]["lr"],
+        "learning_rate": learning_rate,
         "samples": audio.numel() * runtime.world_size,
     }
 

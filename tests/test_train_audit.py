@@ -5,9 +5,12 @@ import os
 
 import torch
 
+import train
 from checkpoint import list_checkpoints
 from config import load_config
+from mel2samp import Mel2Samp, collate
 from model import build_model
+from runtime import Runtime
 from test_train import make_corpus, run_here, write_config
 
 
@@ -47,3 +50,22 @@ def test_a_warm_start_or_an_average_holding_nan_is_refused_before_training(tmp_p
         capsys, "-w", "-c", other, "--checkpoint_path", str(tmp_path / "other"), "--max_iterations", "1"
     )
     assert status == 0 and "flow_embedding.weight (shape [2, 4] vs [2, 6])" in out, err
+
+
+def one_step(tmp_path, **changes):
+    make_corpus(str(tmp_path), n_train=2, n_test=1)
+    config = load_config(write_config(str(tmp_path), **changes))
+    runtime = Runtime(device=torch.device("cpu"))
+    training = train.build_training(config, runtime)
+    train_set = Mel2Samp.from_config(config.data, mode="train", seed=config.train.seed)
+    batch = collate([train_set[0], train_set[1]])
+    return lambda: train.train_step(
+        training.model, batch, training.optimizer, training.scheduler, training.scaler, runtime, config
+    )
+
+
+def test_the_learning_rate_reported_for_a_step_is_the_one_it_used(tmp_path, one_thread):
+    """StepLR is stepped after each update: the rate read after it is the next step's. With the rate halved
+    every 2 iterations, steps 1 and 2 use 1e-3 and steps 3 and 4 5e-4; the logs said 5e-4 for step 2."""
+    step = one_step(tmp_path, train_config__lr_decay_step=2, train_config__lr_decay_gamma=0.5)
+    assert [step()["learning_rate"] for _ in range(4)] == [1e-3, 1e-3, 5e-4, 5e-4]
