@@ -1,6 +1,7 @@
 """Training under conditions users meet that the other tests leave out: warm starts and averages from
 diverged checkpoints, the learning rate the logs report, and what resuming says."""
 
+import json
 import os
 
 import torch
@@ -69,3 +70,41 @@ def test_the_learning_rate_reported_for_a_step_is_the_one_it_used(tmp_path, one_
     every 2 iterations, steps 1 and 2 use 1e-3 and steps 3 and 4 5e-4; the logs said 5e-4 for step 2."""
     step = one_step(tmp_path, train_config__lr_decay_step=2, train_config__lr_decay_gamma=0.5)
     assert [step()["learning_rate"] for _ in range(4)] == [1e-3, 1e-3, 5e-4, 5e-4]
+
+
+def test_a_config_with_the_originals_boolean_strings_resumes_and_synthesizes(tmp_path, capsys, one_thread):
+    """`"bipartize": "True"` is a boolean as the original wrote them: the checkpoint stores the string, which the
+    check for another model compared with the parsed `true` and refused its own run's checkpoints."""
+    folder = str(tmp_path)
+    make_corpus(folder, n_train=2, n_test=1)
+    config = write_config(folder, waveflow_config__bipartize="True", train_config__iters_per_checkpoint=100)
+    status, _, err = run_here(capsys, "-c", config, "--max_iterations", "1")
+    assert status == 0, err
+    status, out, err = run_here(capsys, "-c", config, "--max_iterations", "2")
+    assert status == 0 and "resumed from" in out and "training finished at iteration 2" in out, err
+    checkpoint = os.path.join(folder, "exp", "tiny", "waveflow_2")
+    status, out, err = run_here(capsys, "-s", "-c", config, "--checkpoint_path", checkpoint)
+    assert status == 0 and "clip02_synthesis.wav" in out, err
+    plain = write_config(folder, "plain.json", waveflow_config__bipartize=False)
+    status, _, err = run_here(capsys, "-s", "-c", plain, "--checkpoint_path", checkpoint)
+    assert status == 1 and "bipartize true where this config has false" in err
+
+
+def test_averaging_checkpoints_of_models_that_differ_beyond_their_shapes_is_refused(tmp_path, capsys):
+    """A run folder can hold checkpoints of two configs (a warm start with `bipartize` on from the folder's own
+    checkpoint numbers on into it): their tensors have the same names and shapes, their average is no model."""
+    folder = str(tmp_path)
+    make_corpus(folder, n_train=2, n_test=1)
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    for iteration, bipartize in ((2, False), (4, "True")):
+        config = json.load(open(write_config(folder, f"{iteration}.json", waveflow_config__bipartize=bipartize)))
+        state = build_model(config["waveflow_config"]).state_dict()
+        torch.save({"model": state, "iteration": iteration, "config": config}, sources / f"waveflow_{iteration}")
+    config = write_config(folder, train_config__iters_per_checkpoint=100)
+    for option in (["-s"], ["--max_iterations", "5"]):
+        status, _, err = run_here(capsys, "-a", "2", *option, "-c", config, "--checkpoint_path", str(sources))
+        assert status == 1 and err.strip() == (
+            f"error: {sources / 'waveflow_4'}: trained with waveflow_config bipartize true where "
+            f"{sources / 'waveflow_2'} has bipartize false; cannot average checkpoints of different models"
+        )
