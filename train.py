@@ -652,7 +652,9 @@ class TrainingRun:
         args: argparse.Namespace,
         runtime: Runtime,
         limit: WallClockLimit,
+        start: str = "",
     ):
+        """`start`: the checkpoint the run starts from (empty: none; with -a, the folder averaged)."""
         self.training, self.train_set, self.sampler = training, train_set, sampler
         self.config, self.args, self.runtime, self.limit = config, args, runtime, limit
         self.folder = run_dir(config)
@@ -661,6 +663,13 @@ class TrainingRun:
         self.logs: TrainingLogs | None = None
         self.loader: Generator[tuple[torch.Tensor, torch.Tensor], None, None] | None = None  # see `batches`
         self.saved_at = 0
+        if not start:
+            self.last_good = "none"
+        elif args.average_checkpoint:
+            averaged = f"the newest {args.average_checkpoint} of {start}"
+            self.last_good = f"none (the run started from the average of {averaged})"
+        else:
+            self.last_good = start  # until this run writes one: where it started, which may be elsewhere
 
     def save(self, iteration: int, epoch: int, batch_in_epoch: int) -> None:
         """Write checkpoint `iteration` (on rank 0), recording where the data order stands."""
@@ -685,7 +694,7 @@ class TrainingRun:
 
         with self.limit.timing("save"):
             write_on_main(write, f"checkpoint {os.path.basename(path)}", self.folder, self.runtime)
-        self.saved_at = iteration
+        self.saved_at, self.last_good = iteration, path
 
     def checkpoint(self, iteration: int, epoch: int, batch_in_epoch: int) -> None:
         """Save, then report the test loss and measures (rank 0) while the other ranks wait."""
@@ -701,8 +710,7 @@ class TrainingRun:
         """A step's metrics to the progress bar and the logs; a skipped update warned and counted."""
         if metrics["skipped"] and self.runtime.is_main:
             warn(skipped_step_warning(metrics, iteration))
-        last_good = checkpoint_path(self.folder, self.saved_at) if self.saved_at else "none"
-        self.skipped_steps.record(metrics["skipped"], iteration, last_good)
+        self.skipped_steps.record(metrics["skipped"], iteration, self.last_good)
         if self.runtime.is_main:
             speed = metrics["samples"] / seconds / 1000
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", kHz=f"{speed:.1f}", refresh=False)
@@ -827,6 +835,7 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
         args,
         runtime,
         limit,
+        start,
     )
     batches_per_epoch = run.sampler.batches_per_epoch
     if batches_per_epoch == 0:

@@ -108,3 +108,31 @@ def test_averaging_checkpoints_of_models_that_differ_beyond_their_shapes_is_refu
             f"error: {sources / 'waveflow_4'}: trained with waveflow_config bipartize true where "
             f"{sources / 'waveflow_2'} has bipartize false; cannot average checkpoints of different models"
         )
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_names_the_one_it_started_from(tmp_path, capsys, one_thread):
+    """It named `<run folder>/waveflow_<start iteration>`, a file that does not exist when the run started from
+    a checkpoint elsewhere."""
+    folder = str(tmp_path)
+    make_corpus(folder, n_train=2, n_test=1)
+    config = write_config(
+        folder, train_config__iters_per_checkpoint=100, train_config__max_bad_steps=2, train_config__epochs=10
+    )
+    model = build_model(load_config(config).waveflow)
+    state = model.state_dict()
+    for name in state:  # finite weights whose exp(log_s) overflows: every loss is inf
+        if "proj_log_s_t" in name and name.endswith("bias"):
+            state[name].fill_(1e30)
+    optimizer = torch.optim.Adam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+    source = str(tmp_path / "diverging_2")
+    torch.save(
+        {"model": state, "iteration": 2, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        source,
+    )
+    for option in ([], ["-w"]):
+        status, _, err = run_here(capsys, *option, "-c", config, "--checkpoint_path", source)
+        assert status == 1 and err.strip().splitlines()[-1] == (
+            "error: 2 steps in a row skipped for a non-finite loss or gradient at iteration 4: training stopped; "
+            f"the last good checkpoint is {source}"
+        )
