@@ -469,7 +469,7 @@ def restore(training: Training, path: str, args: argparse.Namespace, verbose: bo
     if not (args.warm_start or args.average_checkpoint):
         configured = training.scheduler.state_dict()
         checkpoint = load_checkpoint(path, training.model, training.optimizer, training.scheduler, training.scaler)
-        changed = follow_the_configs_schedule(training, configured)
+        changed = follow_the_configs_schedule(training, configured, checkpoint["iteration"])
         if verbose:
             print(f"resumed from {path} at iteration {checkpoint['iteration']}")
             if changed:
@@ -494,22 +494,25 @@ def restore(training: Training, path: str, args: argparse.Namespace, verbose: bo
 SCHEDULE_KEYS = ("base_lrs", "step_size", "gamma")  # what StepLR's state takes from the config
 
 
-def follow_the_configs_schedule(training: Training, configured: dict) -> str | None:
-    """After a resume: the config's learning-rate schedule (`configured`, StepLR's state as built from it)
-    at the checkpoint's iteration, where the checkpoint stored another one; the stored state is kept when
-    it is the config's, so that resuming stays exact. Returns the line that says which was used, or None."""
+def follow_the_configs_schedule(training: Training, configured: dict, iteration: int) -> str | None:
+    """After a resume from checkpoint `iteration`: the config's learning-rate schedule (`configured`, StepLR's
+    state as built from it) at the step the stored schedule had reached, where the checkpoint stored another
+    one; the stored state is kept when it is the config's, so that resuming stays exact. Returns the line that
+    says which was used, or None. The schedule's steps are the iterations, except after -w or -a, whose
+    fresh schedule counts from the source's iteration."""
     stored = training.scheduler.state_dict()
     if all(stored[key] == configured[key] for key in SCHEDULE_KEYS):
         return None
-    iteration = stored["last_epoch"]
-    rates = [base * configured["gamma"] ** (iteration // configured["step_size"]) for base in configured["base_lrs"]]
+    steps = stored["last_epoch"]
+    rates = [base * configured["gamma"] ** (steps // configured["step_size"]) for base in configured["base_lrs"]]
     training.scheduler.load_state_dict(dict(stored, **{key: configured[key] for key in SCHEDULE_KEYS}, _last_lr=rates))
     for group, base, rate in zip(training.optimizer.param_groups, configured["base_lrs"], rates, strict=True):
         group["initial_lr"], group["lr"] = base, rate
+    counted = "" if steps == iteration else f" (its step {steps}: the schedule counts from {iteration - steps})"
     return (
         f"the checkpoint's learning-rate schedule ({describe_schedule(stored)}) is not the config's "
         f"({describe_schedule(configured)}): following the config's, learning rate {rates[0]:g} at iteration "
-        f"{iteration}"
+        f"{iteration}{counted}"
     )
 
 

@@ -136,3 +136,22 @@ def test_a_run_that_diverges_before_its_first_checkpoint_names_the_one_it_starte
             "error: 2 steps in a row skipped for a non-finite loss or gradient at iteration 4: training stopped; "
             f"the last good checkpoint is {source}"
         )
+
+
+def test_resuming_a_warm_started_run_under_another_schedule_says_its_iteration_and_the_schedules_step(
+    tmp_path, capsys, one_thread
+):
+    """A warm start's schedule counts from its source's iteration: after `-w` from iteration 2 and 2 steps, the
+    checkpoint is iteration 4 and the schedule at its step 2. The line said "at iteration 2"."""
+    folder = str(tmp_path)
+    make_corpus(folder, n_train=2, n_test=1)
+    source = str(tmp_path / "source_2")
+    torch.save({"model": build_model(load_config(write_config(folder)).waveflow).state_dict(), "iteration": 2}, source)
+    config = write_config(folder, train_config__iters_per_checkpoint=100, train_config__epochs=10)
+    status, out, err = run_here(capsys, "-w", "-c", config, "--checkpoint_path", source, "--max_iterations", "4")
+    assert status == 0 and "training finished at iteration 4" in out, err
+    faster = write_config(folder, "faster.json", train_config__learning_rate=2e-3, train_config__epochs=10)
+    status, out, err = run_here(capsys, "-c", faster, "--max_iterations", "5")
+    assert status == 0, err
+    said = "following the config's, learning rate 0.002 at iteration 4 (its step 2: the schedule counts from 2)"
+    assert said + "\n" in out
