@@ -461,9 +461,12 @@ def build_training(config: Config, runtime: Runtime) -> Training:
     return Training(model, optimizer, scheduler, scaler)
 
 
-def restore(training: Training, path: str, args: argparse.Namespace, verbose: bool) -> tuple[int, int, int]:
+def restore(
+    training: Training, path: str, args: argparse.Namespace, verbose: bool, config: Config | None = None
+) -> tuple[int, int, int]:
     """Load what checkpoint `path` (or with -a the folder) asks for; returns `(iteration, epoch,
-    batch_in_epoch)` to start from (epoch -1 when the checkpoint does not record it)."""
+    batch_in_epoch)` to start from (epoch -1 when the checkpoint does not record it). A resume under a
+    `config` whose data order differs from the checkpoint's run is said in one line."""
     if not path:
         return 0, 0, 0
     if not (args.warm_start or args.average_checkpoint):
@@ -474,6 +477,8 @@ def restore(training: Training, path: str, args: argparse.Namespace, verbose: bo
             print(f"resumed from {path} at iteration {checkpoint['iteration']}")
             if changed:
                 print(changed)
+            if config is not None and (reordered := data_order_changes(checkpoint.get("config"), config)):
+                print(reordered)
         return (checkpoint["iteration"], checkpoint.get("epoch", -1), checkpoint.get("batch_in_epoch", -1))
     if args.average_checkpoint:
         weights, newest = average_checkpoints(path, args.average_checkpoint, args.epsilon)
@@ -513,6 +518,33 @@ def follow_the_configs_schedule(training: Training, configured: dict, iteration:
         f"the checkpoint's learning-rate schedule ({describe_schedule(stored)}) is not the config's "
         f"({describe_schedule(configured)}): following the config's, learning rate {rates[0]:g} at iteration "
         f"{iteration}{counted}"
+    )
+
+
+DATA_ORDER_KEYS = (  # what fixes the batches of an epoch and their crops
+    ("train_config", "batch_size"),
+    ("train_config", "seed"),
+    ("data_config", "training_files"),
+    ("data_config", "segment_length"),
+)
+
+
+def data_order_changes(stored: object, config: Config) -> str | None:
+    """The line that says a resume is not exact because `config` orders or crops the data otherwise than the
+    checkpoint's stored config (`stored`; the original's store none) did, or None."""
+    if not isinstance(stored, dict):
+        return None
+    differ = []
+    for section, key in DATA_ORDER_KEYS:
+        theirs = stored.get(section, {}).get(key) if isinstance(stored.get(section), dict) else None
+        ours = config.raw.get(section, {}).get(key)
+        if theirs is not None and ours is not None and theirs != ours:
+            differ.append(f"{section}.{key} {json.dumps(theirs)} where the config has {json.dumps(ours)}")
+    if not differ:
+        return None
+    return (
+        f"the checkpoint's run had {', '.join(differ)}: training goes on at the checkpoint's place in the "
+        "config's data order, not exactly where that run stopped"
     )
 
 
@@ -828,7 +860,7 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
     """Training from checkpoint `start` (none when empty): the model, the data, where they stand, the loop."""
     tc, dc = config.train, config.data
     training = build_training(config, runtime)
-    iteration, epoch, batch_in_epoch = restore(training, start, args, runtime.is_main)
+    iteration, epoch, batch_in_epoch = restore(training, start, args, runtime.is_main, config)
     train_set = Mel2Samp.from_config(dc, mode="train", seed=tc.seed)
     run = TrainingRun(
         training,

@@ -155,3 +155,27 @@ def test_resuming_a_warm_started_run_under_another_schedule_says_its_iteration_a
     assert status == 0, err
     said = "following the config's, learning rate 0.002 at iteration 4 (its step 2: the schedule counts from 2)"
     assert said + "\n" in out
+
+
+def test_resuming_with_another_batch_size_or_segment_length_says_the_data_order_is_not_the_same(
+    tmp_path, capsys, one_thread
+):
+    """A changed learning rate was said in one line, a changed batch size, seed, training list or segment length
+    not at all (unless the checkpoint's place in its epoch no longer existed): the resume is not exact."""
+    folder = str(tmp_path)
+    make_corpus(folder, n_train=4, n_test=1)
+    config = write_config(folder, train_config__iters_per_checkpoint=100, train_config__epochs=10)
+    status, _, err = run_here(capsys, "-c", config, "--max_iterations", "1")
+    assert status == 0, err
+    status, out, err = run_here(capsys, "-c", config, "--max_iterations", "2")  # the same config: nothing said
+    assert status == 0 and "resumed from" in out and "data order" not in out, err
+    changed = write_config(
+        folder, "changed.json", train_config__batch_size=1, data_config__segment_length=4096, train_config__epochs=10
+    )
+    status, out, err = run_here(capsys, "-c", changed, "--max_iterations", "3")
+    assert status == 0, err
+    assert (
+        "the checkpoint's run had train_config.batch_size 2 where the config has 1, data_config.segment_length "
+        "2048 where the config has 4096: training goes on at the checkpoint's place in the config's data order, "
+        "not exactly where that run stopped\n" in out
+    )
