@@ -29,6 +29,7 @@ import zipfile
 
 import torch
 
+from config import ConfigError, WaveFlowConfig, parse_value
 from storage import first_sentence, write_atomically
 
 CHECKPOINT_PREFIX = "waveflow_"
@@ -288,31 +289,59 @@ def check_fits(model: torch.nn.Module, state: dict, path: str) -> None:
 SHAPELESS_KEYS = ("n_height", "n_layer_per_cycle", "bipartize", "upsample_factors")
 
 
+def stored_shapeless_settings(checkpoint: dict) -> dict | None:
+    """The SHAPELESS_KEYS of the waveflow_config a checkpoint stores, as the config parses them (the original's
+    `"True"` is `True`, a list a tuple; a key not stored takes its default), or None where it stores none (the
+    original's)."""
+    stored = checkpoint.get("config")
+    section = stored.get("waveflow_config") if isinstance(stored, dict) else None
+    if not isinstance(section, dict):
+        return None
+    settings = {}
+    for field in dataclasses.fields(WaveFlowConfig):
+        if field.name not in SHAPELESS_KEYS:
+            continue
+        value = section.get(field.name, field.default)
+        if value is dataclasses.MISSING:
+            continue  # not stored, no default: unknown
+        try:
+            value = parse_value(WaveFlowConfig, field.name, value)
+        except ConfigError:
+            pass  # not a value the config takes: it differs from any the model has
+        settings[field.name] = value
+    return settings
+
+
+def _as_json(value) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
 def check_same_model(model: torch.nn.Module, checkpoint: dict, path: str) -> None:
     """Refuse, in one line, a checkpoint whose stored config (ours; the original's store none) differs from
     the model's in a key that the shapes of the weights do not show: n_height, say, where the same
     tensors would compute another model."""
-    stored = checkpoint.get("config")
-    section = stored.get("waveflow_config") if isinstance(stored, dict) else None
+    stored = stored_shapeless_settings(checkpoint)
     config = getattr(model, "config", None)
-    if not isinstance(section, dict) or not dataclasses.is_dataclass(config):
+    if stored is None or not isinstance(config, WaveFlowConfig):
         return
-    defaults = {field.name: field.default for field in dataclasses.fields(config)}
-    differ = []
-    for key in SHAPELESS_KEYS:
-        theirs = section.get(key, defaults.get(key, dataclasses.MISSING))
-        if theirs is dataclasses.MISSING:
-            continue  # not stored, no default: unknown
-        ours = getattr(config, key)
-        if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != (
-            list(ours) if isinstance(ours, tuple) else ours
-        ):
-            differ.append(f"{key} {json.dumps(theirs)} where this config has {json.dumps(ours)}")
+    differ = [
+        f"{key} {_as_json(theirs)} where this config has {_as_json(getattr(config, key))}"
+        for key, theirs in stored.items()
+        if theirs != getattr(config, key)
+    ]
     if differ:
         raise CheckpointError(
             f"{path}: checkpoint was trained with waveflow_config " + ", ".join(differ) + "; its weights "
             "would compute another model (use its config, or -w/--warm_start to fine-tune from it)"
         )
+
+
+def shapeless_differences(checkpoint: dict, other: dict) -> tuple[list[str], list[str]]:
+    """`key value` of each of SHAPELESS_KEYS that the two checkpoints' stored configs set differently, as
+    `checkpoint` and as `other` have it: weights of the same names and shapes that compute different models."""
+    mine, theirs = stored_shapeless_settings(checkpoint) or {}, stored_shapeless_settings(other) or {}
+    keys = [key for key in mine if key in theirs and mine[key] != theirs[key]]
+    return [f"{key} {_as_json(mine[key])}" for key in keys], [f"{key} {_as_json(theirs[key])}" for key in keys]
 
 
 def check_finite(state: dict, path: str) -> None:
@@ -390,7 +419,7 @@ def average_checkpoints(folder: str, count: int, epsilon: float | None = None) -
         }
 
     reference_path = paths[0]
-    newest = read_checkpoint(reference_path)
+    newest = reference = read_checkpoint(reference_path)
     average = weights(newest)
     for index, path in enumerate(paths[1:], start=1):
         newest = read_checkpoint(path)
@@ -400,6 +429,12 @@ def average_checkpoints(folder: str, count: int, epsilon: float | None = None) -
                 f"{path}: weights do not match those of {reference_path}; "
                 f"cannot average checkpoints of different models"
             )
+        differ, reference_has = shapeless_differences(newest, reference)
+        if differ:
+            raise CheckpointError(
+                f"{path}: trained with waveflow_config {', '.join(differ)} where {reference_path} has "
+                f"{', '.join(reference_has)}; cannot average checkpoints of different models"
+            )
         weight = (1.0 - epsilon) if epsilon is not None else 1.0 / (index + 1)
         for name, value in state.items():
             if value.is_floating_point():
@@ -408,10 +443,11 @@ def average_checkpoints(folder: str, count: int, epsilon: float | None = None) -
     return {name: value.to(dtypes[name]) for name, value in average.items()}, newest
 
 
-def warm_start(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
+def warm_start(model: torch.nn.Module, state: dict, source: str = "checkpoint") -> tuple[list[str], list[str]]:
     """Load the tensors of `state` whose names and shapes match `model`'s (weight norm's layout aside, as
     in `check_fits`); returns `(loaded, skipped)` where `skipped` describes every tensor of either side
-    that was not loaded."""
+    that was not loaded. Tensors to load that hold NaN or infinite values (a run that diverged) are
+    refused in one line naming `source`, as `load_weights` refuses them."""
     own, offered = _folded_shapes(model.state_dict()), _folded_shapes(state)
     fits = {name for name, shape in offered.items() if own.get(name) == shape}
     loaded = [name for name in state if _folded_name(name) in fits]
@@ -422,5 +458,6 @@ def warm_start(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str
     ]
     skipped += [f"{name} (not in this model)" for name in offered if name not in own]
     skipped += [f"{name} (not in the checkpoint, kept as initialised)" for name in own if name not in offered]
+    check_finite({name: state[name] for name in loaded}, source)
     model.load_state_dict({name: state[name] for name in loaded}, strict=False)
     return loaded, skipped

@@ -107,6 +107,12 @@ def _coerce_fields(section, name: str) -> None:
             setattr(section, f.name, _coerce(value, hints[f.name], f"{name}.{f.name}"))
 
 
+def parse_value(cls, name: str, value):
+    """`value` of key `name` of section dataclass `cls` as a config gives it (`"True"` -> `True`, a list ->
+    a tuple), e.g. a value a checkpoint's stored config holds; a ConfigError when the key would refuse it."""
+    return _coerce(value, typing.get_type_hints(cls)[name], f"{cls.__name__}.{name}")
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)

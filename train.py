@@ -369,6 +369,7 @@ def train_step(model: torch.nn.Module, batch, optimizer, scheduler, scaler, runt
             optimizer.step()
         else:
             skipped = NON_FINITE_GRADIENT
+    learning_rate = optimizer.param_groups[0]["lr"]  # this step's: after the schedule's step it is the next one's
     if skipped is None:
         scheduler.step()
     else:
@@ -378,7 +379,7 @@ def train_step(model: torch.nn.Module, batch, optimizer, scheduler, scaler, runt
         "grad_norm": grad_norm.item(),
         "skipped": skipped,
         "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
-        "learning_rate": optimizer.param_groups[0]["lr"],
+        "learning_rate": learning_rate,
         "samples": audio.numel() * runtime.world_size,
     }
 
@@ -460,19 +461,24 @@ def build_training(config: Config, runtime: Runtime) -> Training:
     return Training(model, optimizer, scheduler, scaler)
 
 
-def restore(training: Training, path: str, args: argparse.Namespace, verbose: bool) -> tuple[int, int, int]:
+def restore(
+    training: Training, path: str, args: argparse.Namespace, verbose: bool, config: Config | None = None
+) -> tuple[int, int, int]:
     """Load what checkpoint `path` (or with -a the folder) asks for; returns `(iteration, epoch,
-    batch_in_epoch)` to start from (epoch -1 when the checkpoint does not record it)."""
+    batch_in_epoch)` to start from (epoch -1 when the checkpoint does not record it). A resume under a
+    `config` whose data order differs from the checkpoint's run is said in one line."""
     if not path:
         return 0, 0, 0
     if not (args.warm_start or args.average_checkpoint):
         configured = training.scheduler.state_dict()
         checkpoint = load_checkpoint(path, training.model, training.optimizer, training.scheduler, training.scaler)
-        changed = follow_the_configs_schedule(training, configured)
+        changed = follow_the_configs_schedule(training, configured, checkpoint["iteration"])
         if verbose:
             print(f"resumed from {path} at iteration {checkpoint['iteration']}")
             if changed:
                 print(changed)
+            if config is not None and (reordered := data_order_changes(checkpoint.get("config"), config)):
+                print(reordered)
         return (checkpoint["iteration"], checkpoint.get("epoch", -1), checkpoint.get("batch_in_epoch", -1))
     if args.average_checkpoint:
         weights, newest = average_checkpoints(path, args.average_checkpoint, args.epsilon)
@@ -480,7 +486,7 @@ def restore(training: Training, path: str, args: argparse.Namespace, verbose: bo
     else:
         newest = read_checkpoint(path)
         weights, source = newest["model"], path
-    loaded, skipped = warm_start(training.model, weights)
+    loaded, skipped = warm_start(training.model, weights, source)
     if verbose:
         print(
             f"warm start from {source}: {len(loaded)} tensors loaded, {len(skipped)} not"
@@ -493,22 +499,52 @@ def restore(training: Training, path: str, args: argparse.Namespace, verbose: bo
 SCHEDULE_KEYS = ("base_lrs", "step_size", "gamma")  # what StepLR's state takes from the config
 
 
-def follow_the_configs_schedule(training: Training, configured: dict) -> str | None:
-    """After a resume: the config's learning-rate schedule (`configured`, StepLR's state as built from it)
-    at the checkpoint's iteration, where the checkpoint stored another one; the stored state is kept when
-    it is the config's, so that resuming stays exact. Returns the line that says which was used, or None."""
+def follow_the_configs_schedule(training: Training, configured: dict, iteration: int) -> str | None:
+    """After a resume from checkpoint `iteration`: the config's learning-rate schedule (`configured`, StepLR's
+    state as built from it) at the step the stored schedule had reached, where the checkpoint stored another
+    one; the stored state is kept when it is the config's, so that resuming stays exact. Returns the line that
+    says which was used, or None. The schedule's steps are the iterations, except after -w or -a, whose
+    fresh schedule counts from the source's iteration."""
     stored = training.scheduler.state_dict()
     if all(stored[key] == configured[key] for key in SCHEDULE_KEYS):
         return None
-    iteration = stored["last_epoch"]
-    rates = [base * configured["gamma"] ** (iteration // configured["step_size"]) for base in configured["base_lrs"]]
+    steps = stored["last_epoch"]
+    rates = [base * configured["gamma"] ** (steps // configured["step_size"]) for base in configured["base_lrs"]]
     training.scheduler.load_state_dict(dict(stored, **{key: configured[key] for key in SCHEDULE_KEYS}, _last_lr=rates))
     for group, base, rate in zip(training.optimizer.param_groups, configured["base_lrs"], rates, strict=True):
         group["initial_lr"], group["lr"] = base, rate
+    counted = "" if steps == iteration else f" (its step {steps}: the schedule counts from {iteration - steps})"
     return (
         f"the checkpoint's learning-rate schedule ({describe_schedule(stored)}) is not the config's "
         f"({describe_schedule(configured)}): following the config's, learning rate {rates[0]:g} at iteration "
-        f"{iteration}"
+        f"{iteration}{counted}"
+    )
+
+
+DATA_ORDER_KEYS = (  # what fixes the batches of an epoch and their crops
+    ("train_config", "batch_size"),
+    ("train_config", "seed"),
+    ("data_config", "training_files"),
+    ("data_config", "segment_length"),
+)
+
+
+def data_order_changes(stored: object, config: Config) -> str | None:
+    """The line that says a resume is not exact because `config` orders or crops the data otherwise than the
+    checkpoint's stored config (`stored`; the original's store none) did, or None."""
+    if not isinstance(stored, dict):
+        return None
+    differ = []
+    for section, key in DATA_ORDER_KEYS:
+        theirs = stored.get(section, {}).get(key) if isinstance(stored.get(section), dict) else None
+        ours = config.raw.get(section, {}).get(key)
+        if theirs is not None and ours is not None and theirs != ours:
+            differ.append(f"{section}.{key} {json.dumps(theirs)} where the config has {json.dumps(ours)}")
+    if not differ:
+        return None
+    return (
+        f"the checkpoint's run had {', '.join(differ)}: training goes on at the checkpoint's place in the "
+        "config's data order, not exactly where that run stopped"
     )
 
 
@@ -651,7 +687,9 @@ class TrainingRun:
         args: argparse.Namespace,
         runtime: Runtime,
         limit: WallClockLimit,
+        start: str = "",
     ):
+        """`start`: the checkpoint the run starts from (empty: none; with -a, the folder averaged)."""
         self.training, self.train_set, self.sampler = training, train_set, sampler
         self.config, self.args, self.runtime, self.limit = config, args, runtime, limit
         self.folder = run_dir(config)
@@ -660,6 +698,13 @@ class TrainingRun:
         self.logs: TrainingLogs | None = None
         self.loader: Generator[tuple[torch.Tensor, torch.Tensor], None, None] | None = None  # see `batches`
         self.saved_at = 0
+        if not start:
+            self.last_good = "none"
+        elif args.average_checkpoint:
+            averaged = f"the newest {args.average_checkpoint} of {start}"
+            self.last_good = f"none (the run started from the average of {averaged})"
+        else:
+            self.last_good = start  # until this run writes one: where it started, which may be elsewhere
 
     def save(self, iteration: int, epoch: int, batch_in_epoch: int) -> None:
         """Write checkpoint `iteration` (on rank 0), recording where the data order stands."""
@@ -684,7 +729,7 @@ class TrainingRun:
 
         with self.limit.timing("save"):
             write_on_main(write, f"checkpoint {os.path.basename(path)}", self.folder, self.runtime)
-        self.saved_at = iteration
+        self.saved_at, self.last_good = iteration, path
 
     def checkpoint(self, iteration: int, epoch: int, batch_in_epoch: int) -> None:
         """Save, then report the test loss and measures (rank 0) while the other ranks wait."""
@@ -700,8 +745,7 @@ class TrainingRun:
         """A step's metrics to the progress bar and the logs; a skipped update warned and counted."""
         if metrics["skipped"] and self.runtime.is_main:
             warn(skipped_step_warning(metrics, iteration))
-        last_good = checkpoint_path(self.folder, self.saved_at) if self.saved_at else "none"
-        self.skipped_steps.record(metrics["skipped"], iteration, last_good)
+        self.skipped_steps.record(metrics["skipped"], iteration, self.last_good)
         if self.runtime.is_main:
             speed = metrics["samples"] / seconds / 1000
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", kHz=f"{speed:.1f}", refresh=False)
@@ -816,7 +860,7 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
     """Training from checkpoint `start` (none when empty): the model, the data, where they stand, the loop."""
     tc, dc = config.train, config.data
     training = build_training(config, runtime)
-    iteration, epoch, batch_in_epoch = restore(training, start, args, runtime.is_main)
+    iteration, epoch, batch_in_epoch = restore(training, start, args, runtime.is_main, config)
     train_set = Mel2Samp.from_config(dc, mode="train", seed=tc.seed)
     run = TrainingRun(
         training,
@@ -826,6 +870,7 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
         args,
         runtime,
         limit,
+        start,
     )
     batches_per_epoch = run.sampler.batches_per_epoch
     if batches_per_epoch == 0:
