@@ -227,7 +227,10 @@ class WaveFlow(nn.Module):
         audio, mel = audio.to(torch.promote_types(dtype, torch.float32)), mel.to(dtype)
         c = self.upsample(mel)
         if c.shape[-1] < length:
-            raise ValueError(f"mel of {mel.shape[-1]} frames covers {c.shape[-1]} samples, audio has {length}")
+            frames = mel.shape[-1]
+            raise ValueError(
+                f"mel of {frames} frame{'s' if frames != 1 else ''} covers {c.shape[-1]} samples, audio has {length}"
+            )
         c = squeeze(c[..., :length], height).contiguous(memory_format=torch.channels_last)  # [B, cin, H, W]
         x = squeeze(audio.unsqueeze(1), height)  # [B, 1, H, W]
         logdet = audio.new_zeros(audio.shape[0], dtype=torch.promote_types(audio.dtype, torch.float32))

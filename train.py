@@ -875,8 +875,9 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
     batches_per_epoch = run.sampler.batches_per_epoch
     if batches_per_epoch == 0:
         raise DataError(
-            f"{dc.training_files}: {len(train_set)} clips cannot fill one batch of "
-            f"{tc.batch_size} per process ({runtime.world_size} processes)"
+            f"{dc.training_files}: {len(train_set)} clip{'s' if len(train_set) != 1 else ''} cannot fill one "
+            f"batch of {tc.batch_size} per process ({runtime.world_size} "
+            f"process{'es' if runtime.world_size != 1 else ''})"
         )
     try:
         epoch, batch_in_epoch, total = resume_position(iteration, epoch, batch_in_epoch, batches_per_epoch, tc)

@@ -73,7 +73,7 @@ def test_a_model_cast_to_bf16_computes_its_likelihood_in_fp32_as_it_synthesizes(
         ((0, 320), (0, 80, 2), r"one B >= 1"),
         ((2, 0), (2, 80, 2), r"audio length 0 is not a positive multiple of n_height 8"),
         ((2, 323), (2, 80, 2), r"audio length 323 is not a positive multiple of n_height 8"),
-        ((2, 640), (2, 80, 1), r"mel of 1 frames covers 256 samples, audio has 640"),
+        ((2, 640), (2, 80, 1), r"mel of 1 frame covers 256 samples, audio has 640"),
     ],
 )
 def test_forward_refuses_shapes_it_cannot_take_in_one_line(audio, mel, message):
