@@ -164,11 +164,18 @@ class BlockQueue:
         weight = self.gate_weight[(row // phases) % 3]  # [3 width taps, 3 C + 1, 2R]
         # The gate input: conditioning + centre tap (with the bias), then each side tap added to the
         # columns it reaches; the products accumulate into `a`, so no tap is ever stored apart.
-        torch.baddbmm(cond_row, queue, weight[1].expand(batch, -1, -1), out=a)
         shift = self.shift
-        if shift < width:
-            a[:, shift:].baddbmm_(queue[:, :-shift], weight[0].expand(batch, -1, -1))
-            a[:, :-shift].baddbmm_(queue[:, shift:], weight[2].expand(batch, -1, -1))
+        if batch == 1:  # plain matrix products: a batched one broadcasts the weight by copying it, per call
+            queue, a_row = queue[0], a[0]
+            torch.addmm(cond_row[0], queue, weight[1], out=a_row)
+            if shift < width:
+                a_row[shift:].addmm_(queue[:-shift], weight[0])
+                a_row[:-shift].addmm_(queue[shift:], weight[2])
+        else:
+            torch.baddbmm(cond_row, queue, weight[1].expand(batch, -1, -1), out=a)
+            if shift < width:
+                a[:, shift:].baddbmm_(queue[:, :-shift], weight[0].expand(batch, -1, -1))
+                a[:, :-shift].baddbmm_(queue[:, shift:], weight[2].expand(batch, -1, -1))
         gated = self.gated  # [B, W, R + 1], last column ones
         # a = [-2 f, g]: tanh(f) sigmoid(g) = sigmoid(g) - 2 sigmoid(-2 f) sigmoid(g) (see FILTER_SCALE).
         s = torch.sigmoid_(a)
