@@ -492,3 +492,36 @@ def test_missing_key_is_named():
 def test_string_booleans_of_the_original_configs_are_accepted():
     model = build_model(tiny_config("nanoflow", use_weightnorm_embed="False", bipartize="True"))
     assert model.config.use_weightnorm_embed is False and model.config.bipartize is True
+
+
+def test_the_mel_upsampler_computes_in_fp32_whatever_the_dtype_or_autocast():
+    """Its transposed convs have one channel: a CPU's bf16 one ran 5-7x slower than fp32 (docs/speed.md).
+    Under autocast it gives the fp32 result; a bf16 model's is fp32 arithmetic on its bf16 weights,
+    rounded to bf16 after each layer."""
+    model = random_model(tiny_config("nanoflow")).remove_weight_norm()
+    torch.manual_seed(1)
+    mel = torch.randn(2, 80, 7)
+    reference = model.upsample(mel)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = model.upsample(mel)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, reference)
+
+    model = model.to(torch.bfloat16)
+    x = mel.to(torch.bfloat16).unsqueeze(1)
+    expected = x
+    for layer in model.upsample_conv:
+        if isinstance(layer, torch.nn.ConvTranspose2d):
+            expected = F.conv_transpose2d(
+                expected.float(),
+                layer.weight.float(),
+                cast(torch.Tensor, layer.bias).float(),
+                layer.stride,
+                cast(tuple[int, int], layer.padding),
+                layer.output_padding,
+            ).to(torch.bfloat16)
+        else:
+            expected = layer(expected)
+    upsampled = model.upsample(mel.to(torch.bfloat16))
+    assert upsampled.dtype == torch.bfloat16
+    assert torch.equal(upsampled, expected.squeeze(1))
