@@ -79,27 +79,23 @@ def _reject_unknown(keys, allowed, where: str, kind: str) -> None:
 
 
 def parse_section(cls, raw, section: str):
-    """Build dataclass `cls` from the dict `raw`, naming `section` in every error."""
+    """Build dataclass `cls` from the dict `raw`, naming `section` in every error; the section's
+    `__post_init__` checks and converts the values (`_coerce_fields`)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{section} must be a JSON object, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _reject_unknown(raw, list(fields), section, "key")
-    values = {}
     for name, f in fields.items():
-        if name in raw:
-            if raw[name] is None and f.metadata.get("null"):
-                values[name] = None  # the section's __post_init__ gives it the meaning f.metadata["null"] says
-            else:
-                values[name] = _coerce(raw[name], hints[name], f"{section}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{section}: missing required key '{name}'")
-    return cls(**values)
+    return cls(**raw)
 
 
 def _coerce_fields(section, name: str) -> None:
-    """Check and convert every field of the dataclass `section` as `parse_section` does, for a section built
-    directly (`WaveFlowConfig(**raw)`): the original's "False" would otherwise be a truthy string."""
+    """Check and convert every field of the dataclass `section` to its annotated type, naming `name.field`
+    in the error, whether the section came from a file (`parse_section`) or was built directly
+    (`WaveFlowConfig(**raw)`): the original's "False" would otherwise be a truthy string. A null where the
+    field's metadata gives null a meaning stays None for the section's `__post_init__` to resolve."""
     hints = typing.get_type_hints(type(section))
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
@@ -261,6 +257,9 @@ class DistConfig:
 
     dist_backend: str = "nccl"
     dist_url: str = "tcp://localhost:54321"
+
+    def __post_init__(self):
+        _coerce_fields(self, "dist_config")
 
 
 @dataclass
