@@ -164,18 +164,17 @@ class BlockQueue:
         weight = self.gate_weight[(row // phases) % 3]  # [3 width taps, 3 C + 1, 2R]
         # The gate input: conditioning + centre tap (with the bias), then each side tap added to the
         # columns it reaches; the products accumulate into `a`, so no tap is ever stored apart.
-        shift = self.shift
         if batch == 1:  # plain matrix products: a batched one broadcasts the weight by copying it, per call
-            queue, a_row = queue[0], a[0]
-            torch.addmm(cond_row[0], queue, weight[1], out=a_row)
-            if shift < width:
-                a_row[shift:].addmm_(queue[:-shift], weight[0])
-                a_row[:-shift].addmm_(queue[shift:], weight[2])
+            rows, gate_input, cond, taps = queue[0], a[0], cond_row[0], weight.unbind()
+            product, accumulate = torch.addmm, torch.Tensor.addmm_
         else:
-            torch.baddbmm(cond_row, queue, weight[1].expand(batch, -1, -1), out=a)
-            if shift < width:
-                a[:, shift:].baddbmm_(queue[:, :-shift], weight[0].expand(batch, -1, -1))
-                a[:, :-shift].baddbmm_(queue[:, shift:], weight[2].expand(batch, -1, -1))
+            rows, gate_input, cond, taps = queue, a, cond_row, weight.unsqueeze(1).expand(-1, batch, -1, -1).unbind()
+            product, accumulate = torch.baddbmm, torch.Tensor.baddbmm_
+        product(cond, rows, taps[1], out=gate_input)  # [(B,) W, 2R]: width is the second-last dimension
+        shift = self.shift
+        if shift < width:
+            accumulate(gate_input[..., shift:, :], rows[..., :-shift, :], taps[0])
+            accumulate(gate_input[..., :-shift, :], rows[..., shift:, :], taps[2])
         gated = self.gated  # [B, W, R + 1], last column ones
         # a = [-2 f, g]: tanh(f) sigmoid(g) = sigmoid(g) - 2 sigmoid(-2 f) sigmoid(g) (see FILTER_SCALE).
         s = torch.sigmoid_(a)
