@@ -113,6 +113,7 @@ class BlockQueue:
         batch: int,
         width: int,
         like: torch.Tensor,
+        gate_input: torch.Tensor,
         gate_weight: torch.Tensor,
         gate_bias: torch.Tensor,
         out_weight: torch.Tensor,
@@ -121,6 +122,7 @@ class BlockQueue:
         input_map: torch.Tensor | None = None,
     ):
         """An empty (zero) queue for rows of `width` columns, in the dtype and on the device of `like`.
+        `gate_input [B, W, 2R]` is scratch space for the gate input (blocks may share it);
         `gate_weight` (`rotated_gate_weight`) receives this flow's `gate_bias`; `out_weight`,
         `out_bias` and `residual_keep` are the flow's `output_weights`."""
         channels = self.channels = block.res_channels
@@ -143,55 +145,70 @@ class BlockQueue:
         self.keep = residual_keep
         self.input_map = None if input_map is None else (residual_keep * input_map).detach().to(like.dtype)
 
+        # What a step touches, as views made once: a view costs microseconds per step, which add up to a
+        # tenth of a short clip's synthesis on a CPU. At batch 1 the products are plain matrix products
+        # (a batched one broadcasts the weight by copying it, per call) over 2-D views.
+        flat, shift = batch == 1, self.shift
+        self.product, self.accumulate = (
+            (torch.addmm, torch.Tensor.addmm_) if flat else (torch.baddbmm, torch.Tensor.baddbmm_)
+        )
+        self.gate_input = gate_input[0] if flat else gate_input  # [(B,) W, 2R]: width second to last
+        # Each side tap: (tap, the gate input's columns it adds to, the columns of the rows it reads); none
+        # where the width dilation reaches past the width (the taps would read only padding).
+        sides = (
+            []
+            if shift >= width
+            else [(0, slice(shift, None), slice(None, -shift)), (2, slice(None, -shift), slice(shift, None))]
+        )
+        # [phase] -> (the rows the conv reads [(B,) W, 3 C + 1], [(side tap, gate input columns, rows read)])
+        self.rows = [
+            (rows, [(tap, self.gate_input[..., out, :], rows[..., read, :]) for tap, out, read in sides])
+            for rows in (self.queue[:, 0] if flat else self.queue).unbind()
+        ]
+        # [turn] -> the three width taps' weights, [(B,) 3 C + 1, 2R] each (a batch: broadcast views).
+        taps = gate_weight if flat else gate_weight.unsqueeze(2).expand(-1, -1, batch, -1, -1)
+        self.taps = [turn.unbind() for turn in taps.unbind()]
+        self.filter, self.gate = gate_input[..., :channels], gate_input[..., channels:]  # [B, W, R] each
+        self.gated_filter = self.gated[..., :channels]  # [B, W, R]
+        self.gated = self.gated.view(batch * width, channels + 1)
+        self.out_residual, self.out_share = self.out[:, :channels], self.out[:, channels:]
+
     def slot(self, row: int) -> torch.Tensor:
         """Where input row `row` goes in the queue: a `[B * W, C]` view."""
         phases = len(self.slots)
         return self.slots[row % phases][(row // phases) % 3]
 
-    def step(
-        self, row: int, cond_row: torch.Tensor, a: torch.Tensor, log_s_t: torch.Tensor, next_slot: torch.Tensor | None
-    ) -> None:
+    def step(self, row: int, cond_row: torch.Tensor, log_s_t: torch.Tensor, next_slot: torch.Tensor | None) -> None:
         """Row `row` of the block, once its input row is in the queue (`slot(row)`).
 
-        `cond_row [B, W, 2R]` is the row's conditioning projection (no bias, filter half scaled:
-        `condition_rows`) and `a [B, W, 2R]` scratch space for the gate input. The block's share of
-        the row's `(log_s, t)` is added to `log_s_t [B * W, 2]`, and the next block's input row is
-        written into `next_slot [B * W, R]`.
+        `cond_row [(B,) W, 2R]` (no B at batch 1) is the row's conditioning projection (no bias, filter
+        half scaled: `condition_rows`). The block's share of the row's `(log_s, t)` is added to
+        `log_s_t [B * W, 2]`, and the next block's input row is written into `next_slot [B * W, R]`.
         """
-        phases, channels = len(self.slots), self.channels
-        batch, width, _ = a.shape
-        queue = self.queue[row % phases]  # [B, W, 3 C + 1]
-        weight = self.gate_weight[(row // phases) % 3]  # [3 width taps, 3 C + 1, 2R]
+        phases = len(self.slots)
+        rows, sides = self.rows[row % phases]
+        taps = self.taps[(row // phases) % 3]  # [left, centre, right]
         # The gate input: conditioning + centre tap (with the bias), then each side tap added to the
-        # columns it reaches; the products accumulate into `a`, so no tap is ever stored apart.
-        if batch == 1:  # plain matrix products: a batched one broadcasts the weight by copying it, per call
-            rows, gate_input, cond, taps = queue[0], a[0], cond_row[0], weight.unbind()
-            product, accumulate = torch.addmm, torch.Tensor.addmm_
-        else:
-            rows, gate_input, cond, taps = queue, a, cond_row, weight.unsqueeze(1).expand(-1, batch, -1, -1).unbind()
-            product, accumulate = torch.baddbmm, torch.Tensor.baddbmm_
-        product(cond, rows, taps[1], out=gate_input)  # [(B,) W, 2R]: width is the second-last dimension
-        shift = self.shift
-        if shift < width:
-            accumulate(gate_input[..., shift:, :], rows[..., :-shift, :], taps[0])
-            accumulate(gate_input[..., :-shift, :], rows[..., shift:, :], taps[2])
-        gated = self.gated  # [B, W, R + 1], last column ones
-        # a = [-2 f, g]: tanh(f) sigmoid(g) = sigmoid(g) - 2 sigmoid(-2 f) sigmoid(g) (see FILTER_SCALE).
-        s = torch.sigmoid_(a)
-        torch.addcmul(s[..., channels:], s[..., :channels], s[..., channels:], value=-2, out=gated[..., :channels])
-        gated = gated.view(batch * width, channels + 1)
+        # columns it reaches; the products accumulate into the gate input, so no tap is ever stored apart.
+        self.product(cond_row, rows, taps[1], out=self.gate_input)
+        for tap, gate_columns, rows_read in sides:
+            self.accumulate(gate_columns, rows_read, taps[tap])
+        # [-2 f, g]: tanh(f) sigmoid(g) = sigmoid(g) - 2 sigmoid(-2 f) sigmoid(g) (see FILTER_SCALE).
+        torch.sigmoid_(self.gate_input)
+        torch.addcmul(self.gate, self.filter, self.gate, value=-2, out=self.gated_filter)
+        gated = self.gated  # [B * W, R + 1], last column ones
         if next_slot is None:
             if log_s_t.dtype == gated.dtype:
                 log_s_t.addmm_(gated, self.out_weight)
             else:  # bf16/fp16 estimator: its share is rounded once, the sum of the shares stays fp32
                 log_s_t += torch.mm(gated, self.out_weight, out=self.out)
             return
-        out = torch.mm(gated, self.out_weight, out=self.out)  # [B * W, R + 2]
-        log_s_t += out[:, channels:]
+        torch.mm(gated, self.out_weight, out=self.out)  # [B * W, R + 2]
+        log_s_t += self.out_share
         if self.input_map is None:
-            torch.add(out[:, :channels], self.slot(row), alpha=self.keep, out=next_slot)
+            torch.add(self.out_residual, self.slot(row), alpha=self.keep, out=next_slot)
         else:
-            torch.addmm(out[:, :channels], self.slot(row), self.input_map, out=next_slot)
+            torch.addmm(self.out_residual, self.slot(row), self.input_map, out=next_slot)
 
 
 class EstimatorRows:
@@ -216,12 +233,14 @@ class EstimatorRows:
         (`rotated_gate_weights(net)`), and `gate_biases`, `multgate`, the projection as `net.forward` takes them."""
         weights, keep = net.output_weights(multgate, projection_weight)
         input_map = net.front_map()  # [2, R]: [x, 1] -> front_conv(x)
+        gate_input = like.new_empty(batch, width, 2 * net.res_channels)  # scratch shared by the blocks
         self.blocks = [
             BlockQueue(
                 block,
                 batch,
                 width,
                 like,
+                gate_input,
                 gate_weight,
                 gate_bias,
                 out_weight,
@@ -238,7 +257,8 @@ class EstimatorRows:
         accumulate = torch.promote_types(like.dtype, torch.float32)
         self.output_bias = projection_bias.detach().to(accumulate)  # [2]
         self.log_s_t = like.new_empty(batch * width, 2, dtype=accumulate)
-        self.gate_input = like.new_empty(batch, width, 2 * net.res_channels)  # scratch shared by the blocks
+        self.log_s_t_start = self.output_bias.expand_as(self.log_s_t)
+        self.flat = batch == 1  # the blocks take the conditioning without its batch dimension
 
     def step(self, x_row: torch.Tensor, cond_row: torch.Tensor, row: int) -> torch.Tensor:
         """Row `row` of the flow's `(log_s, t)`; rows are fed in order 0, 1, ...
@@ -252,10 +272,11 @@ class EstimatorRows:
         first[:, 0] = x_row.flatten()
         if row < 3 * len(blocks[0].slots):
             first[:, 1] = 1
-        log_s_t = self.log_s_t.copy_(self.output_bias.expand_as(self.log_s_t))
-        for j, block in enumerate(blocks):
+        log_s_t = self.log_s_t.copy_(self.log_s_t_start)
+        conds = (cond_row[0] if self.flat else cond_row).unbind(-2)  # L x [(B,) W, 2R]
+        for j, (block, cond) in enumerate(zip(blocks, conds, strict=True)):
             next_slot = blocks[j + 1].slot(row) if j + 1 < len(blocks) else None
-            block.step(row, cond_row[:, :, j], self.gate_input, log_s_t, next_slot)
+            block.step(row, cond, log_s_t, next_slot)
         return log_s_t.view(*x_row.shape, 2)
 
 
