@@ -182,7 +182,14 @@ class GatedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor) -> torch.Tensor:
         filter_, gate = a.chunk(2, dim=1)
-        tanh, sigmoid = torch.tanh(filter_), torch.sigmoid(gate)
+        if a.device.type == "cpu":
+            # A CPU's tanh over the strided half of a channels-last `a` ran 8x slower than over a dense copy
+            # (fp32), and in bf16 2x slower than in fp32 (1 x 256 x 16 x 1000, 2 threads, AMX Xeon): tanh of a
+            # dense fp32 copy, rounded back, is bitwise the same.
+            tanh = torch.tanh(filter_.to(torch.promote_types(a.dtype, torch.float32), copy=True)).to(a.dtype)
+        else:
+            tanh = torch.tanh(filter_)
+        sigmoid = torch.sigmoid(gate)
         ctx.save_for_backward(tanh, sigmoid)
         return tanh * sigmoid
 
