@@ -96,6 +96,60 @@ def rotated_gate_weights(net: WaveNet2D, like: torch.Tensor) -> list[torch.Tenso
     ]
 
 
+def aligned(size: int) -> int:
+    """`size` rounded up to a multiple of `QUEUE_ROW_ALIGNMENT`."""
+    return -(-size // QUEUE_ROW_ALIGNMENT) * QUEUE_ROW_ALIGNMENT
+
+
+class RowMemory:
+    """The working memory of one flow's row-by-row inverse (`EstimatorRows`), made once per synthesis and
+    taken by every flow in turn: memory a process has not touched before is paged in on first use,
+    which cost a CPU 3-4 ms per queue of 11 MB (10 s of audio), about 3% of a bf16 synthesis when
+    every flow made its own.
+
+    Per block j: `queues[j] [dh, B, W, 3 C + 1]` (`BlockQueue`), zero but for its column of ones; shared:
+    `gate_input [B, W, 2R]`, `gated [B * W, L * P]` (`EstimatorRows`), `residual [B * W, R]` (the first
+    block's), `share [B * W, 2]` and `log_s_t [B * W, 2]` (fp32 or better).
+    """
+
+    def __init__(self, net: WaveNet2D, batch: int, width: int, like: torch.Tensor):
+        """Memory for the estimators shaped as `net` (all of a model's are), rows of `batch x width`
+        columns, in the dtype and on the device of `like`."""
+        self.batch, self.width = batch, width
+        channels, layers = net.res_channels, len(net.res_blocks)
+        self.queues = []
+        for j, block in enumerate(net.res_blocks):
+            ring = 3 * (net.front_map().shape[0] if j == 0 else channels)  # the first block's queue holds [x, 1]
+            queue = like.new_zeros(block.filter_gate_conv.conv.dilation[0], batch, width, aligned(ring + 1))
+            queue = queue[..., : ring + 1]
+            queue[..., ring] = 1
+            self.queues.append(queue)
+        self.gate_input = like.new_empty(batch, width, 2 * channels)
+        self.stride = aligned(channels + 1)  # P
+        gated = like.new_zeros(batch * width, layers, self.stride)
+        gated[..., channels] = 1
+        self.gated = gated.flatten(1)
+        self.residual = like.new_empty(batch * width, channels)
+        self.share = like.new_empty(batch * width, 2)
+        # (log_s, t) is summed in fp32 (or better) whatever the estimator's precision: the flow's
+        # affine update and its log-determinant need more than bf16's 8 bits of mantissa.
+        self.log_s_t = like.new_empty(batch * width, 2, dtype=torch.promote_types(like.dtype, torch.float32))
+        self.taken = False
+
+    def take(self) -> RowMemory:
+        """The memory, its queues zero again (but for their ones) if a flow took it before."""
+        if self.taken:
+            for queue in self.queues:
+                queue[..., :-1].zero_()
+        self.taken = True
+        return self
+
+    def gated_columns(self, block: int) -> torch.Tensor:
+        """Block `block`'s gated activation and its column of ones in `gated`: `[B * W, R + 1]`."""
+        start = block * self.stride
+        return self.gated[:, start : start + self.residual.shape[1] + 1]
+
+
 class BlockQueue:
     """One residual block of one flow, run one row at a time: its convolution queue and the flow's folded weights.
 
@@ -115,30 +169,26 @@ class BlockQueue:
     def __init__(
         self,
         block: ResidualBlock,
-        batch: int,
-        width: int,
-        like: torch.Tensor,
-        gate_input: torch.Tensor,
-        gated: torch.Tensor,
+        memory: RowMemory,
+        index: int,
         gate_weight: torch.Tensor,
         gate_bias: torch.Tensor,
         residual_weight: torch.Tensor | None,
         residual_keep: float,
         input_map: torch.Tensor | None = None,
     ):
-        """An empty (zero) queue for rows of `width` columns, in the dtype and on the device of `like`.
-        `gate_input [B, W, 2R]` is scratch space for the gate input (blocks may share it); the gated
-        activation goes to `gated [B * W, R + 1]`, whose last column is ones; `gate_weight`
-        (`rotated_gate_weight`) receives this flow's `gate_bias`. `residual_weight [R + 1, R]` (the bias
-        in its last row; None for the last block) and `residual_keep` make the next block's input
-        `gated @ residual_weight + residual_keep * input` (the flow's `output_weights`)."""
+        """Block `index` of a flow, its queue, gate input and gated activation in `memory` (taken, its
+        queues empty). The gated activation goes to `memory.gated_columns(index) [B * W, R + 1]`, whose
+        last column is ones; `gate_weight` (`rotated_gate_weight`) receives this flow's `gate_bias`.
+        `residual_weight [R + 1, R]` (the bias in its last row; None for the last block) and
+        `residual_keep` make the next block's input `gated @ residual_weight + residual_keep * input`
+        (the flow's `output_weights`)."""
         channels = self.channels = block.res_channels
+        batch, width, like = memory.batch, memory.width, memory.gate_input
         in_channels = channels if input_map is None else input_map.shape[0]
         dilation_h, self.shift = block.filter_gate_conv.conv.dilation
         ring = 3 * in_channels
-        padded = -(-(ring + 1) // QUEUE_ROW_ALIGNMENT) * QUEUE_ROW_ALIGNMENT
-        self.queue = like.new_zeros(dilation_h, batch, width, padded)[..., : ring + 1]  # [dh, B, W, 3 C + 1]
-        self.queue[..., ring] = 1
+        self.queue = memory.queues[index]  # [dh, B, W, 3 C + 1]
         # Views into the queue: [phase][ring position] -> [B * W, C].
         self.slots = [
             [self.queue[phase, ..., k * in_channels : (k + 1) * in_channels].view(batch * width, -1) for k in range(3)]
@@ -146,12 +196,11 @@ class BlockQueue:
         ]
         gate_weight[:, 1, -1] = scale_filter(gate_bias.detach())  # added with the centre width tap
         self.gate_weight = gate_weight
-        self.gated, self.residual_weight, self.keep = gated, residual_weight, residual_keep
+        gated = self.gated = memory.gated_columns(index)
+        self.residual_weight, self.keep = residual_weight, residual_keep
         # The first block: its input's term is `input_map`'s product, after the residual update's own.
         self.input_term = (
-            None
-            if input_map is None
-            else (like.new_empty(batch * width, channels), (residual_keep * input_map).detach().to(like.dtype))
+            None if input_map is None else (memory.residual, (residual_keep * input_map).detach().to(like.dtype))
         )
 
         # What a step touches, as views made once: a view costs microseconds per step, which add up to a
@@ -161,6 +210,7 @@ class BlockQueue:
         self.product, self.accumulate = (
             (torch.addmm, torch.Tensor.addmm_) if flat else (torch.baddbmm, torch.Tensor.baddbmm_)
         )
+        gate_input = memory.gate_input
         self.gate_input = gate_input[0] if flat else gate_input  # [(B,) W, 2R]: width second to last
         # Each side tap: (tap, the gate input's columns it adds to, the columns of the rows it reads); none
         # where the width dilation reaches past the width (the taps would read only padding).
@@ -229,27 +279,22 @@ class EstimatorRows:
     def __init__(
         self,
         net: WaveNet2D,
-        batch: int,
-        width: int,
-        like: torch.Tensor,
+        memory: RowMemory,
         gate_weights: list[torch.Tensor],
         gate_biases: torch.Tensor,
         multgate: torch.Tensor | None,
         projection_weight: torch.Tensor,
         projection_bias: torch.Tensor,
     ):
-        """Empty queues for rows of `batch x width` columns and the flow's folded weights: `gate_weights`
-        (`rotated_gate_weights(net)`), and `gate_biases`, `multgate`, the projection as `net.forward` takes them."""
+        """The flow's estimator over `memory` (`RowMemory.take`: empty queues) with its folded weights:
+        `gate_weights` (`rotated_gate_weights(net)`), and `gate_biases`, `multgate`, the projection as
+        `net.forward` takes them."""
         weights, keep = net.output_weights(multgate, projection_weight)
-        channels, layers = net.res_channels, len(net.res_blocks)
-        stride = -(-(channels + 1) // QUEUE_ROW_ALIGNMENT) * QUEUE_ROW_ALIGNMENT  # P
-        self.gated = like.new_zeros(batch * width, layers, stride)  # [B * W, L, P]
-        self.gated[..., channels] = 1
-        # (log_s, t) is summed in fp32 (or better) whatever the estimator's precision: the flow's
-        # affine update and its log-determinant need more than bf16's 8 bits of mantissa. The shares'
-        # biases go to the fp32 bias; their weights are rows of one [L * P, 2] matrix.
-        accumulate = torch.promote_types(like.dtype, torch.float32)
-        share_weight = like.new_zeros(layers, stride, 2, dtype=accumulate)
+        channels, layers, like = net.res_channels, len(net.res_blocks), memory.gate_input
+        self.gated, self.share, self.log_s_t = memory.gated, memory.share, memory.log_s_t
+        # The shares' biases go to the fp32 (or better) bias; their weights are rows of one [L * P, 2] matrix.
+        accumulate = self.log_s_t.dtype
+        share_weight = like.new_zeros(layers, memory.stride, 2, dtype=accumulate)
         share_bias = projection_bias.detach().to(accumulate)  # [2]
         residual_weights = []
         for j, (out_weight, out_bias) in enumerate(weights):  # [R + 2, R] and [R + 2], or [2, R] and [2]
@@ -259,19 +304,12 @@ class EstimatorRows:
             residual_weights.append(residual.t().to(like.dtype) if j + 1 < layers else None)
         self.share_weight = share_weight.flatten(0, 1).to(like.dtype)  # [L * P, 2]
         self.share_bias = share_bias
-        self.share = like.new_empty(batch * width, 2)
-        self.log_s_t = like.new_empty(batch * width, 2, dtype=accumulate)
-        self.gated = self.gated.flatten(1)  # [B * W, L * P]
         input_map = net.front_map()  # [2, R]: [x, 1] -> front_conv(x)
-        gate_input = like.new_empty(batch, width, 2 * channels)  # scratch shared by the blocks
         self.blocks = [
             BlockQueue(
                 block,
-                batch,
-                width,
-                like,
-                gate_input,
-                self.gated[:, j * stride : j * stride + channels + 1],
+                memory,
+                j,
                 gate_weight,
                 gate_bias,
                 residual_weight,
@@ -282,7 +320,7 @@ class EstimatorRows:
                 zip(net.res_blocks, gate_weights, gate_biases, residual_weights, strict=True)
             )
         ]
-        self.flat = batch == 1  # the blocks take the conditioning without its batch dimension
+        self.flat = memory.batch == 1  # the blocks take the conditioning without its batch dimension
 
     def step(self, x_row: torch.Tensor, cond_row: torch.Tensor, row: int) -> torch.Tensor:
         """Row `row` of the flow's `(log_s, t)`; rows are fed in order 0, 1, ...
@@ -314,11 +352,13 @@ def reverse_coupling(
     cond: torch.Tensor | None,
     rows: tuple[int, ...],
     gate_weights: list[torch.Tensor],
+    memory: RowMemory,
 ) -> torch.Tensor:
     """Invert flow `flow`'s coupling row by row. `z [B, 1, H, W]` fp32, `c [B, cin, H, W]` and
     optionally its projection `cond [H, B, W, L, 2R]` (`condition_rows`), both of the unpermuted
     rows, `rows[h]`: the unpermuted row that is row h in this flow, `gate_weights`: the flow's
-    estimator's `rotated_gate_weights` -> `x [B, 1, H, W]` in the flow's (permuted) row order."""
+    estimator's `rotated_gate_weights`, `memory`: the estimator's (`RowMemory`, shaped for `c`)
+    -> `x [B, 1, H, W]` in the flow's (permuted) row order."""
     net, coupling, embedding = model.flow_parts(flow)
     dtype = c.dtype
     batch, _, height, width = z.shape
@@ -326,9 +366,7 @@ def reverse_coupling(
     x_row = z.new_zeros(batch, width)  # the row above row 0 (shift_1d pads with zeros)
     estimator = EstimatorRows(
         net,
-        batch,
-        width,
-        c,
+        memory.take(),
         gate_weights,
         net.gate_biases(embedding),
         getattr(coupling, "multgate", None),
@@ -349,10 +387,11 @@ def reverse_flows(
     """The inverse of all flows: `c [B, cin, H, W]` (upsampled, squeezed), `z [B, 1, H, W]` -> `x [B, 1, H, W]` fp32.
 
     Each estimator's projection of the conditioning and its rotated gate weights are built once,
-    for all the consecutive flows that share it.
+    for all the consecutive flows that share it; the estimators' working memory once for all.
     """
     config = model.config
     x = z.float()
+    memory = RowMemory(model.flow_parts(0)[0], c.shape[0], c.shape[-1], c)
     cache_bytes = c.numel() // config.cin_channels * config.n_layer * 2 * config.res_channels * c.element_size()
     cache = cache_bytes <= condition_cache_bytes
     weights_net, gate_weights, cond_net, cond = None, [], None, None
@@ -362,7 +401,7 @@ def reverse_flows(
             weights_net, gate_weights = net, rotated_gate_weights(net, c)
         if cache and net is not cond_net:
             cond_net, cond = net, condition_rows(net, c)  # [H, B, W, L, 2R]
-        x = model.permute(flow, reverse_coupling(model, flow, x, c, cond, model.row_orders[flow], gate_weights))
+        x = model.permute(flow, reverse_coupling(model, flow, x, c, cond, model.row_orders[flow], gate_weights, memory))
     return x
 
 
