@@ -107,9 +107,9 @@ class RowMemory:
     which cost a CPU 3-4 ms per queue of 11 MB (10 s of audio) against 1 ms to zero it again: about 3% of
     a bf16 synthesis, by its profile, when every flow made its own.
 
-    Per block j: `queues[j] [dh, B, W, 3 C + 1]` (`BlockQueue`), zero but for its column of ones; shared:
-    `gate_input [B, W, 2R]`, `gated [B * W, L * P]` (`EstimatorRows`), `residual [B * W, R]` (the first
-    block's), `share [B * W, 2]` and `log_s_t [B * W, 2]` (fp32 or better).
+    Per block j: `queues[j] [dh, B, W, 3 C + 1]` (`BlockQueue`), its last column ones, the rest zeroed by
+    `take`; shared: `gate_input [B, W, 2R]`, `gated [B * W, L * P]` (`EstimatorRows`), `residual [B * W, R]`
+    (the first block's), `share [B * W, 2]` and `log_s_t [B * W, 2]` (fp32 or better).
     """
 
     def __init__(self, net: WaveNet2D, batch: int, width: int, like: torch.Tensor):
@@ -121,8 +121,8 @@ class RowMemory:
         self.queues = []
         for j, block in enumerate(net.res_blocks):
             ring = 3 * (net.front_map().shape[0] if j == 0 else channels)  # the first block's queue holds [x, 1]
-            queue = like.new_zeros(block.filter_gate_conv.conv.dilation[0], batch, width, aligned(ring + 1))
-            queue = queue[..., : ring + 1]
+            queue = like.new_empty(block.filter_gate_conv.conv.dilation[0], batch, width, aligned(ring + 1))
+            queue = queue[..., : ring + 1]  # zeroed by `take`
             queue[..., ring] = 1
             self.queues.append(queue)
         self.gate_input = like.new_empty(batch, width, 2 * channels)
@@ -135,14 +135,11 @@ class RowMemory:
         # (log_s, t) is summed in fp32 (or better) whatever the estimator's precision: the flow's
         # affine update and its log-determinant need more than bf16's 8 bits of mantissa.
         self.log_s_t = like.new_empty(batch * width, 2, dtype=torch.promote_types(like.dtype, torch.float32))
-        self.taken = False
 
     def take(self) -> RowMemory:
-        """The memory, its queues zero again (but for their ones) if a flow took it before."""
-        if self.taken:
-            for queue in self.queues:
-                queue[..., :-1].zero_()
-        self.taken = True
+        """The memory for a flow, its queues empty: zero but for their ones."""
+        for queue in self.queues:
+            queue[..., :-1].zero_()
         return self
 
     def gated_columns(self, block: int) -> torch.Tensor:
@@ -184,19 +181,18 @@ class BlockQueue:
         `residual_weight [R + 1, R]` (the bias in its last row; None for the last block) and
         `residual_keep` make the next block's input `gated @ residual_weight + residual_keep * input`
         (the flow's `output_weights`)."""
-        channels = self.channels = block.res_channels
+        channels = block.res_channels
         batch, width, like = memory.batch, memory.width, memory.gate_input
-        in_channels = channels if input_map is None else input_map.shape[0]
-        dilation_h, self.shift = block.filter_gate_conv.conv.dilation
-        ring = 3 * in_channels
         self.queue = memory.queues[index]  # [dh, B, W, 3 C + 1]
+        dilation_h, shift = block.filter_gate_conv.conv.dilation
+        ring = self.queue.shape[-1] - 1
+        in_channels = ring // 3
         # Views into the queue: [phase][ring position] -> [B * W, C].
         self.slots = [
             [self.queue[phase, ..., k * in_channels : (k + 1) * in_channels].view(batch * width, -1) for k in range(3)]
             for phase in range(dilation_h)
         ]
         gate_weight[:, 1, -1] = scale_filter(gate_bias.detach())  # added with the centre width tap
-        self.gate_weight = gate_weight
         gated = self.gated = memory.gated_columns(index)
         self.residual_weight, self.keep = residual_weight, residual_keep
         # The first block: its input's term is `input_map`'s product, after the residual update's own.
@@ -209,7 +205,7 @@ class BlockQueue:
         # columns as one plain matrix product (a batched one ran oneDNN once per item, 1.25-1.45x the time
         # in bf16); so do the side taps' at batch 1, and a batch's go item by item as batched products
         # against the weight broadcast (their columns do not flatten).
-        flat, shift = batch == 1, self.shift
+        flat = batch == 1
         self.accumulate = torch.Tensor.addmm_ if flat else torch.Tensor.baddbmm_
         gate_input = memory.gate_input  # [B, W, 2R]
         self.gate_input = gate_input.view(batch * width, -1)  # [B * W, 2R]
