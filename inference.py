@@ -121,8 +121,10 @@ class RowMemory:
         self.queues = []
         for j, block in enumerate(net.res_blocks):
             ring = 3 * (net.front_map().shape[0] if j == 0 else channels)  # the first block's queue holds [x, 1]
-            queue = like.new_empty(block.filter_gate_conv.conv.dilation[0], batch, width, aligned(ring + 1))
-            queue = queue[..., : ring + 1]  # zeroed by `take`
+            queue = like.new_zeros(block.filter_gate_conv.conv.dilation[0], batch, width, aligned(ring + 1))
+            # The padding past a row's last column is zero once and for all: bf16 matrix kernels read it
+            # (times zero weights; memory left uninitialised may hold NaN, which stays NaN).
+            queue = queue[..., : ring + 1]  # the rest zeroed by `take`
             queue[..., ring] = 1
             self.queues.append(queue)
         self.gate_input = like.new_empty(batch, width, 2 * channels)
