@@ -16,7 +16,10 @@ is ``(mel [n_mels, F], audio [T])`` with ``F = 1 + T // hop_length``:
   (``U(-0.5, 0.5) / 32768``, drawn from ``(seed, epoch, index)``) is added to the
   audio after its mel is computed: the standard treatment of discrete data in flows
   (Theis et al., ICLR 2016), which bounds the density a continuous model can put on
-  the 65,536 values 16-bit audio takes. Off by default, as in the original.
+  the 65,536 values 16-bit audio takes. Off by default, as in the original. Whole
+  clips get it only when asked (``from_config(..., dequantize=True)``: the test
+  log-likelihood of ``-v``), so that a recording a synthesis is measured against
+  stays the recording.
 - ``mode="synthesis"``: the mel of the whole clip (exactly what the command below
   writes and what Tacotron 2 is trained on) and the clip cut to
   ``hop_length * (F - 1)`` samples, a whole number of frames. A clip too short
@@ -165,12 +168,22 @@ class Mel2Samp(Dataset):
 
     @classmethod
     def from_config(
-        cls, data: DataConfig, *, mode: str, seed: int = 1234, file_list: str | list[str] | None = None
+        cls,
+        data: DataConfig,
+        *,
+        mode: str,
+        seed: int = 1234,
+        file_list: str | list[str] | None = None,
+        dequantize: bool | None = None,
     ) -> Mel2Samp:
         """The dataset for `mode` of `file_list` (a file list's path, or the audio paths themselves); by
-        default `data.training_files` for training and `data.test_files` otherwise."""
+        default `data.training_files` for training and `data.test_files` otherwise. `dequantize` defaults
+        to `data.dequantize` for training and evaluation crops, and to off for whole clips, whose audio is
+        then the recording a synthesis is measured against (the whole-clip log-likelihood asks for it)."""
         if file_list is None:
             file_list = data.training_files if mode == "train" else data.test_files
+        if dequantize is None:
+            dequantize = data.dequantize and mode != "synthesis"
         return cls(
             file_list=file_list,
             mode=mode,
@@ -183,7 +196,7 @@ class Mel2Samp(Dataset):
             mel_fmax=data.mel_fmax,
             n_mel_channels=data.n_mel_channels,
             seed=seed,
-            dequantize=data.dequantize,
+            dequantize=dequantize,
             mel_directory=data.mel_directory,
             resample=data.resample,
             downmix=data.downmix,
@@ -239,7 +252,7 @@ class Mel2Samp(Dataset):
                     f"(need more than {self.mel.filter_length // 2})"
                 )
             mel = self.stored_mel(index) if self.mel_files else self.mel(audio)  # [n_mels, 1 + T // hop]
-            return mel, audio[: self.hop_length * (mel.shape[-1] - 1)]
+            return mel, self.dequantized(audio[: self.hop_length * (mel.shape[-1] - 1)], epoch, index)
         start = self.crop_start(index, epoch)
         audio = load_audio(path, self.sampling_rate, start=start, length=self.segment_length, **self.audio_options)
         audio = F.pad(audio, (0, self.segment_length - audio.shape[0]))  # [segment_length]
@@ -247,11 +260,16 @@ class Mel2Samp(Dataset):
             mel = self.stored_mel(index, start // self.hop_length, 1 + self.segment_length // self.hop_length)
         else:
             mel = self.mel(audio)
-        if self.dequantize:
-            generator = np.random.default_rng([self.seed % 2**64, epoch if self.mode == "train" else 0, index, 1])
-            noise = generator.random(audio.shape[0], dtype=np.float32) - 0.5
-            audio = audio + torch.from_numpy(noise) / MAX_WAV_VALUE
-        return mel, audio
+        return mel, self.dequantized(audio, epoch, index)
+
+    def dequantized(self, audio: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        """`audio [T]` of item `index`, plus its dequantization noise when `dequantize` is on: drawn from
+        `(seed, epoch, index)`, the epoch only in training (evaluation scores the same audio every time)."""
+        if not self.dequantize:
+            return audio
+        generator = np.random.default_rng([self.seed % 2**64, epoch if self.mode == "train" else 0, index, 1])
+        noise = generator.random(audio.shape[0], dtype=np.float32) - 0.5
+        return audio + torch.from_numpy(noise) / MAX_WAV_VALUE
 
 
 def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

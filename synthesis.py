@@ -373,7 +373,10 @@ def test_likelihood(
     if not long_enough:
         warn(f"{config.data.test_files}: no test clip is long enough for a mel: no log-likelihood")
         return None
-    clips = Mel2Samp.from_config(config.data, mode="synthesis", seed=config.train.seed, file_list=long_enough)
+    # With `dequantize`, scored as training and its test loss score: the audio plus its noise.
+    clips = Mel2Samp.from_config(
+        config.data, mode="synthesis", seed=config.train.seed, file_list=long_enough, dequantize=config.data.dequantize
+    )
     nll, samples = test_loss(model, clips, device, amp_dtype, config.train.sigma, batch_size=1)
     return {"clips": len(clips), "samples": samples, "negative_log_likelihood": nll, "log_likelihood": -nll}
 

@@ -80,7 +80,7 @@ def test_dequantization_adds_at_most_half_a_16_bit_step(tmp_path):
     soundfile.write(path, pcm, RATE, subtype="PCM_16")
     listing = tmp_path / "list.txt"
     listing.write_text(path + "\n")
-    for mode in ("train", "eval"):
+    for mode in ("train", "eval", "synthesis"):  # whole clips: when asked (-v's log-likelihood)
         plain = Mel2Samp(file_list=str(listing), mode=mode, segment_length=4096, **MEL_PARAMETERS)
         noisy = Mel2Samp(file_list=str(listing), mode=mode, segment_length=4096, dequantize=True, **MEL_PARAMETERS)
         (mel, audio), (noisy_mel, noisy_audio) = plain[0], noisy[0]
@@ -90,7 +90,7 @@ def test_dequantization_adds_at_most_half_a_16_bit_step(tmp_path):
         assert (noisy_audio == 0).sum() == 0
         assert torch.equal(noisy[0][1], noisy_audio)  # reproducible
         noisy.set_epoch(1)
-        assert torch.equal(noisy[0][1], noisy_audio) == (mode == "eval")  # fresh noise every training epoch
+        assert torch.equal(noisy[0][1], noisy_audio) == (mode != "train")  # fresh noise every training epoch
 
 
 @pytest.mark.slow

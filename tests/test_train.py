@@ -297,6 +297,31 @@ def test_evaluate_prints_the_log_likelihood(trained):
     assert nll == pytest.approx(-ll) and np.isfinite(nll)
 
 
+def test_the_test_log_likelihood_scores_dequantized_audio_when_training_does(tmp_path):
+    """With `dequantize`, training and its test loss score audio plus one 16-bit step of noise: so
+    does -v's log-likelihood of the whole test clips, while its measures compare against the recordings."""
+    make_corpus(str(tmp_path))
+    plain, noisy = (
+        load_config(write_config(str(tmp_path), f"{name}.json", data_config__dequantize=on))
+        for name, on in (("plain", False), ("noisy", True))
+    )
+    torch.manual_seed(0)
+    model = build_model(plain).eval()
+    cpu = torch.device("cpu")
+    clean = synthesis.test_likelihood(model, plain, cpu, None)
+    dequantized = synthesis.test_likelihood(model, noisy, cpu, None)
+    assert clean is not None and dequantized is not None
+    clips = Mel2Samp.from_config(noisy.data, mode="synthesis", seed=noisy.train.seed, dequantize=True)
+    recordings = Mel2Samp.from_config(noisy.data, mode="synthesis", seed=noisy.train.seed)
+    for index in range(len(clips)):
+        difference = (clips[index][1] - recordings[index][1]).abs()
+        assert 0 < difference.max() <= 0.5 / 32768
+    nll, samples = synthesis.test_loss(model, clips, cpu, None, noisy.train.sigma, batch_size=1)
+    assert dequantized["samples"] == clean["samples"] == samples
+    # An untrained model's likelihood hardly moves with noise this small: the same sums, exactly.
+    assert dequantized["negative_log_likelihood"] == nll != clean["negative_log_likelihood"]
+
+
 def test_warm_start_loads_matching_weights_with_a_fresh_optimizer(trained, tmp_path):
     folder, _, _ = trained
     source = os.path.join(folder, "exp", "tiny", "waveflow_6")
