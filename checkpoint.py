@@ -4,7 +4,8 @@ The layout is the original code's, so checkpoints go both ways: a dict
 `{model, iteration, optimizer, scheduler, learning_rate}` saved with
 `torch.save` as `<output_directory>/<model_name>/waveflow_<iteration>`. Ours add
 `config` (the JSON the run used), `epoch` and `batch_in_epoch` (where the data
-order stands, for exact resumption) and `scaler` (mixed precision). Model
+order stands, for exact resumption), `world_size` (the processes that trained it,
+each step taking `batch_size` clips per process) and `scaler` (mixed precision). Model
 weights keep the original names, including the `weight_g`/`weight_v` of weight
 norm; a `module.` prefix left by DataParallel and an `_orig_mod.` left by
 torch.compile are removed on reading.
@@ -110,6 +111,7 @@ def save_checkpoint(
     config: dict,
     epoch: int,
     batch_in_epoch: int,
+    world_size: int = 1,
     scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Write a checkpoint atomically and durably: a crash, a kill or a full disk leaves the previous file
@@ -123,6 +125,7 @@ def save_checkpoint(
         "config": config,
         "epoch": epoch,
         "batch_in_epoch": batch_in_epoch,
+        "world_size": world_size,
     }
     if scaler is not None and scaler.is_enabled():
         checkpoint["scaler"] = scaler.state_dict()

@@ -462,10 +462,16 @@ def build_training(config: Config, runtime: Runtime) -> Training:
 
 
 def restore(
-    training: Training, path: str, args: argparse.Namespace, verbose: bool, config: Config | None = None
+    training: Training,
+    path: str,
+    args: argparse.Namespace,
+    verbose: bool,
+    config: Config | None = None,
+    world_size: int = 1,
 ) -> tuple[int, int, int]:
     """Load what checkpoint `path` (or with -a the folder) asks for; returns `(iteration, epoch,
-    batch_in_epoch)` to start from (epoch -1 when the checkpoint does not record it). A resume under a
+    batch_in_epoch)` to start from (epoch -1 when the checkpoint does not record it), the batch counted
+    in steps of this run (`world_size` processes of `config`'s batch size, `steps_taken`). A resume under a
     `config` whose data order differs from the checkpoint's run is said in one line."""
     if not path:
         return 0, 0, 0
@@ -479,7 +485,12 @@ def restore(
                 print(changed)
             if config is not None and (reordered := data_order_changes(checkpoint.get("config"), config)):
                 print(reordered)
-        return (checkpoint["iteration"], checkpoint.get("epoch", -1), checkpoint.get("batch_in_epoch", -1))
+        epoch, batch_in_epoch = checkpoint.get("epoch", -1), checkpoint.get("batch_in_epoch", -1)
+        if config is not None and epoch >= 0:
+            batch_in_epoch, moved = steps_taken(checkpoint, config, world_size)
+            if verbose and moved:
+                print(moved)
+        return (checkpoint["iteration"], epoch, batch_in_epoch)
     if args.average_checkpoint:
         weights, newest = average_checkpoints(path, args.average_checkpoint, args.epsilon)
         source = f"the average of the newest {args.average_checkpoint} checkpoints of {path}"
@@ -545,6 +556,37 @@ def data_order_changes(stored: object, config: Config) -> str | None:
     return (
         f"the checkpoint's run had {', '.join(differ)}: training goes on at the checkpoint's place in the "
         "config's data order, not exactly where that run stopped"
+    )
+
+
+def steps_taken(checkpoint: dict, config: Config, world_size: int) -> tuple[int, str | None]:
+    """The checkpoint's place in its epoch as steps of this run, and the line that says so where it moved.
+
+    Every step takes the next `batch_size x world_size` clips of the epoch's order (`EpochSampler`: rank r
+    the r-th of every `world_size`), so a run that took another number a step (its stored `batch_size`
+    and `world_size`; a checkpoint that records neither took this run's) had taken `batch_in_epoch` times
+    its number: this run goes on after as many whole steps of its own, at most a step's clips seen twice."""
+    batch_in_epoch, now = checkpoint["batch_in_epoch"], config.train.batch_size * world_size
+    stored = checkpoint.get("config")
+    stored_train = stored.get("train_config") if isinstance(stored, dict) else None
+    stored_batch = stored_train.get("batch_size") if isinstance(stored_train, dict) else None
+    then_batch = stored_batch if isinstance(stored_batch, int) else config.train.batch_size
+    then_world = checkpoint.get("world_size", world_size)
+    then = then_batch * then_world
+    if then == now or batch_in_epoch <= 0:
+        return batch_in_epoch, None
+    taken = batch_in_epoch * then
+    steps = taken // now
+    again = f"; the last {taken - steps * now} come again" if taken > steps * now else ""
+
+    def clips_a_step(batch: int, processes: int) -> str:
+        clips = "clip" if batch * processes == 1 else "clips"
+        return f"{batch * processes} {clips} a step ({batch} x {processes} process{'es' if processes != 1 else ''})"
+
+    return steps, (
+        f"the checkpoint's run took {clips_a_step(then_batch, then_world)}, this one takes "
+        f"{clips_a_step(config.train.batch_size, world_size)}: epoch {checkpoint['epoch']} goes on at step {steps}, "
+        f"after the {taken} clips of its order that run had taken{again}"
     )
 
 
@@ -723,6 +765,7 @@ class TrainingRun:
                 config=self.config.raw,
                 epoch=epoch,
                 batch_in_epoch=batch_in_epoch,
+                world_size=self.runtime.world_size,
                 scaler=training.scaler,
             )
             print(f"saved {path}")
@@ -860,7 +903,7 @@ def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Ru
     """Training from checkpoint `start` (none when empty): the model, the data, where they stand, the loop."""
     tc, dc = config.train, config.data
     training = build_training(config, runtime)
-    iteration, epoch, batch_in_epoch = restore(training, start, args, runtime.is_main, config)
+    iteration, epoch, batch_in_epoch = restore(training, start, args, runtime.is_main, config, runtime.world_size)
     train_set = Mel2Samp.from_config(dc, mode="train", seed=tc.seed)
     run = TrainingRun(
         training,

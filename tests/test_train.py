@@ -533,6 +533,51 @@ def test_torchrun_two_processes_match_one_process_with_the_combined_batch(traine
     [(_, single_path)] = list_checkpoints(str(tmp_path / "single" / "tiny"))
     assert iteration == 3
     assert_same_weights(weights(ddp_path), weights(single_path), atol=1e-5)
+    assert read_checkpoint(ddp_path)["world_size"] == 2
+
+    # One process of batch 1 goes on from the two processes' iteration 2, 4 clips into the epoch: at step
+    # 4 of its 6, so that its epoch ends after the clips the two processes had left.
+    halves = write_config(
+        str(tmp_path),
+        "halves.json",
+        train_config__batch_size=1,
+        train_config__output_directory=str(tmp_path / "halves"),
+        train_config__checkpoint_path=str(tmp_path / "ddp" / "tiny" / "waveflow_2"),
+        **common,
+    )
+    result = run("-c", halves)
+    assert (
+        "the checkpoint's run took 2 clips a step (1 x 2 processes), this one takes 1 clip a step (1 x 1 process): "
+        "epoch 0 goes on at step 4, after the 4 clips of its order that run had taken" in result.stdout
+    )
+    assert [iteration for iteration, _ in list_checkpoints(str(tmp_path / "halves" / "tiny"))] == [4]
+
+
+def test_a_resume_with_other_steps_goes_on_after_the_clips_the_checkpoints_run_had_taken(tmp_path):
+    fives, ones = (
+        load_config(write_config(str(tmp_path), f"{batch}.json", train_config__batch_size=batch)) for batch in (5, 1)
+    )
+    stored = {"train_config": {"batch_size": 2}}
+    checkpoint = {"epoch": 3, "batch_in_epoch": 6, "world_size": 2, "config": stored}  # 6 steps of 2 x 2 clips
+    assert train.steps_taken(checkpoint, fives, world_size=1) == (
+        4,
+        "the checkpoint's run took 4 clips a step (2 x 2 processes), this one takes 5 clips a step "
+        "(5 x 1 process): epoch 3 goes on at step 4, after the 24 clips of its order that run had taken; "
+        "the last 4 come again",
+    )
+    steps, line = train.steps_taken(checkpoint, fives, world_size=2)
+    assert (
+        steps == 2
+        and line is not None
+        and line.endswith("after the 24 clips of its order that run had taken; the last 4 come again")
+    )
+    assert train.steps_taken(checkpoint, ones, world_size=4) == (6, None)  # 1 x 4 clips a step: the same steps
+    assert train.steps_taken({**checkpoint, "batch_in_epoch": 0}, fives, world_size=1) == (0, None)
+    # Without a stored config the batch size is taken as this run's; without world_size (ours before it
+    # was stored), the world size too.
+    no_config = {"epoch": 3, "batch_in_epoch": 6, "world_size": 2}
+    assert train.steps_taken(no_config, ones, world_size=1)[0] == 12
+    assert train.steps_taken({"epoch": 3, "batch_in_epoch": 6}, ones, world_size=4) == (6, None)
 
 
 def test_epoch_sampler_is_reproducible_and_resumable():
