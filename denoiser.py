@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from config import DataConfig
+from config import Config, DataConfig
 from data import LOG_FLOOR
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow
 
@@ -46,7 +46,11 @@ class Denoiser:
         self.biases: dict[tuple[torch.dtype, torch.device], tuple[tuple, torch.Tensor]] = {}
 
     @classmethod
-    def from_config(cls, model: WaveFlow, data: DataConfig) -> Denoiser:
+    def from_config(cls, model: WaveFlow, data: DataConfig | Config) -> Denoiser:
+        """The denoiser of `model` with the STFT of a config's `data_config` (or of a whole config, as
+        `build_model` takes one)."""
+        if isinstance(data, Config):
+            data = data.data
         return cls(model, data.filter_length, data.hop_length, data.win_length)
 
     def bias(self) -> torch.Tensor:

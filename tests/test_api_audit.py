@@ -4,6 +4,7 @@ tensors that require grad, buffers the caller reuses)."""
 
 import copy
 import json
+import os
 import weakref
 from typing import cast
 
@@ -160,6 +161,15 @@ def test_a_stream_refuses_an_empty_batch_in_one_line():
 
 
 # ----------------------------------------------------------------------------- the denoiser
+
+
+def test_the_denoiser_takes_a_configs_data_section_or_the_whole_config():
+    config = load_config(os.path.join(ROOT, "configs", "nanoflow-24k-hop300.json"))
+    model = build_model(config)
+    for given in (config, config.data):
+        denoiser = Denoiser.from_config(model, given)
+        assert (denoiser.filter_length, denoiser.hop_length) == (config.data.filter_length, config.data.hop_length)
+        assert int(torch.count_nonzero(denoiser.window)) == config.data.win_length - 1  # periodic Hann: one zero
 
 
 def test_the_denoisers_stream_keeps_its_own_copy_of_the_audio_and_not_its_graph():
