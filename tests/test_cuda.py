@@ -265,3 +265,25 @@ def test_reduced_precision_synthesis_returns_fp32_close_to_fp32(dtype):
         audio = model.infer(mel, z=z, cuda_graphs=graphs)
         assert audio.dtype == torch.float32
         assert (audio - reference).abs().max() < 0.2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_synthesis_on_cuda_never_reads_memory_it_did_not_write(monkeypatch, dtype):
+    """As on the CPU (tests/test_model.py): memory a synthesis takes uninitialised, here from the caching
+    allocator, filled with NaN, must not change the audio, eager or captured and replayed."""
+    model = random_model(tiny_config("nanoflow")).to(CUDA).remove_weight_norm().to(dtype)
+    mel, z = torch.randn(2, 80, 6, device=CUDA), torch.randn(2, 1, 16, 48, device=CUDA)
+    expected = model.infer(mel, z=z)
+    new_empty, empty_like = torch.Tensor.new_empty, torch.empty_like
+
+    def poisoned(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poisoned(new_empty(self, *a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))
+    assert torch.isfinite(expected).all()
+    assert torch.equal(model.infer(mel, z=z), expected)
+    graphs = CudaGraphCache()
+    for _ in range(3):  # eager, captured, replayed
+        audio = model.infer(mel, z=z, cuda_graphs=graphs)
+        assert torch.isfinite(audio).all() and torch.allclose(audio, expected, atol=1e-3, rtol=0)
