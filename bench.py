@@ -19,7 +19,10 @@ The `best_` figures are each case's fastest run against the yardstick's fastest
 run: on a machine whose speed swings between spells (a shared cloud VM: this
 project's 2-core AMX Xeon measured its bf16 yardstick at 311 to 2,816 GFLOP/s
 within an hour) they are what it gives in a fast spell, where the medians mix
-the spells.
+the spells. `paired_fraction_of_matmul` divides each run by the yardstick read
+just before and just after it (a few products of the same square matmul, in the
+case's dtype), the median over runs: a share of the machine that does not depend
+on the spell the run fell in.
 Data loading is the real `Mel2Samp` loader on the bundled demo corpus (for a
 config at another rate than the demo's 22,050 Hz, on the config's training list): in the
 main process, i.e. the CPU work one batch costs, and as training reads it
@@ -116,6 +119,51 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 30) -
 def with_best(result: dict, times: list[float], samples: int) -> dict:
     """`result` with its fastest run of `times` (`samples` audio samples each): `best_seconds`, `best_kHz`."""
     return {**result, "best_seconds": min(times), "best_kHz": samples / min(times) / 1000}
+
+
+class Yardstick:
+    """The square matmul of `matmul_runs`, read beside each timed run: `reading()` is the median
+    GFLOP/s of `products` of them (a few tens of milliseconds on a CPU)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, products: int = 3):
+        size = matmul_size(device)
+        self.device, self.products, self.flops = device, products, 2 * size**3
+        self.a = torch.randn(size, size, device=device, dtype=dtype)
+        self.b = torch.randn(size, size, device=device, dtype=dtype)
+        self.out = self.a @ self.b  # warm; its product written here, so that no reading adds to a peak of memory
+
+    def product(self) -> None:
+        torch.mm(self.a, self.b, out=self.out)
+
+    def reading(self) -> float:
+        times = timed(self.product, self.device, self.products, warmup=0, max_seconds=math.inf)
+        return self.flops / statistics.median(times) / 1e9
+
+
+def paired_timed(
+    run, device: torch.device, repeats: int, warmup: int, max_seconds: float, yardstick: Yardstick
+) -> tuple[list[float], list[float]]:
+    """`timed`, with the yardstick read before every run and after the last: `(times, readings)`,
+    `len(readings) == len(times) + 1`."""
+    for _ in range(warmup):
+        run()
+    times, readings = [], [yardstick.reading()]
+    while len(times) < repeats:
+        times += timed(run, device, 1, 0, max_seconds)
+        readings.append(yardstick.reading())
+        if sum(times) > max_seconds:
+            break
+    return times, readings
+
+
+def with_paired(result: dict, times: list[float], readings: list[float]) -> dict:
+    """`result` (its `gflops` at its median `seconds`) with `paired_fraction_of_matmul`: the median over runs
+    of each run's GFLOP/s over the mean of the yardstick readings just before and after it."""
+    flops = result["gflops"] * result["seconds"]  # GFLOP a run
+    shares = [
+        flops / t / ((before + after) / 2) for t, before, after in zip(times, readings[:-1], readings[1:], strict=True)
+    ]
+    return {**result, "paired_fraction_of_matmul": statistics.median(shares)}
 
 
 def device_name(device: torch.device) -> str:
@@ -218,7 +266,16 @@ def check_lengths(args: argparse.Namespace, config, cases: set[str]) -> None:
 
 
 def bench_synthesis(
-    model, device, dtype, seconds: float, batch: int, warmup: int, graphs: CudaGraphCache | None, rate: int, args
+    model,
+    device,
+    dtype,
+    seconds: float,
+    batch: int,
+    warmup: int,
+    graphs: CudaGraphCache | None,
+    rate: int,
+    yardstick: Yardstick,
+    args,
 ) -> dict:
     """Synthesis of `seconds` of audio at `rate` Hz, `batch` clips at once."""
     hop_length = model.config.hop_length
@@ -226,7 +283,9 @@ def bench_synthesis(
     mel = torch.randn(batch, model.config.cin_channels, frames, device=device, dtype=dtype)
     samples = batch * synthesis_length(frames, hop_length)
     with PeakMemory(device) as memory:
-        times = timed(lambda: model.infer(mel, cuda_graphs=graphs), device, args.repeats, warmup, args.max_seconds)
+        times, readings = paired_timed(
+            lambda: model.infer(mel, cuda_graphs=graphs), device, args.repeats, warmup, args.max_seconds, yardstick
+        )
     elapsed = statistics.median(times)
     flops = samples * synthesis_flops_per_sample(model.config)
     result = {
@@ -238,7 +297,7 @@ def bench_synthesis(
         "gflops": flops / elapsed / 1e9,
         "peak_memory_mb": memory.peak / 2**20,
     }
-    return with_best(result, times, samples)
+    return with_paired(with_best(result, times, samples), times, readings)
 
 
 def training_step(config, device, dtype, batch: int, segment: int, checkpointing: bool, compiled: bool):
@@ -278,12 +337,15 @@ def training_result(name: str, times: list[float], config, batch: int, segment: 
     return with_best(result, times, samples)
 
 
-def bench_training(config, device, dtype, batch: int, segment: int, checkpointing: bool, args) -> dict:
+def bench_training(
+    config, device, dtype, batch: int, segment: int, checkpointing: bool, yardstick: Yardstick, args
+) -> dict:
     step = training_step(config, device, dtype, batch, segment, checkpointing, compiled=False)
     with PeakMemory(device) as memory:
-        times = timed(step, device, args.repeats, args.warmup, args.max_seconds)
+        times, readings = paired_timed(step, device, args.repeats, args.warmup, args.max_seconds, yardstick)
     name = f"training {batch} x {segment}" + (" checkpointed" if checkpointing else "")
-    return {**training_result(name, times, config, batch, segment), "peak_memory_mb": memory.peak / 2**20}
+    result = with_paired(training_result(name, times, config, batch, segment), times, readings)
+    return {**result, "peak_memory_mb": memory.peak / 2**20}
 
 
 def bench_compiled_training(config, device, dtype, batch: int, segment: int, args) -> dict:
@@ -430,6 +492,7 @@ def run(args, config, device, dtype, batch: int, segment: int, dataset: Mel2Samp
     bf16_units = has_bf16_matrix_units(device)
     bf16_reference = [matmul_runs(device, torch.bfloat16)] if bf16_units else []
     results = []
+    yardstick = Yardstick(device, dtype)
     if "synthesis" not in args.skip:
         model = build_model(config.waveflow).to(device).eval().remove_weight_norm().to(dtype)
         graphs = CudaGraphCache() if device.type == "cuda" and not args.eager else None
@@ -442,18 +505,27 @@ def run(args, config, device, dtype, batch: int, segment: int, dataset: Mel2Samp
                     warmup = max(warmup, 2)
                 results.append(
                     bench_synthesis(
-                        model, device, dtype, seconds, synth_batch, warmup, graphs, config.data.sampling_rate, args
+                        model,
+                        device,
+                        dtype,
+                        seconds,
+                        synth_batch,
+                        warmup,
+                        graphs,
+                        config.data.sampling_rate,
+                        yardstick,
+                        args,
                     )
                 )
         del model
     training = None
     if "training" not in args.skip:
-        training = bench_training(config, device, dtype, batch, segment, False, args)
+        training = bench_training(config, device, dtype, batch, segment, False, yardstick, args)
         results.append(training)
         if args.compile:
             results.append(bench_compiled_training(config, device, dtype, batch, segment, args))
         if "checkpointing" not in args.skip:
-            results.append(bench_training(config, device, dtype, batch, segment, True, args))
+            results.append(bench_training(config, device, dtype, batch, segment, True, yardstick, args))
     if dataset is not None:
         loading = bench_loading(dataset, batch, args)
         if training is not None:
@@ -511,6 +583,7 @@ def run(args, config, device, dtype, batch: int, segment: int, dataset: Mel2Samp
         ("gflops", "{:.0f}", 7),
         ("fraction_of_matmul", "{:.2f}", 9),
         ("fraction_of_bf16_matmul", "{:.2f}", 9),
+        ("paired_fraction_of_matmul", "{:.2f}", 9),
         ("peak_memory_mb", "{:.0f}", 10),
         ("percent_of_training_step", "{:.2f}", 9),
         ("batches_per_second", "{:.0f}", 9),
@@ -523,6 +596,7 @@ def run(args, config, device, dtype, batch: int, segment: int, dataset: Mel2Samp
         "gflops": "GFLOP/s",
         "fraction_of_matmul": "of matmul",
         "fraction_of_bf16_matmul": "of bf16 mm",
+        "paired_fraction_of_matmul": "paired",
         "peak_memory_mb": "peak MiB",
         "percent_of_training_step": "% of step",
         "batches_per_second": "batches/s",

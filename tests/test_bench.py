@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from typing import cast
 
 import pytest
 import torch
@@ -81,11 +83,44 @@ def test_bench_reports_every_case_as_json(tmp_path):
             if bf16_units:
                 best_bf16 = report["best_bf16_matmul_gflops"]
                 assert item["best_fraction_of_bf16_matmul"] == pytest.approx(best_gflops / best_bf16)
+            assert item["paired_fraction_of_matmul"] > 0
     assert cases["synthesis 0.1 s x 2"]["kHz"] > 0 and cases["synthesis 0.1 s x 1"]["real_time_factor"] > 0
     assert 0 < cases["data loading 2 x 2048"]["percent_of_training_step"]
     for workers in ("0 workers", "1 worker"):
         loader = cases[f"data loader 2 x 2048, {workers}"]
         assert loader["batches_per_second"] > 0 and loader["runs"] >= 30
+
+
+def test_each_run_is_paired_with_the_yardstick_read_just_before_and_after_it():
+    events = []
+
+    class Recording:
+        readings = iter([10.0, 30.0, 10.0, 99.0])
+
+        def reading(self) -> float:
+            events.append("reading")
+            return next(self.readings)
+
+    durations = iter([0.02, 0.04])
+
+    def run():
+        events.append("run")
+        time.sleep(next(durations, 0.0))
+
+    yardstick = cast(bench.Yardstick, Recording())
+    times, readings = bench.paired_timed(run, torch.device("cpu"), 2, 0, 60.0, yardstick)
+    assert events == ["reading", "run", "reading", "run", "reading"] and readings == [10.0, 30.0, 10.0]
+    # 20 GFLOP a run: 20 / t GFLOP/s against the mean of the readings around each run, the median of those.
+    result = bench.with_paired({"gflops": 10.0, "seconds": 2.0}, [2.0, 4.0], readings)
+    assert result["paired_fraction_of_matmul"] == pytest.approx((0.5 + 0.25) / 2)
+    assert len(times) == 2 and times[1] > times[0]
+
+
+def test_the_yardstick_reads_the_matmuls_rate_without_allocating():
+    yardstick = bench.Yardstick(torch.device("cpu"), torch.float32)
+    out = yardstick.out
+    assert yardstick.reading() > 0 and yardstick.out is out
+    assert torch.allclose(out, yardstick.a @ yardstick.b)
 
 
 def demo_config_with(tmp_path, section: str, **changes) -> str:
