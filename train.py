@@ -891,37 +891,40 @@ def train(config: Config, args: argparse.Namespace, runtime: Runtime, limit: Wal
             f"{config.source}: {option} to start from: train_config.checkpoint_path is empty "
             f"(or give --checkpoint_path)"
         )
-    lock, start = claim_run_folder(config, args, runtime)
-    try:
-        train_from(start, config, args, runtime, limit)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def train_from(start: str, config: Config, args: argparse.Namespace, runtime: Runtime, limit: WallClockLimit) -> None:
-    """Training from checkpoint `start` (none when empty): the model, the data, where they stand, the loop."""
+    # The data first: a file list that cannot train is said before the run folder is made.
     tc, dc = config.train, config.data
-    training = build_training(config, runtime)
-    iteration, epoch, batch_in_epoch = restore(training, start, args, runtime.is_main, config, runtime.world_size)
     train_set = Mel2Samp.from_config(dc, mode="train", seed=tc.seed)
-    run = TrainingRun(
-        training,
-        train_set,
-        EpochSampler(len(train_set), tc.batch_size, tc.seed, runtime.rank, runtime.world_size),
-        config,
-        args,
-        runtime,
-        limit,
-        start,
-    )
-    batches_per_epoch = run.sampler.batches_per_epoch
-    if batches_per_epoch == 0:
+    sampler = EpochSampler(len(train_set), tc.batch_size, tc.seed, runtime.rank, runtime.world_size)
+    if sampler.batches_per_epoch == 0:
         raise DataError(
             f"{dc.training_files}: {len(train_set)} clip{'s' if len(train_set) != 1 else ''} cannot fill one "
             f"batch of {tc.batch_size} per process ({runtime.world_size} "
             f"process{'es' if runtime.world_size != 1 else ''})"
         )
+    lock, start = claim_run_folder(config, args, runtime)
+    try:
+        train_from(start, config, args, runtime, limit, train_set, sampler)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_from(
+    start: str,
+    config: Config,
+    args: argparse.Namespace,
+    runtime: Runtime,
+    limit: WallClockLimit,
+    train_set: Mel2Samp,
+    sampler: EpochSampler,
+) -> None:
+    """Training from checkpoint `start` (none when empty) on `train_set` in `sampler`'s order (at least one
+    batch an epoch): the model, where it and the data stand, the loop."""
+    tc = config.train
+    training = build_training(config, runtime)
+    iteration, epoch, batch_in_epoch = restore(training, start, args, runtime.is_main, config, runtime.world_size)
+    run = TrainingRun(training, train_set, sampler, config, args, runtime, limit, start)
+    batches_per_epoch = sampler.batches_per_epoch
     try:
         epoch, batch_in_epoch, total = resume_position(iteration, epoch, batch_in_epoch, batches_per_epoch, tc)
     except ConfigError as error:

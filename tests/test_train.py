@@ -381,6 +381,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     result = run("-c", missing_list, check=False)
     assert result.returncode == 1 and "nope.txt: file list not found" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    too_few = write_config(str(tmp_path), "few.json", train_config__batch_size=7)  # 6 training clips
+    result = run("-c", too_few, check=False)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"error: {tmp_path / 'train.txt'}: 6 clips cannot fill one batch of 7 per process (1 process)"
+    )
+    assert not (tmp_path / "exp").exists()  # said before the run folder is made
     config = json.load(open(missing_list))
     config["train_config"]["learning_rte"] = 1e-3
     with open(tmp_path / "b.json", "w") as f:
