@@ -13,7 +13,7 @@ import torch
 import inference
 from cuda_graphs import CudaGraphCache
 from model import build_model, negative_log_likelihood, unsqueeze
-from test_model import FIXTURES, VARIANTS, random_model, slow_inverse, tiny_config
+from test_model import FIXTURES, VARIANTS, poison_uninitialised_memory, random_model, slow_inverse, tiny_config
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 TOLERANCE = 1e-4
@@ -274,13 +274,7 @@ def test_synthesis_on_cuda_never_reads_memory_it_did_not_write(monkeypatch, dtyp
     model = random_model(tiny_config("nanoflow")).to(CUDA).remove_weight_norm().to(dtype)
     mel, z = torch.randn(2, 80, 6, device=CUDA), torch.randn(2, 1, 16, 48, device=CUDA)
     expected = model.infer(mel, z=z)
-    new_empty, empty_like = torch.Tensor.new_empty, torch.empty_like
-
-    def poisoned(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poisoned(new_empty(self, *a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))
+    poison_uninitialised_memory(monkeypatch)
     assert torch.isfinite(expected).all()
     assert torch.equal(model.infer(mel, z=z), expected)
     graphs = CudaGraphCache()

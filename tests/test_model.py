@@ -446,6 +446,18 @@ def test_half_precision_inference_runs_and_is_close():
     assert (audio - reference).abs().max() < 0.2
 
 
+def poison_uninitialised_memory(monkeypatch) -> None:
+    """Fill every floating-point tensor that `Tensor.new_empty` and `torch.empty_like` hand out with NaN,
+    for the rest of the test: what freed memory may hold."""
+    new_empty, empty_like = torch.Tensor.new_empty, torch.empty_like
+
+    def poisoned(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poisoned(new_empty(self, *a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_synthesis_never_reads_memory_it_did_not_write(monkeypatch, dtype, batch):
@@ -455,13 +467,7 @@ def test_synthesis_never_reads_memory_it_did_not_write(monkeypatch, dtype, batch
     model = random_model(tiny_config("nanoflow")).to(dtype)
     mel, z = torch.randn(batch, 80, 6), torch.randn(batch, 1, 16, 48)
     expected = model.infer(mel, z=z)
-    new_empty, empty_like = torch.Tensor.new_empty, torch.empty_like
-
-    def poisoned(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poisoned(new_empty(self, *a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))
+    poison_uninitialised_memory(monkeypatch)
     audio = model.infer(mel, z=z)
     assert torch.isfinite(expected).all()
     assert torch.equal(audio, expected)
