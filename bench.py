@@ -101,29 +101,15 @@ def matmul_size(device: torch.device) -> int:
     return 8192 if device.type == "cuda" else 2048
 
 
-def matmul_runs(device: torch.device, dtype: torch.dtype, repeats: int = 30) -> list[float]:
-    """The throughput, in GFLOP/s, of each timed run of a square matmul (`matmul_size`), the yardstick
-    for every figure."""
-    size = matmul_size(device)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    times = timed(lambda: a @ b, device, repeats, warmup=5, max_seconds=60)
-    return [2 * size**3 / elapsed / 1e9 for elapsed in times]
-
-
-def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 30) -> float:
-    """The median of `matmul_runs`."""
-    return statistics.median(matmul_runs(device, dtype, repeats))
-
-
 def with_best(result: dict, times: list[float], samples: int) -> dict:
     """`result` with its fastest run of `times` (`samples` audio samples each): `best_seconds`, `best_kHz`."""
     return {**result, "best_seconds": min(times), "best_kHz": samples / min(times) / 1000}
 
 
 class Yardstick:
-    """The square matmul of `matmul_runs`, read beside each timed run: `reading()` is the median
-    GFLOP/s of `products` of them (a few tens of milliseconds on a CPU)."""
+    """A square matmul (`matmul_size`), the yardstick for every figure: `matmul_runs` times it before and
+    after the workloads, and `reading()`, the median GFLOP/s of `products` of them (a few tens of
+    milliseconds on a CPU), beside each timed run."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, products: int = 3):
         size = matmul_size(device)
@@ -138,6 +124,19 @@ class Yardstick:
     def reading(self) -> float:
         times = timed(self.product, self.device, self.products, warmup=0, max_seconds=math.inf)
         return self.flops / statistics.median(times) / 1e9
+
+
+def matmul_runs(device: torch.device, dtype: torch.dtype, repeats: int = 30) -> list[float]:
+    """The throughput, in GFLOP/s, of each timed run of the `Yardstick`'s square matmul, the yardstick
+    for every figure."""
+    yardstick = Yardstick(device, dtype)
+    times = timed(yardstick.product, device, repeats, warmup=5, max_seconds=60)
+    return [yardstick.flops / elapsed / 1e9 for elapsed in times]
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 30) -> float:
+    """The median of `matmul_runs`."""
+    return statistics.median(matmul_runs(device, dtype, repeats))
 
 
 def paired_timed(
