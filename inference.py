@@ -68,10 +68,11 @@ def rotated_gate_weight(block: ResidualBlock, input_map: torch.Tensor | None) ->
     """`filter_gate_conv`'s weight as a `BlockQueue`'s matrix products need it: `[3, 3, 3 C + 1, 2R]`.
 
     Entry `[turn, tap]` serves rows with `(r // dh) % 3 == turn` and width tap `tap` (0: the
-    column `dw` to the left, 1: the centre, 2: `dw` to the right); its row `k C + i` (ring
-    position k, queue channel i) and column o (output channel) hold the weight of the height
-    tap whose row sits at ring position k. The last row (the bias) is zero here. The filter outputs
-    (columns `[0, R)`) are scaled by `FILTER_SCALE`. `input_map [C, R]` is folded in as in `BlockQueue`.
+    column `dw` to the left, 1: the centre, 2: `dw` to the right); its row `(2 - k) C + i` (ring
+    position k, stored last to first: `BlockQueue`; queue channel i) and column o (output channel)
+    hold the weight of the height tap whose row sits at ring position k. The last row (the bias) is
+    zero here. The filter outputs (columns `[0, R)`) are scaled by `FILTER_SCALE`. `input_map [C, R]`
+    is folded in as in `BlockQueue`.
     """
     weight = block.filter_gate_conv.conv.normed_weight().detach()  # [2R, R, 3 (height tap), 3 (width tap)]
     if input_map is not None:
@@ -81,7 +82,7 @@ def rotated_gate_weight(block: ResidualBlock, input_map: torch.Tensor | None) ->
     # With (r // dh) % 3 == turn, ring position k holds row r - ((turn - k) % 3) * dh: height tap 2 - that.
     return scale_filter(
         torch.stack(
-            [torch.cat([*(weight[2 - (turn - k) % 3] for k in range(3)), bias_row], dim=1) for turn in range(3)]
+            [torch.cat([*(weight[2 - (turn - k) % 3] for k in (2, 1, 0)), bias_row], dim=1) for turn in range(3)]
         )
     )  # [turn, width tap, 3 C + 1, o]
 
@@ -155,11 +156,17 @@ class BlockQueue:
 
     Rows are stored column-major, `queue [dh, B, W, 3 C + 1]` (C = R channels per row):
     input row r lives in phase `r % dh`, ring position `k = (r // dh) % 3`, channels
-    `[k C, (k + 1) C)`, and the last column is ones. The three rows the causal conv reads
+    `[(2 - k) C, (3 - k) C)`, and the last column is ones. The three rows the causal conv reads
     for row r (r - 2 dh, r - dh, r) are then the three ring positions of one phase, one
     `[B, W, 3 C + 1]` tensor, and three matrix products against the conv weight (rotated
     to the ring's current order, the bias in the ones row), one per width tap, each on the
     columns that tap reads, add all of the 3x3 conv into the gate input.
+
+    The ring is stored last position first so that the first two rows of a phase, whose
+    earlier rows are the conv's zero padding, read only the tail of their rows: `[2 C, 3 C + 1)`
+    for the first (ring position 0), `[C, 3 C + 1)` for the second. Their products skip the
+    zeros, 2/3 and 1/3 of the work: a sixteenth of a flow's gate products at 16 rows and dh = 1.
+    The zeros stay (`RowMemory.take`): oneDNN's bf16 products may read a row's other columns.
 
     `input_map [C, R]`: the queue holds C channels from which the block's input is
     `row @ input_map` (the first block: `[x, 1]` and the front conv, so that its 3x3 conv
@@ -191,7 +198,10 @@ class BlockQueue:
         in_channels = ring // 3
         # Views into the queue: [phase][ring position] -> [B * W, C].
         self.slots = [
-            [self.queue[phase, ..., k * in_channels : (k + 1) * in_channels].view(batch * width, -1) for k in range(3)]
+            [
+                self.queue[phase, ..., (2 - k) * in_channels : (3 - k) * in_channels].view(batch * width, -1)
+                for k in range(3)
+            ]
             for phase in range(dilation_h)
         ]
         gate_weight[:, 1, -1] = scale_filter(gate_bias.detach())  # added with the centre width tap
@@ -219,26 +229,21 @@ class BlockQueue:
             if shift >= width
             else [(0, slice(shift, None), slice(None, -shift)), (2, slice(None, -shift), slice(shift, None))]
         )
-        # [phase] -> (the rows the conv reads [B * W, 3 C + 1], [(side tap, gate input columns, rows read)])
-        self.rows = []
+        # [phase][turn] -> the products of a row: (the centre tap's rows [B * W, K + 1] and weight [K + 1, 2R],
+        # [(gate input columns, the side tap's rows, its weight [(B,) K, 2R])]), K = 3 C from channel 0 (rows
+        # (r // dh) % 3 == turn), or from channel 2 C (turn 3: the phase's first row) or C (turn 4: its second);
+        # the side taps without the bias row, a batch's weights as broadcast views.
+        self.plans = []
         for rows in self.queue.unbind():  # [B, W, 3 C + 1]
             side_rows = rows[0] if flat else rows
-            self.rows.append(
-                (
-                    rows.flatten(0, 1),
-                    [(tap, side_input[..., out, :], side_rows[..., read, :ring]) for tap, out, read in sides],
-                )
-            )
-        # [turn] -> the three width taps' weights: [3 C + 1, 2R] for the centre, [(B,) 3 C, 2R] for the sides
-        # (without the bias row; a batch: broadcast views).
-        self.taps = [
-            (
-                left[:ring] if flat else left[:ring].expand(batch, -1, -1),
-                centre,
-                right[:ring] if flat else right[:ring].expand(batch, -1, -1),
-            )
-            for left, centre, right in gate_weight.unbind()
-        ]
+            plans = []
+            for turn, start in ((0, 0), (1, 0), (2, 0), (0, 2 * in_channels), (1, in_channels)):
+                taps = [tap[start:ring] if flat else tap[start:ring].expand(batch, -1, -1) for tap in gate_weight[turn]]
+                side_taps = [
+                    (side_input[..., out, :], side_rows[..., read, start:ring], taps[i]) for i, out, read in sides
+                ]
+                plans.append((rows.flatten(0, 1)[:, start:], gate_weight[turn, 1, start:], side_taps))
+            self.plans.append(plans)
         self.filter, self.gate = self.gate_input[:, :channels], self.gate_input[:, channels:]  # [B * W, R] each
         self.gated_filter = gated[:, :channels]  # [B * W, R]
 
@@ -255,13 +260,13 @@ class BlockQueue:
         block's input row is written into `next_slot [B * W, R]`.
         """
         phases = len(self.slots)
-        rows, sides = self.rows[row % phases]
-        taps = self.taps[(row // phases) % 3]  # [left, centre, right]
+        turn = row // phases
+        rows, centre, sides = self.plans[row % phases][turn % 3 if turn > 1 else turn + 3]
         # The gate input: conditioning + centre tap (with the bias), then each side tap added to the
         # columns it reaches; the products accumulate into the gate input, so no tap is ever stored apart.
-        torch.addmm(cond_row, rows, taps[1], out=self.gate_input)
-        for tap, gate_columns, rows_read in sides:
-            self.accumulate(gate_columns, rows_read, taps[tap])
+        torch.addmm(cond_row, rows, centre, out=self.gate_input)
+        for gate_columns, rows_read, weight in sides:
+            self.accumulate(gate_columns, rows_read, weight)
         # [-2 f, g]: tanh(f) sigmoid(g) = sigmoid(g) - 2 sigmoid(-2 f) sigmoid(g) (see FILTER_SCALE).
         torch.sigmoid_(self.gate_input)
         torch.addcmul(self.gate, self.filter, self.gate, value=-2, out=self.gated_filter)
