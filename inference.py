@@ -108,9 +108,9 @@ class RowMemory:
     which cost a CPU 3-4 ms per queue of 11 MB (10 s of audio) against 1 ms to zero it again: about 3% of
     a bf16 synthesis, by its profile, when every flow made its own.
 
-    Per block j: `queues[j] [dh, B, W, 3 C + 1]` (`BlockQueue`), its last column ones, the rest zeroed by
-    `take`; shared: `gate_input [B, W, 2R]`, `gated [B * W, L * P]` (`EstimatorRows`), `residual [B * W, R]`
-    (the first block's), `share [B * W, 2]` and `log_s_t [B * W, 2]` (fp32 or better).
+    Per block j: `queues[j] [dh, B, W, 3 C + 1]` (`BlockQueue`; the first block's C = 6, `FirstBlockQueue`),
+    its last column ones, the rest zeroed by `take`; shared: `gate_input [B, W, 2R]`, `gated [B * W, L * P]`
+    (`EstimatorRows`), `share [B * W, 2]` and `log_s_t [B * W, 2]` (fp32 or better).
     """
 
     def __init__(self, net: WaveNet2D, batch: int, width: int, like: torch.Tensor):
@@ -121,7 +121,8 @@ class RowMemory:
         layers = len(net.res_blocks)
         self.queues = []
         for j, block in enumerate(net.res_blocks):
-            ring = 3 * (net.front_map().shape[0] if j == 0 else channels)  # the first block's queue holds [x, 1]
+            # The first block's queue holds [x, 1] for each of its three width taps (`FirstBlockQueue`).
+            ring = 3 * (3 * net.front_map().shape[0] if j == 0 else channels)
             queue = like.new_zeros(block.filter_gate_conv.conv.dilation[0], batch, width, aligned(ring + 1))
             # The padding past a row's last column is zero once and for all: bf16 matrix kernels read it
             # (times zero weights; memory left uninitialised may hold NaN, which stays NaN).
@@ -129,11 +130,10 @@ class RowMemory:
             queue[..., ring] = 1
             self.queues.append(queue)
         self.gate_input = like.new_empty(batch, width, 2 * channels)
-        self.stride = aligned(channels + 1)  # P
+        self.stride = aligned(channels + 2)  # P
         gated = like.new_zeros(batch * width, layers, self.stride)
         gated[..., channels] = 1
         self.gated = gated.flatten(1)
-        self.residual = like.new_empty(batch * width, channels)
         self.share = like.new_empty(batch * width, 2)
         # (log_s, t) is summed in fp32 (or better) whatever the estimator's precision: the flow's
         # affine update and its log-determinant need more than bf16's 8 bits of mantissa.
@@ -145,10 +145,11 @@ class RowMemory:
             queue[..., :-1].zero_()
         return self
 
-    def gated_columns(self, block: int) -> torch.Tensor:
-        """Block `block`'s gated activation and its column of ones in `gated`: `[B * W, R + 1]`."""
+    def gated_columns(self, block: int, extra: int = 1) -> torch.Tensor:
+        """Block `block`'s gated activation and `extra` columns after it in `gated`, the first of them ones
+        (a second, zero, is `FirstBlockQueue`'s): `[B * W, R + extra]`."""
         start = block * self.stride
-        return self.gated[:, start : start + self.channels + 1]
+        return self.gated[:, start : start + self.channels + extra]
 
 
 class BlockQueue:
@@ -167,10 +168,6 @@ class BlockQueue:
     for the first (ring position 0), `[C, 3 C + 1)` for the second. Their products skip the
     zeros, 2/3 and 1/3 of the work: a sixteenth of a flow's gate products at 16 rows and dh = 1.
     The zeros stay (`RowMemory.take`): oneDNN's bf16 products may read a row's other columns.
-
-    `input_map [C, R]`: the queue holds C channels from which the block's input is
-    `row @ input_map` (the first block: `[x, 1]` and the front conv, so that its 3x3 conv
-    runs over 2 channels instead of R; the 1 is 0 in the padding, as the input would be).
     """
 
     def __init__(
@@ -182,7 +179,6 @@ class BlockQueue:
         gate_bias: torch.Tensor,
         residual_weight: torch.Tensor | None,
         residual_keep: float,
-        input_map: torch.Tensor | None = None,
     ):
         """Block `index` of a flow, its queue, gate input and gated activation in `memory` (taken, its
         queues empty). The gated activation goes to `memory.gated_columns(index) [B * W, R + 1]`, whose
@@ -191,15 +187,14 @@ class BlockQueue:
         `residual_keep` make the next block's input `gated @ residual_weight + residual_keep * input`
         (the flow's `output_weights`)."""
         channels = block.res_channels
-        batch, width, like = memory.batch, memory.width, memory.gate_input
+        batch, width = memory.batch, memory.width
         self.queue = memory.queues[index]  # [dh, B, W, 3 C + 1]
-        dilation_h, shift = block.filter_gate_conv.conv.dilation
-        ring = self.queue.shape[-1] - 1
-        in_channels = ring // 3
+        dilation_h, self.shift = block.filter_gate_conv.conv.dilation
+        self.ring = ring = self.queue.shape[-1] - 1
         # Views into the queue: [phase][ring position] -> [B * W, C].
         self.slots = [
             [
-                self.queue[phase, ..., (2 - k) * in_channels : (3 - k) * in_channels].view(batch * width, -1)
+                self.queue[phase, ..., (2 - k) * ring // 3 : (3 - k) * ring // 3].view(batch * width, -1)
                 for k in range(3)
             ]
             for phase in range(dilation_h)
@@ -207,20 +202,25 @@ class BlockQueue:
         gate_weight[:, 1, -1] = scale_filter(gate_bias.detach())  # added with the centre width tap
         gated = self.gated = memory.gated_columns(index)
         self.residual_weight, self.keep = residual_weight, residual_keep
-        # The first block: its input's term is `input_map`'s product, after the residual update's own.
-        self.input_term = (
-            None if input_map is None else (memory.residual, (residual_keep * input_map).detach().to(like.dtype))
-        )
-
         # What a step touches, as views made once: a view costs microseconds per step, which add up to a
-        # tenth of a short clip's synthesis on a CPU. The centre tap's product runs over all the batch's
-        # columns as one plain matrix product (a batched one ran oneDNN once per item, 1.25-1.45x the time
-        # in bf16); so do the side taps' at batch 1, and a batch's go item by item as batched products
-        # against the weight broadcast (their columns do not flatten).
-        flat = batch == 1
-        self.accumulate = torch.Tensor.addmm_ if flat else torch.Tensor.baddbmm_
+        # tenth of a short clip's synthesis on a CPU.
         gate_input = memory.gate_input  # [B, W, 2R]
         self.gate_input = gate_input.view(batch * width, -1)  # [B * W, 2R]
+        self.accumulate = torch.Tensor.addmm_ if batch == 1 else torch.Tensor.baddbmm_
+        self.plans = self.products(gate_input, gate_weight)
+        self.filter, self.gate = self.gate_input[:, :channels], self.gate_input[:, channels:]  # [B * W, R] each
+        self.gated_filter = gated[:, :channels]  # [B * W, R]
+
+    def products(self, gate_input: torch.Tensor, gate_weight: torch.Tensor) -> list:
+        """The products of a row, as views: `[phase][turn] -> (the centre tap's rows [B * W, K + 1], its weight
+        [K + 1, 2R], [(gate input columns, a side tap's rows, its weight [(B,) K, 2R])])`, K = 3 C from
+        channel 0 for rows with `(r // dh) % 3 == turn`, from channel 2 C (turn 3: a phase's first row) or C
+        (turn 4: its second). The centre tap's product runs over all the batch's columns as one plain matrix
+        product (a batched one ran oneDNN once per item, 1.25-1.45x the time in bf16); so do the side taps'
+        at batch 1, and a batch's go item by item as batched products against the weight broadcast (their
+        columns do not flatten); the side taps have no bias row."""
+        batch, width = gate_input.shape[:2]
+        flat, ring, shift, in_channels = batch == 1, self.ring, self.shift, self.ring // 3
         side_input = gate_input[0] if flat else gate_input  # [(B,) W, 2R]: width second to last
         # Each side tap: (tap, the gate input's columns it adds to, the columns of the rows it reads); none
         # where the width dilation reaches past the width (the taps would read only padding).
@@ -229,23 +229,18 @@ class BlockQueue:
             if shift >= width
             else [(0, slice(shift, None), slice(None, -shift)), (2, slice(None, -shift), slice(shift, None))]
         )
-        # [phase][turn] -> the products of a row: (the centre tap's rows [B * W, K + 1] and weight [K + 1, 2R],
-        # [(gate input columns, the side tap's rows, its weight [(B,) K, 2R])]), K = 3 C from channel 0 (rows
-        # (r // dh) % 3 == turn), or from channel 2 C (turn 3: the phase's first row) or C (turn 4: its second);
-        # the side taps without the bias row, a batch's weights as broadcast views.
-        self.plans = []
+        plans = []
         for rows in self.queue.unbind():  # [B, W, 3 C + 1]
             side_rows = rows[0] if flat else rows
-            plans = []
+            phase_plans = []
             for turn, start in ((0, 0), (1, 0), (2, 0), (0, 2 * in_channels), (1, in_channels)):
                 taps = [tap[start:ring] if flat else tap[start:ring].expand(batch, -1, -1) for tap in gate_weight[turn]]
                 side_taps = [
                     (side_input[..., out, :], side_rows[..., read, start:ring], taps[i]) for i, out, read in sides
                 ]
-                plans.append((rows.flatten(0, 1)[:, start:], gate_weight[turn, 1, start:], side_taps))
-            self.plans.append(plans)
-        self.filter, self.gate = self.gate_input[:, :channels], self.gate_input[:, channels:]  # [B * W, R] each
-        self.gated_filter = gated[:, :channels]  # [B * W, R]
+                phase_plans.append((rows.flatten(0, 1)[:, start:], gate_weight[turn, 1, start:], side_taps))
+            plans.append(phase_plans)
+        return plans
 
     def slot(self, row: int) -> torch.Tensor:
         """Where input row `row` goes in the queue: a `[B * W, C]` view."""
@@ -270,15 +265,85 @@ class BlockQueue:
         # [-2 f, g]: tanh(f) sigmoid(g) = sigmoid(g) - 2 sigmoid(-2 f) sigmoid(g) (see FILTER_SCALE).
         torch.sigmoid_(self.gate_input)
         torch.addcmul(self.gate, self.filter, self.gate, value=-2, out=self.gated_filter)
-        if next_slot is None or self.residual_weight is None:  # the last block: its gated activation is all
-            return
-        # One product adds the residual update to the kept input, rounded once.
-        if self.input_term is None:
-            torch.addmm(self.slot(row), self.gated, self.residual_weight, beta=self.keep, out=next_slot)
-        else:
-            residual, input_map = self.input_term
-            torch.mm(self.gated, self.residual_weight, out=residual)
-            torch.addmm(residual, self.slot(row), input_map, out=next_slot)
+        if next_slot is not None and self.residual_weight is not None:  # the last block's gated activation is all
+            self.update(row, next_slot)
+
+    def update(self, row: int, next_slot: torch.Tensor) -> None:
+        """The next block's input row: one product adds the residual update to the kept input, rounded once."""
+        torch.addmm(self.slot(row), self.gated, self.residual_weight, beta=self.keep, out=next_slot)
+
+
+class FirstBlockQueue(BlockQueue):
+    """The first block, whose input is `front_conv(x)`, affine in x: its queue holds `[x, 1]` instead (the 1
+    is 0 in the conv's padding, as the input would be there), for each of the three width taps, so that
+    its 3x3 conv is one product (K = 18 + 1 for the bias), `front_conv` folded into its weight;
+    and its residual update adds `keep * front_conv(x)` through a column of x beside its gated activation
+    (`RowMemory.gated_columns(0, 2)`), one product too. Three products a row fewer than a `BlockQueue`
+    of 2 channels: about 35 us each on a CPU whatever their size.
+
+    Ring position k (`BlockQueue`) holds 6 channels per column w: `[x, 1]` at columns w - dw, w and
+    w + dw (`write_input`)."""
+
+    def __init__(
+        self,
+        block: ResidualBlock,
+        memory: RowMemory,
+        gate_weight: torch.Tensor,
+        gate_bias: torch.Tensor,
+        residual_weight: torch.Tensor | None,
+        residual_keep: float,
+        input_map: torch.Tensor,
+    ):
+        """As `BlockQueue` (block 0), with `gate_weight` the `rotated_gate_weight` with `input_map` folded
+        in, and `input_map [2, R]`: `[x, 1] -> front_conv(x)`."""
+        super().__init__(block, memory, 0, gate_weight, gate_bias, residual_weight, residual_keep)
+        self.columns = [[slot.view(memory.batch, memory.width, 3, 2) for slot in slots] for slots in self.slots]
+        if residual_weight is not None:
+            keep_input = residual_keep * input_map.detach().double()  # [2, R]: x, then 1
+            bias = residual_weight[-1:].double() + keep_input[1]  # rounded once, below
+            extra = [row.to(residual_weight.dtype) for row in (bias, keep_input[:1])]
+            self.residual_weight = torch.cat([residual_weight[:-1], *extra])  # [R + 2, R]
+            self.gated = memory.gated_columns(0, 2)  # [B * W, R + 2]: the gated activation, 1, x
+            self.x_column = self.gated[:, -1]
+
+    def products(self, gate_input: torch.Tensor, gate_weight: torch.Tensor) -> list:
+        """`BlockQueue.products` with the width taps' weights side by side, as the queue holds their inputs:
+        one product per row, no side taps."""
+        in_channels = self.ring // 3  # 6: [x, 1] for each width tap
+        c = in_channels // 3
+        weight = torch.stack(
+            [
+                torch.cat([*(w[tap, k * c : (k + 1) * c] for k in range(3) for tap in range(3)), w[1, -1:]])
+                for w in gate_weight  # [width tap, 3 taps + 1, 2R] per turn
+            ]
+        )  # [turn, 9 taps + 1, 2R]
+        return [
+            [
+                (rows.flatten(0, 1)[:, start:], weight[turn, start:], [])
+                for turn, start in ((0, 0), (1, 0), (2, 0), (0, 2 * in_channels), (1, in_channels))
+            ]
+            for rows in self.queue.unbind()
+        ]
+
+    def write_input(self, row: int, x: torch.Tensor) -> None:
+        """Put input row `row`, `x [B, W]` (the flow's shifted input), in the queue for each width tap."""
+        phases, shift = len(self.columns), min(self.shift, x.shape[-1])
+        columns = self.columns[row % phases][(row // phases) % 3]  # [B, W, width tap, (x, 1)]
+        if row < 3 * phases:  # the slot's first use: the side taps' padding (zeros), and the ones elsewhere
+            columns[:, :shift, 0] = 0
+            columns[:, columns.shape[1] - shift :, 2] = 0
+            columns[:, shift:, 0, 1] = 1
+            columns[:, :, 1, 1] = 1
+            columns[:, : columns.shape[1] - shift, 2, 1] = 1
+        columns[:, :, 1, 0] = x
+        columns[:, shift:, 0, 0] = x[:, : x.shape[-1] - shift]  # the left tap of column w reads column w - shift
+        columns[:, : x.shape[-1] - shift, 2, 0] = x[:, shift:]
+        if self.residual_weight is not None:
+            self.x_column.copy_(x.flatten())
+
+    def update(self, row: int, next_slot: torch.Tensor) -> None:
+        """The next block's input row: the gated activation, its 1 and x times one matrix."""
+        torch.mm(self.gated, self.residual_weight, out=next_slot)
 
 
 class EstimatorRows:
@@ -321,21 +386,13 @@ class EstimatorRows:
             residual_weights.append(residual.t().to(like.dtype) if j + 1 < layers else None)
         self.share_weight = share_weight.flatten(0, 1).to(like.dtype)  # [L * P, 2]
         self.share_bias = share_bias
-        input_map = net.front_map()  # [2, R]: [x, 1] -> front_conv(x)
+        (block, gate_weight, gate_bias, residual_weight), *rest = zip(
+            net.res_blocks, gate_weights, gate_biases, residual_weights, strict=True
+        )
+        self.first = FirstBlockQueue(block, memory, gate_weight, gate_bias, residual_weight, keep, net.front_map())
         self.blocks = [
-            BlockQueue(
-                block,
-                memory,
-                j,
-                gate_weight,
-                gate_bias,
-                residual_weight,
-                keep,
-                input_map if j == 0 else None,
-            )
-            for j, (block, gate_weight, gate_bias, residual_weight) in enumerate(
-                zip(net.res_blocks, gate_weights, gate_biases, residual_weights, strict=True)
-            )
+            self.first,
+            *(BlockQueue(parts[0], memory, j, *parts[1:], keep) for j, parts in enumerate(rest, 1)),
         ]
 
     def step(self, x_row: torch.Tensor, cond_row: torch.Tensor, row: int) -> torch.Tensor:
@@ -346,10 +403,7 @@ class EstimatorRows:
         next step.
         """
         blocks = self.blocks
-        first = blocks[0].slot(row)  # [B * W, 2]: x and the constant 1, set when the slot is first used
-        first[:, 0] = x_row.flatten()
-        if row < 3 * len(blocks[0].slots):
-            first[:, 1] = 1
+        self.first.write_input(row, x_row)
         conds = cond_row.flatten(0, 1).unbind(-2)  # L x [B * W, 2R]
         for j, (block, cond) in enumerate(zip(blocks, conds, strict=True)):
             block.step(row, cond, blocks[j + 1].slot(row) if j + 1 < len(blocks) else None)
