@@ -265,12 +265,14 @@ class BlockQueue:
         # [-2 f, g]: tanh(f) sigmoid(g) = sigmoid(g) - 2 sigmoid(-2 f) sigmoid(g) (see FILTER_SCALE).
         torch.sigmoid_(self.gate_input)
         torch.addcmul(self.gate, self.filter, self.gate, value=-2, out=self.gated_filter)
-        if next_slot is not None and self.residual_weight is not None:  # the last block's gated activation is all
-            self.update(row, next_slot)
+        weight = self.residual_weight
+        if next_slot is not None and weight is not None:  # the last block: its gated activation is all
+            self.update(row, next_slot, weight)
 
-    def update(self, row: int, next_slot: torch.Tensor) -> None:
-        """The next block's input row: one product adds the residual update to the kept input, rounded once."""
-        torch.addmm(self.slot(row), self.gated, self.residual_weight, beta=self.keep, out=next_slot)
+    def update(self, row: int, next_slot: torch.Tensor, weight: torch.Tensor) -> None:
+        """The next block's input row: one product adds the residual update (`weight`, the residual weight)
+        to the kept input, rounded once."""
+        torch.addmm(self.slot(row), self.gated, weight, beta=self.keep, out=next_slot)
 
 
 class FirstBlockQueue(BlockQueue):
@@ -341,9 +343,9 @@ class FirstBlockQueue(BlockQueue):
         if self.residual_weight is not None:
             self.x_column.copy_(x.flatten())
 
-    def update(self, row: int, next_slot: torch.Tensor) -> None:
-        """The next block's input row: the gated activation, its 1 and x times one matrix."""
-        torch.mm(self.gated, self.residual_weight, out=next_slot)
+    def update(self, row: int, next_slot: torch.Tensor, weight: torch.Tensor) -> None:
+        """The next block's input row: the gated activation, its 1 and x times one matrix (`weight`)."""
+        torch.mm(self.gated, weight, out=next_slot)
 
 
 class EstimatorRows:
