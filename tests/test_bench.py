@@ -54,6 +54,7 @@ def test_bench_reports_every_case_as_json(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["matmul_size"] == 2048 and report["matmul_gflops"] > 0
+    assert report["allocator"] == bench.allocator()  # the test runs under the same allocator as its child
     # The bf16 yardstick where the processor has bf16 matrix units (AMX, AVX-512 bf16), none elsewhere.
     bf16_units = has_bf16_matrix_units(torch.device("cpu"))
     assert (report["bf16_matmul_gflops"] is not None) == bf16_units
@@ -114,6 +115,25 @@ def test_each_run_is_paired_with_the_yardstick_read_just_before_and_after_it():
     result = bench.with_paired({"gflops": 10.0, "seconds": 2.0}, [2.0, 4.0], readings)
     assert result["paired_fraction_of_matmul"] == pytest.approx((0.5 + 0.25) / 2)
     assert len(times) == 2 and times[1] > times[0]
+
+
+def test_the_allocator_is_named_from_the_libraries_the_process_has_mapped():
+    """A preloaded malloc is named by its library (Debian's libjemalloc.so.2, tcmalloc's minimal build);
+    else the C library's, whose name alone says nothing of the allocator."""
+    lines = [
+        "7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6",
+        "7f02-7f03 r--p 00000000 00:00 0 [heap]",
+        "7f04-7f05 rw-p 00000000 00:00 0",
+    ]
+    assert bench.allocator("\n".join(lines)) == "the C library's"
+    jemalloc = "7f06-7f07 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+    assert bench.allocator("\n".join([lines[0], jemalloc, *lines[1:]])) == "jemalloc"
+    tcmalloc = "7f08-7f09 r-xp 00000000 08:01 3 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.10"
+    assert bench.allocator("\n".join([tcmalloc, *lines])) == "tcmalloc"
+    this_process = bench.allocator()
+    assert this_process in (*bench.ALLOCATORS, "the C library's")
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    assert (this_process != "the C library's") == any(name in preloaded for name in bench.ALLOCATORS)
 
 
 def test_the_yardstick_reads_the_matmuls_rate_without_allocating():
