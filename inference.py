@@ -281,7 +281,7 @@ class FirstBlockQueue(BlockQueue):
     its 3x3 conv is one product (K = 18 + 1 for the bias), `front_conv` folded into its weight;
     and its residual update adds `keep * front_conv(x)` through a column of x beside its gated activation
     (`RowMemory.gated_columns(0, 2)`), one product too. Three products a row fewer than a `BlockQueue`
-    of 2 channels: about 35 us each on a CPU whatever their size.
+    of 2 channels, each a fixed cost of tens of microseconds on a CPU however small.
 
     Ring position k (`BlockQueue`) holds 6 channels per column w: `[x, 1]` at columns w - dw, w and
     w + dw (`write_input`)."""
@@ -312,13 +312,13 @@ class FirstBlockQueue(BlockQueue):
         """`BlockQueue.products` with the width taps' weights side by side, as the queue holds their inputs:
         one product per row, no side taps."""
         in_channels = self.ring // 3  # 6: [x, 1] for each width tap
-        c = in_channels // 3
+        c = in_channels // 3  # 2: [x, 1]
         weight = torch.stack(
             [
                 torch.cat([*(w[tap, k * c : (k + 1) * c] for k in range(3) for tap in range(3)), w[1, -1:]])
-                for w in gate_weight  # [width tap, 3 taps + 1, 2R] per turn
+                for w in gate_weight  # [width tap, 3 c + 1, 2R] per turn, ring positions stored last to first
             ]
-        )  # [turn, 9 taps + 1, 2R]
+        )  # [turn, 9 c + 1, 2R]: per ring position the three width taps' [x, 1], then the bias
         return [
             [
                 (rows.flatten(0, 1)[:, start:], weight[turn, start:], [])
