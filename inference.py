@@ -211,6 +211,12 @@ class BlockQueue:
         self.filter, self.gate = self.gate_input[:, :channels], self.gate_input[:, channels:]  # [B * W, R] each
         self.gated_filter = gated[:, :channels]  # [B * W, R]
 
+    def plan_turns(self) -> tuple[tuple[int, int], ...]:
+        """`(turn, first channel read)` of each plan of a row (`products`), in the order `step` picks them:
+        the three turns of the ring from channel 0, then a phase's first row (from 2 C) and its second (from C)."""
+        in_channels = self.ring // 3
+        return ((0, 0), (1, 0), (2, 0), (0, 2 * in_channels), (1, in_channels))
+
     def products(self, gate_input: torch.Tensor, gate_weight: torch.Tensor) -> list:
         """The products of a row, as views: `[phase][turn] -> (the centre tap's rows [B * W, K + 1], its weight
         [K + 1, 2R], [(gate input columns, a side tap's rows, its weight [(B,) K, 2R])])`, K = 3 C from
@@ -220,7 +226,7 @@ class BlockQueue:
         at batch 1, and a batch's go item by item as batched products against the weight broadcast (their
         columns do not flatten); the side taps have no bias row."""
         batch, width = gate_input.shape[:2]
-        flat, ring, shift, in_channels = batch == 1, self.ring, self.shift, self.ring // 3
+        flat, ring, shift = batch == 1, self.ring, self.shift
         side_input = gate_input[0] if flat else gate_input  # [(B,) W, 2R]: width second to last
         # Each side tap: (tap, the gate input's columns it adds to, the columns of the rows it reads); none
         # where the width dilation reaches past the width (the taps would read only padding).
@@ -233,7 +239,7 @@ class BlockQueue:
         for rows in self.queue.unbind():  # [B, W, 3 C + 1]
             side_rows = rows[0] if flat else rows
             phase_plans = []
-            for turn, start in ((0, 0), (1, 0), (2, 0), (0, 2 * in_channels), (1, in_channels)):
+            for turn, start in self.plan_turns():
                 taps = [tap[start:ring] if flat else tap[start:ring].expand(batch, -1, -1) for tap in gate_weight[turn]]
                 side_taps = [
                     (side_input[..., out, :], side_rows[..., read, start:ring], taps[i]) for i, out, read in sides
@@ -311,8 +317,7 @@ class FirstBlockQueue(BlockQueue):
     def products(self, gate_input: torch.Tensor, gate_weight: torch.Tensor) -> list:
         """`BlockQueue.products` with the width taps' weights side by side, as the queue holds their inputs:
         one product per row, no side taps."""
-        in_channels = self.ring // 3  # 6: [x, 1] for each width tap
-        c = in_channels // 3  # 2: [x, 1]
+        c = self.ring // 9  # 2: [x, 1], for each width tap of each ring position
         weight = torch.stack(
             [
                 torch.cat([*(w[tap, k * c : (k + 1) * c] for k in range(3) for tap in range(3)), w[1, -1:]])
@@ -320,10 +325,7 @@ class FirstBlockQueue(BlockQueue):
             ]
         )  # [turn, 9 c + 1, 2R]: per ring position the three width taps' [x, 1], then the bias
         return [
-            [
-                (rows.flatten(0, 1)[:, start:], weight[turn, start:], [])
-                for turn, start in ((0, 0), (1, 0), (2, 0), (0, 2 * in_channels), (1, in_channels))
-            ]
+            [(rows.flatten(0, 1)[:, start:], weight[turn, start:], []) for turn, start in self.plan_turns()]
             for rows in self.queue.unbind()
         ]
 
