@@ -46,6 +46,12 @@ FILTER_SCALE = -2.0
 # rows: on a CPU with AMX, oneDNN's bf16 product of K = 384 ran 1.15x as fast as with K = 385, or K = 384 read
 # from rows of 385, over buffers the size of a block's.
 QUEUE_ROW_ALIGNMENT = 32
+# In bf16 (and fp16) on a CPU, each queue row also holds the mel row (`RowMemory.mel_channels`) and the
+# centre tap's product projects it with the conv (K = 3 C + cin + 1): no conditioning cache (900 MB for
+# 10 s of audio) and no copy of a projected row into the gate input. On the 2-core AMX Xeon (bf16) a block
+# row's gate products took 0.95 of the time at 13,781 columns and 1.03 at 1,378, and the cache had cost
+# 0.48 s and 0.05 s to build; in fp32 the products took 1.11x as long, so fp32 keeps the cache.
+CONDITIONING_IN_QUEUE_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def scale_filter(gate: torch.Tensor) -> torch.Tensor:
@@ -64,36 +70,41 @@ def condition_rows(net: WaveNet2D, c: torch.Tensor) -> torch.Tensor:
     return cond.view(height, batch, width, len(net.res_blocks), -1)
 
 
-def rotated_gate_weight(block: ResidualBlock, input_map: torch.Tensor | None) -> torch.Tensor:
-    """`filter_gate_conv`'s weight as a `BlockQueue`'s matrix products need it: `[3, 3, 3 C + 1, 2R]`.
+def rotated_gate_weight(
+    block: ResidualBlock, input_map: torch.Tensor | None, conditioning: bool = False
+) -> torch.Tensor:
+    """`filter_gate_conv`'s weight as a `BlockQueue`'s matrix products need it: `[3, 3, 3 C + M + 1, 2R]`.
 
     Entry `[turn, tap]` serves rows with `(r // dh) % 3 == turn` and width tap `tap` (0: the
     column `dw` to the left, 1: the centre, 2: `dw` to the right); its row `(2 - k) C + i` (ring
     position k, stored last to first: `BlockQueue`; queue channel i) and column o (output channel)
-    hold the weight of the height tap whose row sits at ring position k. The last row (the bias) is
-    zero here. The filter outputs (columns `[0, R)`) are scaled by `FILTER_SCALE`. `input_map [C, R]`
-    is folded in as in `BlockQueue`.
+    hold the weight of the height tap whose row sits at ring position k. With `conditioning`, the next
+    M = cin rows of the centre tap hold `filter_gate_conv_c`'s weight (the queue holds the mel row:
+    `RowMemory.mel_channels`; M = 0 without). The last row (the bias) is zero here. The filter outputs
+    (columns `[0, R)`) are scaled by `FILTER_SCALE`. `input_map [C, R]` is folded in as in `BlockQueue`.
     """
     weight = block.filter_gate_conv.conv.normed_weight().detach()  # [2R, R, 3 (height tap), 3 (width tap)]
     if input_map is not None:
         weight = torch.einsum("oihw,ci->ochw", weight, input_map.detach())
     weight = weight.permute(2, 3, 1, 0)  # [height tap, width tap, i, o]
-    bias_row = weight.new_zeros(3, 1, weight.shape[-1])  # [width tap, 1, o]
+    mel = block.filter_gate_conv_c.normed_weight().detach().flatten(1).t() if conditioning else None  # [cin, o]
+    tail = weight.new_zeros(3, (0 if mel is None else len(mel)) + 1, weight.shape[-1])  # [width tap, M + 1, o]
+    if mel is not None:
+        tail[1, :-1] = mel
     # With (r // dh) % 3 == turn, ring position k holds row r - ((turn - k) % 3) * dh: height tap 2 - that.
     return scale_filter(
-        torch.stack(
-            [torch.cat([*(weight[2 - (turn - k) % 3] for k in (2, 1, 0)), bias_row], dim=1) for turn in range(3)]
-        )
-    )  # [turn, width tap, 3 C + 1, o]
+        torch.stack([torch.cat([*(weight[2 - (turn - k) % 3] for k in (2, 1, 0)), tail], dim=1) for turn in range(3)])
+    )  # [turn, width tap, 3 C + M + 1, o]
 
 
-def rotated_gate_weights(net: WaveNet2D, like: torch.Tensor) -> list[torch.Tensor]:
-    """Every block's `rotated_gate_weight`, in the dtype and on the device of `like`; the first block's
-    has `front_conv` folded in (its queue holds `[x, 1]`). Flows that share `net` share these: each
-    writes only its own gate bias into them when it starts."""
+def rotated_gate_weights(net: WaveNet2D, like: torch.Tensor, conditioning: bool = False) -> list[torch.Tensor]:
+    """Every block's `rotated_gate_weight` (with `conditioning`: the mel's rows too), in the dtype and on
+    the device of `like`; the first block's has `front_conv` folded in (its queue holds `[x, 1]`). Flows
+    that share `net` share these: each writes only its own gate bias into them when it starts."""
     front_map = net.front_map()  # [2, R]: [x, 1] -> front_conv(x)
     return [
-        rotated_gate_weight(block, front_map if j == 0 else None).to(like) for j, block in enumerate(net.res_blocks)
+        rotated_gate_weight(block, front_map if j == 0 else None, conditioning).to(like)
+        for j, block in enumerate(net.res_blocks)
     ]
 
 
@@ -102,32 +113,41 @@ def aligned(size: int) -> int:
     return -(-size // QUEUE_ROW_ALIGNMENT) * QUEUE_ROW_ALIGNMENT
 
 
+def conditioning_in_queue(c: torch.Tensor) -> bool:
+    """Whether synthesis of `c` (upsampled mel) puts the mel rows in the queues (`CONDITIONING_IN_QUEUE_DTYPES`,
+    on a CPU) rather than projecting them once into a cache (`condition_rows`)."""
+    return c.device.type == "cpu" and c.dtype in CONDITIONING_IN_QUEUE_DTYPES
+
+
 class RowMemory:
     """The working memory of one flow's row-by-row inverse (`EstimatorRows`), made once per synthesis and
     taken by every flow in turn: memory a process has not touched before is paged in on first use,
     which cost a CPU 3-4 ms per queue of 11 MB (10 s of audio) against 1 ms to zero it again: about 3% of
     a bf16 synthesis, by its profile, when every flow made its own.
 
-    Per block j: `queues[j] [dh, B, W, 3 C + 1]` (`BlockQueue`; the first block's C = 6, `FirstBlockQueue`),
-    its last column ones, the rest zeroed by `take`; shared: `gate_input [B, W, 2R]`, `gated [B * W, L * P]`
-    (`EstimatorRows`), `share [B * W, 2]` and `log_s_t [B * W, 2]` (fp32 or better).
+    Per block j: `queues[j] [dh, B, W, 3 C + M + 1]` (`BlockQueue`; the first block's C = 6,
+    `FirstBlockQueue`; M the mel's channels when the queues hold its row, else 0), its last column ones,
+    the rest zeroed by `take`; shared: `gate_input [B, W, 2R]`, `gated [B * W, L * P]` (`EstimatorRows`),
+    `share [B * W, 2]` and `log_s_t [B * W, 2]` (fp32 or better).
     """
 
-    def __init__(self, net: WaveNet2D, batch: int, width: int, like: torch.Tensor):
+    def __init__(self, net: WaveNet2D, batch: int, width: int, like: torch.Tensor, mel_channels: int = 0):
         """Memory for the estimators shaped as `net` (all of a model's are), rows of `batch x width`
-        columns, in the dtype and on the device of `like`."""
-        self.batch, self.width = batch, width
+        columns, in the dtype and on the device of `like`; `mel_channels`: the mel row's channels each queue
+        row holds after its ring (`conditioning_in_queue`), or 0."""
+        self.batch, self.width, self.mel_channels = batch, width, mel_channels
         channels = self.channels = net.res_channels
         layers = len(net.res_blocks)
         self.queues = []
         for j, block in enumerate(net.res_blocks):
             # The first block's queue holds [x, 1] for each of its three width taps (`FirstBlockQueue`).
             ring = 3 * (3 * net.front_map().shape[0] if j == 0 else channels)
-            queue = like.new_zeros(block.filter_gate_conv.conv.dilation[0], batch, width, aligned(ring + 1))
+            ones = ring + mel_channels  # the column of ones, after the ring and the mel row
+            queue = like.new_zeros(block.filter_gate_conv.conv.dilation[0], batch, width, aligned(ones + 1))
             # The padding past a row's last column is zero once and for all: bf16 matrix kernels read it
             # (times zero weights; memory left uninitialised may hold NaN, which stays NaN).
-            queue = queue[..., : ring + 1]  # the rest zeroed by `take`
-            queue[..., ring] = 1
+            queue = queue[..., : ones + 1]  # the rest zeroed by `take`
+            queue[..., ones] = 1
             self.queues.append(queue)
         self.gate_input = like.new_empty(batch, width, 2 * channels)
         self.stride = aligned(channels + 2)  # P
@@ -168,6 +188,9 @@ class BlockQueue:
     for the first (ring position 0), `[C, 3 C + 1)` for the second. Their products skip the
     zeros, 2/3 and 1/3 of the work: a sixteenth of a flow's gate products at 16 rows and dh = 1.
     The zeros stay (`RowMemory.take`): oneDNN's bf16 products may read a row's other columns.
+
+    With the mel row in the queue (`RowMemory.mel_channels`), it sits between the ring and the ones column,
+    written for each row before its product: the centre tap's product adds the conditioning too.
     """
 
     def __init__(
@@ -188,9 +211,15 @@ class BlockQueue:
         (the flow's `output_weights`)."""
         channels = block.res_channels
         batch, width = memory.batch, memory.width
-        self.queue = memory.queues[index]  # [dh, B, W, 3 C + 1]
+        self.queue = memory.queues[index]  # [dh, B, W, 3 C + M + 1]
         dilation_h, self.shift = block.filter_gate_conv.conv.dilation
-        self.ring = ring = self.queue.shape[-1] - 1
+        self.ring = ring = self.queue.shape[-1] - 1 - memory.mel_channels
+        # Where each phase's mel row goes: [B * W, cin], or none (the conditioning comes projected).
+        self.mel_rows = (
+            [self.queue[phase, ..., ring:-1].view(batch * width, -1) for phase in range(dilation_h)]
+            if memory.mel_channels
+            else None
+        )
         # Views into the queue: [phase][ring position] -> [B * W, C].
         self.slots = [
             [
@@ -256,16 +285,20 @@ class BlockQueue:
     def step(self, row: int, cond_row: torch.Tensor, next_slot: torch.Tensor | None) -> None:
         """Row `row` of the block, once its input row is in the queue (`slot(row)`).
 
-        `cond_row [B * W, 2R]` is the row's conditioning projection (no bias, filter half scaled:
-        `condition_rows`). The row's gated activation is left in `gated`, and the next
-        block's input row is written into `next_slot [B * W, R]`.
+        `cond_row` is the row's conditioning: its projection `[B * W, 2R]` (no bias, filter half scaled:
+        `condition_rows`), or with the mel in the queue the mel row `[B * W, cin]`. The row's gated
+        activation is left in `gated`, and the next block's input row is written into `next_slot [B * W, R]`.
         """
         phases = len(self.slots)
         turn = row // phases
         rows, centre, sides = self.plans[row % phases][turn % 3 if turn > 1 else turn + 3]
         # The gate input: conditioning + centre tap (with the bias), then each side tap added to the
         # columns it reaches; the products accumulate into the gate input, so no tap is ever stored apart.
-        torch.addmm(cond_row, rows, centre, out=self.gate_input)
+        if self.mel_rows is None:
+            torch.addmm(cond_row, rows, centre, out=self.gate_input)
+        else:  # the mel row projected by the centre tap's product
+            self.mel_rows[row % phases].copy_(cond_row)
+            torch.mm(rows, centre, out=self.gate_input)
         for gate_columns, rows_read, weight in sides:
             self.accumulate(gate_columns, rows_read, weight)
         # [-2 f, g]: tanh(f) sigmoid(g) = sigmoid(g) - 2 sigmoid(-2 f) sigmoid(g) (see FILTER_SCALE).
@@ -320,10 +353,10 @@ class FirstBlockQueue(BlockQueue):
         c = self.ring // 9  # 2: [x, 1], for each width tap of each ring position
         weight = torch.stack(
             [
-                torch.cat([*(w[tap, k * c : (k + 1) * c] for k in range(3) for tap in range(3)), w[1, -1:]])
-                for w in gate_weight  # [width tap, 3 c + 1, 2R] per turn, ring positions stored last to first
+                torch.cat([*(w[tap, k * c : (k + 1) * c] for k in range(3) for tap in range(3)), w[1, 3 * c :]])
+                for w in gate_weight  # [width tap, 3 c + M + 1, 2R] per turn, ring positions stored last to first
             ]
-        )  # [turn, 9 c + 1, 2R]: per ring position the three width taps' [x, 1], then the bias
+        )  # [turn, 9 c + M + 1, 2R]: per ring position the three width taps' [x, 1], then the mel's, the bias
         return [
             [(rows.flatten(0, 1)[:, start:], weight[turn, start:], []) for turn, start in self.plan_turns()]
             for rows in self.queue.unbind()
@@ -378,6 +411,7 @@ class EstimatorRows:
         weights, keep = net.output_weights(multgate, projection_weight)
         channels, layers, like = net.res_channels, len(net.res_blocks), memory.gate_input
         self.gated, self.share, self.log_s_t = memory.gated, memory.share, memory.log_s_t
+        self.mel_in_queue = memory.mel_channels > 0
         # The shares' biases go to the fp32 (or better) bias; their weights are rows of one [L * P, 2] matrix.
         accumulate = self.log_s_t.dtype
         share_weight = like.new_zeros(layers, memory.stride, 2, dtype=accumulate)
@@ -402,13 +436,16 @@ class EstimatorRows:
     def step(self, x_row: torch.Tensor, cond_row: torch.Tensor, row: int) -> torch.Tensor:
         """Row `row` of the flow's `(log_s, t)`; rows are fed in order 0, 1, ...
 
-        `x_row [B, W]` is row `row` of the (already shifted) input and `cond_row [B, W, L, 2R]`
-        its conditioning (`condition_rows`) -> `log_s_t [B, W, 2]` in fp32 or better, valid until the
-        next step.
+        `x_row [B, W]` is row `row` of the (already shifted) input and `cond_row` its conditioning: the
+        projections `[B, W, L, 2R]` (`condition_rows`), or with the mel in the queues the mel row
+        `[B, W, cin]` -> `log_s_t [B, W, 2]` in fp32 or better, valid until the next step.
         """
         blocks = self.blocks
         self.first.write_input(row, x_row)
-        conds = cond_row.flatten(0, 1).unbind(-2)  # L x [B * W, 2R]
+        if self.mel_in_queue:
+            conds = [cond_row.flatten(0, 1)] * len(blocks)  # L x [B * W, cin]
+        else:
+            conds = cond_row.flatten(0, 1).unbind(-2)  # L x [B * W, 2R]
         for j, (block, cond) in enumerate(zip(blocks, conds, strict=True)):
             block.step(row, cond, blocks[j + 1].slot(row) if j + 1 < len(blocks) else None)
         if self.log_s_t.dtype == self.gated.dtype:
@@ -429,10 +466,11 @@ def reverse_coupling(
     memory: RowMemory,
 ) -> torch.Tensor:
     """Invert flow `flow`'s coupling row by row. `z [B, 1, H, W]` fp32, `c [B, cin, H, W]` and
-    optionally its projection `cond [H, B, W, L, 2R]` (`condition_rows`), both of the unpermuted
-    rows, `rows[h]`: the unpermuted row that is row h in this flow, `gate_weights`: the flow's
-    estimator's `rotated_gate_weights`, `memory`: the estimator's (`RowMemory`, shaped for `c`)
-    -> `x [B, 1, H, W]` in the flow's (permuted) row order."""
+    optionally its projection `cond [H, B, W, L, 2R]` (`condition_rows`), or with the mel in the queues
+    (`RowMemory.mel_channels`) its rows `cond [H, B, W, cin]`, all of the unpermuted rows, `rows[h]`:
+    the unpermuted row that is row h in this flow, `gate_weights`: the flow's estimator's
+    `rotated_gate_weights`, `memory`: the estimator's (`RowMemory`, shaped for `c`) -> `x [B, 1, H, W]`
+    in the flow's (permuted) row order."""
     net, coupling, embedding = model.flow_parts(flow)
     dtype = c.dtype
     batch, _, height, width = z.shape
@@ -461,18 +499,22 @@ def reverse_flows(
     """The inverse of all flows: `c [B, cin, H, W]` (upsampled, squeezed), `z [B, 1, H, W]` -> `x [B, 1, H, W]` fp32.
 
     Each estimator's projection of the conditioning and its rotated gate weights are built once,
-    for all the consecutive flows that share it; the estimators' working memory once for all.
+    for all the consecutive flows that share it; the estimators' working memory once for all. Where the
+    queues hold the mel rows (`conditioning_in_queue`) there is no projection to build (nor its budget,
+    `condition_cache_bytes`, to keep).
     """
     config = model.config
     x = z.float()
-    memory = RowMemory(model.flow_parts(0)[0], c.shape[0], c.shape[-1], c)
+    mel_in_queue = conditioning_in_queue(c)
+    memory = RowMemory(model.flow_parts(0)[0], c.shape[0], c.shape[-1], c, c.shape[1] if mel_in_queue else 0)
     cache_bytes = c.numel() // config.cin_channels * config.n_layer * 2 * config.res_channels * c.element_size()
-    cache = cache_bytes <= condition_cache_bytes
-    weights_net, gate_weights, cond_net, cond = None, [], None, None
+    cache = cache_bytes <= condition_cache_bytes and not mel_in_queue
+    weights_net, gate_weights, cond_net = None, [], None
+    cond = c.permute(2, 0, 3, 1).contiguous() if mel_in_queue else None  # [H, B, W, cin]
     for flow in reversed(range(config.n_flow)):
         net = model.flow_parts(flow)[0]
         if net is not weights_net:
-            weights_net, gate_weights = net, rotated_gate_weights(net, c)
+            weights_net, gate_weights = net, rotated_gate_weights(net, c, mel_in_queue)
         if cache and net is not cond_net:
             cond_net, cond = net, condition_rows(net, c)  # [H, B, W, L, 2R]
         x = model.permute(flow, reverse_coupling(model, flow, x, c, cond, model.row_orders[flow], gate_weights, memory))
@@ -493,7 +535,8 @@ def synthesize(
 
     `max_cpu_columns`: on a CPU the batch goes in groups of at most this many columns (at least one
     item each); `condition_cache_bytes`: the budget for projecting the conditioning of all rows at
-    once (0: each row when it is needed); `cuda_graphs`: on a GPU, replay captured graphs from this
+    once (0: each row when it is needed; no projection is built where the queues hold the mel rows,
+    `conditioning_in_queue`); `cuda_graphs`: on a GPU, replay captured graphs from this
     cache (`CudaGraphCache`) instead of launching every kernel (ignored elsewhere). None of them
     changes the result.
     """

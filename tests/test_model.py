@@ -474,15 +474,69 @@ def test_synthesis_never_reads_memory_it_did_not_write(monkeypatch, dtype, batch
     assert torch.equal(audio, expected)
 
 
+def with_mel_in_queue(monkeypatch, in_queue: bool) -> list[int]:
+    """Synthesis with the mel rows in the queues (`inference.conditioning_in_queue`) or projected apart,
+    whatever the dtype: -> the mel channels each `RowMemory` synthesis then made held per queue row."""
+    held = []
+    make = inference.RowMemory.__init__
+
+    def spy(memory, *args, **kwargs):
+        make(memory, *args, **kwargs)
+        held.append(memory.mel_channels)
+
+    monkeypatch.setattr(inference, "conditioning_in_queue", lambda c: in_queue)
+    monkeypatch.setattr(inference.RowMemory, "__init__", spy)
+    return held
+
+
+@pytest.mark.parametrize("batch,frames", [(1, 4), (2, 6), (1, 9)])
+@pytest.mark.parametrize("variant,layers_per_cycle", [("nanoflow", 1), ("nanoflow", 3), ("waveflow", 2)])
+def test_the_mel_in_the_queue_gives_the_audio_of_its_projection_apart(
+    monkeypatch, batch, frames, variant, layers_per_cycle
+):
+    """The mel row held in every queue row and projected by the centre tap's product (`BlockQueue`) adds
+    the conditioning that the projection built apart (`condition_rows`) adds: the same audio to rounding
+    in fp32 and in float64."""
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        model = random_model(tiny_config(variant, n_layer_per_cycle=layers_per_cycle, n_layer=4)).to(dtype)
+        mel = torch.randn(batch, 80, frames, dtype=dtype)
+        z = torch.randn(batch, 1, 16, (frames - SYNTHESIS_TRIM_FRAMES) * 256 // 16, dtype=dtype)
+        audio = {}
+        for in_queue in (False, True):
+            with monkeypatch.context() as patch:
+                held = with_mel_in_queue(patch, in_queue)
+                audio[in_queue] = model.infer(mel, z=z)
+            assert held == [80 if in_queue else 0]
+        assert torch.isfinite(audio[False]).all()
+        assert torch.allclose(audio[True], audio[False], atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,in_queue", [(torch.bfloat16, True), (torch.float32, False)])
+def test_bf16_synthesis_on_a_cpu_holds_the_mel_in_its_queues(monkeypatch, dtype, in_queue):
+    """No conditioning cache in bf16 on a CPU (900 MB of 1.1 GB at 10 s of audio), and its product in
+    fp32 is slower: fp32 keeps it. Either way the cache's budget no longer changes the audio."""
+    held = []
+    make = inference.RowMemory.__init__
+    monkeypatch.setattr(inference.RowMemory, "__init__", lambda m, *a, **k: make(m, *a, **k) or held.append(m))
+    model = random_model(tiny_config("nanoflow")).to(dtype)
+    mel, z = torch.randn(1, 80, 6, dtype=dtype), torch.randn(1, 1, 16, 48)
+    audio = model.infer(mel, z=z)
+    assert [memory.mel_channels for memory in held] == [80 if in_queue else 0]
+    assert torch.equal(model.infer(mel, z=z, condition_cache_bytes=0), audio)
+
+
+@pytest.mark.parametrize("in_queue", [False, True])
 @pytest.mark.parametrize("batch,layers_per_cycle", [(1, 1), (2, 1), (1, 3)])
-def test_the_first_rows_of_a_flow_read_only_rows_written(monkeypatch, batch, layers_per_cycle):
+def test_the_first_rows_of_a_flow_read_only_rows_written(monkeypatch, batch, layers_per_cycle, in_queue):
     """The first two rows of each phase of a queue (row r, dilation dh: r < 2 dh) have the conv's zero
     padding for their earlier rows, and their products skip it (`inference.BlockQueue`): with the queues
-    filled with NaN where no row has been written yet, the audio is the same. In fp32: oneDNN's bf16
-    products may read a row's other columns, times nothing (at 16 channels all of a queue row's 64, a
-    NaN anywhere in it giving NaN); the queues hold zeros there when `take` has emptied them."""
+    filled with NaN where no row has been written yet, the audio is the same (with the mel in the queues,
+    each row's is written before its product). In fp32: oneDNN's bf16 products may read a row's other
+    columns, times nothing (at 16 channels all of a queue row's 64, a NaN anywhere in it giving NaN); the
+    queues hold zeros there when `take` has emptied them."""
     model = random_model(tiny_config("nanoflow", n_layer_per_cycle=layers_per_cycle))
     mel, z = torch.randn(batch, 80, 6), torch.randn(batch, 1, 16, 48)
+    with_mel_in_queue(monkeypatch, in_queue)
     expected = model.infer(mel, z=z)
 
     def take_poisoned(memory: inference.RowMemory) -> inference.RowMemory:
