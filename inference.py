@@ -50,7 +50,7 @@ QUEUE_ROW_ALIGNMENT = 32
 # centre tap's product projects it with the conv (K = 3 C + cin + 1): no conditioning cache (900 MB for
 # 10 s of audio) and no copy of a projected row into the gate input. On the 2-core AMX Xeon (bf16) a block
 # row's gate products took 0.95 of the time at 13,781 columns and 1.03 at 1,378, and the cache had cost
-# 0.48 s and 0.05 s to build; in fp32 the products took 1.11x as long, so fp32 keeps the cache.
+# 0.48 s and 0.05 s to build. fp32 keeps the cache: with the mel in the queues 1 s took 1.02-1.03x as long.
 CONDITIONING_IN_QUEUE_DTYPES = (torch.bfloat16, torch.float16)
 
 
