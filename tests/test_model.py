@@ -474,19 +474,24 @@ def test_synthesis_never_reads_memory_it_did_not_write(monkeypatch, dtype, batch
     assert torch.equal(audio, expected)
 
 
-def with_mel_in_queue(monkeypatch, in_queue: bool) -> list[int]:
-    """Synthesis with the mel rows in the queues (`inference.conditioning_in_queue`) or projected apart,
-    whatever the dtype: -> the mel channels each `RowMemory` synthesis then made held per queue row."""
-    held = []
+def memories_made(monkeypatch) -> list[inference.RowMemory]:
+    """-> every `RowMemory` synthesis makes from now on, in order."""
+    made = []
     make = inference.RowMemory.__init__
 
     def spy(memory, *args, **kwargs):
         make(memory, *args, **kwargs)
-        held.append(memory.mel_channels)
+        made.append(memory)
 
-    monkeypatch.setattr(inference, "conditioning_in_queue", lambda c: in_queue)
     monkeypatch.setattr(inference.RowMemory, "__init__", spy)
-    return held
+    return made
+
+
+def with_mel_in_queue(monkeypatch, in_queue: bool) -> list[inference.RowMemory]:
+    """Synthesis with the mel rows in the queues (`inference.conditioning_in_queue`) or projected apart,
+    whatever the dtype: -> the `RowMemory`s it then makes (`memories_made`)."""
+    monkeypatch.setattr(inference, "conditioning_in_queue", lambda c: in_queue)
+    return memories_made(monkeypatch)
 
 
 @pytest.mark.parametrize("batch,frames", [(1, 4), (2, 6), (1, 9)])
@@ -504,24 +509,22 @@ def test_the_mel_in_the_queue_gives_the_audio_of_its_projection_apart(
         audio = {}
         for in_queue in (False, True):
             with monkeypatch.context() as patch:
-                held = with_mel_in_queue(patch, in_queue)
+                made = with_mel_in_queue(patch, in_queue)
                 audio[in_queue] = model.infer(mel, z=z)
-            assert held == [80 if in_queue else 0]
+            assert [memory.mel_channels for memory in made] == [80 if in_queue else 0]
         assert torch.isfinite(audio[False]).all()
         assert torch.allclose(audio[True], audio[False], atol=tolerance, rtol=0)
 
 
 @pytest.mark.parametrize("dtype,in_queue", [(torch.bfloat16, True), (torch.float32, False)])
 def test_bf16_synthesis_on_a_cpu_holds_the_mel_in_its_queues(monkeypatch, dtype, in_queue):
-    """No conditioning cache in bf16 on a CPU (900 MB of 1.1 GB at 10 s of audio), and its product in
-    fp32 is slower: fp32 keeps it. Either way the cache's budget no longer changes the audio."""
-    held = []
-    make = inference.RowMemory.__init__
-    monkeypatch.setattr(inference.RowMemory, "__init__", lambda m, *a, **k: make(m, *a, **k) or held.append(m))
+    """No conditioning cache in bf16 on a CPU (900 MB of 1.1 GB at 10 s of audio); fp32, slower with the
+    mel in its queues, keeps it. Either way the cache's budget does not change the audio."""
+    made = memories_made(monkeypatch)
     model = random_model(tiny_config("nanoflow")).to(dtype)
     mel, z = torch.randn(1, 80, 6, dtype=dtype), torch.randn(1, 1, 16, 48)
     audio = model.infer(mel, z=z)
-    assert [memory.mel_channels for memory in held] == [80 if in_queue else 0]
+    assert [memory.mel_channels for memory in made] == [80 if in_queue else 0]
     assert torch.equal(model.infer(mel, z=z, condition_cache_bytes=0), audio)
 
 
