@@ -20,6 +20,7 @@ import json
 import math
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 
 from storage import read_text
@@ -161,6 +162,16 @@ class WaveFlowConfig:
                 self.size_flow_embed >= 1,
                 f"{s}.size_flow_embed must be a positive integer when coupling_type is 'nanoflow'",
             )
+        else:
+            for key, inert in (("size_flow_embed", 0), ("use_weightnorm_embed", False)):
+                if getattr(self, key) != inert:
+                    # The original took these for every coupling type and its configs carry them: a warning, not
+                    # a refusal, so that such a config still loads.
+                    warnings.warn(
+                        f"{s}.{key} ({getattr(self, key)}) is ignored: only coupling_type 'nanoflow' has a flow "
+                        f"embedding, this config's is '{self.coupling_type}'",
+                        stacklevel=3,
+                    )
         if self.bipartize:
             _require(self.n_height % 2 == 0, f"{s}.n_height must be even when bipartize is on")
         _require(

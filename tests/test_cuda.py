@@ -13,7 +13,15 @@ import torch
 import inference
 from cuda_graphs import CudaGraphCache
 from model import build_model, negative_log_likelihood, unsqueeze
-from test_model import FIXTURES, VARIANTS, poison_uninitialised_memory, random_model, slow_inverse, tiny_config
+from test_model import (
+    FIXTURES,
+    VARIANTS,
+    poison_uninitialised_memory,
+    random_model,
+    slow_inverse,
+    tiny_config,
+    weight_normed_embedding,
+)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 TOLERANCE = 1e-4
@@ -205,7 +213,7 @@ def test_a_failed_capture_falls_back_to_eager_with_one_warning(monkeypatch, fail
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_remove_weight_norm_on_cuda(variant):
-    model = random_model(tiny_config(variant, use_weightnorm_embed=True)).to(CUDA)
+    model = random_model(tiny_config(variant, **weight_normed_embedding(variant))).to(CUDA)
     mel, z = torch.randn(1, 80, 6, device=CUDA), torch.randn(1, 1, 16, 48, device=CUDA)
     graphs = CudaGraphCache()
     audio = model.infer(mel, z=z, cuda_graphs=graphs)

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # every test here: see conft
 
 def small_config(coupling_type: str, **overrides) -> dict:
     """Two flows of two blocks over 8 rows; the second block's height dilation 2 reaches the causal padding."""
-    config = dict(n_height=8, n_layer=2, n_flow=2, n_layer_per_cycle=2, size_flow_embed=SIZE_FLOW_EMBED)
+    config = dict(n_height=8, n_layer=2, n_flow=2, n_layer_per_cycle=2)
+    if coupling_type == "nanoflow":
+        config.update(size_flow_embed=SIZE_FLOW_EMBED)
     return tiny_config(coupling_type, **{**config, **overrides})
 
 

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
@@ -34,11 +35,16 @@ def tiny_config(coupling_type: str, **overrides) -> dict:
         "n_flow": 4,
         "n_layer_per_cycle": 1,
         "coupling_type": coupling_type,
-        "size_flow_embed": 8,
-        "use_weightnorm_embed": "False",
     }
+    if coupling_type == "nanoflow":  # the other coupling types have no flow embedding
+        config.update(size_flow_embed=8, use_weightnorm_embed="False")
     config.update(overrides)
     return config
+
+
+def weight_normed_embedding(coupling_type: str) -> dict:
+    """The override that weight-norms the flow embedding, where the coupling type has one."""
+    return {"use_weightnorm_embed": True} if coupling_type == "nanoflow" else {}
 
 
 def random_model(config: dict, seed: int = 0) -> WaveFlow:
@@ -394,7 +400,7 @@ def test_sampling_uses_sigma_and_generator():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_remove_weight_norm_keeps_the_model_usable(variant):
-    model = random_model(tiny_config(variant, use_weightnorm_embed=True))
+    model = random_model(tiny_config(variant, **weight_normed_embedding(variant)))
     mel, z = torch.randn(1, 80, 6), torch.randn(1, 1, 16, 48)
     audio = model.infer(mel, z=z)
     with torch.no_grad():
@@ -410,7 +416,7 @@ def test_remove_weight_norm_keeps_the_model_usable(variant):
     # A weight-normed checkpoint loads strictly into the folded model, and the other way round.
     model.load_state_dict(state)
     assert torch.allclose(model.infer(mel, z=z), audio, atol=1e-5)
-    fresh = build_model(tiny_config(variant, use_weightnorm_embed=True))
+    fresh = build_model(tiny_config(variant, **weight_normed_embedding(variant)))
     fresh.load_state_dict(model.state_dict())
     assert torch.allclose(fresh.eval().infer(mel, z=z), audio, atol=1e-5)
 
@@ -587,6 +593,24 @@ def test_bad_config_is_refused_with_the_key_named(change, message):
     config.update(change)
     with pytest.raises(ValueError, match=message):
         build_model(config)
+
+
+@pytest.mark.parametrize("coupling_type", ["waveflow", "nanoflow_naive", "nanoflow_decomp"])
+@pytest.mark.parametrize("key,value", [("size_flow_embed", 512), ("use_weightnorm_embed", "True")])
+def test_a_flow_embedding_key_outside_nanoflow_is_named_as_ignored(coupling_type, key, value):
+    """The original took them for every coupling type; they build nothing outside nanoflow: a warning
+    naming the key, and the model of the config without it."""
+    with pytest.warns(UserWarning, match=rf"waveflow_config\.{key} \({value}\) is ignored: only coupling_type "):
+        model = build_model(tiny_config(coupling_type, **{key: value}))
+    expected = build_model(tiny_config(coupling_type))
+    assert model.state_dict().keys() == expected.state_dict().keys()
+
+
+def test_nanoflow_and_the_defaults_warn_of_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_model(tiny_config("nanoflow", use_weightnorm_embed="True"))
+        build_model(tiny_config("waveflow", size_flow_embed=0, use_weightnorm_embed="False"))
 
 
 def test_missing_key_is_named():
