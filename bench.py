@@ -97,7 +97,10 @@ def timed(run, device: torch.device, repeats: int, warmup: int, max_seconds: flo
     return times
 
 
-def matmul_size(device: torch.device) -> int:
+def matmul_size(device: torch.device, size: int | None = None) -> int:
+    """The side of the square matmul yardstick: `size`, or by default 8192 on a GPU and 2048 on a CPU."""
+    if size is not None:
+        return size
     return 8192 if device.type == "cuda" else 2048
 
 
@@ -111,8 +114,8 @@ class Yardstick:
     after the workloads, and `reading()`, the median GFLOP/s of `products` of them (a few tens of
     milliseconds on a CPU), beside each timed run."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, products: int = 3):
-        size = matmul_size(device)
+    def __init__(self, device: torch.device, dtype: torch.dtype, size: int | None = None, products: int = 3):
+        size = matmul_size(device, size)
         self.device, self.products, self.flops = device, products, 2 * size**3
         self.a = torch.randn(size, size, device=device, dtype=dtype)
         self.b = torch.randn(size, size, device=device, dtype=dtype)
@@ -126,10 +129,10 @@ class Yardstick:
         return self.flops / statistics.median(times) / 1e9
 
 
-def matmul_runs(device: torch.device, dtype: torch.dtype, repeats: int = 30) -> list[float]:
-    """The throughput, in GFLOP/s, of each timed run of the `Yardstick`'s square matmul, the yardstick
-    for every figure."""
-    yardstick = Yardstick(device, dtype)
+def matmul_runs(device: torch.device, dtype: torch.dtype, repeats: int = 30, size: int | None = None) -> list[float]:
+    """The throughput, in GFLOP/s, of each timed run of the `Yardstick`'s square matmul (`matmul_size`), the
+    yardstick for every figure."""
+    yardstick = Yardstick(device, dtype, size)
     times = timed(yardstick.product, device, repeats, warmup=5, max_seconds=60)
     return [yardstick.flops / elapsed / 1e9 for elapsed in times]
 
@@ -443,6 +446,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="DataLoader worker counts to measure the training loader with",
     )
+    parser.add_argument(
+        "--matmul_size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="side of the square matmul that every figure is measured against (default: 8192 on a GPU, 2048 on "
+        "a CPU); a smaller one makes a quick check of the command, its fractions of the matmul not comparable",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--eager", action="store_true", help="synthesis on a GPU without CUDA graphs")
     parser.add_argument(
@@ -458,6 +469,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--train_batch": [] if args.train_batch is None else [args.train_batch],
         "--segment_length": [] if args.segment_length is None else [args.segment_length],
         "--repeats": [args.repeats],
+        "--matmul_size": [] if args.matmul_size is None else [args.matmul_size],
     }
     for flag, values in positive.items():
         for value in values:
@@ -503,14 +515,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args, config, device, dtype, batch: int, segment: int, dataset: Mel2Samp | None) -> None:
     """Every case not skipped, with the matmul yardsticks before and after them; prints the report."""
-    reference = [matmul_runs(device, dtype)]
+    reference = [matmul_runs(device, dtype, size=args.matmul_size)]
     # Tensor cores and CPU matrix engines are rated in bf16: every figure is also given against that, where
     # the device has them. A CPU without them emulates bf16 products, some hundred times slower than fp32:
     # no yardstick, and minutes to measure.
     bf16_units = has_bf16_matrix_units(device)
-    bf16_reference = [matmul_runs(device, torch.bfloat16)] if bf16_units else []
+    bf16_reference = [matmul_runs(device, torch.bfloat16, size=args.matmul_size)] if bf16_units else []
     results = []
-    yardstick = Yardstick(device, dtype)
+    yardstick = Yardstick(device, dtype, args.matmul_size)
     if "synthesis" not in args.skip:
         model = build_model(config.waveflow).to(device).eval().remove_weight_norm().to(dtype)
         graphs = CudaGraphCache() if device.type == "cuda" and not args.eager else None
@@ -551,9 +563,9 @@ def run(args, config, device, dtype, batch: int, segment: int, dataset: Mel2Samp
         results.append(loading)
         for workers in args.loader_workers:
             results.append(bench_loader(dataset, device, batch, workers, args))
-    reference.append(matmul_runs(device, dtype))
+    reference.append(matmul_runs(device, dtype, size=args.matmul_size))
     if bf16_units:
-        bf16_reference.append(matmul_runs(device, torch.bfloat16))
+        bf16_reference.append(matmul_runs(device, torch.bfloat16, size=args.matmul_size))
     matmul = statistics.mean(statistics.median(runs) for runs in reference)
     bf16_matmul = statistics.mean(statistics.median(runs) for runs in bf16_reference) if bf16_reference else None
     matmul_best = max(max(runs) for runs in reference)
@@ -576,7 +588,7 @@ def run(args, config, device, dtype, batch: int, segment: int, dataset: Mel2Samp
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cuda_graphs": device.type == "cuda" and not args.eager,
-        "matmul_size": matmul_size(device),
+        "matmul_size": matmul_size(device, args.matmul_size),
         "matmul_gflops": matmul,
         "bf16_matmul_gflops": bf16_matmul,
         "best_matmul_gflops": matmul_best,

@@ -52,7 +52,7 @@ if [ "$DEVICE" = cpu ]; then
     PROFILE_CONFIG=${PROFILE_CONFIG:-configs/demo.json} PROFILE_BATCH=${PROFILE_BATCH:-1}
     PROFILE_SEGMENT=${PROFILE_SEGMENT:-2048} PRECISIONS=${PRECISIONS:-fp32 bf16}
     BENCH=(--seconds 0.05 --batches 1 --train_batch 1 --segment_length 2048 --repeats 1 --warmup 0 --max_seconds 1
-        --skip checkpointing loading)
+        --matmul_size 256 --skip checkpointing loading)
     BENCH_PRECISIONS=fp32 BENCH_SHARE=20  # a CPU without bf16 matrix units takes minutes for a bf16 matmul
     PROFILE_STEPS=(--warmup 1 --steps 1 --top 5)
     DEMO_SHAPE=(--batch "$PROFILE_BATCH" --segment "$PROFILE_SEGMENT")

@@ -45,6 +45,8 @@ def test_bench_reports_every_case_as_json(tmp_path):
             "--loader_workers",
             "0",
             "1",
+            "--matmul_size",
+            "256",  # a quick yardstick: the default's readings took 10 of this test's 20 s
         ],
         cwd=ROOT,
         capture_output=True,
@@ -53,7 +55,7 @@ def test_bench_reports_every_case_as_json(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["matmul_size"] == 2048 and report["matmul_gflops"] > 0
+    assert report["matmul_size"] == 256 and report["matmul_gflops"] > 0
     assert report["allocator"] == bench.allocator()  # the test runs under the same allocator as its child
     # The bf16 yardstick where the processor has bf16 matrix units (AMX, AVX-512 bf16), none elsewhere.
     bf16_units = has_bf16_matrix_units(torch.device("cpu"))
@@ -137,7 +139,10 @@ def test_the_allocator_is_named_from_the_libraries_the_process_has_mapped():
 
 
 def test_the_yardstick_reads_the_matmuls_rate_without_allocating():
-    yardstick = bench.Yardstick(torch.device("cpu"), torch.float32)
+    cpu = torch.device("cpu")
+    assert bench.matmul_size(cpu) == 2048 and bench.matmul_size(torch.device("cuda")) == 8192
+    yardstick = bench.Yardstick(cpu, torch.float32, size=512)
+    assert yardstick.a.shape == (512, 512) and yardstick.flops == 2 * 512**3
     out = yardstick.out
     assert yardstick.reading() > 0 and yardstick.out is out
     assert torch.allclose(out, yardstick.a @ yardstick.b)
@@ -160,6 +165,7 @@ def demo_config_with(tmp_path, section: str, **changes) -> str:
         (["--seconds", "0.0001"], "error: --seconds 0.0001 gives 0 samples, which must be positive and a multiple of"),
         (["--batches", "0"], "error: --batches must be positive, got 0"),
         (["--repeats", "0"], "error: --repeats must be positive, got 0"),
+        (["--matmul_size", "0"], "error: --matmul_size must be positive, got 0"),
         (["--train_batch", "0"], "error: --train_batch must be positive, got 0"),
         (["--train_batch", "100"], f"error: {bench.DEMO_LIST}: its 26 clips cannot fill a training batch of 100"),
         (["--segment_length", "-16000"], "error: --segment_length must be positive, got -16000"),
