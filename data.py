@@ -257,7 +257,9 @@ def read_file_list_entries(list_path: str) -> list[tuple[str, str | None]]:
     if os.path.isdir(list_path):
         raise DataError(f"{list_path}: is a folder, not a file list")
     if not os.path.isfile(list_path):
-        raise DataError(f"{list_path}: file list not found")
+        # A config's lists are read from the working directory (the shipped configs': the repository root).
+        where = "" if os.path.isabs(list_path) else f" (relative to the working directory, {os.getcwd()})"
+        raise DataError(f"{list_path}: file list not found{where}")
     try:
         lines = read_text(list_path).splitlines()
     except ValueError as error:  # not UTF-8

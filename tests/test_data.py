@@ -126,10 +126,16 @@ def test_file_list_reads_paths_and_tts_lines_and_skips_blank_lines(tmp_path, mon
     assert read_file_list(str(listing))[2:] == [str(tmp_path / "wavs/a.wav"), third]
 
 
-def test_bad_file_lists_are_refused(tmp_path):
+def test_bad_file_lists_are_refused(tmp_path, monkeypatch):
     with pytest.raises(DataError) as excinfo:
         read_file_list(str(tmp_path / "nothing.txt"))
     assert_one_line_error(excinfo, tmp_path / "nothing.txt", "not found")
+    assert "working directory" not in str(excinfo.value)
+    # A relative list (as the shipped configs name theirs) from another directory: the error says where it looked.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as excinfo:
+        read_file_list("data/demo/test_files.txt")
+    assert_one_line_error(excinfo, "data/demo/test_files.txt", "not found", f"working directory, {os.getcwd()}")
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n\n")
     with pytest.raises(DataError) as excinfo:
