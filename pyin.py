@@ -6,8 +6,9 @@ Hz at 10 cents, voiced and unvoiced), 692,224 sums a frame, and writes them out 
 column's maximum. Yet a pitch can move at most 5 semitones a frame (pYIN's 35.92 octaves a second at a
 256-sample hop), so all but 102 entries of each column are zero. Here the decoding visits each column's
 nonzero entries, and takes the best of its zero entries (all the same score, `log(tiny)`, librosa's floor)
-from the previous scores sorted once a frame: the same sums and the same first-index choice between equal
-scores as librosa's, so the same path, bit for bit (`tests/test_metrics.py` holds it to `librosa.pyin`).
+from the previous frame's best state, found once a frame (for the columns near it, from a scan of the
+others): the same sums and the same first-index choice between equal scores as librosa's, so the same
+path, bit for bit (`tests/test_pyin.py` holds it to `librosa.pyin`).
 The rest of pYIN (YIN's difference function, the threshold prior, the observation probabilities) is
 librosa's own, called as `librosa.pyin` calls it.
 
@@ -60,7 +61,7 @@ def fast_path() -> bool:
 
 
 @numba.njit(cache=True)
-def sparse_viterbi(log_prob, log_p_init, nonzero_rows, nonzero_log, nonzero_starts, zero_log):  # pragma: no cover
+def sparse_viterbi(log_prob, log_p_init, nonzero_rows, nonzero_log, nonzero_starts, zero_log):
     """The most likely state sequence, as `librosa.sequence`'s Viterbi finds it: `log_prob [T, S]`,
     `log_p_init [S]`, and the log transitions into state j: from the states
     `nonzero_rows[nonzero_starts[j]:nonzero_starts[j + 1]]` (ascending) those of `nonzero_log` at the same
