@@ -138,7 +138,7 @@ INVERTIBILITY_CASES = [(variant, {}) for variant in VARIANTS] + [
     ("waveflow", {"n_height": 32, "n_flow": 2, "n_layer": 7}),  # width dilations up to 64, rows 32 wide
     ("nanoflow", {"n_layer_per_cycle": 3, "n_layer": 5, "bipartize": "True"}),
     ("nanoflow_naive", {"n_layer_per_cycle": 3, "n_layer": 4, "bipartize": True}),
-    ("nanoflow_decomp", {"n_height": 32, "n_layer_per_cycle": 2, "n_layer": 4, "use_weightnorm_embed": True}),
+    ("nanoflow_decomp", {"n_height": 32, "n_layer_per_cycle": 2, "n_layer": 4}),
     ("nanoflow", {"use_weightnorm_embed": "True", "n_height": 8, "n_layer_per_cycle": 2}),
 ]
 
@@ -271,7 +271,7 @@ def plain_coupling_params(model: WaveFlow, flow: int, x: torch.Tensor, c: torch.
     [
         ("nanoflow", {}),
         ("waveflow", {"n_layer_per_cycle": 2}),
-        ("nanoflow_decomp", {"use_weightnorm_embed": True}),
+        ("nanoflow_decomp", {}),
         ("nanoflow", {"res_channels": PRODUCT_WEIGHT_GRADIENT_MIN_CHANNELS}),  # weight gradients by products
     ],
 )
