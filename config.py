@@ -20,10 +20,9 @@ import json
 import math
 import os
 import typing
-import warnings
 from dataclasses import dataclass, field
 
-from storage import read_text
+from storage import read_text, warn
 
 COUPLING_TYPES = ("waveflow", "nanoflow_naive", "nanoflow_decomp", "nanoflow")
 MAX_NUM_WORKERS = 256  # DataLoader processes: more than any one machine feeds usefully, and each costs memory
@@ -167,10 +166,9 @@ class WaveFlowConfig:
                 if getattr(self, key) != inert:
                     # The original took these for every coupling type and its configs carry them: a warning, not
                     # a refusal, so that such a config still loads.
-                    warnings.warn(
+                    warn(
                         f"{s}.{key} ({getattr(self, key)}) is ignored: only coupling_type 'nanoflow' has a flow "
-                        f"embedding, this config's is '{self.coupling_type}'",
-                        stacklevel=3,
+                        f"embedding, this config's is '{self.coupling_type}'"
                     )
         if self.bipartize:
             _require(self.n_height % 2 == 0, f"{s}.n_height must be even when bipartize is on")
