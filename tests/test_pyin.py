@@ -36,18 +36,12 @@ def signals(rate: int) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("rate,hop", [(22050, 256), (24000, 300), (44100, 512)])
 def test_pyin_gives_librosas_pitch_voicing_and_probability_bit_for_bit(rate, hop):
-    options = dict(
-        fmin=metrics.PITCH_FMIN,
-        fmax=metrics.PITCH_FMAX,
-        sr=rate,
-        frame_length=metrics.pitch_frame_length(rate),
-        hop_length=hop,
-    )
+    fmin, fmax, frame_length = metrics.PITCH_FMIN, metrics.PITCH_FMAX, metrics.pitch_frame_length(rate)
     clips = signals(rate)
     clips["speech in float64"] = clips["speech"].astype(np.float64)
     for name, clip in clips.items():
-        expected = librosa.pyin(clip, **options)
-        got = pyin.pyin(clip, **options)
+        expected = librosa.pyin(clip, fmin=fmin, fmax=fmax, sr=rate, frame_length=frame_length, hop_length=hop)
+        got = pyin.pyin(clip, fmin=fmin, fmax=fmax, sr=rate, frame_length=frame_length, hop_length=hop)
         for label, a, b in zip(("f0", "voiced", "probability"), expected, got, strict=True):
             assert a.dtype == b.dtype and a.shape == b.shape, (name, label)
             assert np.array_equal(a, b, equal_nan=True), (name, label)
