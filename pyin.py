@@ -111,15 +111,19 @@ def sparse_viterbi(log_prob, log_p_init, nonzero_rows, nonzero_log, nonzero_star
     return path
 
 
+def by_column(log_trans: np.ndarray, nonzero: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The entries of `log_trans [S, S]` where `nonzero [S, S]`, as `sparse_viterbi` reads them, column by
+    column, rows ascending: `(nonzero_rows, nonzero_log, nonzero_starts)`."""
+    columns = nonzero.T  # [j, i]
+    return np.nonzero(columns)[1], log_trans.T[columns], np.concatenate([[0], np.cumsum(columns.sum(axis=1))])
+
+
 def sparse_chain(transition: np.ndarray, p_init: np.ndarray) -> tuple:
     """A Markov chain as `decode` takes it: `transition [S, S]` (from state i to j at `[i, j]`) and `p_init [S]`,
     in logs with librosa's floor (`np.finfo(float).tiny` added) -> `(log_p_init, nonzero_rows, nonzero_log,
     nonzero_starts, zero_log, transition, p_init)` (`sparse_viterbi`'s names), read-only."""
     epsilon = np.finfo(np.float64).tiny  # librosa's, for float64 probabilities
-    columns = transition.T != 0  # [j, i]
-    nonzero_log = np.log(transition + epsilon).T[columns]  # row-major: column by column, rows ascending
-    nonzero_rows = np.nonzero(columns)[1]
-    nonzero_starts = np.concatenate([[0], np.cumsum(columns.sum(axis=1))])
+    nonzero_rows, nonzero_log, nonzero_starts = by_column(np.log(transition + epsilon), transition != 0)
     zero_log = np.log(np.float64(0) + epsilon)
     chain = (np.log(p_init + epsilon), nonzero_rows, nonzero_log, nonzero_starts, zero_log, transition, p_init)
     for part in chain:

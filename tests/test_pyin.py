@@ -113,13 +113,6 @@ def test_equal_scores_through_zero_and_nonzero_transitions_go_to_the_lowest_stat
         log_trans[distance > band] = zero_log
         log_prob = -rng.integers(0, 3, size=(steps, states)).astype(np.float64)
         log_p_init = -rng.integers(0, 2, size=states).astype(np.float64)
-        columns = (distance <= band).T  # [j, i]: the transitions sparse_viterbi is told are nonzero
-        got = pyin.sparse_viterbi(
-            log_prob,
-            log_p_init,
-            np.nonzero(columns)[1],
-            log_trans.T[columns],
-            np.concatenate([[0], np.cumsum(columns.sum(axis=1))]),
-            zero_log,
-        )
+        # The transitions sparse_viterbi is told are nonzero: those within the band.
+        got = pyin.sparse_viterbi(log_prob, log_p_init, *pyin.by_column(log_trans, distance <= band), zero_log)
         assert np.array_equal(got, dense_viterbi(log_prob, log_trans, log_p_init)), (states, steps, band)
