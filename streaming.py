@@ -55,7 +55,8 @@ class ReceptiveField:
     `columns`: columns of noise and conditioning (through every flow's inverse); `samples`: the
     same in samples; `upsampler_frames`: mel frames the upsampler reads (left, right) beyond the
     frame of a sample; `frames`: the lookahead (and left context) in frames that makes streaming
-    exact (`lookahead_frames` also covers the 3 frames that synthesis trims at the end)."""
+    exact: the window past a chunk must hold `FADE_SAMPLES` exact samples for the next chunk's fade,
+    and the lookahead covers the upsampler's reach ahead and the 3 frames that synthesis trims at the end."""
 
     columns: int
     samples: int
@@ -92,6 +93,10 @@ def receptive_field(model: WaveFlow) -> ReceptiveField:
     `H - 1` depends on the noise `(H - 1) D` columns away, and the conditioning `D - 1` further
     (the last block's conditioning reaches no further than its column). The flows' inverses run
     one after the other: `K (H - 1) D + D - 1` columns.
+
+    A chunk's fade (`StreamingSynthesis`) reads the previous window's `FADE_SAMPLES` samples past that
+    window's chunk: they are exact when the window reaches `columns` beyond their last column, which the
+    lookahead gives after the upsampler's frames ahead (the window stops that short of the frames received).
     """
     config = model.config
     net = model.flow_parts(0)[0]
@@ -99,7 +104,8 @@ def receptive_field(model: WaveFlow) -> ReceptiveField:
     columns = config.n_flow * (config.n_height - 1) * reach + reach - 1
     columns_per_frame = config.hop_length // config.n_height
     upsampler = upsampler_reach(model)
-    frames = math.ceil(columns / columns_per_frame) + max(upsampler[1], SYNTHESIS_TRIM_FRAMES)
+    fade_columns = -(-FADE_SAMPLES // config.n_height)
+    frames = max(upsampler[1] + math.ceil((columns + fade_columns) / columns_per_frame), SYNTHESIS_TRIM_FRAMES)
     return ReceptiveField(columns, columns * config.n_height, upsampler, frames)
 
 
