@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from model import WaveFlow
 
 # A CPU synthesizes at most this many columns (batch x width) at once, when the batch allows: beyond, a
-# row's working set falls out of the caches. Items are independent, so groups give the same audio.
+# row's working set falls out of the caches. Items are independent: groups give the same audio to rounding.
 MAX_CPU_COLUMNS = 2**11
 # The conditioning of every row is projected once per estimator when it fits this many bytes (8 per
 # layer, channel and sample in fp32); past it, each row is projected when it is needed.
@@ -52,6 +52,12 @@ QUEUE_ROW_ALIGNMENT = 32
 # row's gate products took 0.95 of the time at 13,781 columns and 1.03 at 1,378, and the cache had cost
 # 0.48 s and 0.05 s to build. fp32 keeps the cache: with the mel in the queues 1 s took 1.02-1.03x as long.
 CONDITIONING_IN_QUEUE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def synthesis_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the flows' state and audio for an estimator of `dtype`: fp32, or float64 for a float64
+    model (the affine update and its noise need more than bf16's or fp16's mantissa)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def scale_filter(gate: torch.Tensor) -> torch.Tensor:
@@ -465,7 +471,7 @@ def reverse_coupling(
     gate_weights: list[torch.Tensor],
     memory: RowMemory,
 ) -> torch.Tensor:
-    """Invert flow `flow`'s coupling row by row. `z [B, 1, H, W]` fp32, `c [B, cin, H, W]` and
+    """Invert flow `flow`'s coupling row by row. `z [B, 1, H, W]` (`synthesis_dtype`), `c [B, cin, H, W]` and
     optionally its projection `cond [H, B, W, L, 2R]` (`condition_rows`), or with the mel in the queues
     (`RowMemory.mel_channels`) its rows `cond [H, B, W, cin]`, all of the unpermuted rows, `rows[h]`:
     the unpermuted row that is row h in this flow, `gate_weights`: the flow's estimator's
@@ -487,7 +493,7 @@ def reverse_coupling(
     for h in range(height):
         source = rows[h]
         cond_row = cond[source] if cond is not None else condition_rows(net, c[:, :, source : source + 1])[0]
-        log_s_t = estimator.step(x_row.to(dtype), cond_row, h).float()  # [B, W, 2]
+        log_s_t = estimator.step(x_row.to(dtype), cond_row, h).to(z.dtype)  # [B, W, 2]
         x_row = (z[:, 0, h] - log_s_t[..., 1]) * torch.exp(-log_s_t[..., 0])  # [B, W]
         x[:, 0, h] = x_row
     return x
@@ -496,7 +502,8 @@ def reverse_coupling(
 def reverse_flows(
     model: WaveFlow, c: torch.Tensor, z: torch.Tensor, condition_cache_bytes: int = CONDITION_CACHE_BYTES
 ) -> torch.Tensor:
-    """The inverse of all flows: `c [B, cin, H, W]` (upsampled, squeezed), `z [B, 1, H, W]` -> `x [B, 1, H, W]` fp32.
+    """The inverse of all flows: `c [B, cin, H, W]` (upsampled, squeezed), `z [B, 1, H, W]` -> `x [B, 1, H, W]`
+    in fp32 (float64 for a float64 model: `synthesis_dtype`).
 
     Each estimator's projection of the conditioning and its rotated gate weights are built once,
     for all the consecutive flows that share it; the estimators' working memory once for all. Where the
@@ -504,7 +511,7 @@ def reverse_flows(
     `condition_cache_bytes`, to keep).
     """
     config = model.config
-    x = z.float()
+    x = z.to(synthesis_dtype(c.dtype))
     mel_in_queue = conditioning_in_queue(c)
     memory = RowMemory(model.flow_parts(0)[0], c.shape[0], c.shape[-1], c, c.shape[1] if mel_in_queue else 0)
     cache_bytes = c.numel() // config.cin_channels * config.n_layer * 2 * config.res_channels * c.element_size()
@@ -531,14 +538,15 @@ def synthesize(
     cuda_graphs: CudaGraphCache | None = None,
 ) -> torch.Tensor:
     """`reverse_flows` with its options: `c [B, cin, H, W]` (upsampled, squeezed, in the model's dtype),
-    `z [B, 1, H, W]` -> `x [B, 1, H, W]` fp32.
+    `z [B, 1, H, W]` -> `x [B, 1, H, W]` (fp32, float64 for a float64 model: `synthesis_dtype`).
 
     `max_cpu_columns`: on a CPU the batch goes in groups of at most this many columns (at least one
     item each); `condition_cache_bytes`: the budget for projecting the conditioning of all rows at
     once (0: each row when it is needed; no projection is built where the queues hold the mel rows,
     `conditioning_in_queue`); `cuda_graphs`: on a GPU, replay captured graphs from this
     cache (`CudaGraphCache`) instead of launching every kernel (ignored elsewhere). None of them
-    changes the result.
+    changes the result beyond rounding: a product over a group of items may sum in another order than one
+    over each item (oneDNN blocks them differently), about 1e-7 of the audio in fp32.
     """
 
     def run(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

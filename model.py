@@ -266,12 +266,12 @@ class WaveFlow(nn.Module):
         condition_cache_bytes: int = CONDITION_CACHE_BYTES,
         cuda_graphs: CudaGraphCache | None = None,
     ) -> torch.Tensor:
-        """Synthesize audio from `mel [B, cin, F]` -> `audio [B, synthesis_length(F, hop_length)]` (fp32, on the
-        model's device, where the mel and `z` are moved).
+        """Synthesize audio from `mel [B, cin, F]` -> `audio [B, synthesis_length(F, hop_length)]` (fp32, float64
+        for a float64 model, on the model's device, where the mel and `z` are moved).
 
         `z [B, 1, H, W]` is the noise, drawn from `N(0, sigma^2)` when not given (`generator`
         makes it reproducible). Exact inverse of `forward`, one row at a time with convolution
-        queues (`inference.synthesize`, which documents the options; none changes the result).
+        queues (`inference.synthesize`, which documents the options; none changes the result beyond rounding).
         Nothing is stored on the model: threads may synthesize with one model at once. Runs under
         `torch.no_grad`: the audio carries no gradient back to the mel or the weights.
         """
