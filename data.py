@@ -56,21 +56,48 @@ UNKNOWN_LENGTH = 2**63 - 1  # libsndfile's frame count (SF_COUNT_MAX) for a stre
 STREAMED_CHUNK_SIZE = 0x7FFF0000
 TRUNCATION_SLACK_BYTES = 8  # a data chunk this much past the end of the file (a missing pad byte) is not truncation
 # libsndfile's header log, e.g. "data : 44100 (should be 22029)": the audio chunk's size as written and as the
-# file holds it
-_CHUNK_SIZE_LOG = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# file holds it (WAV, AIFF); a Sony Wave64 file says it of its whole "riff" chunk only.
+_CHUNK_SIZE_LOG = re.compile(r"^\s*(data|SSND|riff)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# An RF64 file (a WAV past 4 GiB, its sizes in a "ds64" chunk): "Calculated frame count 3579 does not match
+# value from 'ds64' chunk of 6000"
+_DS64_FRAMES_LOG = re.compile(r"Calculated frame count (\d+) does not match value from 'ds64' chunk of (\d+)")
+# "data : 0" followed by bytes that are no chunk (audio): a writer that left the size for later and stopped
+# before writing it
+_EMPTY_DATA_LOG = re.compile(r"^\s*data\s*:\s*0\s*$[\s\S]*(?:Unknown chunk marker|Have 0 marker)", re.MULTILINE)
 
 
-def _missing_bytes(sound: soundfile.SoundFile) -> tuple[int, int] | None:
-    """`(claimed, present)` bytes of audio of a WAV or AIFF file whose header claims more audio than the file
-    holds (a copy or download cut short), else None. libsndfile reads such a file silently as the shorter clip
-    it finds, and reports the difference only in its header log."""
-    match = _CHUNK_SIZE_LOG.search(sound.extra_info)
-    if match is None:
+def _truncation(sound: soundfile.SoundFile) -> str | None:
+    """What is missing from a WAV, RF64, Wave64 or AIFF file whose header claims more audio than the file
+    holds (a copy or download cut short), e.g. "its header claims 12000 bytes of audio and the file holds
+    7182 (60%)", else None. libsndfile reads such a file silently as the shorter clip it finds, and reports
+    the difference only in its header log."""
+    log = sound.extra_info
+    for chunk, claimed_text, present_text in _CHUNK_SIZE_LOG.findall(log):
+        claimed, present = int(claimed_text), int(present_text)
+        if chunk == "riff" and sound.format != "W64":  # a WAV's RIFF size: its data chunk's line tells
+            continue
+        if claimed < STREAMED_CHUNK_SIZE and claimed - present > TRUNCATION_SLACK_BYTES:
+            what = "bytes of audio" if chunk != "riff" else "bytes"
+            return f"its header claims {claimed} {what} and the file holds {present} ({100 * present / claimed:.0f}%)"
+    match = _DS64_FRAMES_LOG.search(log)
+    if match is not None and int(match.group(1)) < int(match.group(2)):
+        present, claimed = int(match.group(1)), int(match.group(2))
+        return f"its header claims {claimed} samples and the file holds {present} ({100 * present / claimed:.0f}%)"
+    return None
+
+
+def _unreadable_end(sound: soundfile.SoundFile) -> str | None:
+    """libsndfile's error on reading a file's last sample, or None when it reads (or the file cannot seek):
+    a FLAC cut short keeps its header's sample count and fails only where its audio stops."""
+    if not sound.seekable():
         return None
-    claimed, present = int(match.group(1)), int(match.group(2))
-    if claimed >= STREAMED_CHUNK_SIZE or claimed - present <= TRUNCATION_SLACK_BYTES:
-        return None
-    return claimed, present
+    try:
+        sound.seek(sound.frames - 1)
+        sound.read(1)
+        sound.seek(0)
+    except (soundfile.LibsndfileError, RuntimeError) as error:
+        return " ".join(getattr(error, "error_string", str(error)).split()) or "a read error"
+    return None
 
 
 def _open_checked(path: str, sampling_rate: int, resample: bool = False, downmix: bool = False) -> soundfile.SoundFile:
@@ -99,18 +126,24 @@ def _open_checked(path: str, sampling_rate: int, resample: bool = False, downmix
         )
     elif sound.channels != 1 and not downmix:
         problem = f"has {sound.channels} channels, expected mono (data_config.downmix: true averages them)"
+    elif sound.frames == 0 and _EMPTY_DATA_LOG.search(sound.extra_info):
+        problem = (
+            f"its header says it holds no audio (a data chunk of 0 bytes), yet the file is "
+            f"{os.path.getsize(path)} bytes long: its writer stopped before it wrote the size? Write it again"
+        )
     elif sound.frames == 0:
         problem = "contains no audio samples"
-    elif (missing := _missing_bytes(sound)) is not None:
-        claimed, present = missing
-        problem = (
-            f"is truncated: its header claims {claimed} bytes of audio and the file holds {present} "
-            f"({100 * present / claimed:.0f}%); copy or convert it again"
-        )
+    elif (missing := _truncation(sound)) is not None:
+        problem = f"is truncated: {missing}; copy or convert it again"
     elif sound.frames >= UNKNOWN_LENGTH:
         problem = (
             "its header does not say how many samples it holds (a FLAC written to a pipe?), and it cannot be "
             "read in parts; write it again with its length, e.g. `sox in.flac out.flac`"
+        )
+    elif (failure := _unreadable_end(sound)) is not None:
+        problem = (
+            f"is truncated or damaged: its header says it holds {sound.frames} samples, and the last cannot be "
+            f"read ({failure}); copy or convert it again"
         )
     if problem is not None:
         sound.close()

@@ -107,6 +107,53 @@ def test_a_truncated_wav_or_aiff_is_refused_and_a_streamed_one_is_read(tmp_path)
         assert torch.equal(load_audio(streamed, RATE), load_audio(whole, RATE))
 
 
+@pytest.mark.parametrize(
+    "audio_format,subtype,extension,claim",
+    [
+        ("RF64", "PCM_16", "wav", r"its header claims 22050 samples and the file holds 1\d{4} \(50%\)"),
+        ("RF64", "FLOAT", "wav", r"its header claims 22050 samples"),
+        ("W64", "PCM_24", "w64", r"its header claims 66\d{3} bytes and the file holds 33\d{3} \(50%\)"),
+        ("WAVEX", "PCM_16", "wav", r"its header claims 44100 bytes of audio"),
+        ("FLAC", "PCM_16", "flac", r"its header says it holds 22050 samples, and the last cannot be read"),
+        ("FLAC", "PCM_24", "flac", r"and the last cannot be read"),
+    ],
+)
+def test_a_truncated_file_of_another_container_is_refused(tmp_path, audio_format, subtype, extension, claim):
+    """RF64 and Wave64 say what is missing in other lines of libsndfile's log than a WAV's data chunk; a FLAC
+    cut short keeps its header's sample count and fails only where its audio stops. Whole, each is read."""
+    clip = (np.random.default_rng(0).standard_normal(22050) * 0.1).astype(np.float32)
+    whole = str(tmp_path / f"whole.{extension}")
+    soundfile.write(whole, clip, RATE, format=audio_format, subtype=subtype)
+    assert audio_length(whole, RATE) == 22050
+    assert load_audio(whole, RATE).shape == (22050,)
+    with open(whole, "rb") as f:
+        data = f.read()
+    cut = write_bytes(tmp_path / f"cut.{extension}", data[: len(data) // 2])
+    with pytest.raises(DataError, match=rf"cut.{extension}: is truncated.*{claim}"):
+        audio_length(cut, RATE)
+    with pytest.raises(DataError, match=rf"cut.{extension}: is truncated"):
+        load_audio(cut, RATE, start=100, length=1000)
+
+
+def test_a_wav_whose_data_size_was_never_written_is_refused_naming_that(tmp_path):
+    """A writer that leaves the data chunk's size for later (0) and stops before writing it: libsndfile reads
+    no samples, though the audio follows. A WAV that truly holds none, with a chunk after its data, is empty."""
+    soundfile.write(str(tmp_path / "whole.wav"), np.zeros(1000, np.int16), RATE)
+    with open(tmp_path / "whole.wav", "rb") as f:
+        data = f.read()
+    assert data[36:40] == b"data"  # a 44-byte header, the data size at 40
+    header = data[:40] + bytes(4)
+    unfinished = write_bytes(tmp_path / "unfinished.wav", header + data[44:])
+    with pytest.raises(DataError, match=r"unfinished.wav: its header says it holds no audio .* 2044 bytes long"):
+        audio_length(unfinished, RATE)
+    info = b"INFOISFT" + (4).to_bytes(4, "little") + b"test"
+    chunk = b"LIST" + len(info).to_bytes(4, "little") + info
+    body = header[12:] + chunk
+    empty = write_bytes(tmp_path / "empty.wav", b"RIFF" + (4 + len(body)).to_bytes(4, "little") + b"WAVE" + body)
+    with pytest.raises(DataError, match=r"empty.wav: contains no audio samples"):
+        audio_length(empty, RATE)
+
+
 @pytest.mark.parametrize("subtype", ["GSM610", "G721_32"])
 def test_a_wav_libsndfile_cannot_seek_in_is_read_in_parts(tmp_path, subtype):
     """GSM 6.10 and G.721 in a WAV (telephony corpora) can only be read from the start."""
