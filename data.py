@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Callable
 
 import librosa
@@ -31,6 +32,9 @@ from storage import first_sentence, read_text, write_atomically
 
 MEL_FILE_EXTENSIONS = (".pt", ".npy")
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
+# torch.load(weights_only=True) naming what it would not build: a class, or a function it would call
+_REFUSED_GLOBAL = re.compile(r"but got <class '([^']+)'>|Unsupported global: GLOBAL (\S+)")
+TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's format before its zip files
 MAX_WAV_VALUE = 32768.0  # 16-bit PCM full scale, as Tacotron 2 scales it
 LOG_FLOOR = 1e-5  # Tacotron 2's clamp before the log: silence maps to log(1e-5), about -11.5
 # libsndfile's names of the lossy containers: decoding depends on the decoder, and a read from a position
@@ -364,6 +368,47 @@ def holds_pickled_objects(path: str) -> bool:
         return False
 
 
+def _numpy_array_globals() -> list:
+    """What `torch.load(weights_only=True)` must be allowed to build to read a numpy array of floats, as
+    `torch.save(mel.numpy(), path)` writes it: numpy's array constructor (under its numpy 1 and 2 names),
+    the array and dtype classes. Nothing else: an array of objects still needs globals it is refused."""
+    reconstruct = np.zeros(0).__reduce__()[0]  # numpy's _reconstruct, wherever this numpy keeps it
+    names = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct")
+    dtypes = {type(np.dtype(kind)) for kind in (np.float16, np.float32, np.float64)} - {np.dtype}
+    return [*((reconstruct, name) for name in names), np.ndarray, np.dtype, *dtypes]
+
+
+def _torch_load_mel(path: str, mmap: bool):
+    """`torch.load` of a mel file, tensors and numpy arrays of floats only; a file that is not torch.save's
+    gets a DataError saying what it is."""
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_array_globals()):
+            warnings.simplefilter("ignore")  # torch's warnings about a plain pickle's protocol: the error says it
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # a file in torch's legacy format
+    except Exception as error:  # torch.load raises many types for a damaged file
+        with open(path, "rb") as file:
+            head = file.read(16)
+        refused = _REFUSED_GLOBAL.search(str(error))
+        if not head:
+            what = "an empty file"
+        elif refused is not None:
+            what = f"it holds a {refused.group(1) or refused.group(2)}; a mel file holds a tensor or an array of floats"
+        elif head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+            what = "torch.save's zip file, cut short or damaged"
+        elif head.startswith((b"PK\x03\x04", TORCH_LEGACY_MAGIC)):
+            what = f"a torch.save file torch.load cannot read ({first_sentence(error)})"
+        elif head.startswith(b"\x80"):
+            what = "a Python pickle, not a file torch.save wrote; save the mel with torch.save or np.save"
+        else:
+            what = "not a file torch.save wrote"
+        raise DataError(f"{path}: cannot read mel: {what}") from None
+
+
 def _read_mel(path: str, n_mel_channels: int, mmap: bool):
     """A mel file's array [n_mels, F], its shape checked; with `mmap` only what the header says is read."""
     if not os.path.isfile(path):
@@ -381,18 +426,13 @@ def _read_mel(path: str, n_mel_channels: int, mmap: bool):
             f"{path}: holds pickled Python objects (np.save of a dict, a list or an object array), not an array "
             f"of numbers; save the mel array itself"
         )
-    try:
-        if extension == ".npy":
+    if extension == ".npy":
+        try:
             mel = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-        else:
-            try:
-                mel = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            except RuntimeError:
-                if not mmap:
-                    raise
-                mel = torch.load(path, map_location="cpu", weights_only=True)  # a file in torch's legacy format
-    except Exception as error:  # torch.load and np.load raise many types for a damaged file
-        raise DataError(f"{path}: cannot read mel ({first_sentence(error)})") from None
+        except Exception as error:  # np.load raises many types for a damaged file
+            raise DataError(f"{path}: cannot read mel ({first_sentence(error)})") from None
+    else:
+        mel = _torch_load_mel(path, mmap)
     if not isinstance(mel, (np.ndarray, torch.Tensor)):
         found = type(mel).__name__
         if isinstance(mel, dict):
@@ -403,7 +443,7 @@ def _read_mel(path: str, n_mel_channels: int, mmap: bool):
     batched = mel.ndim == 3 and mel.shape[0] == 1
     if batched:
         mel = mel[0]
-    if mel.ndim != 2 or mel.shape[0] != n_mel_channels or mel.shape[1] == 0:
+    if mel.ndim != 2 or mel.shape[0] != n_mel_channels:
         hint = ""
         if mel.ndim == 2 and mel.shape[1] == n_mel_channels:  # a square mel could be either way: taken as it is
             first = "[0]" if batched else ""
@@ -412,7 +452,12 @@ def _read_mel(path: str, n_mel_channels: int, mmap: bool):
                 if extension == ".npy"
                 else f"torch.save(torch.load({path!r}){first}.T, {path!r})"
             )
-            hint = f" (frames first, as ESPnet, ParallelWaveGAN and Coqui save mels: transpose it, {transpose})"
+            # [F, n] with F frames, as ESPnet, ParallelWaveGAN and Coqui save mels; or F bands, another model's
+            hint = (
+                f"; if it is {mel.shape[0]} frames of {n_mel_channels} bands (frames first, as ESPnet, "
+                f"ParallelWaveGAN and Coqui save mels), transpose it: {transpose}; {mel.shape[0]} bands are "
+                f"another model's mel"
+            )
         raise DataError(f"{path}: mel has shape {list(mel.shape)}, expected [{n_mel_channels}, frames]{hint}")
     floating = mel.is_floating_point() if isinstance(mel, torch.Tensor) else np.issubdtype(mel.dtype, np.floating)
     if not floating:  # known from the header: -s and -v refuse such a mel before any work

@@ -1,15 +1,19 @@
 """data.py: the Tacotron 2 mel against the reference fixture, audio loading, file lists, mel files."""
 
+import datetime
+import io
 import math
 import os
+import pickle
 
 import numpy as np
 import pytest
 import soundfile
 import torch
 
+import synthesis
 import train
-from data import DataError, MelSpectrogram, audio_length, load_audio, load_mel, read_file_list
+from data import DataError, MelSpectrogram, audio_length, load_audio, load_mel, mel_frame_count, read_file_list
 
 RATE = 22050
 
@@ -162,6 +166,27 @@ def test_mel_files_load_from_pt_and_npy(tmp_path):
         assert loaded.dtype == torch.float32 and torch.allclose(loaded, mel)
 
 
+def test_a_mel_folder_names_the_files_it_leaves_out(tmp_path, capsys):
+    """--mels DIR reads its .pt and .npy files (any case); the others are named in one warning."""
+    for name in ("a.npy", "B.PT", "c.npz", "readme.txt", ".hidden", "d.wav", "e.json"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub.npy").mkdir()  # a folder, whatever its name
+    assert synthesis.mel_files([str(tmp_path)]) == [str(tmp_path / "B.PT"), str(tmp_path / "a.npy")]
+    warning = capsys.readouterr().err
+    assert (
+        warning == f"warning: {tmp_path}: 4 files not .pt or .npy left out of --mels: c.npz, d.wav, e.json and 1 more\n"
+    )
+    assert synthesis.mel_files([str(tmp_path / "a.npy")]) == [str(tmp_path / "a.npy")]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_mel_of_no_frames_is_too_short_not_misshapen(tmp_path):
+    """[80, 0] has the shape of a mel: too short to synthesize (left out of -s and -v with a warning), not refused."""
+    np.save(tmp_path / "empty.npy", np.zeros((80, 0), np.float32))
+    assert mel_frame_count(str(tmp_path / "empty.npy")) == 0
+    assert load_mel(str(tmp_path / "empty.npy")).shape == (80, 0)
+
+
 def test_bad_mel_files_are_refused(tmp_path):
     torch.save(torch.randn(7, 80), tmp_path / "transposed.pt")
     np.save(tmp_path / "wrong.npy", np.zeros((40, 7), np.float32))
@@ -189,13 +214,44 @@ def test_a_big_endian_npy_mel_loads(tmp_path):
     assert loaded.dtype == torch.float32 and torch.equal(loaded, torch.from_numpy(mel))
 
 
-def test_a_pt_mel_of_pickled_objects_is_refused_in_a_short_line(tmp_path):
-    path = tmp_path / "pickled.pt"
-    torch.save(np.zeros((80, 7), np.float32), path)  # a numpy array: torch.load(weights_only=True) refuses it
+def torch_saved(value) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_a_pt_mel_holding_a_numpy_array_loads(tmp_path, dtype):
+    """`torch.save(mel.numpy(), path)`, as TTS scripts write it: read without unpickling anything else."""
+    mel = np.random.default_rng(0).standard_normal((80, 7)).astype(dtype)
+    torch.save(mel, tmp_path / "numpy.pt")
+    assert mel_frame_count(str(tmp_path / "numpy.pt")) == 7
+    assert torch.equal(load_mel(str(tmp_path / "numpy.pt")), torch.from_numpy(mel).float())
+
+
+@pytest.mark.parametrize(
+    "write,message",
+    [
+        (lambda path: torch.save(np.zeros((80, 7), np.int32), path), "it holds a numpy.dtypes.Int32DType; a mel file"),
+        (lambda path: torch.save(np.array([{"a": 1}], dtype=object), path), "it holds a numpy.dtypes.ObjectDType"),
+        (lambda path: torch.save(datetime.date(2020, 1, 1), path), "it holds a datetime.date"),
+        (lambda path: pickle.dump(torch.zeros(80, 7), open(path, "wb")), "a Python pickle, not a file torch.save"),
+        (lambda path: open(path, "wb").write(b"not a tensor " * 9), "not a file torch.save wrote"),
+        (lambda path: open(path, "wb").close(), "an empty file"),
+        (
+            lambda path: open(path, "wb").write(torch_saved(torch.zeros(80, 70))[:300]),
+            "torch.save's zip file, cut short or damaged",
+        ),
+    ],
+)
+def test_a_pt_mel_torch_load_cannot_read_is_named_in_a_short_line(tmp_path, capsys, write, message):
+    path = tmp_path / "mel.pt"
+    write(path)
     with pytest.raises(DataError) as excinfo:
         load_mel(str(path))
-    assert_one_line_error(excinfo, path, "cannot read mel")
-    assert len(str(excinfo.value)) < len(str(path)) + 100 and "\x1b" not in str(excinfo.value)
+    assert_one_line_error(excinfo, path, f"cannot read mel: {message}")
+    assert len(str(excinfo.value)) < len(str(path)) + 140 and "\x1b" not in str(excinfo.value)
+    assert capsys.readouterr().err == ""  # nor torch's warnings about a plain pickle
 
 
 @pytest.mark.parametrize("name", ["time_major.npy", "time_major.pt", "batched.npy"])
@@ -209,8 +265,9 @@ def test_a_time_major_mel_is_refused_with_the_line_that_transposes_it(tmp_path, 
         np.save(path, mel.T[None] if name.startswith("batched") else mel.T)
     with pytest.raises(DataError) as excinfo:
         load_mel(path)
-    assert_one_line_error(excinfo, path, "[80, frames]", "frames first")
-    command = str(excinfo.value).split("transpose it, ")[1].removesuffix(")")
+    # [7, 80] could also be 7 bands of 80 frames: the message says both, and the command for the first
+    assert_one_line_error(excinfo, path, "[80, frames]", "if it is 7 frames of 80 bands", "7 bands are another model's")
+    command = str(excinfo.value).split("transpose it: ")[1].split("; 7 bands")[0]
     exec(command, {"np": np, "torch": torch})  # as a user pastes it
     assert torch.equal(load_mel(path), torch.from_numpy(mel))
 
