@@ -60,6 +60,8 @@ def read_text(path: str) -> str:
         encoding = "utf-16"
     else:
         encoding = "utf-8-sig"
+    if encoding != "utf-16" and b"\0" in data:  # no text holds NUL; UTF-16 puts one beside each ASCII letter
+        raise ValueError("not UTF-8 text (it holds NUL bytes: UTF-16 without its byte-order mark?); save it as UTF-8")
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as error:

@@ -39,6 +39,10 @@ def test_file_lists_and_configs_as_windows_tools_write_them(tmp_path):
     latin1 = write_bytes(tmp_path / "latin1.txt", lines.encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1.txt: not UTF-8 text \(line 2: byte 0xe9\); save it as UTF-8$"):
         read_file_list_entries(latin1)
+    for name, encoding in (("utf16le.txt", "utf-16-le"), ("utf16be.txt", "utf-16-be")):  # no byte-order mark
+        unmarked = write_bytes(tmp_path / name, ("\n" + lines).encode(encoding))
+        with pytest.raises(DataError, match=rf"{name}: not UTF-8 text \(it holds NUL bytes: UTF-16 without"):
+            read_file_list_entries(unmarked)
     with pytest.raises(DataError, match="is a folder, not a file list"):
         read_file_list_entries(str(tmp_path))
 
