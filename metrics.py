@@ -27,8 +27,8 @@ A synthesis of F mel frames has ``hop_length * (F - 3)`` samples, a little short
 recording: both are cut to the shorter before measuring. Both are taken as a 16-bit
 file would play them: clamped to [-1, 1], with non-finite samples as silence. A
 measure that a clip leaves undefined (F0 error with no frame voiced in both, F1 with no
-voiced frame in either, PESQ where the recording holds no speech) is NaN for that clip
-and left out of the mean.
+voiced frame in either, PESQ where the recording holds no speech, the multi-resolution STFT
+where it is silent) is NaN for that clip and left out of the mean.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from pyin import pyin
 LOG_MEL_FLOOR = 1e-2
 STFT_RESOLUTIONS = ((512, 50, 240), (1024, 120, 600), (2048, 240, 1200))  # (fft size, hop, window)
 STFT_MAGNITUDE_FLOOR = 1e-7  # on the squared magnitude, as Parallel WaveGAN's code clamps it
+SILENCE_PEAK = 1 / 32768  # a recording whose samples all stay below one 16-bit step is silent
 # Speech pitch range, as CARGAN's (50-550 Hz): wide enough for low male and high female and child voices.
 PITCH_FMIN, PITCH_FMAX = 50.0, 550.0
 # pYIN's frame at PITCH_FRAME_RATE, the mel's window; its 512-sample YIN windows reach down to 43 Hz. At another
@@ -124,7 +125,10 @@ def _stft_magnitude(audio: torch.Tensor, fft_size: int, hop: int, window: int) -
 
 
 def multi_resolution_stft(synthesis: np.ndarray, reference: np.ndarray) -> float:
-    """Mean over `STFT_RESOLUTIONS` of spectral convergence + log-magnitude L1; aligned inputs [T]."""
+    """Mean over `STFT_RESOLUTIONS` of spectral convergence + log-magnitude L1; aligned inputs [T]. NaN where
+    the recording is silent (no sample reaches a 16-bit step): spectral convergence divides by its norm."""
+    if np.abs(reference).max() < SILENCE_PEAK:
+        return math.nan
     total = 0.0
     for fft_size, hop, window in STFT_RESOLUTIONS:
         predicted = _stft_magnitude(torch.from_numpy(synthesis), fft_size, hop, window)

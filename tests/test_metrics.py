@@ -94,6 +94,11 @@ def test_silence_against_a_tone():
     reversed_roles = metrics.pitch_measures(tone, silence)
     assert reversed_roles["vuv_f1"] == 0  # voiced frames where the recording has none: false positives only
     assert math.isnan(metrics.pitch_measures(silence, silence)["vuv_f1"])  # nothing voiced: F1 undefined
+    # A silent recording leaves the spectral convergence undefined (its norm is the floor's): not ~1e5.
+    assert math.isnan(metrics.measure(tone, silence)["mr_stft"])
+    assert math.isnan(metrics.multi_resolution_stft(tone, silence + 0.5 / 32768))  # below one 16-bit step
+    assert metrics.multi_resolution_stft(tone, silence + 1 / 32768) > 0  # a step's DC is a recording
+    assert math.isfinite(results["mr_stft"])  # a silent synthesis of a recording is measured
 
 
 def test_half_the_amplitude_gives_the_known_spectral_distances():
