@@ -14,6 +14,7 @@ Ogg) are refused: their decoders give no sample-exact reads from a position.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -368,21 +369,29 @@ def holds_pickled_objects(path: str) -> bool:
         return False
 
 
-def _numpy_array_globals() -> list:
-    """What `torch.load(weights_only=True)` must be allowed to build to read a numpy array of floats, as
-    `torch.save(mel.numpy(), path)` writes it: numpy's array constructor (under its numpy 1 and 2 names),
-    the array and dtype classes. Nothing else: an array of objects still needs globals it is refused."""
+def _numpy_arrays_allowed() -> contextlib.AbstractContextManager:
+    """Where `torch.load(weights_only=True)` may build a numpy array of floats, as `torch.save(mel.numpy(),
+    path)` writes it: numpy's array constructor (under its numpy 1 and 2 names from torch 2.6, which takes a
+    name with it), the array and dtype classes. Nothing else: an array of objects still needs globals it is
+    refused. Before torch 2.5 (no `safe_globals`) such a file is refused, naming what it holds."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:
+        return contextlib.nullcontext()
     reconstruct = np.zeros(0).__reduce__()[0]  # numpy's _reconstruct, wherever this numpy keeps it
-    names = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct")
+    if tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 6):
+        names = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct")
+        constructors = [(reconstruct, name) for name in names]
+    else:
+        constructors = [reconstruct]
     dtypes = {type(np.dtype(kind)) for kind in (np.float16, np.float32, np.float64)} - {np.dtype}
-    return [*((reconstruct, name) for name in names), np.ndarray, np.dtype, *dtypes]
+    return safe_globals([*constructors, np.ndarray, np.dtype, *dtypes])
 
 
 def _torch_load_mel(path: str, mmap: bool):
     """`torch.load` of a mel file, tensors and numpy arrays of floats only; a file that is not torch.save's
     gets a DataError saying what it is."""
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_array_globals()):
+        with warnings.catch_warnings(), _numpy_arrays_allowed():
             warnings.simplefilter("ignore")  # torch's warnings about a plain pickle's protocol: the error says it
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

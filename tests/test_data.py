@@ -220,6 +220,7 @@ def torch_saved(value) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.skipif(not hasattr(torch.serialization, "safe_globals"), reason="torch < 2.5 refuses them (named)")
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_a_pt_mel_holding_a_numpy_array_loads(tmp_path, dtype):
     """`torch.save(mel.numpy(), path)`, as TTS scripts write it: read without unpickling anything else."""
