@@ -84,6 +84,17 @@ MODES = ("train", "eval", "synthesis")
 MEL_FRAME_TOLERANCE = 2  # frames a stored mel may differ from 1 + T // hop_length (other STFT paddings)
 
 
+def check_mel_fits_audio(mel_path: str, frames: int, audio_path: str, length: int, hop_length: int) -> None:
+    """Refuse a stored mel of `frames` frames as the mel of `length` samples of audio, which has
+    `1 + length // hop_length` (up to `MEL_FRAME_TOLERANCE` apart): another clip's, or another hop's."""
+    expected = 1 + length // hop_length
+    if abs(frames - expected) > MEL_FRAME_TOLERANCE:
+        raise DataError(
+            f"{mel_path}: mel has {frames} frames, its audio {audio_path} ({length} samples) has {expected} "
+            f"(1 + samples // hop_length {hop_length}); not the mel of that clip, or made with another hop length?"
+        )
+
+
 class Mel2Samp(Dataset):
     """(mel [n_mels, F], audio [T]) pairs from the audio files of a file list; see the module docstring."""
 
@@ -154,13 +165,9 @@ class Mel2Samp(Dataset):
                     f"{candidates[0]}: mel file not found (the mel of {audio_path}; also looked for "
                     f"{', '.join(os.path.basename(path) for path in candidates[1:])})"
                 )
-            frames, expected = mel_frame_count(mel_path, self.n_mel_channels), 1 + length // self.hop_length
-            if abs(frames - expected) > MEL_FRAME_TOLERANCE:
-                raise DataError(
-                    f"{mel_path}: mel has {frames} frames, its audio {audio_path} ({length} samples) "
-                    f"has {expected} (1 + samples // hop_length {self.hop_length}); "
-                    f"not the mel of that clip, or made with another hop length?"
-                )
+            check_mel_fits_audio(
+                mel_path, mel_frame_count(mel_path, self.n_mel_channels), audio_path, length, self.hop_length
+            )
             found.append(mel_path)
         mel_of = dict(zip(self.files, found, strict=True))
         refuse_shared_names(self.files, mel_of.__getitem__, "both find their mel in")  # mels go by file name

@@ -40,7 +40,6 @@ import scipy.signal
 import scipy.stats
 import torch
 
-from config import HOP_LENGTH
 from data import MelSpectrogram
 from pyin import pyin
 
@@ -55,7 +54,6 @@ PITCH_FMIN, PITCH_FMAX = 50.0, 550.0
 PITCH_FRAME_LENGTH, PITCH_FRAME_RATE = 1024, 22050
 LOG_MEL_FMAX = 8000.0  # the 22,050 Hz configs' mel_fmax
 PESQ_RATE = 16000
-MIN_SAMPLES = max(fft_size for fft_size, _, _ in STFT_RESOLUTIONS) // 2 + 1  # for the largest STFT's reflect padding
 INTERVAL_LEVEL = 0.95
 
 # name -> (label in tables, whether higher is better)
@@ -99,9 +97,14 @@ def pitch_frame_length(sampling_rate: int) -> int:
     return PITCH_FRAME_LENGTH * 2 ** max(0, math.ceil(math.log2(sampling_rate / PITCH_FRAME_RATE)))
 
 
-def log_mel_l1(
-    synthesis: np.ndarray, reference: np.ndarray, sampling_rate: int = 22050, hop_length: int = HOP_LENGTH
-) -> float:
+def min_samples(sampling_rate: int) -> int:
+    """The fewest samples `measure` takes at `sampling_rate`: more than half the largest window (the largest
+    of `STFT_RESOLUTIONS`', and the log-mel's and pitch's, `pitch_frame_length`), for their reflect padding."""
+    largest = max(*(fft_size for fft_size, _, _ in STFT_RESOLUTIONS), pitch_frame_length(sampling_rate))
+    return largest // 2 + 1
+
+
+def log_mel_l1(synthesis: np.ndarray, reference: np.ndarray, sampling_rate: int, hop_length: int) -> float:
     """Mean |log mel(synthesis) - log mel(reference)| over bands and frames; aligned inputs [T]."""
     fft = pitch_frame_length(sampling_rate)
     mel = MelSpectrogram(
@@ -139,9 +142,7 @@ def multi_resolution_stft(synthesis: np.ndarray, reference: np.ndarray) -> float
     return total / len(STFT_RESOLUTIONS)
 
 
-def pitch(
-    audio: np.ndarray, sampling_rate: int = 22050, hop_length: int = HOP_LENGTH
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pitch(audio: np.ndarray, sampling_rate: int, hop_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """pYIN on audio [T] -> (f0 [F] in Hz, NaN where unvoiced; voiced [F] bool; voicing probability [F]),
     F = 1 + T // hop_length: one pitch frame per mel frame. F0 is quantised to pYIN's 10-cent grid."""
     f0, voiced, probability = pyin(
@@ -156,7 +157,7 @@ def pitch(
 
 
 def pitch_measures(
-    synthesis: np.ndarray, reference: np.ndarray, sampling_rate: int = 22050, hop_length: int = HOP_LENGTH
+    synthesis: np.ndarray, reference: np.ndarray, sampling_rate: int, hop_length: int
 ) -> dict[str, float]:
     """F0 RMS error in cents (frames voiced in both), V/UV F1 (reference voicing as truth) and
     RMS periodicity (voicing probability) difference over all frames; aligned inputs [T]."""
@@ -174,7 +175,7 @@ def pitch_measures(
     }
 
 
-def pesq_wideband(synthesis: np.ndarray, reference: np.ndarray, sampling_rate: int = 22050) -> float:
+def pesq_wideband(synthesis: np.ndarray, reference: np.ndarray, sampling_rate: int) -> float:
     """Wide band PESQ of aligned inputs [T], resampled to 16 kHz; NaN where the pesq package cannot
     score them (it finds no speech in the recording, or fails on an all-zero synthesis)."""
     from pesq import NoUtterancesError, pesq  # pyright: ignore[reportMissingImports] -- optional
@@ -189,12 +190,14 @@ def pesq_wideband(synthesis: np.ndarray, reference: np.ndarray, sampling_rate: i
         return math.nan
 
 
-def measure(synthesis, reference, sampling_rate: int = 22050, hop_length: int = HOP_LENGTH) -> dict[str, float]:
+def measure(synthesis, reference, sampling_rate: int, hop_length: int) -> dict[str, float]:
     """Every measure of one synthesis [T] against its recording [T'] (tensors or arrays) at `sampling_rate`,
     with mel and pitch frames every `hop_length` samples; `pesq_wb` only when the pesq package is installed."""
     synthesis, reference = align(synthesis, reference)
-    if synthesis.shape[0] < MIN_SAMPLES:
-        raise ValueError(f"{synthesis.shape[0]} samples are too few to measure (need at least {MIN_SAMPLES})")
+    if synthesis.shape[0] < min_samples(sampling_rate):
+        raise ValueError(
+            f"{synthesis.shape[0]} samples are too few to measure (need at least {min_samples(sampling_rate)})"
+        )
     results = {
         "log_mel_l1": log_mel_l1(synthesis, reference, sampling_rate, hop_length),
         "mr_stft": multi_resolution_stft(synthesis, reference),

@@ -31,6 +31,7 @@ from data import (
     MEL_FILE_EXTENSIONS,
     DataError,
     MelSpectrogram,
+    audio_length,
     load_audio,
     load_mel,
     mel_frame_count,
@@ -39,9 +40,9 @@ from data import (
     refuse_shared_names,
 )
 from denoiser import Denoiser
-from mel2samp import Mel2Samp, collate
+from mel2samp import Mel2Samp, check_mel_fits_audio, collate
 from mel_scale import MelConversion
-from metrics import MEASURES, MIN_SAMPLES, format_table, measure, summarize
+from metrics import MEASURES, format_table, measure, min_samples, summarize
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_likelihood, synthesis_length
 from runtime import has_bf16_matrix_units
 from storage import StorageError, TrainingLogs, describe, first_line, warn, write_atomically
@@ -140,21 +141,22 @@ def unsynthesizable(frames: int, hop_length: int) -> str | None:
     return None
 
 
-def unmeasurable(frames: int, hop_length: int) -> str | None:
+def unmeasurable(frames: int, hop_length: int, sampling_rate: int) -> str | None:
     """Why a mel of `frames` frames of `hop_length` samples cannot be synthesized and measured against its
-    recording (its synthesis has `synthesis_length(frames, hop_length)` samples); None when it can."""
+    recording at `sampling_rate` (its synthesis has `synthesis_length(frames, hop_length)` samples); None
+    when it can."""
     reason = unsynthesizable(frames, hop_length)
-    samples = synthesis_length(frames, hop_length)
-    if reason is None and samples < MIN_SAMPLES:
-        reason = f"its synthesis of {samples} samples is too short to measure (need at least {MIN_SAMPLES})"
+    samples, needed = synthesis_length(frames, hop_length), min_samples(sampling_rate)
+    if reason is None and samples < needed:
+        reason = f"its synthesis of {samples} samples is too short to measure (need at least {needed})"
     return reason
 
 
 def too_short(length: int, config: Config, measured: bool) -> str | None:
     """Why a clip of `length` samples cannot be synthesized from its mel (and, when `measured`, measured
     against itself); None when it can."""
-    hop = config.data.hop_length
-    reason = (unmeasurable if measured else unsynthesizable)(1 + length // hop, hop)
+    hop, frames = config.data.hop_length, 1 + length // config.data.hop_length
+    reason = unmeasurable(frames, hop, config.data.sampling_rate) if measured else unsynthesizable(frames, hop)
     if reason is None and length <= config.data.filter_length // 2:
         reason = (
             f"a clip of {length} samples is too short for a mel spectrogram "
@@ -225,7 +227,7 @@ class CheckpointReport:
         for path, length in zip(self.eval_set.files, self.eval_set.lengths, strict=True):
             if len(measured) == MEASURED_CLIPS:
                 break
-            reason = unmeasurable(1 + length // hop_length, hop_length)
+            reason = unmeasurable(1 + length // hop_length, hop_length, config.data.sampling_rate)
             if reason is None:
                 measured.append(path)
             else:
@@ -470,11 +472,15 @@ def evaluation_inputs(config: Config, args: argparse.Namespace):
                 f"{path}: no audio to measure it against: looked for {' or '.join(candidates)} beside "
                 f"it and in {config.data.test_files}"
             )
+        frames = mel_frame_count(path, config.data.n_mel_channels)
+        data = config.data
+        length = audio_length(found[0], data.sampling_rate, resample=data.resample, downmix=data.downmix)
+        check_mel_fits_audio(path, frames, found[0], length, data.hop_length)
         inputs.append(
             (
                 stem(path),
                 path,
-                unmeasurable(mel_frame_count(path, config.data.n_mel_channels), config.data.hop_length),
+                unmeasurable(frames, data.hop_length, data.sampling_rate),
                 lambda path=path, audio=found[0]: (
                     convert(load_mel(path, config.data.n_mel_channels), path),
                     load_audio(
@@ -497,13 +503,13 @@ def synthesis_inputs(config: Config, args: argparse.Namespace, measured: bool = 
             for index, (path, length) in enumerate(zip(clips.files, clips.lengths, strict=True))
         ]
     convert = mel_conversion(config, args)
-    hop = config.data.hop_length
+    hop, rate = config.data.hop_length, config.data.sampling_rate
     frames = {path: mel_frame_count(path, config.data.n_mel_channels) for path in mel_files(args.mels)}
     return [
         (
             stem(path),
             path,
-            (unmeasurable if measured else unsynthesizable)(count, hop),
+            unmeasurable(count, hop, rate) if measured else unsynthesizable(count, hop),
             lambda path=path: (convert(load_mel(path, config.data.n_mel_channels), path), None),
         )
         for path, count in frames.items()

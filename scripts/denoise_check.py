@@ -43,13 +43,15 @@ def main() -> None:
     denoiser = Denoiser.from_config(model, config.data)
     mel_spectrogram = MelSpectrogram.from_config(config.data)
     results: dict[float, list] = {strength: [] for strength in args.strengths}
-    for line in read_file_list(args.files):
-        reference = load_audio(os.path.join(ROOT, line), config.data.sampling_rate)
+    data = config.data
+    for line in read_file_list(args.files):  # paths as the list resolves them
+        reference = load_audio(line, data.sampling_rate, resample=data.resample, downmix=data.downmix)
         mel = mel_spectrogram(reference)
         generator = torch.Generator().manual_seed(config.train.seed)
         audio = model.infer(mel[None], sigma=args.temperature, generator=generator)
         for strength in args.strengths:
-            results[strength].append(measure(denoiser(audio, strength)[0], reference, config.data.sampling_rate))
+            denoised = denoiser(audio, strength)[0]
+            results[strength].append(measure(denoised, reference, data.sampling_rate, data.hop_length))
         print(f"{line}: measured", file=sys.stderr, flush=True)
     names = [name for name in MEASURES if name != "pesq_wb"]
     print(f"{len(results[args.strengths[0]])} sentences of {args.files}, temperature {args.temperature}")

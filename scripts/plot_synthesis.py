@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = config.data.sampling_rate
         recording = load_audio(args.audio, rate, resample=config.data.resample, downmix=config.data.downmix)
         hop_length = config.data.hop_length
-        reason = unmeasurable(1 + recording.shape[0] // hop_length, hop_length)
+        reason = unmeasurable(1 + recording.shape[0] // hop_length, hop_length, rate)
         if reason is not None:
             raise DataError(f"{args.audio}: a recording of {recording.shape[0]} samples, {reason}")
         mel_spectrogram = MelSpectrogram.from_config(config.data)

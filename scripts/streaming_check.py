@@ -96,14 +96,14 @@ def lookahead_table(args: argparse.Namespace) -> None:
     print("| lookahead (frames) | frames waited | latency to the first sample (ms) | log-mel L1 vs whole | max abs |")
     print("|---|---|---|---|---|")
     other = model.infer(mel, z=ColumnNoise(1, height, args.sigma, seed=2, hop_length=hop).take(0, width))[0]
-    print(f"| (whole, other noise) | | | {log_mel_l1(other.numpy(), whole.numpy()):.4f} | |")
+    print(f"| (whole, other noise) | | | {log_mel_l1(other.numpy(), whole.numpy(), rate, hop):.4f} | |")
     for lookahead in args.lookaheads:
         audio, first = streamed(model, mel, args.chunk, lookahead, lookahead, args.sigma)
         waited = args.chunk + lookahead
         latency = 1000 * (waited * hop / rate + first)
         print(
             f"| {lookahead} | {waited} | {latency:.0f} ({waited * hop / rate * 1000:.0f} + {1000 * first:.0f}) "
-            f"| {log_mel_l1(audio.numpy(), whole.numpy()):.4f} | {(audio - whole).abs().max().item():.2e} |",
+            f"| {log_mel_l1(audio.numpy(), whole.numpy(), rate, hop):.4f} | {(audio - whole).abs().max().item():.2e} |",
             flush=True,
         )
 

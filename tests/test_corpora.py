@@ -239,7 +239,7 @@ def test_every_clip_too_short_is_left_out_of_v_and_s_with_a_warning(tmp_path, ca
 def test_the_pictures_title_says_when_no_frame_was_voiced():
     plot_synthesis = load_script("plot_synthesis")
     noise = 0.1 * np.random.default_rng(0).standard_normal(RATE // 2).astype(np.float32)
-    result = measure(noise, noise[::-1].copy(), RATE)
+    result = measure(noise, noise[::-1].copy(), RATE, 256)
     assert math.isnan(result["f0_rmse_cents"])
     title = plot_synthesis.describe_measures(result)
     assert "no frame voiced in both" in title and "nan" not in title

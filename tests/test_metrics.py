@@ -23,7 +23,7 @@ from data import DataError, load_audio
 from mel2samp import write_mels
 from test_train import ROOT, make_corpus, run, write_config
 
-RATE = 22050
+RATE, HOP = 22050, 256
 SPEECH = os.path.join(ROOT, "data", "demo", "wavs", "demo_001.wav")  # espeak-ng, about 100 Hz
 FORMANTS = ((700, 150), (1200, 150), (2600, 200))  # (centre, bandwidth) in Hz: an open vowel
 
@@ -55,7 +55,7 @@ def speech():
 
 
 def test_identical_audio_scores_perfectly(speech):
-    results = metrics.measure(speech, speech.numpy())  # a tensor and an array
+    results = metrics.measure(speech, speech.numpy(), RATE, HOP)  # a tensor and an array
     assert results["log_mel_l1"] == 0 and results["mr_stft"] == 0
     assert results["f0_rmse_cents"] == 0 and results["vuv_f1"] == 1 and results["periodicity_rmse"] == 0
     if metrics.pesq_available():
@@ -65,7 +65,7 @@ def test_identical_audio_scores_perfectly(speech):
 @pytest.mark.parametrize("cents", [100, 50, -35])
 def test_a_pitch_shift_gives_its_cents(cents):
     reference = vowel(120.0)
-    results = metrics.pitch_measures(vowel(120.0 * 2 ** (cents / 1200)), reference)
+    results = metrics.pitch_measures(vowel(120.0 * 2 ** (cents / 1200)), reference, RATE, HOP)
     # pYIN's F0 lies on a 10-cent grid: a shift is found to within half a step either side.
     assert results["f0_rmse_cents"] == pytest.approx(abs(cents), abs=5.5)
     assert results["vuv_f1"] == 1
@@ -73,32 +73,48 @@ def test_a_pitch_shift_gives_its_cents(cents):
 
 def test_noise_with_the_same_envelope_is_unvoiced_and_far_in_log_mel():
     reference = vowel(120.0)
-    noise = metrics.measure(noise_like(reference), reference)
+    noise = metrics.measure(noise_like(reference), reference, RATE, HOP)
     assert noise["vuv_f1"] == 0 and math.isnan(noise["f0_rmse_cents"])  # no frame voiced in both
     assert noise["periodicity_rmse"] > 0.3
     rng = np.random.default_rng(1)
     slightly_noisy = reference + 0.005 * rng.standard_normal(reference.size).astype(np.float32)  # 37 dB below
-    close = metrics.measure(slightly_noisy, reference)
+    close = metrics.measure(slightly_noisy, reference, RATE, HOP)
     assert close["vuv_f1"] == 1 and close["f0_rmse_cents"] < 5
     assert noise["log_mel_l1"] > 0.3 and noise["log_mel_l1"] > 5 * close["log_mel_l1"]
 
 
 def test_silence_against_a_tone():
     tone, silence = vowel(150.0, seconds=0.5), np.zeros(RATE // 2, dtype=np.float32)
-    results = metrics.measure(silence, tone)
+    results = metrics.measure(silence, tone, RATE, HOP)
     assert results["vuv_f1"] == 0 and math.isnan(results["f0_rmse_cents"])
     # The tone's mel is far above the 1e-2 floor that silence sits on.
     assert results["log_mel_l1"] > 1 and results["periodicity_rmse"] > 0.3
     if metrics.pesq_available():
         assert math.isnan(results["pesq_wb"])  # PESQ cannot score a silent synthesis
-    reversed_roles = metrics.pitch_measures(tone, silence)
+    reversed_roles = metrics.pitch_measures(tone, silence, RATE, HOP)
     assert reversed_roles["vuv_f1"] == 0  # voiced frames where the recording has none: false positives only
-    assert math.isnan(metrics.pitch_measures(silence, silence)["vuv_f1"])  # nothing voiced: F1 undefined
+    assert math.isnan(metrics.pitch_measures(silence, silence, RATE, HOP)["vuv_f1"])  # nothing voiced: F1 undefined
     # A silent recording leaves the spectral convergence undefined (its norm is the floor's): not ~1e5.
-    assert math.isnan(metrics.measure(tone, silence)["mr_stft"])
+    assert math.isnan(metrics.measure(tone, silence, RATE, HOP)["mr_stft"])
     assert math.isnan(metrics.multi_resolution_stft(tone, silence + 0.5 / 32768))  # below one 16-bit step
     assert metrics.multi_resolution_stft(tone, silence + 1 / 32768) > 0  # a step's DC is a recording
     assert math.isfinite(results["mr_stft"])  # a silent synthesis of a recording is measured
+
+
+@pytest.mark.parametrize(
+    "rate,hop,fewest", [(22050, 256, 1025), (16000, 160, 1025), (44100, 512, 1025), (48000, 480, 2049)]
+)
+def test_the_fewest_samples_measured_follow_the_rate(rate, hop, fewest):
+    """At 48 kHz the log-mel and pitch window is 4,096 samples, longer than the largest STFT's 2,048: a clip
+    too short for it is too short to measure (left out by -v and the checkpoint reports), not a traceback."""
+    assert metrics.min_samples(rate) == fewest
+    noise = np.random.default_rng(0).uniform(-0.5, 0.5, fewest).astype(np.float32)
+    assert math.isfinite(metrics.measure(noise, noise[::-1].copy(), rate, hop)["log_mel_l1"])
+    with pytest.raises(ValueError, match=f"{fewest - 1} samples are too few to measure"):
+        metrics.measure(noise[:-1], noise[:-1], rate, hop)
+    frames = 3 + -(-fewest // hop)  # the fewest frames whose synthesis (hop * (frames - 3)) is measured
+    assert synthesis.unmeasurable(frames, hop, rate) is None
+    assert "too short to measure" in str(synthesis.unmeasurable(frames - 1, hop, rate))
 
 
 def test_half_the_amplitude_gives_the_known_spectral_distances():
@@ -106,17 +122,17 @@ def test_half_the_amplitude_gives_the_known_spectral_distances():
     # the amplitude moves every log magnitude by log 2 and makes the spectral convergence ||Y - Y/2|| / ||Y|| = 1/2.
     reference = np.random.default_rng(0).uniform(-0.9, 0.9, RATE).astype(np.float32)
     synthesis, reference = metrics.align(0.5 * reference, reference)
-    assert metrics.log_mel_l1(synthesis, reference) == pytest.approx(math.log(2), rel=1e-4)
+    assert metrics.log_mel_l1(synthesis, reference, RATE, HOP) == pytest.approx(math.log(2), rel=1e-4)
     assert metrics.multi_resolution_stft(synthesis, reference) == pytest.approx(0.5 + math.log(2), rel=1e-4)
 
 
 def test_lengths_are_cut_to_the_shorter():
     reference = vowel(130.0)
     longer = np.concatenate([reference, np.ones(700, dtype=np.float32)])  # what follows the cut is never seen
-    results = metrics.measure(reference[:-300], longer)
+    results = metrics.measure(reference[:-300], longer, RATE, HOP)
     assert results["log_mel_l1"] == 0 and results["mr_stft"] == 0 and results["vuv_f1"] == 1
     with pytest.raises(ValueError, match="too few to measure"):
-        metrics.measure(reference[:1000], reference)
+        metrics.measure(reference[:1000], reference, RATE, HOP)
     loud = metrics.align(torch.full((10,), 3.0), np.array([np.nan, -np.inf, 0.5]))
     assert loud[0].tolist() == [1.0, 1.0, 1.0] and loud[1].tolist() == [0.0, -1.0, 0.5]  # as a 16-bit file plays
 
@@ -126,10 +142,10 @@ def test_pesq_falls_with_the_noise(speech):
     clean = speech.numpy()
     rng = np.random.default_rng(0)
     power = np.mean(clean**2)
-    scores = [metrics.pesq_wideband(clean, clean)]
+    scores = [metrics.pesq_wideband(clean, clean, RATE)]
     for snr in (30, 10):
         noisy = clean + np.sqrt(power / 10 ** (snr / 10)) * rng.standard_normal(clean.size).astype(np.float32)
-        scores.append(metrics.pesq_wideband(noisy, clean))
+        scores.append(metrics.pesq_wideband(noisy, clean, RATE))
     assert 4.6 < scores[0] <= 4.65 and scores[0] > scores[1] > scores[2] >= 1.0
 
 
@@ -137,7 +153,7 @@ def test_without_pesq_the_measure_is_skipped(monkeypatch):
     monkeypatch.setitem(sys.modules, "pesq", None)  # makes `import pesq` fail as when it is not installed
     assert not metrics.pesq_available()
     tone = vowel(200.0, seconds=0.3)
-    results = metrics.measure(tone, tone)
+    results = metrics.measure(tone, tone, RATE, HOP)
     assert "pesq_wb" not in results and results["log_mel_l1"] == 0
     summary = metrics.summarize([results])
     assert summary["pesq_wb"]["n"] == 0 and summary["pesq_wb"]["mean"] is None
@@ -262,6 +278,23 @@ def test_a_mel_without_audio_is_an_error_naming_where_it_looked(trained, tmp_pat
         r"lonely.flac beside it and in .*test.txt",
     ):
         synthesis.evaluation_inputs(load_config(config), args)
+
+
+@pytest.mark.slow
+def test_a_mel_of_another_hop_than_its_recording_is_refused_naming_both(trained, tmp_path):
+    """-v --mels measures a synthesis against the first samples of its recording: a mel of another hop (or
+    another clip) would be measured against the wrong part of it. As `data_config.mel_directory` refuses it."""
+    folder, config, _, _ = trained
+    shutil.copy(os.path.join(folder, "clip07.wav"), tmp_path / "clip07.wav")
+    frames = 1 + len(load_audio(str(tmp_path / "clip07.wav"), RATE)) // HOP
+    args = argparse.Namespace(mels=[str(tmp_path)], mel_scale="ln", mel_stats=None)
+    for stored, accepted in ((frames + 2, True), (frames - 2, True), (frames * 256 // 160, False), (frames + 3, False)):
+        np.save(tmp_path / "clip07.npy", np.full((80, stored), -5.0, dtype=np.float32))
+        if accepted:
+            assert [name for name, *_ in synthesis.evaluation_inputs(load_config(config), args)] == ["clip07"]
+        else:
+            with pytest.raises(DataError, match=rf"clip07.npy: mel has {stored} frames, its audio .*clip07.wav"):
+                synthesis.evaluation_inputs(load_config(config), args)
 
 
 def test_default_temperatures_and_argument_checks():
