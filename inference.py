@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from cuda_graphs import CudaGraphCache
-from modules import ResidualBlock, WaveNet2D
+from modules import ResidualBlock, WaveNet2D, autocast_off
 
 if TYPE_CHECKING:
     from model import WaveFlow
@@ -537,7 +537,8 @@ def synthesize(
     condition_cache_bytes: int = CONDITION_CACHE_BYTES,
     cuda_graphs: CudaGraphCache | None = None,
 ) -> torch.Tensor:
-    """`reverse_flows` with its options: `c [B, cin, H, W]` (upsampled, squeezed, in the model's dtype),
+    """`reverse_flows` with its options: `c [B, cin, H, W]` (upsampled, squeezed; taken in the model's dtype,
+    autocast or not),
     `z [B, 1, H, W]` -> `x [B, 1, H, W]` (fp32, float64 for a float64 model: `synthesis_dtype`).
 
     `max_cpu_columns`: on a CPU the batch goes in groups of at most this many columns (at least one
@@ -552,10 +553,14 @@ def synthesize(
     def run(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return reverse_flows(model, c, z, condition_cache_bytes)
 
-    if cuda_graphs is not None and c.device.type == "cuda":
-        weights = tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
-        return cuda_graphs(run, (c, z), (weights, condition_cache_bytes))
-    batch, width = c.shape[0], c.shape[-1]
-    group = max(1, max_cpu_columns // width) if c.device.type == "cpu" else batch
-    x = [run(c[start : start + group], z[start : start + group]) for start in range(0, batch, group)]
-    return x[0] if len(x) == 1 else torch.cat(x)
+    # The model's dtype is synthesis's precision: under a caller's autocast the products would take another
+    # (the conditioning's projection bf16, the queues' `out=` products not), and the upsampler's fp32 output stays.
+    with autocast_off(c.device):
+        c = c.to(next(model.parameters()).dtype)
+        if cuda_graphs is not None and c.device.type == "cuda":
+            weights = tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+            return cuda_graphs(run, (c, z), (weights, condition_cache_bytes))
+        batch, width = c.shape[0], c.shape[-1]
+        group = max(1, max_cpu_columns // width) if c.device.type == "cpu" else batch
+        x = [run(c[start : start + group], z[start : start + group]) for start in range(0, batch, group)]
+        return x[0] if len(x) == 1 else torch.cat(x)

@@ -95,8 +95,9 @@ def receptive_field(model: WaveFlow) -> ReceptiveField:
     one after the other: `K (H - 1) D + D - 1` columns.
 
     A chunk's fade (`StreamingSynthesis`) reads the previous window's `FADE_SAMPLES` samples past that
-    window's chunk: they are exact when the window reaches `columns` beyond their last column, which the
-    lookahead gives after the upsampler's frames ahead (the window stops that short of the frames received).
+    window's chunk: they are exact when the window reaches `columns` beyond their last column, and no further
+    than whole synthesis's end could be. A window stops the upsampler's reach short of the frames received,
+    and the end may come 3 frames (`SYNTHESIS_TRIM_FRAMES`) short of them: the lookahead adds the larger.
     """
     config = model.config
     net = model.flow_parts(0)[0]
@@ -105,7 +106,7 @@ def receptive_field(model: WaveFlow) -> ReceptiveField:
     columns_per_frame = config.hop_length // config.n_height
     upsampler = upsampler_reach(model)
     fade_columns = -(-FADE_SAMPLES // config.n_height)
-    frames = max(upsampler[1] + math.ceil((columns + fade_columns) / columns_per_frame), SYNTHESIS_TRIM_FRAMES)
+    frames = max(upsampler[1], SYNTHESIS_TRIM_FRAMES) + math.ceil((columns + fade_columns) / columns_per_frame)
     return ReceptiveField(columns, columns * config.n_height, upsampler, frames)
 
 
@@ -289,7 +290,8 @@ class StreamingSynthesis:
         audio, tail = audio[:, :chunk_samples], audio[:, chunk_samples : chunk_samples + FADE_SAMPLES]
         if self.tail is not None:
             fade = min(self.tail.shape[1], chunk_samples)
-            ramp = 0.5 - 0.5 * torch.cos(torch.pi * (torch.arange(fade, device=audio.device) + 0.5) / fade)
+            steps = torch.arange(fade, device=audio.device, dtype=audio.dtype)
+            ramp = 0.5 - 0.5 * torch.cos(torch.pi * (steps + 0.5) / fade)
             audio = torch.cat([torch.lerp(self.tail[:, :fade], audio[:, :fade], ramp), audio[:, fade:]], dim=1)
         self.tail = tail if tail.shape[1] else None
         self.emitted = stop

@@ -17,6 +17,7 @@ from config import ConfigError
 from cuda_graphs import CudaGraphCache
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, negative_log_likelihood, squeeze, unsqueeze
 from modules import PRODUCT_WEIGHT_GRADIENT_MIN_CHANNELS, DilatedConv2d, HeightCausalConv2d, WaveNet2D
+from streaming import stream
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -646,6 +647,21 @@ def test_missing_key_is_named():
 def test_string_booleans_of_the_original_configs_are_accepted():
     model = build_model(tiny_config("nanoflow", use_weightnorm_embed="False", bipartize="True"))
     assert model.config.use_weightnorm_embed is False and model.config.bipartize is True
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_synthesis_under_a_callers_autocast_runs_in_the_models_dtype(model_dtype, autocast_dtype):
+    """A TTS service may call infer inside its own autocast: the model's dtype still sets the precision
+    (the conditioning's projection in bf16 beside fp32 queues failed with a dtype error). Streaming too."""
+    model = random_model(tiny_config("nanoflow")).remove_weight_norm().to(model_dtype)
+    mel, z = torch.randn(2, 80, 6), torch.randn(2, 1, 16, 48)
+    expected = model.infer(mel, z=z)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        audio = model.infer(mel, z=z)
+        streamed = torch.cat(list(stream(model, mel.split(2, dim=2), 1, 3, 3, seed=4)), dim=1)
+    assert torch.equal(audio, expected)
+    assert torch.equal(streamed, torch.cat(list(stream(model, mel.split(2, dim=2), 1, 3, 3, seed=4)), dim=1))
 
 
 def test_the_mel_upsampler_computes_in_fp32_whatever_the_dtype_or_autocast():

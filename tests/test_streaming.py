@@ -65,6 +65,26 @@ def test_a_lookahead_covering_the_receptive_field_gives_the_whole_utterance(mode
     assert (audio - expected).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("chunk,frames", [(6, 28), (5, 24), (1, 23), (1, 11)])
+def test_the_stream_is_exact_up_to_its_end_one_frame_at_a_time(chunk, frames):
+    """The last chunk a push emits, and the tail its next chunk fades from, end a lookahead before the frames
+    received, where whole synthesis may end 3 frames before them: the receptive field's frames cover that too."""
+    model = small()
+    field = receptive_field(model)
+    mel = torch.randn(1, 80, frames, generator=torch.Generator().manual_seed(frames))
+    audio = torch.cat(list(stream(model, mel.split(1, dim=2), chunk, field.frames, field.frames, 0.8, 3)), dim=1)
+    assert (audio - whole(model, mel, 0.8, seed=3)).abs().max().item() <= 1e-5
+
+
+def test_a_float64_model_streams_in_float64():
+    model = small().double()
+    mel = torch.randn(2, 80, 16, dtype=torch.float64)
+    field = receptive_field(model)
+    audio = streamed(model, mel, 4, field.frames, field.frames, 0.8, seed=2)
+    assert audio.dtype == torch.float64
+    assert (audio - whole(model, mel, 0.8, seed=2)).abs().max().item() <= 1e-12
+
+
 def test_a_short_lookahead_differs_by_a_bounded_amount():
     model = small(n_layer=4)
     mel = torch.randn(1, 80, 40)
