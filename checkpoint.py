@@ -339,6 +339,44 @@ def check_same_model(model: torch.nn.Module, checkpoint: dict, path: str) -> Non
         )
 
 
+# data_config keys that set what a model was trained on: its audio's rate and its mel spectrogram. A checkpoint
+# used under a config that sets them otherwise gets mels of another analysis (and writes audio at another rate).
+FEATURE_KEYS = ("sampling_rate", "filter_length", "win_length", "mel_fmin", "mel_fmax")
+
+
+def _features(section: dict) -> dict:
+    """FEATURE_KEYS of a data_config (a dict, or a DataConfig's fields) as numbers, mel_fmax's null resolved
+    to the Nyquist frequency; a key not set or not a number is left out (unknown)."""
+    features = {}
+    for key in FEATURE_KEYS:
+        value = section.get(key)
+        if key == "mel_fmax" and value is None and isinstance(section.get("sampling_rate"), (int, float)):
+            value = section["sampling_rate"] / 2
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            features[key] = float(value)
+    return features
+
+
+def check_same_features(data, checkpoint: dict, path: str) -> None:
+    """Refuse, in one line, a checkpoint whose stored data_config (ours; the original's store none) trained
+    it on another rate or mel analysis than `data` (the config's DataConfig) sets; -w/--warm_start may
+    start from it."""
+    stored = checkpoint.get("config")
+    section = stored.get("data_config") if isinstance(stored, dict) else None
+    if not isinstance(section, dict):
+        return
+    theirs, mine = _features(section), _features(dataclasses.asdict(data))
+    differ = [key for key in FEATURE_KEYS if key in theirs and key in mine and theirs[key] != mine[key]]
+    if differ:
+        raise CheckpointError(
+            f"{path}: checkpoint was trained on data_config "
+            + ", ".join(f"{key} {theirs[key]:g}" for key in differ)
+            + " where this config has "
+            + ", ".join(f"{mine[key]:g}" for key in differ)
+            + ": other audio and mels than it learned (use its config, or -w/--warm_start to fine-tune from it)"
+        )
+
+
 def shapeless_differences(checkpoint: dict, other: dict) -> tuple[list[str], list[str]]:
     """`key value` of each of SHAPELESS_KEYS that the two checkpoints' stored configs set differently, as
     `checkpoint` and as `other` have it: weights of the same names and shapes that compute different models."""

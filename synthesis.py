@@ -23,7 +23,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import average_checkpoints, check_same_model, list_checkpoints, load_checkpoint, load_weights
+from checkpoint import (
+    average_checkpoints,
+    check_same_features,
+    check_same_model,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+)
 from config import Config, ConfigError
 from cuda_graphs import CudaGraphCache
 from data import (
@@ -105,9 +112,10 @@ def trained_model(config: Config, args: argparse.Namespace, device: torch.device
     if args.average_checkpoint:
         weights, newest = average_checkpoints(path, args.average_checkpoint, args.epsilon)
         check_same_model(model, newest, path)
+        check_same_features(config.data, newest, path)
         load_weights(model, weights, path)
     else:
-        load_checkpoint(path, model)
+        check_same_features(config.data, load_checkpoint(path, model), path)
     return model.to(device).eval()
 
 

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from checkpoint import (
     CheckpointError,
     average_checkpoints,
+    check_same_features,
     checkpoint_path,
     load_checkpoint,
     read_checkpoint,
@@ -478,6 +479,8 @@ def restore(
     if not (args.warm_start or args.average_checkpoint):
         configured = training.scheduler.state_dict()
         checkpoint = load_checkpoint(path, training.model, training.optimizer, training.scheduler, training.scaler)
+        if config is not None:
+            check_same_features(config.data, checkpoint, path)
         changed = follow_the_configs_schedule(training, configured, checkpoint["iteration"])
         if verbose:
             print(f"resumed from {path} at iteration {checkpoint['iteration']}")

@@ -240,6 +240,41 @@ def test_checkpoints_that_would_compute_another_model_or_nan_are_refused(tmp_pat
     assert status == 1 and "weight upsample_conv.0.bias holds NaN or infinite values" in err
 
 
+def test_a_checkpoint_of_another_rate_or_mel_analysis_is_refused_but_warm_starts(tmp_path, capsys):
+    """Same architecture, other features: nanoflow-16k.json and nanoflow-h16-r128-emb512.json differ only in
+    data_config. Synthesis, evaluation, averaging and resuming refuse the checkpoint of the other; -w takes it."""
+    folder = str(tmp_path)
+    make_corpus(folder, n_train=2, n_test=1)
+    checkpoint, model = tiny_checkpoint(folder, data_config__sampling_rate=16000, data_config__mel_fmax=None)
+    stored = torch.load(checkpoint, weights_only=True)
+    stored["optimizer"] = torch.optim.Adam(model.parameters()).state_dict()  # resumable
+    torch.save(stored, checkpoint)
+    config = write_config(folder)  # 22,050 Hz, mel_fmax 8000 (the Nyquist frequency at 16 kHz)
+    wanted = "checkpoint was trained on data_config sampling_rate 16000 where this config has 22050: other audio"
+    for args in (("-s",), ("-v",)):
+        status, _, err = run_here(capsys, *args, "-c", config, "--checkpoint_path", checkpoint)
+        assert (
+            status == 1
+            and err
+            == f"error: {checkpoint}: {wanted} and mels than it learned (use its config, "
+            "or -w/--warm_start to fine-tune from it)\n"
+        )
+    status, _, err = run_here(capsys, "-s", "-a", "1", "-c", config, "--checkpoint_path", folder)
+    assert status == 1 and wanted in err
+    status, _, err = run_here(capsys, "-c", config, "--checkpoint_path", checkpoint)  # resume
+    assert status == 1 and wanted in err and len(err.strip().splitlines()) == 1
+    fmax = write_config(folder, name="fmax.json", data_config__mel_fmax=7600.0)
+    status, _, err = run_here(capsys, "-s", "-c", fmax, "--checkpoint_path", tiny_checkpoint(folder, "other")[0])
+    assert status == 1 and "data_config mel_fmax 8000 where this config has 7600" in err
+    warm = write_config(folder, name="warm.json", train_config__max_iterations=4)
+    status, out, err = run_here(capsys, "-w", "-c", warm, "--checkpoint_path", checkpoint)
+    assert status == 0 and "warm start from" in out, err
+    # The same features written otherwise: null is the Nyquist frequency, 22050.0 is 22050.
+    same, _ = tiny_checkpoint(folder, "same", data_config__sampling_rate=22050.0, data_config__mel_fmax=8000)
+    status, _, err = run_here(capsys, "-s", "-c", config, "--checkpoint_path", same)
+    assert status == 0, err
+
+
 @pytest.mark.parametrize(
     "args",
     [
