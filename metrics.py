@@ -7,8 +7,10 @@ config's hop). Lower is better except for V/UV F1 and PESQ.
 - ``log_mel_l1``: mean absolute difference, over 80 bands and all frames, of the natural
   log of Tacotron 2's mel spectrogram of magnitudes (``data.MelSpectrogram``, the feature
   the vocoder is conditioned on at 22,050 Hz: 1024-point STFT, 0-8 kHz; at another rate
-  the same bands, with the config's hop) floored at 1e-2 instead of 1e-5, so that
-  differences in near-silence, which nobody hears, do not dominate.
+  the same bands from a window as long in time, with the config's hop) floored at 1e-2
+  instead of 1e-5 (at another rate, 1e-2 scaled with the window, which scales the
+  magnitudes), so that differences in near-silence, which nobody hears, do not dominate:
+  the same audio at another rate gives the same value.
 - ``mr_stft``: the multi-resolution STFT distance of Parallel WaveGAN (Yamamoto et al.,
   ICASSP 2020, Section 2.3): spectral convergence plus the L1 distance of log STFT
   magnitudes, averaged over FFT sizes 512/1024/2048 with hops 50/120/240 and Hann
@@ -99,21 +101,29 @@ def pitch_frame_length(sampling_rate: int) -> int:
 
 def min_samples(sampling_rate: int) -> int:
     """The fewest samples `measure` takes at `sampling_rate`: more than half the largest window (the largest
-    of `STFT_RESOLUTIONS`', and the log-mel's and pitch's, `pitch_frame_length`), for their reflect padding."""
-    largest = max(*(fft_size for fft_size, _, _ in STFT_RESOLUTIONS), pitch_frame_length(sampling_rate))
+    of `STFT_RESOLUTIONS`', the pitch's, `pitch_frame_length`, and the log-mel's), for their reflect padding."""
+    windows = (pitch_frame_length(sampling_rate), log_mel_window(sampling_rate))
+    largest = max(*(fft_size for fft_size, _, _ in STFT_RESOLUTIONS), *windows)
     return largest // 2 + 1
 
 
+def log_mel_window(sampling_rate: int) -> int:
+    """The log-mel L1's window (and FFT) at `sampling_rate`: as long in time as 1,024 samples at 22,050 Hz."""
+    return round(PITCH_FRAME_LENGTH * sampling_rate / PITCH_FRAME_RATE)
+
+
 def log_mel_l1(synthesis: np.ndarray, reference: np.ndarray, sampling_rate: int, hop_length: int) -> float:
-    """Mean |log mel(synthesis) - log mel(reference)| over bands and frames; aligned inputs [T]."""
-    fft = pitch_frame_length(sampling_rate)
+    """Mean |log mel(synthesis) - log mel(reference)| over bands and frames; aligned inputs [T]. The window is
+    `log_mel_window`, and the floor scales with it as the magnitudes do (a Hann window's sum): the same audio
+    resampled gives the same value."""
+    window = log_mel_window(sampling_rate)
     mel = MelSpectrogram(
         sampling_rate=sampling_rate,
-        filter_length=fft,
+        filter_length=window,
         hop_length=hop_length,
-        win_length=fft,
+        win_length=window,
         mel_fmax=min(LOG_MEL_FMAX, sampling_rate / 2),
-        log_floor=LOG_MEL_FLOOR,
+        log_floor=LOG_MEL_FLOOR * window / PITCH_FRAME_LENGTH,
     )
     with torch.no_grad():
         difference = mel(torch.from_numpy(synthesis)) - mel(torch.from_numpy(reference))  # [80, F]

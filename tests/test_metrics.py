@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import soxr
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -115,6 +116,19 @@ def test_the_fewest_samples_measured_follow_the_rate(rate, hop, fewest):
     frames = 3 + -(-fewest // hop)  # the fewest frames whose synthesis (hop * (frames - 3)) is measured
     assert synthesis.unmeasurable(frames, hop, rate) is None
     assert "too short to measure" in str(synthesis.unmeasurable(frames - 1, hop, rate))
+
+
+def test_the_log_mel_distance_of_the_same_audio_is_the_same_at_every_rate():
+    """The window as long in time at every rate, its floor scaled as the magnitudes are: a 1% noise over
+    speech measures the same resampled to 16, 24, 44.1 or 48 kHz (with a fixed floor and the power-of-two
+    window of the pitch tracker, 0.44 at 24 kHz and 0.71 at 48 kHz against 0.064)."""
+    speech = load_audio(SPEECH, RATE).numpy()
+    noisy = speech + 0.01 * np.random.default_rng(0).standard_normal(speech.size).astype(np.float32)
+    at_22050 = metrics.log_mel_l1(noisy, speech, RATE, HOP)
+    assert 0.03 < at_22050 < 0.2
+    for rate, hop in ((16000, 160), (24000, 300), (44100, 512), (48000, 480)):
+        reference, degraded = (soxr.resample(audio, RATE, rate, quality="VHQ") for audio in (speech, noisy))
+        assert metrics.log_mel_l1(degraded, reference, rate, hop) == pytest.approx(at_22050, rel=0.03), rate
 
 
 def test_half_the_amplitude_gives_the_known_spectral_distances():
