@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from config import Config, DataConfig
+from config import Config, DataConfig, config_from_dict, parse_section
 from data import LOG_FLOOR
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow
 
@@ -46,9 +46,12 @@ class Denoiser:
         self.biases: dict[tuple[torch.dtype, torch.device], tuple[tuple, torch.Tensor]] = {}
 
     @classmethod
-    def from_config(cls, model: WaveFlow, data: DataConfig | Config) -> Denoiser:
-        """The denoiser of `model` with the STFT of a config's `data_config` (or of a whole config, as
-        `build_model` takes one)."""
+    def from_config(cls, model: WaveFlow, data: DataConfig | Config | dict) -> Denoiser:
+        """The denoiser of `model` with the STFT of a config's `data_config` (or of a whole config), parsed
+        or as the JSON's dict, as `build_model` takes one."""
+        if isinstance(data, dict):
+            data = config_from_dict(data, sections=("data_config",)) if "data_config" in data else data
+            data = parse_section(DataConfig, data, "data_config") if isinstance(data, dict) else data
         if isinstance(data, Config):
             data = data.data
         return cls(model, data.filter_length, data.hop_length, data.win_length)

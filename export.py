@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_checkpoint
-from config import ConfigError, check_model_rules, load_config
+from config import Config, ConfigError, check_model_rules, load_config
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, squeeze, synthesis_length, unsqueeze
 from modules import WeightNormMixin
 from storage import describe, write_atomically
@@ -242,20 +242,53 @@ def _export(graph: OnnxSynthesis, example: tuple[torch.Tensor, torch.Tensor], op
             return f.read()
 
 
+def with_metadata(data: bytes, metadata: dict[str, str]) -> bytes:
+    """The ONNX file `data` with `metadata` in its `metadata_props` (what the graph cannot say: the audio's
+    sampling rate, the mel's settings), as onnxruntime's `get_modelmeta().custom_metadata_map` reads them."""
+    onnx = importlib.import_module("onnx")
+    proto = onnx.load_from_string(data)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return proto.SerializeToString()
+
+
+def onnxruntime_module():
+    """onnxruntime, which --check needs; an ExportError where it is not installed."""
+    try:  # optional (requirements-onnx.txt), imported by name so that the type checker passes without it
+        return importlib.import_module("onnxruntime")
+    except ImportError:
+        raise ExportError("--check needs the onnxruntime package: pip install -r requirements-onnx.txt") from None
+
+
 def check_with_onnxruntime(model: WaveFlow, path: str, frames: tuple[int, ...] = (8, 21)) -> float:
     """Largest difference between onnxruntime's audio (CPU) and `model.infer`'s for the same random mel and
     noise, at each of `frames` (batch 2)."""
-    try:  # optional (requirements-onnx.txt), imported by name so that the type checker passes without it
-        onnxruntime = importlib.import_module("onnxruntime")
-    except ImportError:
-        raise ExportError("--check needs the onnxruntime package: pip install -r requirements-onnx.txt") from None
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = onnxruntime_module().InferenceSession(path, providers=["CPUExecutionProvider"])
     worst = 0.0
     for count in frames:
         mel, z = example_inputs(model, frames=count)
         (audio,) = session.run(None, {"mel": mel.numpy(), "z": z.numpy()})
         worst = max(worst, (torch.from_numpy(audio) - model.infer(mel, z=z)).abs().max().item())
     return worst
+
+
+def onnx_metadata(config: Config) -> dict[str, str]:
+    """What a user of the ONNX file needs to know beside its graph: the audio's rate, and the mel's settings
+    (a mel of another analysis gives other audio), from the config exported."""
+    data = config.data
+    fmax = data.mel_fmax if data.mel_fmax is not None else data.sampling_rate / 2
+    return {
+        "model_name": config.waveflow.model_name,
+        "sampling_rate": str(data.sampling_rate),
+        "hop_length": str(data.hop_length),
+        "filter_length": str(data.filter_length),
+        "win_length": str(data.win_length),
+        "n_mel_channels": str(data.n_mel_channels),
+        "mel_fmin": f"{data.mel_fmin:g}",
+        "mel_fmax": f"{fmax:g}",
+        "mel": "natural log of max(Slaney mel of |STFT|, 1e-5), Tacotron 2's",
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -283,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"{args.output}: folder {os.path.dirname(args.output) or folder} does not exist")
         if os.path.isdir(args.output):
             raise ExportError(f"{args.output}: is a folder; name the ONNX file to write")
+        if args.check:
+            onnxruntime_module()  # before minutes of export, not after
         config = load_config(args.config)
         check_model_rules(config, training=False)
         path = args.checkpoint_path if args.checkpoint_path is not None else config.train.checkpoint_path
@@ -291,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(config.waveflow)
         load_checkpoint(path, model)
         model.remove_weight_norm().eval()
-        data = export_onnx(model, args.opset)
+        data = with_metadata(export_onnx(model, args.opset), onnx_metadata(config))
         write_atomically(args.output, data)
         height, samples = config.waveflow.n_height, f"{config.waveflow.hop_length} * (F - {SYNTHESIS_TRIM_FRAMES})"
         print(f"wrote {args.output} ({len(data) / 2**20:.1f} MiB, opset {args.opset})")

@@ -45,7 +45,7 @@ def check_finite_mel(mel: torch.Tensor) -> None:
         bad = int((~torch.isfinite(mel)).sum())
         raise ValueError(
             f"the mel holds {bad} NaN or infinite value{'s' if bad != 1 else ''}, which would make NaN audio "
-            f"(a log mel needs a floor: this project's clamp the magnitudes at data.LOG_FLOOR before the log)"
+            f"(a log mel needs a floor: this project's mels clamp the magnitudes at data.LOG_FLOOR before the log)"
         )
 
 
@@ -270,8 +270,9 @@ class WaveFlow(nn.Module):
         for a float64 model, on the model's device, where the mel and `z` are moved).
 
         `z [B, 1, H, W]` is the noise, drawn from `N(0, sigma^2)` when not given (`generator`
-        makes it reproducible). Exact inverse of `forward`, one row at a time with convolution
-        queues (`inference.synthesize`, which documents the options; none changes the result beyond rounding).
+        makes it reproducible; a `z` given is taken as it is, `sigma` unused). Exact inverse of `forward`,
+        one row at a time with convolution queues (`inference.synthesize`, which documents the options; none
+        changes the result beyond rounding).
         Nothing is stored on the model: threads may synthesize with one model at once. Runs under
         `torch.no_grad`: the audio carries no gradient back to the mel or the weights.
         """
@@ -296,6 +297,8 @@ class WaveFlow(nn.Module):
             z = torch.randn(batch, 1, height, width, device=c.device, generator=generator) * sigma
         elif z.shape != (batch, 1, height, width):
             raise ValueError(f"z must have shape {(batch, 1, height, width)}, got {tuple(z.shape)}")
+        elif not bool(torch.isfinite(z).all()):
+            raise ValueError("z holds NaN or infinite values, which would make NaN audio")
         x = synthesize(self, c, z.to(c.device), max_cpu_columns, condition_cache_bytes, cuda_graphs)  # [B, 1, H, W]
         return unsqueeze(x).squeeze(1)
 

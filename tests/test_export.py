@@ -119,8 +119,30 @@ def test_command_writes_the_model(exported_setup, tmp_path, capsys):
     assert "opset 17" in printed and "z [B, 1, 8, 256 * (F - 3) / 8]" in printed
     assert float(printed.split("max abs difference:")[1]) < TOLERANCE
     mel, z = inputs(model, 2, 9, seed=1)
-    audio = run(session(out.read_bytes()), mel, z)
+    exported = session(out.read_bytes())
+    audio = run(exported, mel, z)
     assert (audio - model.infer(mel, z=z)).abs().max().item() < TOLERANCE
+    # What the graph cannot say: the audio's rate and the mel's analysis, from the config.
+    metadata = exported.get_modelmeta().custom_metadata_map
+    assert metadata["sampling_rate"] == "22050" and metadata["hop_length"] == "256"
+    assert (metadata["filter_length"], metadata["mel_fmin"], metadata["mel_fmax"]) == ("1024", "0", "8000")
+
+
+def test_check_without_onnxruntime_is_refused_before_exporting(exported_setup, tmp_path, capsys, monkeypatch):
+    config_path, checkpoint, _ = exported_setup
+    import_module = importlib.import_module
+
+    def without_onnxruntime(name, *args):
+        if name == "onnxruntime":
+            raise ImportError(name)
+        return import_module(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_onnxruntime)
+    monkeypatch.setattr(export, "export_onnx", lambda *args: pytest.fail("exported before checking"))
+    out = tmp_path / "m.onnx"
+    assert main(["-c", str(config_path), "--checkpoint_path", str(checkpoint), "-o", str(out), "--check"]) == 1
+    one_line_error(capsys, "--check needs the onnxruntime package")
+    assert not out.exists()
 
 
 def one_line_error(capsys, *needles: str) -> None:

@@ -415,6 +415,9 @@ def test_sampling_uses_sigma_and_generator():
     assert torch.allclose(first, model.infer(mel, z=z), atol=1e-6)
     with pytest.raises(ValueError, match="z must have shape"):
         model.infer(mel, z=torch.randn(1, 1, 16, 5))
+    z[0, 0, 3, 7] = float("nan")
+    with pytest.raises(ValueError, match="z holds NaN or infinite values"):
+        model.infer(mel, z=z)
 
 
 # ----------------------------------------------------------------------------- weight norm

@@ -196,6 +196,16 @@ def test_the_denoiser_streams_at_a_hop_that_does_not_divide_the_window():
     assert (torch.cat(chunks, dim=1) - expected).abs().max() <= 1e-5
 
 
+def test_the_denoiser_takes_a_configs_stft_parsed_or_as_the_jsons_dict():
+    model = small("nanoflow", upsample_factors=[15, 20], n_height=20)
+    with open(os.path.join(ROOT, "configs", "nanoflow-24k-hop300.json")) as f:
+        raw = json.load(f)
+    for config in (raw, raw["data_config"]):
+        denoiser = Denoiser.from_config(model, config)
+        assert (denoiser.filter_length, denoiser.hop_length) == (2048, 300)
+        assert torch.equal(denoiser.window, Denoiser(model, 2048, 300, 1200).window)
+
+
 def test_the_denoiser_refuses_a_negative_strength_and_streams_strength_0_unchanged():
     model = small()
     denoiser = Denoiser(model)
