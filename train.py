@@ -942,9 +942,14 @@ def train_from(
     )
     if iteration >= total:
         if runtime.is_main:
+            numbered = (
+                f"; -w and -a number on from their source's iteration {iteration}: an end past it trains"
+                if args.warm_start or args.average_checkpoint
+                else ""
+            )
             print(
                 f"nothing to train: the run is at iteration {iteration}, its end is iteration {total} "
-                f"(train_config.epochs, max_iterations)"
+                f"(train_config.epochs, max_iterations){numbered}"
             )
         return
     if global_any(limit.passed(), runtime):

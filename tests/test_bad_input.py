@@ -275,6 +275,16 @@ def test_a_checkpoint_of_another_rate_or_mel_analysis_is_refused_but_warm_starts
     assert status == 0, err
 
 
+def test_a_warm_start_that_ends_before_its_source_says_why_nothing_trains(tmp_path, capsys):
+    folder = str(tmp_path)
+    make_corpus(folder, n_train=2, n_test=1)
+    checkpoint, _ = tiny_checkpoint(folder)  # iteration 2
+    config = write_config(folder, name="warm.json", train_config__max_iterations=2)
+    status, out, _ = run_here(capsys, "-w", "-c", config, "--checkpoint_path", checkpoint)
+    assert status == 0 and "nothing to train: the run is at iteration 2, its end is iteration 2" in out
+    assert "-w and -a number on from their source's iteration 2: an end past it trains" in out
+
+
 @pytest.mark.parametrize(
     "args",
     [
