@@ -417,13 +417,18 @@ def format_speaker_table(by_speaker: dict[str, dict]) -> str:
 
 def mel_files(paths: list[str]) -> list[str]:
     """The mel files (.pt, .npy) named on the command line, folders expanded in sorted order; a folder's
-    other files (but hidden ones) are named in a warning, as left out."""
+    other files are named in a warning, as left out, but hidden ones and the recordings that -v measures
+    the mels against (.wav, .flac beside them)."""
     files = []
     for path in paths:
         if os.path.isdir(path):
             names = sorted(name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name)))
             files += [os.path.join(path, name) for name in names if name.lower().endswith(MEL_FILE_EXTENSIONS)]
-            others = [name for name in names if not name.lower().endswith(MEL_FILE_EXTENSIONS) and name[0] != "."]
+            others = [
+                name
+                for name in names
+                if not name.lower().endswith((*MEL_FILE_EXTENSIONS, ".wav", ".flac")) and name[0] != "."
+            ]
             if others:
                 shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
                 warn(

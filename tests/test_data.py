@@ -167,14 +167,15 @@ def test_mel_files_load_from_pt_and_npy(tmp_path):
 
 
 def test_a_mel_folder_names_the_files_it_leaves_out(tmp_path, capsys):
-    """--mels DIR reads its .pt and .npy files (any case); the others are named in one warning."""
-    for name in ("a.npy", "B.PT", "c.npz", "readme.txt", ".hidden", "d.wav", "e.json"):
+    """--mels DIR reads its .pt and .npy files (any case); the others are named in one warning, but for the
+    recordings -v measures them against."""
+    for name in ("a.npy", "B.PT", "c.npz", "readme.txt", ".hidden", "a.wav", "b.FLAC", "d.mp3", "e.json"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub.npy").mkdir()  # a folder, whatever its name
     assert synthesis.mel_files([str(tmp_path)]) == [str(tmp_path / "B.PT"), str(tmp_path / "a.npy")]
     warning = capsys.readouterr().err
     assert (
-        warning == f"warning: {tmp_path}: 4 files not .pt or .npy left out of --mels: c.npz, d.wav, e.json and 1 more\n"
+        warning == f"warning: {tmp_path}: 4 files not .pt or .npy left out of --mels: c.npz, d.mp3, e.json and 1 more\n"
     )
     assert synthesis.mel_files([str(tmp_path / "a.npy")]) == [str(tmp_path / "a.npy")]
     assert capsys.readouterr().err == ""
