@@ -24,6 +24,8 @@ storage.py; this file reads as setup, the loop, the checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import math
@@ -965,12 +967,21 @@ def train_from(
 # ----------------------------------------------------------------------------- entry point
 
 
+def read_config(path: str) -> Config:
+    """`load_config`, its warnings said once: under torchrun every process reads the config, and only rank 0's
+    go to stderr (an error is every process's)."""
+    if os.environ.get("RANK", "0") == "0":
+        return load_config(path)
+    with contextlib.redirect_stderr(io.StringIO()):
+        return load_config(path)
+
+
 def main(argv: list[str] | None = None, clock: Callable[[], float] = time.monotonic) -> int:
     started = clock()  # --max_minutes counts from here
     args = parse_args(argv)
     runtime = None
     try:
-        config = load_config(args.config)
+        config = read_config(args.config)
         if args.checkpoint_path is not None:
             config.train.checkpoint_path = args.checkpoint_path
         if args.max_iterations is not None:

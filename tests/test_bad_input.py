@@ -275,6 +275,17 @@ def test_a_checkpoint_of_another_rate_or_mel_analysis_is_refused_but_warm_starts
     assert status == 0, err
 
 
+def test_config_warnings_are_said_once_under_torchrun(tmp_path, capsys, monkeypatch):
+    """Every process reads the config; rank 0 says its warnings, and an error is every rank's."""
+    config = write_config(str(tmp_path), waveflow_config__coupling_type="waveflow")  # size_flow_embed: ignored
+    for rank, warned in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        train.read_config(config)
+        assert ("size_flow_embed (4) is ignored" in capsys.readouterr().err) == warned
+    with pytest.raises(ConfigError, match="learning_rte"):
+        train.read_config(write_config(str(tmp_path), name="bad.json", train_config__learning_rte=1))
+
+
 def test_a_warm_start_that_ends_before_its_source_says_why_nothing_trains(tmp_path, capsys):
     folder = str(tmp_path)
     make_corpus(folder, n_train=2, n_test=1)
