@@ -80,7 +80,7 @@ class FlowStep(nn.Module):
             self.multgate = nn.Parameter(torch.zeros(N_ESTIMATOR_CONVS, hidden_channels, 1, 1))
         self.actnorm = ActNorm2d(in_channels, actnorm_scale)
         if sharing.flow_embedding:
-            self.actnorm_embed = ActNorm2d(embed_channels)
+            self.actnorm_embed = ActNorm2d(embed_channels, actnorm_scale)
         if sharing.projection == "step":
             self.conv_proj = Conv2dZeros(hidden_channels, coupling_channels, kernel_size=1)
         if flow_permutation == "invconv":

@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--flow_permutation", default="invconv", choices=permutations, help="channel mixing" + default)
     add("--flow_coupling", default="affine", choices=["additive", "affine"], help="coupling" + default)
     add("--no_LU_decomposed", action="store_false", dest="LU_decomposed", help="1x1 convs not LU-decomposed")
-    add("--flow_embed_dim", type=int, default=1, help="nanoflow: embedding channels at the first level" + default)
+    # 512 as the original's: its README's commands, parsed there, record 512 where none is given (glow_large's).
+    add("--flow_embed_dim", type=int, default=512, help="nanoflow: embedding channels at the first level" + default)
     add("--no_learn_top", action="store_false", dest="learn_top", help="fixed N(0, 1) top prior")
     add("--y_condition", action="store_true", help="class-conditional prior and a classifier on the latents")
     add("--y_weight", type=float, default=0.01, help="weight of the classification loss" + default)
@@ -108,6 +109,10 @@ def check_ranges(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= minimum):
             sys.exit(f"error: --{name} must be >= {minimum}, got {value:g}")
+    if not 0 <= args.seed < 2**32:  # numpy's seeds
+        sys.exit(f"error: --seed must be in [0, 2**32 - 1], got {args.seed}")
+    if not args.output_dir:
+        sys.exit("error: --output_dir is empty; name the folder for checkpoints, samples and logs")
     for name in ("lr", "actnorm_scale"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
@@ -124,12 +129,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_resume_files(args)
     check_fresh(args)
+    check_output_dir(args.output_dir, args.fresh)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     try:
         image_shape, num_classes, train_set, test_set = get_datasets(
             args.dataset, args.dataroot, args.augment, args.download, args.subset
         )
         check_levels(args.L, image_shape)
+        if args.model_type == "nanoflow" and image_shape[0] >> args.L == 1:
+            print(
+                f"warning: --L {args.L}: the last level's maps are 1 x 1, and its flow embeddings' ActNorm starts "
+                f"from one value per channel (as the original's): a scale of about 1e6, a poor start; --L "
+                f"{args.L - 1} avoids it",
+                file=sys.stderr,
+            )
         if len(train_set) < args.batch_size:
             sys.exit(f"error: {len(train_set)} training images is less than one batch of {args.batch_size}")
         set_seed(args.seed)
@@ -146,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         prepare_output_dir(args.output_dir, args.fresh)
     except (DatasetNotFoundError, CheckpointError, FileExistsError) as error:
         sys.exit(f"error: {error}")
+    except OSError as error:  # the output folder cannot be made or emptied
+        where = error.filename if error.filename is not None else args.output_dir
+        sys.exit(f"error: --output_dir {where}: {error.strerror or error}")
     with open(os.path.join(args.output_dir, "hparams.json"), "w") as file:
         hparams = {key: value for key, value in vars(args).items() if key != "fresh"}
         json.dump(hparams, file, sort_keys=True, indent=4)
@@ -198,8 +214,21 @@ def check_fresh(args: argparse.Namespace) -> None:
     spared += [(path, "the dataset; give") for path in dataset_paths(args.dataset, args.dataroot)]
     spared.append((os.path.dirname(os.path.abspath(__file__)), "this program's folder; give"))
     for path, what in spared:
-        if path and os.path.exists(path) and os.path.commonpath([os.path.realpath(path), output_dir]) == output_dir:
+        # With --download the dataset's place counts before the dataset is there: it would be fetched, then deleted.
+        there = os.path.exists(path) or (args.download and what.startswith("the dataset"))
+        if path and there and os.path.commonpath([os.path.realpath(path), output_dir]) == output_dir:
             sys.exit(f"error: --fresh would delete {path}, {what} another --output_dir")
+
+
+def check_output_dir(output_dir: str, fresh: bool) -> None:
+    """Before any work (a download, minutes): --output_dir must be a folder that is new or empty, or --fresh;
+    `prepare_output_dir` makes it so once everything else has been read."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        sys.exit(f"error: --output_dir {output_dir} is a file, not a folder")
+    if fresh and os.path.islink(output_dir):
+        sys.exit(f"error: --fresh would empty {output_dir}, a link to {os.path.realpath(output_dir)}; name the folder")
+    if not fresh and os.path.isdir(output_dir) and os.listdir(output_dir):
+        sys.exit(f"error: {output_dir} is not empty; give a new or empty --output_dir, or --fresh")
 
 
 def prepare_output_dir(output_dir: str, fresh: bool) -> None:

@@ -4,6 +4,7 @@ import hashlib
 import os
 import pathlib
 import sys
+from typing import cast
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ if IMAGE_DIR not in sys.path:  # appended, not prepended: the vocoder at the roo
     sys.path.append(IMAGE_DIR)
 
 import image_datasets
-from glow_model import Glow
+from glow_model import FlowStep, Glow
+from glow_modules import ActNorm2d
 from image_datasets import DatasetNotFoundError, load_cifar10, load_svhn
 
 
@@ -154,6 +156,52 @@ def test_fresh_refuses_to_delete_the_dataset_or_the_program(tmp_path):
     with pytest.raises(SystemExit) as stopped:
         train.check_fresh(args)
     assert str(stopped.value.code).startswith(f"error: --fresh would delete {program}, this program's folder")
+
+
+def test_the_output_folder_is_checked_before_a_download(tmp_path, monkeypatch):
+    """A download takes minutes (163 MB): --fresh would then delete a dataset fetched into --output_dir, and a
+    non-empty --output_dir would be refused only after it."""
+    monkeypatch.setattr(image_datasets.urllib.request, "urlretrieve", lambda *args: pytest.fail("downloaded"))
+    common = [*CLI_TINY, "--batch_size", "8", "--subset", "16", "--n_workers", "0", "--no_cuda", "--download"]
+    output_dir = tmp_path / "run"
+    message = refused(["--dataroot", str(output_dir), "--output_dir", str(output_dir), "--fresh", *common])
+    assert message.startswith(f"error: --fresh would delete {output_dir / 'data' / 'CIFAR10'}")
+    output_dir.mkdir()
+    (output_dir / "earlier.txt").write_text("a run")
+    message = refused(["--dataroot", str(tmp_path / "data"), "--output_dir", str(output_dir), *common])
+    assert message == f"error: {output_dir} is not empty; give a new or empty --output_dir, or --fresh"
+
+
+@pytest.mark.parametrize("case", ["file", "under_a_file", "link", "empty"])
+def test_an_output_folder_that_cannot_be_one_is_refused_in_one_line(case, cifar_root, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "glow_model_1.pth").write_text("a run's")
+    os.symlink(tmp_path / "run", tmp_path / "link")
+    output_dir, expected = {
+        "file": (tmp_path / "afile", f"error: --output_dir {tmp_path / 'afile'} is a file, not a folder"),
+        "under_a_file": (tmp_path / "afile" / "sub", f"error: --output_dir {tmp_path / 'afile' / 'sub'}: Not a dir"),
+        "link": (tmp_path / "link", f"error: --fresh would empty {tmp_path / 'link'}, a link to {tmp_path / 'run'}"),
+        "empty": ("", "error: --output_dir is empty"),
+    }[case]
+    common = ["--dataroot", cifar_root, *CLI_TINY, "--batch_size", "8", "--subset", "16", "--n_workers", "0"]
+    message = refused([*common, "--no_cuda", "--epochs", "1", "--output_dir", str(output_dir), "--fresh"])
+    assert message.startswith(expected) and "\n" not in message, message
+    assert (tmp_path / "run" / "glow_model_1.pth").read_text() == "a run's"
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_numpy_cannot_take_is_refused_in_one_line(seed, cifar_root, tmp_path):
+    message = refused(["--dataroot", cifar_root, "--output_dir", str(tmp_path / "run"), "--seed", seed])
+    assert message == f"error: --seed must be in [0, 2**32 - 1], got {seed}"
+
+
+def test_the_flow_embedding_actnorm_takes_actnorm_scale_and_the_embedding_defaults_to_the_originals():
+    model = Glow((32, 32, 3), 8, 1, 2, actnorm_scale=0.5, model_type="nanoflow", flow_embed_dim=1)
+    step = model.flow.layers[1]
+    assert isinstance(step, FlowStep)
+    assert step.actnorm.scale == cast(ActNorm2d, step.actnorm_embed).scale == 0.5
+    assert image_train_module().parse_args([]).flow_embed_dim == 512
 
 
 def test_an_original_checkpoint_of_the_reverse_permutation_loads(tmp_path):
