@@ -50,9 +50,11 @@ def _coerce(value, kind, where: str):
         return _as_bool(value, where)
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            if not (isinstance(value, float) and value.is_integer()):
+                raise ConfigError(f"{where} must be an integer, got {value!r}")
+            value = int(value)
+        if not -(2**63) <= value < 2**63:  # what a tensor's size or torch's integers hold
+            raise ConfigError(f"{where} must be a 64-bit integer (below 2**63 in size), got {value}")
         return value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -152,6 +154,10 @@ class WaveFlowConfig:
         _require(
             self.coupling_type in COUPLING_TYPES,
             f"{s}.coupling_type must be one of {', '.join(COUPLING_TYPES)}, got '{self.coupling_type}'",
+        )
+        _require(
+            bool(self.model_name.strip()) and not os.path.isabs(self.model_name),
+            f"{s}.model_name must name the run's folder under output_directory, got {self.model_name!r}",
         )
         for key in ("cin_channels", "res_channels", "n_height", "n_layer", "n_flow", "n_layer_per_cycle"):
             _require(getattr(self, key) >= 1, f"{s}.{key} must be at least 1, got {getattr(self, key)}")

@@ -50,7 +50,7 @@ from checkpoint import (
     save_checkpoint,
     warm_start,
 )
-from config import Config, ConfigError, TrainConfig, check_model_rules, load_config
+from config import SECTIONS, Config, ConfigError, TrainConfig, check_model_rules, load_config, parse_value
 from data import DataError, mel_filter_warning
 from mel2samp import Mel2Samp
 from mel_scale import MEL_SCALES
@@ -488,7 +488,7 @@ def restore(
             print(f"resumed from {path} at iteration {checkpoint['iteration']}")
             if changed:
                 print(changed)
-            if config is not None and (reordered := data_order_changes(checkpoint.get("config"), config)):
+            if config is not None and (reordered := data_order_changes(checkpoint, config, world_size)):
                 print(reordered)
         epoch, batch_in_epoch = checkpoint.get("epoch", -1), checkpoint.get("batch_in_epoch", -1)
         if config is not None and epoch >= 0:
@@ -545,16 +545,30 @@ DATA_ORDER_KEYS = (  # what fixes the batches of an epoch and their crops
 )
 
 
-def data_order_changes(stored: object, config: Config) -> str | None:
-    """The line that says a resume is not exact because `config` orders or crops the data otherwise than the
-    checkpoint's stored config (`stored`; the original's store none) did, or None."""
-    if not isinstance(stored, dict):
+def stored_setting(checkpoint: dict, section: str, key: str):
+    """Key `key` of section `section` of the config a checkpoint stores, as a config would parse it (2.0 is the
+    batch size 2), or None where it stores none, or a value the key would refuse."""
+    stored = checkpoint.get("config")
+    values = stored.get(section) if isinstance(stored, dict) else None
+    if not isinstance(values, dict) or values.get(key) is None:
         return None
+    try:
+        return parse_value(SECTIONS[section][1], key, values[key])
+    except ConfigError:
+        return None
+
+
+def data_order_changes(checkpoint: dict, config: Config, world_size: int = 1) -> str | None:
+    """The line that says a resume is not exact because `config` orders or crops the data otherwise than the
+    checkpoint's stored config (the original's store none) did, or None. The batch counts as the clips a step
+    takes, `batch_size x` processes: 2 processes of batch 4 take the clips of 1 process of batch 8."""
     differ = []
     for section, key in DATA_ORDER_KEYS:
-        theirs = stored.get(section, {}).get(key) if isinstance(stored.get(section), dict) else None
-        ours = config.raw.get(section, {}).get(key)
-        if theirs is not None and ours is not None and theirs != ours:
+        theirs, ours = stored_setting(checkpoint, section, key), getattr(getattr(config, SECTIONS[section][0]), key)
+        if key == "batch_size" and theirs is not None:
+            if theirs * checkpoint.get("world_size", world_size) == ours * world_size:
+                continue
+        if theirs is not None and theirs != ours:
             differ.append(f"{section}.{key} {json.dumps(theirs)} where the config has {json.dumps(ours)}")
     if not differ:
         return None
@@ -572,9 +586,7 @@ def steps_taken(checkpoint: dict, config: Config, world_size: int) -> tuple[int,
     and `world_size`; a checkpoint that records neither took this run's) had taken `batch_in_epoch` times
     its number: this run goes on after as many whole steps of its own, at most a step's clips seen twice."""
     batch_in_epoch, now = checkpoint["batch_in_epoch"], config.train.batch_size * world_size
-    stored = checkpoint.get("config")
-    stored_train = stored.get("train_config") if isinstance(stored, dict) else None
-    stored_batch = stored_train.get("batch_size") if isinstance(stored_train, dict) else None
+    stored_batch = stored_setting(checkpoint, "train_config", "batch_size")
     then_batch = stored_batch if isinstance(stored_batch, int) else config.train.batch_size
     then_world = checkpoint.get("world_size", world_size)
     then = then_batch * then_world
@@ -802,9 +814,20 @@ class TrainingRun:
                 for key in ("loss", "grad_norm", "learning_rate"):
                     self.logs.add("scalar", f"training/{key}", metrics[key], iteration)
 
+    def unsaved_streak(self, iteration: int) -> bool:
+        """Whether `iteration` ends a streak of skipped steps, which no checkpoint is written in the middle of
+        (resumed, it would start the streak's count again); the line that says so, on rank 0."""
+        streak = self.skipped_steps.in_a_row
+        if streak and self.runtime.is_main:
+            warn(
+                f"no checkpoint at iteration {iteration}: its last {streak} step{'s' if streak != 1 else ''} "
+                f"were skipped for a non-finite loss or gradient; the last good checkpoint is {self.last_good}"
+            )
+        return streak > 0
+
     def stop_early(self, iteration: int, epoch: int, batch_in_epoch: int, out_of_time: bool, progress: tqdm) -> None:
         """Stop after `iteration` (a signal, or the wall-clock limit when `out_of_time`) with its checkpoint."""
-        if self.saved_at != iteration:
+        if self.saved_at != iteration and not self.unsaved_streak(iteration):
             self.save(iteration, epoch, batch_in_epoch)
         if out_of_time and self.runtime.is_main:
             progress.close()
@@ -850,7 +873,7 @@ class TrainingRun:
                 if iteration >= total:
                     break
                 batch_in_epoch = 0
-            if self.saved_at != iteration:
+            if self.saved_at != iteration and not self.unsaved_streak(iteration):
                 self.checkpoint(iteration, *position)
             if runtime.is_main:
                 progress.close()
@@ -1008,6 +1031,9 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.monoto
     except OSError as error:  # a file the command could not read or write, beyond those named above
         print(f"error: {'' if error.filename is None else f'{error.filename}: '}{describe(error)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before training's own handler (setup), in -s or -v, or a second one
+        print("interrupted (Ctrl-C); files written so far are whole", file=sys.stderr)
+        return 130
     finally:
         if runtime is not None and runtime.distributed and dist.is_initialized():
             dist.destroy_process_group()

@@ -286,6 +286,22 @@ def test_config_warnings_are_said_once_under_torchrun(tmp_path, capsys, monkeypa
         train.read_config(write_config(str(tmp_path), name="bad.json", train_config__learning_rte=1))
 
 
+@pytest.mark.parametrize("args", [(), ("-s",)])
+def test_ctrl_c_before_training_starts_or_in_synthesis_is_one_line(tmp_path, capsys, monkeypatch, args):
+    """Training's own handler (a checkpoint, then a clean exit) starts with the first step; before it, and in
+    -s or -v, Ctrl-C ends the command with one line, not a traceback."""
+    folder = str(tmp_path)
+    make_corpus(folder, n_train=2, n_test=1)
+    checkpoint, _ = tiny_checkpoint(folder)
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "synthesize" if args else "build_training", interrupted)
+    status, _, err = run_here(capsys, *args, "-c", write_config(folder), "--checkpoint_path", checkpoint)
+    assert status == 130 and err == "interrupted (Ctrl-C); files written so far are whole\n"
+
+
 def test_a_warm_start_that_ends_before_its_source_says_why_nothing_trains(tmp_path, capsys):
     folder = str(tmp_path)
     make_corpus(folder, n_train=2, n_test=1)

@@ -48,7 +48,12 @@ def test_every_bundled_config_parses():
         ),
         (lambda c: c["train_config"].update(max_minutes=-1), r"train_config\.max_minutes must be >= 0 \(0: no limit\)"),
         (lambda c: c["train_config"].update(sigma=math.inf), r"train_config\.sigma must be a finite number, got inf"),
-        (lambda c: c["train_config"].update(seed=2**64), r"train_config\.seed must be in \[0, 2\*\*63\)"),
+        (lambda c: c["train_config"].update(seed=-1), r"train_config\.seed must be in \[0, 2\*\*63\)"),
+        (lambda c: c["waveflow_config"].update(model_name=" "), r"waveflow_config\.model_name must name the run's"),
+        (lambda c: c["waveflow_config"].update(model_name="/tmp/run"), r"model_name must name the run's folder under"),
+        (lambda c: c["train_config"].update(seed=2**64), r"train_config\.seed must be a 64-bit integer"),
+        (lambda c: c["waveflow_config"].update(res_channels=10**20), r"waveflow_config\.res_channels must be a 64-bit"),
+        (lambda c: c["data_config"].update(segment_length=1e20), r"data_config\.segment_length must be a 64-bit"),
         (
             lambda c: c["train_config"].update(with_tensorboard="maybe"),
             r"train_config\.with_tensorboard must be a boolean",

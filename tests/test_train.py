@@ -586,6 +586,24 @@ def test_a_resume_with_other_steps_goes_on_after_the_clips_the_checkpoints_run_h
     assert train.steps_taken({"epoch": 3, "batch_in_epoch": 6}, ones, world_size=4) == (6, None)
 
 
+def test_the_data_order_counts_the_clips_a_step_takes_and_stored_values_as_a_config_parses_them(tmp_path):
+    """2 processes of batch 2 take the clips of 1 process of batch 4 step by step: its resume is exact, and
+    says nothing. A stored batch size of 2.0 (JSON allows it, the config takes it) is the batch size 2."""
+    fours = load_config(write_config(str(tmp_path), "4.json", train_config__batch_size=4))
+    of_two = {"epoch": 0, "batch_in_epoch": 5, "world_size": 2, "config": {"train_config": {"batch_size": 2}}}
+    assert train.data_order_changes(of_two, fours, world_size=1) is None
+    assert train.steps_taken(of_two, fours, world_size=1) == (5, None)
+    said = train.data_order_changes(of_two, fours, world_size=2)  # 8 clips a step now
+    assert said is not None and said.startswith("the checkpoint's run had train_config.batch_size 2 where")
+    as_float = {**of_two, "world_size": 1, "config": {"train_config": {"batch_size": 2.0, "seed": 1234.0}}}
+    assert train.steps_taken(as_float, fours, world_size=1) == (
+        2,
+        "the checkpoint's run took 2 clips a step (2 x 1 process), this one takes 4 clips a step (4 x 1 process): "
+        "epoch 0 goes on at step 2, after the 10 clips of its order that run had taken; the last 2 come again",
+    )
+    assert train.data_order_changes({**as_float, "world_size": 2}, fours, world_size=1) is None
+
+
 def test_epoch_sampler_is_reproducible_and_resumable():
     sampler = EpochSampler(10, batch_size=3, seed=7)
     sampler.set_epoch(4)
@@ -1045,6 +1063,29 @@ def test_non_finite_gradients_in_a_row_stop_training(tmp_path, capsys, monkeypat
         "error: 3 steps in a row skipped for a non-finite loss or gradient at "
         "iteration 3: training stopped; the last good checkpoint is none"
     )
+
+
+def test_training_that_ends_in_a_streak_of_skipped_steps_writes_no_checkpoint(
+    tmp_path, capsys, monkeypatch, one_thread
+):
+    """The end of training (or a stop) in the middle of a streak shorter than max_bad_steps: a checkpoint there
+    would start the streak's count again when resumed, and hold the state the streak left."""
+    make_corpus(str(tmp_path))
+    config = write_config(str(tmp_path), train_config__max_bad_steps=10, train_config__iters_per_checkpoint=100)
+
+    def diverging_model(waveflow_config):
+        model = build_model(waveflow_config)
+        infinite_gradient(model)
+        return model
+
+    monkeypatch.setattr(train, "build_model", diverging_model)
+    status, out, err = run_here(capsys, "-c", config, "--max_iterations", "3")
+    assert status == 0 and "training finished at iteration 3" in out, err
+    assert err.count("step skipped") == 3 and (
+        "warning: no checkpoint at iteration 3: its last 3 steps were skipped for a non-finite loss or "
+        "gradient; the last good checkpoint is none\n" in err
+    )
+    assert list_checkpoints(os.path.join(str(tmp_path), "exp", "tiny")) == []
 
 
 # ----------------------------------------------------------------------------- test clips too short to measure
