@@ -28,7 +28,7 @@ import train
 from checkpoint import average_checkpoints, list_checkpoints, read_checkpoint
 from config import ConfigError, load_config
 from mel2samp import Mel2Samp, collate, write_mels
-from model import build_model
+from model import WaveFlow, build_model
 from resumption import EpochSampler, WallClockLimit, training_batches
 from runtime import Runtime
 
@@ -1046,14 +1046,16 @@ def test_fp16_overflow_is_the_scalers_calibration_and_an_overflow_at_scale_one_i
     assert metrics["skipped"] == "non-finite gradient"
 
 
+def diverging_model(waveflow_config) -> WaveFlow:
+    """`build_model`, whose every gradient is infinite (`infinite_gradient`): each step is skipped."""
+    model = build_model(waveflow_config)
+    infinite_gradient(model)
+    return model
+
+
 def test_non_finite_gradients_in_a_row_stop_training(tmp_path, capsys, monkeypatch, one_thread):
     make_corpus(str(tmp_path))
     config = write_config(str(tmp_path), train_config__max_bad_steps=3, train_config__iters_per_checkpoint=100)
-
-    def diverging_model(waveflow_config):
-        model = build_model(waveflow_config)
-        infinite_gradient(model)
-        return model
 
     monkeypatch.setattr(train, "build_model", diverging_model)
     status, _, err = run_here(capsys, "-c", config)
@@ -1072,11 +1074,6 @@ def test_training_that_ends_in_a_streak_of_skipped_steps_writes_no_checkpoint(
     would start the streak's count again when resumed, and hold the state the streak left."""
     make_corpus(str(tmp_path))
     config = write_config(str(tmp_path), train_config__max_bad_steps=10, train_config__iters_per_checkpoint=100)
-
-    def diverging_model(waveflow_config):
-        model = build_model(waveflow_config)
-        infinite_gradient(model)
-        return model
 
     monkeypatch.setattr(train, "build_model", diverging_model)
     status, out, err = run_here(capsys, "-c", config, "--max_iterations", "3")
