@@ -6,7 +6,11 @@ NanoFlow (Lee, Kim, Yoon, NeurIPS 2020), with the original's command line, e.g.
 
 Each epoch: training with a progress bar, `bits/dim` on the test set, checkpoints
 `glow_model_<epoch>.pth` / `glow_optimizer_<epoch>.pth` (the last two kept), a grid of
-samples `samples_<epoch>.png` and TensorBoard scalars, all in --output_dir.
+samples `samples_<epoch>.png` and TensorBoard scalars, all in --output_dir. With --evaluate, a checkpoint's
+`bits/dim` on the test set, nothing written:
+
+    python train.py --evaluate --saved_model output/nanoflow/glow_model_3000.pth \
+        --model_type nanoflow --hidden_channels 256 --flow_embed_dim 1
 """
 
 import argparse
@@ -73,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--output_dir", default="output/", help="folder for checkpoints, samples and logs" + default)
     add("--fresh", action="store_true", help="empty --output_dir first")
     add("--saved_model", default="", help="model checkpoint to resume from, glow_model_<epoch>.pth")
+    add("--evaluate", action="store_true", help="only print --saved_model's test bits/dim; writes no --output_dir")
     add("--saved_optimizer", default="", help="optimizer checkpoint to resume from, glow_optimizer_<epoch>.pth")
     add("--seed", type=int, default=0, help="random seed" + default)
     add("--subset", type=int, default=0, help="use only the first N images of each split, 0: all" + default)
@@ -81,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_ranges(args)
     if args.saved_optimizer and not args.saved_model:
         sys.exit("error: --saved_optimizer goes with --saved_model (the weights the optimizer state belongs to)")
+    if args.evaluate:
+        if not args.saved_model:
+            sys.exit("error: --evaluate needs --saved_model, the checkpoint to evaluate")
+        for flag in ("saved_optimizer", "fresh"):
+            if getattr(args, flag):
+                sys.exit(f"error: --evaluate reads only the model and writes no --output_dir; leave out --{flag}")
     return args
 
 
@@ -128,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     anything is written."""
     args = parse_args(argv)
     check_resume_files(args)
+    if args.evaluate:
+        evaluate_checkpoint(args)
+        return
     check_fresh(args)
     check_output_dir(args.output_dir, args.fresh)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
@@ -166,6 +180,29 @@ def main(argv: list[str] | None = None) -> None:
         hparams = {key: value for key, value in vars(args).items() if key != "fresh"}
         json.dump(hparams, file, sort_keys=True, indent=4)
     train(args, device, model, optimizer, start_epoch, num_classes, train_set, test_set)
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> None:
+    """--evaluate: the test set's mean bits/dim (and class loss) of --saved_model, the model the flags describe,
+    printed; the dequantization noise drawn from --seed. Nothing is written."""
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    try:
+        image_shape, num_classes, _, test_set = get_datasets(
+            args.dataset, args.dataroot, False, args.download, args.subset
+        )
+        check_levels(args.L, image_shape)
+        model = build_model(args, image_shape, num_classes).to(device)
+        epoch = load_checkpoint(model, None, args.saved_model, "", device)
+    except (DatasetNotFoundError, CheckpointError) as error:
+        sys.exit(f"error: {error}")
+    print(f"num_param: {model.num_parameters()}")
+    set_seed(args.seed)
+    loader = DataLoader(test_set, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.n_workers)
+    metrics = evaluate(model, loader, args, num_classes, device)
+    print(
+        f"{args.saved_model} (epoch {epoch}), {len(test_set)} test images: "
+        + ", ".join(f"{name}: {value:.4f}" for name, value in metrics.items())
+    )
 
 
 def check_levels(levels: int, image_shape: tuple[int, int, int]) -> None:
@@ -370,9 +407,13 @@ def save_checkpoint(output_dir: str, epoch: int, model: Glow, optimizer: torch.o
 
 
 def load_checkpoint(
-    model: Glow, optimizer: torch.optim.Optimizer, model_path: str, optimizer_path: str, device: torch.device
+    model: Glow,
+    optimizer: torch.optim.Optimizer | None,
+    model_path: str,
+    optimizer_path: str,
+    device: torch.device,
 ) -> int:
-    """Loads the model (and the optimizer, if given); returns the epoch in the file name
+    """Loads the model (and the optimizer, if `optimizer_path`); returns the epoch in the file name
     (`glow_model_<epoch>.pth`, 0 if it has none), from which training resumes. Files that do not fit the
     model the flags describe are a CheckpointError."""
     state = read_state_dict(model_path, device)
@@ -384,7 +425,7 @@ def load_checkpoint(
     model.load_state_dict(state)
     # ActNorm's initialisation is not in the state dict, but its result is.
     model.set_actnorm_init()
-    if optimizer_path:
+    if optimizer and optimizer_path:
         try:
             optimizer.load_state_dict(read_state_dict(optimizer_path, device))
         except (ValueError, KeyError, TypeError) as error:

@@ -432,3 +432,32 @@ def test_a_refused_checkpoint_ends_the_command_in_one_line_and_writes_nothing(ci
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: {wrong}: not a checkpoint of") and result.stderr.count("\n") == 1
     assert not output_dir.exists()
+
+
+def test_evaluate_prints_a_checkpoints_test_bits_per_dim_and_writes_nothing(cifar_root, tmp_path):
+    model = initialise(Glow((32, 32, 3), model_type="nanoflow", **TINY), (32, 32, 3))
+    checkpoint = saved_state(tmp_path / "glow_model_7.pth", model)
+    output_dir = tmp_path / "run"
+    flags = ["--dataroot", cifar_root, "--output_dir", str(output_dir), "--model_type", "nanoflow", *CLI_TINY]
+    flags += ["--subset", "12", "--eval_batch_size", "8", "--n_workers", "0", "--no_cuda", "--seed", "3"]
+    result = run_train(*flags, "--evaluate", "--saved_model", checkpoint)
+    assert result.returncode == 0, result.stderr
+    assert f"{checkpoint} (epoch 7), 12 test images: bits/dim: " in result.stdout
+    printed_bits = float(printed(r"test images: bits/dim: ([\d.]+)", result.stdout))
+    # The same in this process: the test set in order (batches of 8 and 4, each image counted once), the
+    # dequantization noise drawn from --seed.
+    _, _, _, test_set = get_datasets("cifar10", cifar_root, False, False, 12)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        bits = [model(x, None)[1] for x, _ in torch.utils.data.DataLoader(test_set, batch_size=8)]
+    assert printed_bits == pytest.approx(torch.cat(bits).mean().item(), abs=2e-4)
+    assert not output_dir.exists()
+    # A checkpoint of another model is refused as when resuming; and flags that would write or train.
+    glow = saved_state(tmp_path / "glow_model_1.pth", Glow((32, 32, 3), model_type="glow", **TINY))
+    message = refused([*flags, "--evaluate", "--saved_model", glow])
+    assert message.startswith(f"error: {glow}: not a checkpoint of the model these flags describe")
+    assert refused([*flags, "--evaluate"]) == "error: --evaluate needs --saved_model, the checkpoint to evaluate"
+    for extra in (["--fresh"], ["--saved_optimizer", checkpoint]):
+        message = refused([*flags, "--evaluate", "--saved_model", checkpoint, *extra])
+        assert message == f"error: --evaluate reads only the model and writes no --output_dir; leave out {extra[0]}"
+    assert not output_dir.exists()
