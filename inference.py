@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 # row's working set falls out of the caches. Items are independent: groups give the same audio to rounding.
 MAX_CPU_COLUMNS = 2**11
 # The conditioning of every row is projected once per estimator when it fits this many bytes (8 per
-# layer, channel and sample in fp32); past it, each row is projected when it is needed.
+# layer, channel and sample in fp32); past it, a CPU holds the mel rows in the queues (`conditioning_in_queue`)
+# and a GPU projects each row when it is needed.
 CONDITION_CACHE_BYTES = 2**31
 # The filter half of every gate input is computed times this (the weights, biases and conditioning
 # scaled once), so that the gate `tanh(f) * sigmoid(g) = sigmoid(g) * (1 - 2 sigmoid(-2 f))` is one
@@ -119,10 +120,12 @@ def aligned(size: int) -> int:
     return -(-size // QUEUE_ROW_ALIGNMENT) * QUEUE_ROW_ALIGNMENT
 
 
-def conditioning_in_queue(c: torch.Tensor) -> bool:
-    """Whether synthesis of `c` (upsampled mel) puts the mel rows in the queues (`CONDITIONING_IN_QUEUE_DTYPES`,
-    on a CPU) rather than projecting them once into a cache (`condition_rows`)."""
-    return c.device.type == "cpu" and c.dtype in CONDITIONING_IN_QUEUE_DTYPES
+def conditioning_in_queue(c: torch.Tensor, cache_fits: bool = True) -> bool:
+    """Whether synthesis of `c` (upsampled mel) puts the mel rows in the queues on a CPU (in
+    `CONDITIONING_IN_QUEUE_DTYPES`, or in any dtype when the conditioning cache does not fit its budget:
+    `cache_fits` False) rather than projecting them once into a cache (`condition_rows`), or each row when it
+    is needed (on a GPU, past the budget)."""
+    return c.device.type == "cpu" and (c.dtype in CONDITIONING_IN_QUEUE_DTYPES or not cache_fits)
 
 
 class RowMemory:
@@ -512,9 +515,9 @@ def reverse_flows(
     """
     config = model.config
     x = z.to(synthesis_dtype(c.dtype))
-    mel_in_queue = conditioning_in_queue(c)
-    memory = RowMemory(model.flow_parts(0)[0], c.shape[0], c.shape[-1], c, c.shape[1] if mel_in_queue else 0)
     cache_bytes = c.numel() // config.cin_channels * config.n_layer * 2 * config.res_channels * c.element_size()
+    mel_in_queue = conditioning_in_queue(c, cache_bytes <= condition_cache_bytes)
+    memory = RowMemory(model.flow_parts(0)[0], c.shape[0], c.shape[-1], c, c.shape[1] if mel_in_queue else 0)
     cache = cache_bytes <= condition_cache_bytes and not mel_in_queue
     weights_net, gate_weights, cond_net = None, [], None
     cond = c.permute(2, 0, 3, 1).contiguous() if mel_in_queue else None  # [H, B, W, cin]
@@ -543,11 +546,13 @@ def synthesize(
 
     `max_cpu_columns`: on a CPU the batch goes in groups of at most this many columns (at least one
     item each); `condition_cache_bytes`: the budget for projecting the conditioning of all rows at
-    once (0: each row when it is needed; no projection is built where the queues hold the mel rows,
-    `conditioning_in_queue`); `cuda_graphs`: on a GPU, replay captured graphs from this
-    cache (`CudaGraphCache`) instead of launching every kernel (ignored elsewhere). None of them
-    changes the result beyond rounding: a product over a group of items may sum in another order than one
-    over each item (oneDNN blocks them differently), about 1e-7 of the audio in fp32.
+    once (past it, or at 0: the mel rows in the queues on a CPU, each row projected when it is needed on a
+    GPU; no projection is built where the queues hold the mel rows, `conditioning_in_queue`);
+    `cuda_graphs`: on a GPU, replay captured graphs from this cache (`CudaGraphCache`) instead of
+    launching every kernel (ignored elsewhere). None of them changes the result beyond rounding: a product
+    over a group of items may sum in another order than one over each item (oneDNN blocks them
+    differently), about 1e-7 of the audio in fp32, and the mel projected in the queues' products rather
+    than apart about 1e-6.
     """
 
     def run(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
