@@ -199,8 +199,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     set_seed(args.seed)
     loader = DataLoader(test_set, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.n_workers)
     metrics = evaluate(model, loader, args, num_classes, device)
+    trained = f" (epoch {epoch})" if epoch else ""  # the epoch in its file name, as resuming reads it
     print(
-        f"{args.saved_model} (epoch {epoch}), {len(test_set)} test images: "
+        f"{args.saved_model}{trained}, {len(test_set)} test images: "
         + ", ".join(f"{name}: {value:.4f}" for name, value in metrics.items())
     )
 
