@@ -106,7 +106,7 @@ class Denoiser:
                 f"the denoiser takes audio [B, T], as model.infer gives it, got shape {tuple(audio.shape)}"
             )
         audio = audio.float()
-        if strength == 0:
+        if strength == 0 or audio.shape[0] == 0:  # an empty batch stays empty (the STFT refuses one)
             return audio
         length = audio.shape[-1]
         hop, half = self.hop_length, self.filter_length // 2

@@ -31,21 +31,43 @@ from modules import FlowEmbedding, ProjLogST, WaveNet2D, WeightNormMixin, WNConv
 SYNTHESIS_TRIM_FRAMES = 3  # mel frames whose samples synthesis drops at the end, as the original did
 
 
+# The largest temperature: fp32 noise drawn with it stays finite (a standard normal draw in fp32 stays below 6).
+MAX_SIGMA = torch.finfo(torch.float32).max / 16
+
+
 def check_temperature(sigma: float) -> None:
-    """Refuse a temperature (the noise's standard deviation) that is negative or not finite: NaN noise makes
-    NaN audio. 0 (no noise) is one."""
-    if not (math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma, the noise's standard deviation, must be a finite number >= 0, got {sigma}")
+    """Refuse a temperature (the noise's standard deviation) that is negative, not finite or so large that the
+    noise drawn with it overflows fp32 (`MAX_SIGMA`): NaN or infinite noise makes NaN audio. 0 (no noise) is one."""
+    if not (math.isfinite(sigma) and 0 <= sigma <= MAX_SIGMA):
+        raise ValueError(
+            f"sigma, the noise's standard deviation, must be a finite number >= 0 and at most {MAX_SIGMA:.3g} "
+            f"(fp32 noise), got {sigma}"
+        )
 
 
-def check_finite_mel(mel: torch.Tensor) -> None:
+def check_mel_type(mel: object) -> None:
+    """Refuse a mel that is not a floating-point tensor: a numpy array, an integer or boolean tensor (a mask, or
+    a mel saved in other units), or a complex one (its imaginary part would be dropped)."""
+    if not isinstance(mel, torch.Tensor):
+        raise TypeError(f"the mel must be a torch.Tensor, got {type(mel).__name__} (torch.from_numpy makes one)")
+    if not mel.is_floating_point():
+        raise ValueError(f"the mel has dtype {mel.dtype}, expected a floating-point log-mel")
+
+
+def check_finite_mel(mel: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     """Refuse a mel holding NaN or an infinity (the log of a zero magnitude, unfloored): one such value spreads
-    through the convolutions to most of the audio, as NaN."""
+    through the convolutions to most of the audio, as NaN. With `dtype` (the model's, which the mel is cast
+    to), also a finite value beyond that dtype's range, which the cast would make infinite."""
     if not bool(torch.isfinite(mel).all()):
         bad = int((~torch.isfinite(mel)).sum())
         raise ValueError(
             f"the mel holds {bad} NaN or infinite value{'s' if bad != 1 else ''}, which would make NaN audio "
             f"(a log mel needs a floor: this project's mels clamp the magnitudes at data.LOG_FLOOR before the log)"
+        )
+    if dtype is not None and mel.numel() and float(mel.abs().max()) > torch.finfo(dtype).max:
+        raise ValueError(
+            f"the mel holds values up to {float(mel.abs().max()):.3g}, beyond the range of the model's {dtype} "
+            f"({torch.finfo(dtype).max:.3g}), which would make NaN audio (a log mel lies within about -12 to 12)"
         )
 
 
@@ -277,6 +299,7 @@ class WaveFlow(nn.Module):
         `torch.no_grad`: the audio carries no gradient back to the mel or the weights.
         """
         height, cin = self.config.n_height, self.config.cin_channels
+        check_mel_type(mel)
         if mel.dim() != 3 or mel.shape[1] != cin or mel.shape[0] == 0:
             raise ValueError(f"mel must be [B, {cin}, F] with B >= 1, got shape {tuple(mel.shape)}")
         frames = mel.shape[-1]
@@ -285,8 +308,8 @@ class WaveFlow(nn.Module):
                 f"a mel of {frames} frame{'s' if frames != 1 else ''} is too short to synthesize "
                 f"(need at least {SYNTHESIS_TRIM_FRAMES + 1})"
             )
-        check_finite_mel(mel)
         parameter = next(self.parameters())
+        check_finite_mel(mel, parameter.dtype)
         # The mel and the noise go where the model is: a mel made on the CPU, `ColumnNoise`'s z (drawn there).
         mel = mel.to(parameter.device, parameter.dtype)
         c = self.upsample(mel)[..., : -SYNTHESIS_TRIM_FRAMES * self.config.hop_length]
@@ -295,6 +318,9 @@ class WaveFlow(nn.Module):
         if z is None:
             check_temperature(sigma)
             z = torch.randn(batch, 1, height, width, device=c.device, generator=generator) * sigma
+        elif not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            kind = z.dtype if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"z must be a floating-point tensor [B, 1, H, W] of noise, got {kind}")
         elif z.shape != (batch, 1, height, width):
             raise ValueError(f"z must have shape {(batch, 1, height, width)}, got {tuple(z.shape)}")
         elif not bool(torch.isfinite(z).all()):

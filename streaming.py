@@ -24,6 +24,7 @@ The state kept between chunks (the mel and noise of one window) does not grow wi
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -33,7 +34,15 @@ import torch.nn as nn
 
 from config import HOP_LENGTH
 from inference import synthesize
-from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, check_finite_mel, check_temperature, squeeze, unsqueeze
+from model import (
+    SYNTHESIS_TRIM_FRAMES,
+    WaveFlow,
+    check_finite_mel,
+    check_mel_type,
+    check_temperature,
+    squeeze,
+    unsqueeze,
+)
 
 if TYPE_CHECKING:
     from denoiser import StreamingDenoiser
@@ -173,6 +182,11 @@ class StreamingSynthesis:
         seed: int = 0,
         noise: ColumnNoise | None = None,
     ):
+        for name, value in (("chunk_frames", chunk_frames), ("lookahead_frames", lookahead_frames)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be a whole number of frames, got {value!r}")
+        if isinstance(context_frames, bool) or not isinstance(context_frames, numbers.Integral):
+            raise ValueError(f"context_frames must be a whole number of frames, got {context_frames!r}")
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
         self.upsampler = upsampler_reach(model)
@@ -209,6 +223,7 @@ class StreamingSynthesis:
         """Take the next frames `mel [B, cin, n]`; return the audio chunks now ready (possibly none)."""
         if self.finished:
             raise ValueError("mel frames pushed after finish(): the stream has ended; start a new StreamingSynthesis")
+        check_mel_type(mel)
         cin = self.model.config.cin_channels
         if mel.dim() != 3 or mel.shape[1] != cin:
             raise ValueError(f"mel frames must be [B, {cin}, n], got shape {tuple(mel.shape)}")
@@ -217,7 +232,7 @@ class StreamingSynthesis:
         # A copy without autograd history: the caller may reuse its buffer, and an acoustic model's output
         # that requires grad would chain every push's graph to the held frames, growing with the utterance.
         mel = mel.detach()
-        check_finite_mel(mel)
+        check_finite_mel(mel, next(self.model.parameters()).dtype)
         if self.mel is None:
             noise, height = self.noise_source, self.model.config.n_height
             if noise is not None and (noise.batch, noise.height) != (mel.shape[0], height):

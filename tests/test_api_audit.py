@@ -212,9 +212,10 @@ def test_the_denoiser_refuses_audio_of_another_shape_in_one_line():
 # ----------------------------------------------------------------------------- the temperature
 
 
-@pytest.mark.parametrize("sigma", [float("nan"), float("inf"), -0.5])
+@pytest.mark.parametrize("sigma", [float("nan"), float("inf"), -0.5, 1e38])
 def test_a_temperature_that_would_make_nan_or_negative_noise_is_refused(sigma):
-    """NaN or infinite noise made NaN audio without a word (the command line refuses such a -t)."""
+    """NaN or infinite noise made NaN audio without a word (the command line refuses such a -t); so did a finite
+    sigma of 1e38, whose fp32 noise overflowed."""
     model = build_model(small_config())
     message = r"sigma, the noise's standard deviation, must be a finite number >= 0"
     for make in (
@@ -328,3 +329,50 @@ def test_a_mel_holding_nan_or_an_infinity_is_refused_rather_than_made_into_nan_a
     synthesis = StreamingSynthesis(model, chunk_frames=4)
     with pytest.raises(ValueError, match=message):
         synthesis.push(mel)
+
+
+# ----------------------------------------------------------------------------- inputs of other types
+
+
+def test_a_mel_that_is_no_floating_point_tensor_or_beyond_the_models_range_is_refused_in_one_line():
+    """A numpy array gave an AttributeError naming no mel; bool, int and complex mels were synthesized (a mask as
+    0/1, a complex one's imaginary part dropped); a float64 mel of 1e300 became inf in the fp32 model, then NaN
+    audio; an integer z was rounded noise."""
+    model = random_model(small_config()).remove_weight_norm()
+    mel = torch.randn(1, 80, 6)
+    stream = StreamingSynthesis(model, chunk_frames=4)
+    with pytest.raises(TypeError, match=r"the mel must be a torch.Tensor, got ndarray \(torch.from_numpy"):
+        model.infer(cast(torch.Tensor, mel.numpy()))
+    with pytest.raises(TypeError, match="the mel must be a torch.Tensor, got list"):
+        stream.push(cast(torch.Tensor, mel.tolist()))
+    for other in (mel > 0, mel.long(), mel.to(torch.complex64)):
+        for synthesize in (model.infer, stream.push):
+            with pytest.raises(ValueError, match=f"the mel has dtype {other.dtype}, expected a floating-point log-mel"):
+                synthesize(other)
+    huge = mel.double()
+    huge[0, 3, 2] = -1e300
+    for synthesize in (model.infer, stream.push):
+        with pytest.raises(ValueError, match=r"the mel holds values up to 1e\+300, beyond the range of the model's "):
+            synthesize(huge)
+    assert torch.isfinite(model.infer(mel.double() * 1e3)).all()  # large, but within fp32: synthesized
+    with pytest.raises(ValueError, match="z must be a floating-point tensor .* got torch.int64"):
+        model.infer(mel, z=torch.ones(1, 1, 8, 48, dtype=torch.long))
+
+
+def test_synthesis_options_of_other_types_are_refused_naming_them():
+    """`condition_cache_bytes=None` failed deep in synthesis comparing an int with None, and a fractional
+    `chunk_frames` in slicing; a `max_cpu_columns` of 0 passed."""
+    model = random_model(small_config()).remove_weight_norm()
+    mel = torch.randn(1, 80, 6)
+    for option, value in (("condition_cache_bytes", None), ("condition_cache_bytes", -1), ("max_cpu_columns", 0)):
+        with pytest.raises(ValueError, match=f"{option} must be a whole number >= [01], got {value}"):
+            model.infer(mel, **{option: value})
+    for option in ("chunk_frames", "lookahead_frames", "context_frames"):
+        with pytest.raises(ValueError, match=f"{option} must be a whole number of frames, got 8.5"):
+            StreamingSynthesis(model, **{option: 8.5})
+
+
+def test_the_denoiser_gives_an_empty_batch_back_empty():
+    """The STFT refused a batch of none with an MKL error."""
+    denoiser = Denoiser(random_model(small_config()).remove_weight_norm())
+    assert denoiser(torch.zeros(0, 1000), 1.0).shape == (0, 1000)
