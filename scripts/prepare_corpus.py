@@ -44,6 +44,9 @@ VCTK_AUDIO_FOLDERS = ("wav48_silence_trimmed", "wav48")  # VCTK 0.92, VCTK 0.80
 LIBRITTS_NAME = re.compile(r"^(\d+)_(\d+)_\d+_\d+\.(wav|flac)$", re.IGNORECASE)
 AUDIO_EXTENSIONS = (".wav", ".flac")  # as named in any case: .WAV too
 HEADER = "path|speaker|text"
+DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "nanoflow-h16-r128-emb512.json"
+)
 
 
 def transcript(path: str) -> str:
@@ -144,8 +147,8 @@ def split(
 
 
 def write_configs(base: str, output_dir: str, lists: dict[str, str], resample: bool, name: str) -> list[str]:
-    """config.json (test_files: held-out utterances) and config_unseen_speakers.json (held-out speakers)."""
-    load_config(base)  # a base config that does not parse is refused before anything is written
+    """config.json (test_files: held-out utterances) and config_unseen_speakers.json (held-out speakers);
+    `base` has been checked by `load_config`."""
     raw = json.loads(read_text(base))
     raw["data_config"]["training_files"] = lists["train"]
     raw["data_config"]["resample"] = resample or raw["data_config"].get("resample", False)
@@ -167,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", required=True, help="folder for the file lists and configs")
     parser.add_argument(
         "--config",
-        default=os.path.join("configs", "nanoflow-h16-r128-emb512.json"),
-        help="base config whose model and mel settings the written configs keep",
+        default=DEFAULT_CONFIG,
+        help="base config whose model and mel settings the written configs keep (default: the repository's "
+        "configs/nanoflow-h16-r128-emb512.json)",
     )
     parser.add_argument("--test-speakers", type=int, default=4, help="speakers held out whole (default 4)")
     parser.add_argument(
@@ -179,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.test_speakers < 1 or args.test_utterances < 1:
         parser.error("--test-speakers and --test-utterances must be at least 1")
     try:
-        data = load_config(args.config, sections=("data_config",)).data
+        if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+            raise DataError(f"{args.output_dir}: not a folder (--output-dir)")
+        data = load_config(args.config).data  # the whole config is checked before anything is written
         sampling_rate = data.sampling_rate
         layout, clips = find_clips(args.corpus, args.layout, args.mic)
         train, test, unseen = split(clips, args.test_speakers, args.test_utterances, args.seed)

@@ -2,13 +2,16 @@
 line before anything is written, and nothing already there is changed."""
 
 import importlib.util
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import soundfile
 
 from conftest import ROOT
+from test_train import write_config
 
 RATE = 22050
 
@@ -22,6 +25,7 @@ def load_script(name):
 
 
 add_noise_floor = load_script("add_noise_floor")
+prepare_corpus = load_script("prepare_corpus")
 
 
 def write_clip(path, file_format="WAV"):
@@ -77,3 +81,55 @@ def test_noise_floor_failed_write_changes_no_file(tmp_path, capsys):
     assert "b.wav.partial: cannot write" in error and error.count("\n") == 1, error
     assert (first.read_bytes(), second.read_bytes()) == before
     assert sorted(os.listdir(tmp_path)) == ["a.wav", "b.wav", "b.wav.partial"]
+
+
+def make_vctk(folder, speakers=4, utterances=3):
+    """A VCTK 0.80 folder (wav48/SPEAKER/SPEAKER_xxx.wav) of the demo's clips, at their 22,050 Hz."""
+    demo = sorted(os.listdir(os.path.join(ROOT, "data", "demo", "wavs")))
+    for speaker in range(speakers):
+        (folder / "wav48" / f"p{speaker}").mkdir(parents=True)
+        for utterance in range(utterances):
+            name = demo[(speaker * utterances + utterance) % len(demo)]
+            shutil.copy(
+                os.path.join(ROOT, "data", "demo", "wavs", name),
+                folder / "wav48" / f"p{speaker}" / f"p{speaker}_{utterance:03d}.wav",
+            )
+    return folder
+
+
+def test_prepare_corpus_checks_the_whole_base_config_before_writing_a_list(tmp_path, capsys):
+    corpus = make_vctk(tmp_path / "VCTK")
+    base = write_config(str(tmp_path), "base.json")
+    output = tmp_path / "lists"
+    args = ["--corpus", str(corpus), "--output-dir", str(output), "--test-speakers", "1", "--test-utterances", "1"]
+    assert prepare_corpus.main([*args, "--config", base]) == 0
+    before = {name: (output / name).read_bytes() for name in os.listdir(output)}
+    assert len(before) == 5
+    config = json.load(open(base))
+    config["train_config"]["learning_rte"] = config["train_config"].pop("learning_rate")
+    json.dump(config, open(tmp_path / "misspelt.json", "w"))
+    capsys.readouterr()
+    assert prepare_corpus.main([*args, "--config", str(tmp_path / "misspelt.json"), "--seed", "7"]) == 1
+    error = capsys.readouterr().err
+    assert "learning_rte" in error and error.count("\n") == 1, error
+    assert {name: (output / name).read_bytes() for name in os.listdir(output)} == before
+
+
+def test_prepare_corpus_output_dir_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    corpus = make_vctk(tmp_path / "VCTK")
+    (tmp_path / "a_file").write_text("kept\n")
+    args = ["--corpus", str(corpus), "--output-dir", str(tmp_path / "a_file"), "--test-speakers", "1"]
+    assert prepare_corpus.main([*args, "--test-utterances", "1"]) == 1
+    error = capsys.readouterr().err
+    assert "a_file: not a folder" in error and error.count("\n") == 1, error
+    assert (tmp_path / "a_file").read_text() == "kept\n"
+
+
+def test_prepare_corpus_default_config_is_the_repositorys_from_any_working_directory(tmp_path, capsys, monkeypatch):
+    corpus = make_vctk(tmp_path / "VCTK")
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    args = ["--corpus", str(corpus), "--output-dir", "lists", "--test-speakers", "1", "--test-utterances", "1"]
+    assert prepare_corpus.main(args) == 0, capsys.readouterr().err
+    config = json.load(open(tmp_path / "lists" / "config.json"))
+    default = json.load(open(os.path.join(ROOT, "configs", "nanoflow-h16-r128-emb512.json")))
+    assert config["waveflow_config"]["model_name"] == default["waveflow_config"]["model_name"] + "-vctk"
