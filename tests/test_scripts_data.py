@@ -11,6 +11,7 @@ import pytest
 import soundfile
 
 from conftest import ROOT
+from test_prepare_ljspeech import make_archive, make_corpus
 from test_train import write_config
 
 RATE = 22050
@@ -26,6 +27,7 @@ def load_script(name):
 
 add_noise_floor = load_script("add_noise_floor")
 prepare_corpus = load_script("prepare_corpus")
+prepare_ljspeech = load_script("prepare_ljspeech")
 
 
 def write_clip(path, file_format="WAV"):
@@ -133,3 +135,71 @@ def test_prepare_corpus_default_config_is_the_repositorys_from_any_working_direc
     config = json.load(open(tmp_path / "lists" / "config.json"))
     default = json.load(open(os.path.join(ROOT, "configs", "nanoflow-h16-r128-emb512.json")))
     assert config["waveflow_config"]["model_name"] == default["waveflow_config"]["model_name"] + "-vctk"
+
+
+@pytest.mark.parametrize(
+    "options, problem",
+    [
+        (["--test-clips", "-3"], "--test-clips -3: must be at least 1"),
+        (["--test-clips", "0"], "--test-clips 0: must be at least 1"),
+        (["--expected-clips", "-1"], "--expected-clips -1: must be at least 1"),
+        (["--test-list", "{tmp}/lists/../train.txt"], "--train-list and --test-list are the same file"),
+    ],
+)
+def test_prepare_ljspeech_refuses_nonsense_split_options_before_writing(tmp_path, capsys, options, problem):
+    corpus, _ = make_corpus(tmp_path, 6)
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "train.txt").write_text("kept\n")
+    args = ["--corpus", str(corpus), "--expected-clips", "0", "--train-list", str(tmp_path / "train.txt")]
+    with pytest.raises(SystemExit) as stopped:
+        prepare_ljspeech.main(
+            [*args, "--test-list", str(tmp_path / "test.txt")] + [o.format(tmp=tmp_path) for o in options]
+        )
+    assert stopped.value.code == 2 and problem in capsys.readouterr().err
+    assert (tmp_path / "train.txt").read_text() == "kept\n" and not (tmp_path / "test.txt").exists()
+
+
+def test_prepare_ljspeech_list_that_is_a_folder_is_refused_in_one_line(tmp_path, capsys):
+    corpus, _ = make_corpus(tmp_path, 6)
+    (tmp_path / "train.txt").mkdir()
+    args = ["--corpus", str(corpus), "--expected-clips", "0", "--test-clips", "2"]
+    assert (
+        prepare_ljspeech.main(
+            [*args, "--train-list", str(tmp_path / "train.txt"), "--test-list", str(tmp_path / "test.txt")]
+        )
+        == 1
+    )
+    error = capsys.readouterr().err
+    assert "train.txt: is a folder, not a file list (--train-list)" in error and error.count("\n") == 1, error
+    assert not (tmp_path / "test.txt").exists()
+
+
+def test_prepare_ljspeech_damaged_or_foreign_archive_is_one_line(tmp_path, capsys):
+    archive, _ = make_archive(tmp_path, 4)
+    whole = archive.read_bytes()
+    (tmp_path / "cut.tar.bz2").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "text.tar.bz2").write_text("not an archive\n" * 100)
+    lists = ["--train-list", str(tmp_path / "train.txt"), "--test-list", str(tmp_path / "test.txt")]
+    for name, problem in (
+        ("cut.tar.bz2", "cannot extract: damaged bzip2 archive"),
+        ("text.tar.bz2", "cannot extract: not a tar archive"),
+    ):
+        code = prepare_ljspeech.main(["--archive", str(tmp_path / name), "--data-dir", str(tmp_path / "data"), *lists])
+        error = capsys.readouterr().err
+        assert code == 1 and f"{name}: {problem}" in error and error.count("\n") == 1, error
+        assert not (tmp_path / "data").exists() and not (tmp_path / "train.txt").exists()
+
+
+def test_prepare_ljspeech_wrong_rate_clip_advice_is_for_this_script(tmp_path, capsys):
+    corpus, ids = make_corpus(tmp_path, 6)
+    soundfile.write(str(corpus / "wavs" / f"{ids[2]}.wav"), np.zeros(16, np.int16), 16000, subtype="PCM_16")
+    args = ["--corpus", str(corpus), "--expected-clips", "0", "--test-clips", "2"]
+    assert (
+        prepare_ljspeech.main(
+            [*args, "--train-list", str(tmp_path / "train.txt"), "--test-list", str(tmp_path / "test.txt")]
+        )
+        == 1
+    )
+    error = capsys.readouterr().err
+    assert f"{ids[2]}.wav: sampling rate is 16000 Hz, expected LJSpeech-1.1's 22050 Hz mono" in error
+    assert "data_config" not in error and error.count("\n") == 1, error
