@@ -117,7 +117,9 @@ def test_prepare_corpus_checks_the_whole_base_config_before_writing_a_list(tmp_p
     assert {name: (output / name).read_bytes() for name in os.listdir(output)} == before
 
 
-def test_prepare_corpus_output_dir_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+def test_prepare_corpus_output_dir_that_is_a_file_or_an_output_that_is_a_folder_is_refused_in_one_line(
+    tmp_path, capsys
+):
     corpus = make_vctk(tmp_path / "VCTK")
     (tmp_path / "a_file").write_text("kept\n")
     args = ["--corpus", str(corpus), "--output-dir", str(tmp_path / "a_file"), "--test-speakers", "1"]
@@ -125,6 +127,12 @@ def test_prepare_corpus_output_dir_that_is_a_file_is_refused_in_one_line(tmp_pat
     error = capsys.readouterr().err
     assert "a_file: not a folder" in error and error.count("\n") == 1, error
     assert (tmp_path / "a_file").read_text() == "kept\n"
+    output = tmp_path / "lists"
+    (output / "config_unseen_speakers.json").mkdir(parents=True)
+    assert prepare_corpus.main([*args[:3], str(output), *args[4:], "--test-utterances", "1"]) == 1
+    error = capsys.readouterr().err
+    assert "config_unseen_speakers.json: is a folder, not a file" in error and error.count("\n") == 1, error
+    assert os.listdir(output) == ["config_unseen_speakers.json"]  # no list written beside it
 
 
 def test_prepare_corpus_default_config_is_the_repositorys_from_any_working_directory(tmp_path, capsys, monkeypatch):
