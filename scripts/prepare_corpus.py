@@ -44,6 +44,11 @@ VCTK_AUDIO_FOLDERS = ("wav48_silence_trimmed", "wav48")  # VCTK 0.92, VCTK 0.80
 LIBRITTS_NAME = re.compile(r"^(\d+)_(\d+)_\d+_\d+\.(wav|flac)$", re.IGNORECASE)
 AUDIO_EXTENSIONS = (".wav", ".flac")  # as named in any case: .WAV too
 HEADER = "path|speaker|text"
+LIST_FILES = {"train": "train_files.txt", "test": "test_files.txt", "unseen": "test_unseen_speakers.txt"}
+CONFIG_FILES = {"test": "config.json", "unseen": "config_unseen_speakers.json"}  # by their test_files
+DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "nanoflow-h16-r128-emb512.json"
+)
 
 
 def transcript(path: str) -> str:
@@ -144,15 +149,15 @@ def split(
 
 
 def write_configs(base: str, output_dir: str, lists: dict[str, str], resample: bool, name: str) -> list[str]:
-    """config.json (test_files: held-out utterances) and config_unseen_speakers.json (held-out speakers)."""
-    load_config(base)  # a base config that does not parse is refused before anything is written
+    """config.json (test_files: held-out utterances) and config_unseen_speakers.json (held-out speakers);
+    `base` has been checked by `load_config`."""
     raw = json.loads(read_text(base))
     raw["data_config"]["training_files"] = lists["train"]
     raw["data_config"]["resample"] = resample or raw["data_config"].get("resample", False)
     raw["waveflow_config"]["model_name"] = f"{raw['waveflow_config']['model_name']}-{name}"
     written = []
-    for file_name, test in (("config.json", lists["test"]), ("config_unseen_speakers.json", lists["unseen"])):
-        raw["data_config"]["test_files"] = test
+    for key, file_name in CONFIG_FILES.items():
+        raw["data_config"]["test_files"] = lists[key]
         path = os.path.join(output_dir, file_name)
         write_atomically(path, (json.dumps(raw, indent=4) + "\n").encode(), durable=False)
         written.append(path)
@@ -167,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", required=True, help="folder for the file lists and configs")
     parser.add_argument(
         "--config",
-        default=os.path.join("configs", "nanoflow-h16-r128-emb512.json"),
-        help="base config whose model and mel settings the written configs keep",
+        default=DEFAULT_CONFIG,
+        help="base config whose model and mel settings the written configs keep (default: the repository's "
+        "configs/nanoflow-h16-r128-emb512.json)",
     )
     parser.add_argument("--test-speakers", type=int, default=4, help="speakers held out whole (default 4)")
     parser.add_argument(
@@ -179,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.test_speakers < 1 or args.test_utterances < 1:
         parser.error("--test-speakers and --test-utterances must be at least 1")
     try:
-        data = load_config(args.config, sections=("data_config",)).data
+        if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+            raise DataError(f"{args.output_dir}: not a folder (--output-dir)")
+        for file_name in (*LIST_FILES.values(), *CONFIG_FILES.values()):
+            if os.path.isdir(os.path.join(args.output_dir, file_name)):
+                raise DataError(f"{os.path.join(args.output_dir, file_name)}: is a folder, not a file")
+        data = load_config(args.config).data  # the whole config is checked before anything is written
         sampling_rate = data.sampling_rate
         layout, clips = find_clips(args.corpus, args.layout, args.mic)
         train, test, unseen = split(clips, args.test_speakers, args.test_utterances, args.seed)
@@ -190,12 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             )  # a bad file is named before anything is written
             rates.add(soundfile.info(path).samplerate)
         lists = {}
-        for key, file_name, chosen in (
-            ("train", "train_files.txt", train),
-            ("test", "test_files.txt", test),
-            ("unseen", "test_unseen_speakers.txt", unseen),
-        ):
-            lists[key] = os.path.join(args.output_dir, file_name)
+        for key, chosen in (("train", train), ("test", test), ("unseen", unseen)):
+            lists[key] = os.path.join(args.output_dir, LIST_FILES[key])
             write_file_list(lists[key], [list(clip) for clip in chosen], header=HEADER)
         name = os.path.basename(os.path.normpath(args.corpus)).lower()
         configs = write_configs(args.config, args.output_dir, lists, rates != {sampling_rate}, name)

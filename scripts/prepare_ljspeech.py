@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import lzma
 import os
 import shutil
 import sys
 import tarfile
 import urllib.request
+import zlib
+from typing import Literal
 
+import soundfile
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root, for data.py
@@ -39,6 +43,9 @@ CORPUS_FOLDER = "LJSpeech-1.1"
 LJSPEECH_CLIPS = 13100
 TEST_CLIPS = 1310
 SAMPLING_RATE = 22050
+COMPRESSIONS = {b"BZh": "bz2", b"\x1f\x8b": "gz", b"\xfd7zXZ\x00": "xz"}  # first bytes -> tarfile's method
+COMPRESSION_NAMES = {"bz2": "bzip2", "gz": "gzip", "xz": "xz", "": "tar"}
+READ_MODES: dict[str, Literal["r:", "r:bz2", "r:gz", "r:xz"]] = {"": "r:", "bz2": "r:bz2", "gz": "r:gz", "xz": "r:xz"}
 
 
 def download(url: str, target: str) -> None:
@@ -64,6 +71,15 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
+def compression(archive: str) -> str:
+    """tarfile's name for the compression that `archive`'s first bytes show ('' for none). The archive is
+    opened with that method alone, so that a damaged one gives that method's one-line reason, not the
+    reasons of every method tarfile would try."""
+    with open(archive, "rb") as f:
+        start = f.read(6)
+    return next((method for magic, method in COMPRESSIONS.items() if start.startswith(magic)), "")
+
+
 def extract(archive: str, data_dir: str) -> str:
     """Extract the archive's LJSpeech-1.1 folder into `data_dir`; returns the corpus folder.
 
@@ -73,8 +89,9 @@ def extract(archive: str, data_dir: str) -> str:
     corpus = os.path.join(data_dir, CORPUS_FOLDER)
     scratch = os.path.join(data_dir, f".{CORPUS_FOLDER}.partial")
     shutil.rmtree(scratch, ignore_errors=True)
+    method = compression(archive)
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with tarfile.open(archive, READ_MODES[method]) as tar:
             members = tar.getmembers()
             stray = [m.name for m in members if m.name.split("/")[0] != CORPUS_FOLDER]
             if stray or not members:
@@ -82,9 +99,19 @@ def extract(archive: str, data_dir: str) -> str:
                     f"{archive}: not an {CORPUS_FOLDER} archive ({'it holds ' + stray[0] if stray else 'it is empty'})"
                 )
             tar.extractall(scratch, members=members, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as error:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise DataError(f"{archive}: cannot extract ({error})") from None
+        reason = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, OSError) and error.errno is not None:  # writing the files: a full disk, permissions
+            raise DataError(f"{archive}: cannot extract ({reason})") from None
+        if str(error) == "invalid header":  # the first member's header: no tar archive (inside the compression)
+            problem = "not a tar archive" + (
+                f" (a {COMPRESSION_NAMES[method]} file of something else)" if method else ""
+            )
+        else:
+            problem = f"damaged {COMPRESSION_NAMES[method]} archive"
+            problem += "" if reason.startswith("not a") else f" ({reason})"  # "not a bzip2 file" after BZh: damaged
+        raise DataError(f"{archive}: cannot extract: {problem}") from None
     os.replace(os.path.join(scratch, CORPUS_FOLDER), corpus)
     os.rmdir(scratch)
     return corpus
@@ -107,7 +134,15 @@ def verify_corpus(corpus: str, expected_clips: int) -> list[str]:
         )
     wavs = [os.path.join(corpus, "wavs", f"{clip_id}.wav") for clip_id in clip_ids]
     for wav in tqdm(wavs, desc="checking clips", unit="clip", disable=None):
-        audio_length(wav, SAMPLING_RATE)
+        audio_length(wav, SAMPLING_RATE, resample=True, downmix=True)  # a missing, empty or damaged file
+        info = soundfile.info(wav)
+        if info.samplerate != SAMPLING_RATE or info.channels != 1:
+            found = [f"sampling rate is {info.samplerate} Hz"] if info.samplerate != SAMPLING_RATE else []
+            found += [f"has {info.channels} channels"] if info.channels != 1 else []
+            raise DataError(
+                f"{wav}: {' and '.join(found)}, expected {CORPUS_FOLDER}'s {SAMPLING_RATE} Hz mono "
+                f"(a converted copy? Use the original corpus: extract {ARCHIVE_NAME} again)"
+            )
     return wavs
 
 
@@ -136,7 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sha256", help="refuse an archive whose SHA-256 differs from this")
     args = parser.parse_args(argv)
+    if args.test_clips < 1:
+        parser.error(f"--test-clips {args.test_clips}: must be at least 1")
+    if args.expected_clips < 0:
+        parser.error(f"--expected-clips {args.expected_clips}: must be at least 1 (or 0: any number)")
+    if os.path.realpath(args.train_list) == os.path.realpath(args.test_list):
+        parser.error(f"--train-list and --test-list are the same file ({args.train_list})")
     try:
+        for option, path in (("--train-list", args.train_list), ("--test-list", args.test_list)):
+            if os.path.isdir(path):
+                raise DataError(f"{path}: is a folder, not a file list ({option})")
         corpus = args.corpus
         if corpus is None:
             corpus = os.path.join(args.data_dir, CORPUS_FOLDER)
