@@ -6,7 +6,7 @@ import copy
 import json
 import os
 import weakref
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import torch
@@ -366,10 +366,10 @@ def test_synthesis_options_of_other_types_are_refused_naming_them():
     mel = torch.randn(1, 80, 6)
     for option, value in (("condition_cache_bytes", None), ("condition_cache_bytes", -1), ("max_cpu_columns", 0)):
         with pytest.raises(ValueError, match=f"{option} must be a whole number >= [01], got {value}"):
-            model.infer(mel, **{option: value})
+            model.infer(mel, **cast(Any, {option: value}))  # what a caller's typo passes
     for option in ("chunk_frames", "lookahead_frames", "context_frames"):
         with pytest.raises(ValueError, match=f"{option} must be a whole number of frames, got 8.5"):
-            StreamingSynthesis(model, **{option: 8.5})
+            StreamingSynthesis(model, **cast(Any, {option: 8.5}))
 
 
 def test_the_denoiser_gives_an_empty_batch_back_empty():
