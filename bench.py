@@ -50,7 +50,7 @@ from dataclasses import replace
 
 import torch
 
-from config import ConfigError, check_model_rules, load_config
+from config import ConfigError, check_model_rules, check_positive, load_config
 from cuda_graphs import CudaGraphCache
 from data import DataError
 from mel2samp import Mel2Samp, collate
@@ -471,10 +471,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeats": [args.repeats],
         "--matmul_size": [] if args.matmul_size is None else [args.matmul_size],
     }
-    for flag, values in positive.items():
-        for value in values:
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{flag} must be positive, got {value:g}")
+    check_positive(positive)
     for flag, values in {"--warmup": [args.warmup], "--loader_workers": args.loader_workers}.items():
         for value in values:
             if value < 0:
