@@ -1,0 +1,147 @@
+"""scripts/: bad arguments, configs and checkpoints end a script with one `error:` line, before its work."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from checkpoint import CheckpointError, check_fits
+from conftest import ROOT
+from model import build_model
+from test_scripts import script
+
+DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.json")
+DEMO_CHECKPOINT = os.path.join(ROOT, "pretrained", "nanoflow-demo.pt")
+HELDOUT_WAV = os.path.join(ROOT, "data", "demo", "heldout", "wavs", "demo_002.wav")
+
+
+def demo_waveflow_config() -> dict:
+    with open(DEMO_CONFIG) as f:
+        return json.load(f)["waveflow_config"]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """A checkpoint of another NanoFlow (res_channels 48), weights of another kind of model, a misspelt config."""
+    folder = tmp_path_factory.mktemp("bad")
+    section = dict(demo_waveflow_config(), res_channels=48)
+    torch.save({"model": build_model(section).state_dict()}, folder / "other.pt")
+    torch.save({"conv.weight": torch.zeros(4, 3, 3, 3), "conv.bias": torch.zeros(4)}, folder / "glow.pth")
+    with open(DEMO_CONFIG) as f:
+        config = json.load(f)
+    config["train_config"]["learning_rte"] = config["train_config"].pop("learning_rate")
+    (folder / "misspelt.json").write_text(json.dumps(config))
+    (folder / "not_json.json").write_text("{not json")
+    return folder
+
+
+def one_error_line(capsys, *expected: str) -> str:
+    """The only line of stderr, an `error:` line holding each of `expected`."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+def test_a_checkpoint_of_another_kind_of_model_is_described_in_plain_words(bad_files):
+    state = torch.load(bad_files / "glow.pth")
+    with pytest.raises(CheckpointError) as raised:
+        check_fits(build_model(demo_waveflow_config()), state, "glow.pth")
+    message = str(raised.value)
+    assert "glow.pth: checkpoint holds no WaveFlow/NanoFlow model, waveflow_config describes a nanoflow (" in message
+    assert "not a WaveFlow/NanoFlow model model" not in message and ") model model" not in message
+
+
+def test_a_checkpoint_of_another_nanoflow_names_both_models_once(bad_files):
+    state = torch.load(bad_files / "other.pt")["model"]
+    with pytest.raises(CheckpointError) as raised:
+        check_fits(build_model(demo_waveflow_config()), state, "other.pt")
+    message = str(raised.value)
+    assert "other.pt: checkpoint holds a nanoflow (res_channels 48," in message
+    assert "model, waveflow_config describes a nanoflow (res_channels " in message
+    assert "model model" not in message
+
+
+# --- denoise_check.py ---
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["-c", "nope.json"], "nope.json"),
+        (["--checkpoint_path", "nope.pt"], "nope.pt: checkpoint not found"),
+        (["--checkpoint_path", "{bad}/other.pt"], "checkpoint holds a nanoflow (res_channels 48"),
+        (["--checkpoint_path", "{bad}/glow.pth"], "checkpoint holds no WaveFlow/NanoFlow model"),
+        (["--files", "nope.txt"], "nope.txt: file list not found"),
+        (["--threads", "0"], "--threads must be positive, got 0"),
+        (["--temperature", "nan"], "--temperature must be positive, got nan"),
+        (["--strengths", "0", "-1"], "--strengths: denoiser strength must be a finite number >= 0"),
+        (["--strengths", "nan"], "--strengths: denoiser strength must be a finite number >= 0"),
+    ],
+)
+def test_denoise_check_refuses_bad_input_in_one_line_before_synthesis(bad_files, capsys, arguments, expected):
+    threads = torch.get_num_threads()
+    arguments = [argument.replace("{bad}", str(bad_files)) for argument in arguments]
+    assert script("denoise_check").main(arguments) == 1
+    one_error_line(capsys, expected)
+    assert torch.get_num_threads() == threads
+
+
+# --- plot_synthesis.py ---
+
+
+def plot_arguments(output: str, *extra: str) -> list[str]:
+    return [HELDOUT_WAV, "-c", DEMO_CONFIG, "--checkpoint_path", DEMO_CHECKPOINT, "-o", output, *extra]
+
+
+def test_plot_synthesis_refuses_a_folder_as_output_before_synthesis(tmp_path, capsys):
+    assert script("plot_synthesis").main(plot_arguments(str(tmp_path))) == 1
+    one_error_line(capsys, f"{tmp_path}: is a folder; name the PNG file to write")
+    assert os.listdir(tmp_path) == []  # no .partial.png left
+
+
+def test_plot_synthesis_refuses_an_output_in_a_missing_folder(tmp_path, capsys):
+    output = str(tmp_path / "nodir" / "x.png")
+    assert script("plot_synthesis").main(plot_arguments(output)) == 1
+    one_error_line(capsys, f"{output}: folder {tmp_path / 'nodir'} does not exist")
+
+
+@pytest.mark.parametrize("temperature", ["nan", "inf", "-1"])
+def test_plot_synthesis_refuses_a_temperature_that_is_not_positive(tmp_path, capsys, temperature):
+    assert script("plot_synthesis").main(plot_arguments(str(tmp_path / "p.png"), "-t", temperature)) == 1
+    one_error_line(capsys, "-t/--temp must be positive, got")
+
+
+# --- precision_check.py ---
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--device", "bogus"], "--device bogus: not a device name"),
+        (["-t", "nan"], "-t/--temp must be positive, got nan"),
+        (["-t", "inf"], "-t/--temp must be positive, got inf"),
+    ],
+)
+def test_precision_check_refuses_bad_arguments_in_one_line(capsys, extra, expected):
+    arguments = ["-c", DEMO_CONFIG, "--checkpoint_path", DEMO_CHECKPOINT, *extra]
+    assert script("precision_check").main(arguments) == 1
+    one_error_line(capsys, expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--device", "cuda"], "--device cuda: this machine has no CUDA device"),
+        (["--precision", "fp16"], "--precision fp16 needs a CUDA device; use bf16 or fp32 on a CPU"),
+    ],
+)
+def test_precision_check_refuses_what_this_cpu_cannot_run(capsys, extra, expected):
+    arguments = ["-c", DEMO_CONFIG, "--checkpoint_path", DEMO_CHECKPOINT, *extra]
+    assert script("precision_check").main(arguments) == 1
+    one_error_line(capsys, expected)
