@@ -145,3 +145,56 @@ def test_precision_check_refuses_what_this_cpu_cannot_run(capsys, extra, expecte
     arguments = ["-c", DEMO_CONFIG, "--checkpoint_path", DEMO_CHECKPOINT, *extra]
     assert script("precision_check").main(arguments) == 1
     one_error_line(capsys, expected)
+
+
+# --- streaming_check.py ---
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["lookahead", "-c", "nope.json"], "nope.json"),
+        (["lookahead", "-c", "{bad}/misspelt.json"], "learning_rte"),
+        (["lookahead", "-c", DEMO_CONFIG, "--checkpoint_path", "{bad}/other.pt"], "holds a nanoflow (res_channels 48"),
+        (["memory", "-c", DEMO_CONFIG, "--checkpoint_path", "{bad}/other.pt"], "holds a nanoflow (res_channels 48"),
+        (["memory", "-c", "nope.json"], "nope.json"),
+        (["lookahead", "-c", DEMO_CONFIG, "--chunk", "0"], "--chunk must be positive, got 0"),
+        (["lookahead", "-c", DEMO_CONFIG, "--frames", "0"], "--frames must be positive, got 0"),
+        (["lookahead", "-c", DEMO_CONFIG, "--sigma", "nan"], "--sigma must be positive, got nan"),
+        (["lookahead", "-c", DEMO_CONFIG, "--threads", "0"], "--threads must be positive, got 0"),
+        (["memory", "-c", DEMO_CONFIG, "--seconds", "-1"], "--seconds must be positive, got -1"),
+        (["lookahead", "-c", DEMO_CONFIG, "--lookaheads", "2"], "--lookaheads must be at least 3"),
+    ],
+)
+def test_streaming_check_refuses_bad_input_in_one_line_before_its_table(
+    bad_files, capsys, one_thread, arguments, expected
+):
+    arguments = [argument.replace("{bad}", str(bad_files)) for argument in arguments]
+    assert script("streaming_check").main(arguments) == 1
+    one_error_line(capsys, expected)
+    assert capsys.readouterr().out == ""
+
+
+def test_streaming_check_memory_passes_threads_and_sigma_and_relays_a_childs_error(monkeypatch, capsys, one_thread):
+    module = script("streaming_check")
+    commands = []
+
+    def failing_child(command, **kwargs):
+        commands.append(command)
+        return module.subprocess.CompletedProcess(command, 1, stderr="error: the child's one line\n")
+
+    monkeypatch.setattr(module.subprocess, "run", failing_child)
+    arguments = ["memory", "-c", DEMO_CONFIG, "--seconds", "1", "2", "--threads", "1", "--sigma", "0.5"]
+    assert module.main(arguments) == 1
+    (command,) = commands  # the first failure ends the table
+    assert command[command.index("--threads") + 1] == "1"
+    assert float(command[command.index("--sigma") + 1]) == 0.5
+    assert capsys.readouterr().err == "error: the child's one line\n"
+
+
+def test_streaming_check_help_does_not_show_its_internal_child_mode(capsys):
+    with pytest.raises(SystemExit):
+        script("streaming_check").main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "memory-child" not in help_text and "--child" not in help_text
+    assert "lookahead" in help_text and "memory" in help_text
