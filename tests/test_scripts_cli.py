@@ -3,7 +3,9 @@
 import json
 import os
 
+import numpy as np
 import pytest
+import soundfile
 import torch
 
 from checkpoint import CheckpointError, check_fits
@@ -198,3 +200,30 @@ def test_streaming_check_help_does_not_show_its_internal_child_mode(capsys):
     help_text = capsys.readouterr().out
     assert "memory-child" not in help_text and "--child" not in help_text
     assert "lookahead" in help_text and "memory" in help_text
+
+
+# --- time_resample.py ---
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["nope.wav"], "nope.wav"),
+        ([HELDOUT_WAV, "--repeats", "0"], "--repeats must be positive, got 0"),
+        ([HELDOUT_WAV, "--repeats", "-3"], "--repeats must be positive, got -3"),
+        ([HELDOUT_WAV, "--rate", "0"], "--rate must be positive, got 0"),
+        ([HELDOUT_WAV, "--rate", "-5"], "--rate must be positive, got -5"),
+    ],
+)
+def test_time_resample_refuses_bad_input_in_one_line_before_its_header(capsys, arguments, expected):
+    assert script("time_resample").main(arguments) == 1
+    one_error_line(capsys, expected)
+    assert capsys.readouterr().out == ""
+
+
+def test_time_resample_says_a_short_clip_is_timed_whole(tmp_path, capsys):
+    clip = str(tmp_path / "short.wav")
+    soundfile.write(clip, (0.3 * np.sin(np.arange(100) / 5) * 32767).astype(np.int16), 22050, subtype="PCM_16")
+    assert script("time_resample").main([clip, "--repeats", "1", "--format", "wav"]) == 0
+    out = capsys.readouterr().out
+    assert "a crop of 100 samples from a clip of 100 samples (0.00 s) (wav), median of 1:" in out
