@@ -258,21 +258,27 @@ def synthesis_frames(seconds: float, rate: int, hop_length: int) -> int:
     return round(seconds * rate / hop_length) + SYNTHESIS_TRIM_FRAMES
 
 
+def check_synthesis_seconds(lengths: list[float], config) -> None:
+    """Each of `--seconds` (a ConfigError naming it) a synthesis of a positive multiple of n_height samples."""
+    model = config.waveflow
+    for seconds in lengths:
+        samples = synthesis_length(
+            synthesis_frames(seconds, config.data.sampling_rate, model.hop_length), model.hop_length
+        )
+        if samples <= 0 or samples % model.n_height:
+            raise ConfigError(
+                f"--seconds {seconds:g} gives {samples} samples, which must be positive and a multiple of "
+                f"waveflow_config.n_height ({model.n_height})"
+            )
+
+
 def check_lengths(args: argparse.Namespace, config, cases: set[str]) -> None:
     """The lengths the flags ask for, against what the model and the mel need (a ConfigError naming the flag):
     each synthesis a positive multiple of n_height samples; the training crop a multiple of n_height (the
     model folds the audio into n_height rows) and longer than the mel's reflect padding."""
     model, data = config.waveflow, config.data
     if "synthesis" in cases:
-        for seconds in args.seconds:
-            samples = synthesis_length(
-                synthesis_frames(seconds, data.sampling_rate, model.hop_length), model.hop_length
-            )
-            if samples <= 0 or samples % model.n_height:
-                raise ConfigError(
-                    f"--seconds {seconds:g} gives {samples} samples, which must be positive and a multiple of "
-                    f"waveflow_config.n_height ({model.n_height})"
-                )
+        check_synthesis_seconds(args.seconds, config)
     segment = args.segment_length
     if segment is not None and "training" in cases and segment % model.n_height:
         raise ConfigError(

@@ -227,3 +227,35 @@ def test_time_resample_says_a_short_clip_is_timed_whole(tmp_path, capsys):
     assert script("time_resample").main([clip, "--repeats", "1", "--format", "wav"]) == 0
     out = capsys.readouterr().out
     assert "a crop of 100 samples from a clip of 100 samples (0.00 s) (wav), median of 1:" in out
+
+
+# --- profile_synthesis.py ---
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--seconds", "nan"], "--seconds must be positive, got nan"),
+        (["--seconds", "inf"], "--seconds must be positive, got inf"),
+        (["--seconds", "0.001"], "--seconds 0.001 gives 0 samples, which must be positive"),
+        (["--threads", "0"], "--threads must be positive, got 0"),
+        (["--device", "bogus"], "--device bogus: not a device name"),
+        (["--json", "{tmp}/nodir/p.json"], "{tmp}/nodir/p.json: folder {tmp}/nodir does not exist"),
+        (["--json", "{tmp}"], "{tmp}: is a folder; name the JSON file to write"),
+        (["-c", "nope.json"], "nope.json: config file not found"),
+    ],
+)
+def test_profile_synthesis_refuses_bad_input_in_one_line_before_profiling(
+    tmp_path, capsys, one_thread, extra, expected
+):
+    extra = [argument.replace("{tmp}", str(tmp_path)) for argument in extra]
+    assert script("profile_synthesis").main(["-c", DEMO_CONFIG, *extra]) == 1
+    one_error_line(capsys, expected.replace("{tmp}", str(tmp_path)))
+    assert capsys.readouterr().out == ""
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_profile_synthesis_refuses_cuda_on_a_machine_without_it(capsys):
+    assert script("profile_synthesis").main(["-c", DEMO_CONFIG, "--device", "cuda"]) == 1
+    one_error_line(capsys, "--device cuda: this machine has no CUDA device")
