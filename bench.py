@@ -272,19 +272,26 @@ def check_synthesis_seconds(lengths: list[float], config) -> None:
             )
 
 
+def check_training_segment(segment: int, config, flag: str) -> None:
+    """A training crop of `segment` samples (`flag` names it in the ConfigError) a multiple of n_height."""
+    n_height = config.waveflow.n_height
+    if segment % n_height:
+        raise ConfigError(
+            f"{flag} {segment} must be a multiple of waveflow_config.n_height ({n_height}): "
+            f"the model folds the audio into n_height rows"
+        )
+
+
 def check_lengths(args: argparse.Namespace, config, cases: set[str]) -> None:
     """The lengths the flags ask for, against what the model and the mel need (a ConfigError naming the flag):
     each synthesis a positive multiple of n_height samples; the training crop a multiple of n_height (the
     model folds the audio into n_height rows) and longer than the mel's reflect padding."""
-    model, data = config.waveflow, config.data
+    data = config.data
     if "synthesis" in cases:
         check_synthesis_seconds(args.seconds, config)
     segment = args.segment_length
-    if segment is not None and "training" in cases and segment % model.n_height:
-        raise ConfigError(
-            f"--segment_length {segment} must be a multiple of waveflow_config.n_height ({model.n_height}): "
-            f"the model folds the audio into n_height rows"
-        )
+    if segment is not None and "training" in cases:
+        check_training_segment(segment, config, "--segment_length")
     if segment is not None and "loading" in cases and segment <= data.filter_length // 2:
         raise ConfigError(
             f"--segment_length {segment} must exceed data_config.filter_length / 2 ({data.filter_length // 2}) "

@@ -259,3 +259,31 @@ def test_profile_synthesis_refuses_bad_input_in_one_line_before_profiling(
 def test_profile_synthesis_refuses_cuda_on_a_machine_without_it(capsys):
     assert script("profile_synthesis").main(["-c", DEMO_CONFIG, "--device", "cuda"]) == 1
     one_error_line(capsys, "--device cuda: this machine has no CUDA device")
+
+
+# --- profile_step.py ---
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["-c", "nope.json"], "nope.json: config file not found"),
+        (["-c", "{bad}/misspelt.json"], "learning_rte"),
+        (["-c", "{bad}/not_json.json"], "not_json.json: not valid JSON"),
+        (["-c", DEMO_CONFIG, "--segment", "1000"], "--segment 1000 must be a multiple of waveflow_config.n_height"),
+        (["-c", DEMO_CONFIG, "--device", "bogus"], "--device bogus: not a device name"),
+        (["-c", DEMO_CONFIG, "--json", "{bad}/nodir/p.json"], "nodir/p.json: folder {bad}/nodir does not exist"),
+        (["-c", DEMO_CONFIG, "--json", "{bad}"], "is a folder; name the JSON file to write"),
+    ],
+)
+def test_profile_step_refuses_bad_input_in_one_line_before_profiling(bad_files, capsys, arguments, expected):
+    arguments = [argument.replace("{bad}", str(bad_files)) for argument in arguments]
+    assert script("profile_step").main(arguments) == 1
+    one_error_line(capsys, expected.replace("{bad}", str(bad_files)))
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_profile_step_refuses_cuda_on_a_machine_without_it(capsys):
+    assert script("profile_step").main(["-c", DEMO_CONFIG, "--device", "cuda"]) == 1
+    one_error_line(capsys, "--device cuda: this machine has no CUDA device")
