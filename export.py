@@ -253,12 +253,12 @@ def with_metadata(data: bytes, metadata: dict[str, str]) -> bytes:
     return proto.SerializeToString()
 
 
-def onnxruntime_module():
-    """onnxruntime, which --check needs; an ExportError where it is not installed."""
+def onnxruntime_module(needed_by: str = "--check"):
+    """onnxruntime, which `needed_by` needs; an ExportError where it is not installed."""
     try:  # optional (requirements-onnx.txt), imported by name so that the type checker passes without it
         return importlib.import_module("onnxruntime")
     except ImportError:
-        raise ExportError("--check needs the onnxruntime package: pip install -r requirements-onnx.txt") from None
+        raise ExportError(f"{needed_by} needs the onnxruntime package: pip install -r requirements-onnx.txt") from None
 
 
 def check_with_onnxruntime(model: WaveFlow, path: str, frames: tuple[int, ...] = (8, 21)) -> float:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -287,3 +288,32 @@ def test_profile_step_refuses_bad_input_in_one_line_before_profiling(bad_files, 
 def test_profile_step_refuses_cuda_on_a_machine_without_it(capsys):
     assert script("profile_step").main(["-c", DEMO_CONFIG, "--device", "cuda"]) == 1
     one_error_line(capsys, "--device cuda: this machine has no CUDA device")
+
+
+# --- bench_onnx.py ---
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["-c", "nope.json"], "nope.json: config file not found"),
+        (["-c", DEMO_CONFIG, "nope.json"], "nope.json: config file not found"),  # before the first config's run
+        (["-c", DEMO_CONFIG, "{bad}/misspelt.json"], "learning_rte"),
+        (["-c", DEMO_CONFIG, "--repeats", "0"], "--repeats must be positive, got 0"),
+        (["-c", DEMO_CONFIG, "--seconds", "-1"], "--seconds must be positive, got -1"),
+        (["-c", DEMO_CONFIG, "--seconds", "nan"], "--seconds must be positive, got nan"),
+        (["-c", DEMO_CONFIG, "--threads", "2", "0"], "--threads must be positive, got 0"),
+        (["-c", DEMO_CONFIG, "--max_seconds", "nan"], "--max_seconds must be >= 0, got nan"),
+    ],
+)
+def test_bench_onnx_refuses_bad_input_in_one_line_before_any_export(bad_files, capsys, arguments, expected):
+    arguments = [argument.replace("{bad}", str(bad_files)) for argument in arguments]
+    assert script("bench_onnx").main(arguments) == 1
+    one_error_line(capsys, expected)
+    assert capsys.readouterr().out == ""
+
+
+def test_bench_onnx_without_onnxruntime_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    assert script("bench_onnx").main(["-c", DEMO_CONFIG]) == 1
+    one_error_line(capsys, "scripts/bench_onnx.py needs the onnxruntime package: pip install -r requirements-onnx.txt")
