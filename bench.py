@@ -50,7 +50,7 @@ from dataclasses import replace
 
 import torch
 
-from config import ConfigError, check_model_rules, load_config
+from config import ConfigError, check_model_rules, check_positive, load_config
 from cuda_graphs import CudaGraphCache
 from data import DataError
 from mel2samp import Mel2Samp, collate
@@ -258,27 +258,40 @@ def synthesis_frames(seconds: float, rate: int, hop_length: int) -> int:
     return round(seconds * rate / hop_length) + SYNTHESIS_TRIM_FRAMES
 
 
+def check_synthesis_seconds(lengths: list[float], config) -> None:
+    """Each of `--seconds` (a ConfigError naming it) a synthesis of a positive multiple of n_height samples."""
+    model = config.waveflow
+    for seconds in lengths:
+        samples = synthesis_length(
+            synthesis_frames(seconds, config.data.sampling_rate, model.hop_length), model.hop_length
+        )
+        if samples <= 0 or samples % model.n_height:
+            raise ConfigError(
+                f"--seconds {seconds:g} gives {samples} samples, which must be positive and a multiple of "
+                f"waveflow_config.n_height ({model.n_height})"
+            )
+
+
+def check_training_segment(segment: int, config, flag: str) -> None:
+    """A training crop of `segment` samples (`flag` names it in the ConfigError) a multiple of n_height."""
+    n_height = config.waveflow.n_height
+    if segment % n_height:
+        raise ConfigError(
+            f"{flag} {segment} must be a multiple of waveflow_config.n_height ({n_height}): "
+            f"the model folds the audio into n_height rows"
+        )
+
+
 def check_lengths(args: argparse.Namespace, config, cases: set[str]) -> None:
     """The lengths the flags ask for, against what the model and the mel need (a ConfigError naming the flag):
     each synthesis a positive multiple of n_height samples; the training crop a multiple of n_height (the
     model folds the audio into n_height rows) and longer than the mel's reflect padding."""
-    model, data = config.waveflow, config.data
+    data = config.data
     if "synthesis" in cases:
-        for seconds in args.seconds:
-            samples = synthesis_length(
-                synthesis_frames(seconds, data.sampling_rate, model.hop_length), model.hop_length
-            )
-            if samples <= 0 or samples % model.n_height:
-                raise ConfigError(
-                    f"--seconds {seconds:g} gives {samples} samples, which must be positive and a multiple of "
-                    f"waveflow_config.n_height ({model.n_height})"
-                )
+        check_synthesis_seconds(args.seconds, config)
     segment = args.segment_length
-    if segment is not None and "training" in cases and segment % model.n_height:
-        raise ConfigError(
-            f"--segment_length {segment} must be a multiple of waveflow_config.n_height ({model.n_height}): "
-            f"the model folds the audio into n_height rows"
-        )
+    if segment is not None and "training" in cases:
+        check_training_segment(segment, config, "--segment_length")
     if segment is not None and "loading" in cases and segment <= data.filter_length // 2:
         raise ConfigError(
             f"--segment_length {segment} must exceed data_config.filter_length / 2 ({data.filter_length // 2}) "
@@ -471,10 +484,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeats": [args.repeats],
         "--matmul_size": [] if args.matmul_size is None else [args.matmul_size],
     }
-    for flag, values in positive.items():
-        for value in values:
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{flag} must be positive, got {value:g}")
+    check_positive(positive)
     for flag, values in {"--warmup": [args.warmup], "--loader_workers": args.loader_workers}.items():
         for value in values:
             if value < 0:

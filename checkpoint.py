@@ -210,7 +210,8 @@ def _describe(names: list[str]) -> str:
 
 
 def architecture(state: dict) -> str:
-    """What model a state dict holds, read from its tensor names and shapes (for error messages)."""
+    """What model a state dict holds, read from its tensor names and shapes, as a phrase for error messages:
+    "a nanoflow (res_channels 64, ...) model", or "no WaveFlow/NanoFlow model"."""
     names = list(state)
     if any(name.startswith("flow_embedding.") for name in names):
         kind = "nanoflow"
@@ -221,7 +222,7 @@ def architecture(state: dict) -> str:
     elif any(name.startswith("flows.") for name in names):
         kind = "waveflow"
     else:
-        return "not a WaveFlow/NanoFlow model"
+        return "no WaveFlow/NanoFlow model"
     flows = {name.split(".")[1] for name in names if name.startswith("flows.")}
     fronts = [value for name, value in state.items() if name.endswith("front_conv.0.conv.bias")]
     layers = {name.split("res_blocks.")[1].split(".")[0] for name in names if "res_blocks." in name}
@@ -237,7 +238,7 @@ def architecture(state: dict) -> str:
         f"n_flow {len(flows)}" if flows else None,
         f"hop {math.prod(factors)}" if factors else None,
     ]
-    return f"{kind} ({', '.join(detail for detail in details if detail)})"
+    return f"a {kind} ({', '.join(detail for detail in details if detail)}) model"
 
 
 WEIGHT_NORM_NAMES = ("weight_g", "weight_v")  # weight norm's pair, folded into `weight` by remove_weight_norm()
@@ -283,8 +284,8 @@ def check_fits(model: torch.nn.Module, state: dict, path: str) -> None:
         if halves:
             problems.append(f"{len(halves)} weight-norm tensors without their other half ({_describe(halves)})")
         raise CheckpointError(
-            f"{path}: checkpoint holds a {architecture(state)} model, waveflow_config "
-            f"describes a {architecture(model.state_dict())} model: " + "; ".join(problems)
+            f"{path}: checkpoint holds {architecture(state)}, waveflow_config "
+            f"describes {architecture(model.state_dict())}: " + "; ".join(problems)
         )
 
 

@@ -36,6 +36,15 @@ class ConfigError(ValueError):
     """A config value that is missing, misspelt, of the wrong type or out of range."""
 
 
+def check_positive(flags: dict[str, list]) -> None:
+    """Refuse a command-line value (`{"--repeats": [0]}`; None is a flag left out) that is not a finite
+    positive number, naming its flag."""
+    for flag, values in flags.items():
+        for value in values:
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} must be positive, got {value:g}")
+
+
 def _as_bool(value, where: str) -> bool:
     if isinstance(value, bool):
         return value

@@ -35,7 +35,7 @@ from checkpoint import CheckpointError, load_checkpoint
 from config import Config, ConfigError, check_model_rules, load_config
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, squeeze, synthesis_length, unsqueeze
 from modules import WeightNormMixin
-from storage import describe, write_atomically
+from storage import StorageError, check_output_file, describe, write_atomically
 
 OPSET = 17  # ONNX opset of the exported graph: every operator it uses is older; TensorRT 8.6+ reads it
 MIN_OPSET = 9  # below it the exporter writes ConstantFill, which onnxruntime no longer runs
@@ -253,12 +253,12 @@ def with_metadata(data: bytes, metadata: dict[str, str]) -> bytes:
     return proto.SerializeToString()
 
 
-def onnxruntime_module():
-    """onnxruntime, which --check needs; an ExportError where it is not installed."""
+def onnxruntime_module(needed_by: str = "--check"):
+    """onnxruntime, which `needed_by` needs; an ExportError where it is not installed."""
     try:  # optional (requirements-onnx.txt), imported by name so that the type checker passes without it
         return importlib.import_module("onnxruntime")
     except ImportError:
-        raise ExportError("--check needs the onnxruntime package: pip install -r requirements-onnx.txt") from None
+        raise ExportError(f"{needed_by} needs the onnxruntime package: pip install -r requirements-onnx.txt") from None
 
 
 def check_with_onnxruntime(model: WaveFlow, path: str, frames: tuple[int, ...] = (8, 21)) -> float:
@@ -311,11 +311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        folder = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(folder):
-            raise ExportError(f"{args.output}: folder {os.path.dirname(args.output) or folder} does not exist")
-        if os.path.isdir(args.output):
-            raise ExportError(f"{args.output}: is a folder; name the ONNX file to write")
+        check_output_file(args.output, "ONNX file")
         if args.check:
             onnxruntime_module()  # before minutes of export, not after
         config = load_config(args.config)
@@ -336,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.check:
             print(f"onnxruntime against PyTorch, max abs difference: {check_with_onnxruntime(model, args.output):.2e}")
-    except (ConfigError, CheckpointError, ExportError) as error:
+    except (ConfigError, CheckpointError, ExportError, StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:

@@ -26,7 +26,18 @@ LOCK_FILE = "train.lock"
 
 
 class StorageError(RuntimeError):
-    """A run folder that cannot be used (locked by another process, unwritable); the message is one line."""
+    """A run folder or an output file that cannot be used (locked by another process, unwritable, a folder
+    where a file goes); the message is one line."""
+
+
+def check_output_file(path: str, what: str) -> None:
+    """Refuse, before the work that fills it, an output file (`what`: "PNG file") that cannot be
+    written: one in a folder that does not exist, or a name that is a folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise StorageError(f"{path}: folder {os.path.dirname(path) or folder} does not exist")
+    if os.path.isdir(path):
+        raise StorageError(f"{path}: is a folder; name the {what} to write")
 
 
 def warn(message: str) -> None:

@@ -15,7 +15,6 @@ long the export took.
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import platform
@@ -27,8 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import load_config
-from export import export_onnx, noise_shape
+from config import ConfigError, check_model_rules, check_positive, load_config
+from export import ExportError, export_onnx, noise_shape, onnxruntime_module
 from model import SYNTHESIS_TRIM_FRAMES, build_model
 
 
@@ -51,8 +50,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="thread counts, each measured")
     parser.add_argument("--max_seconds", type=float, default=120.0, help="stop repeating a case after this long")
     args = parser.parse_args(argv)
-    onnxruntime = importlib.import_module("onnxruntime")  # optional: requirements-onnx.txt
+    try:  # every config and flag before the first export, which takes a while
+        check_positive({"--seconds": args.seconds, "--repeats": [args.repeats], "--threads": args.threads})
+        if not args.max_seconds >= 0:
+            raise ConfigError(f"--max_seconds must be >= 0, got {args.max_seconds:g}")
+        configs = [(path, load_config(path)) for path in args.configs]
+        for _, config in configs:
+            check_model_rules(config, training=False)
+        onnxruntime = onnxruntime_module("scripts/bench_onnx.py")
+        run(args, configs, onnxruntime)
+    except (ConfigError, ExportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
+
+def run(args: argparse.Namespace, configs: list, onnxruntime) -> None:
+    """The table of every config, length and thread count; then how long each export took."""
     print(f"{cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
     print(
         f"batch 1, fp32, median of up to {args.repeats} alternating runs "
@@ -61,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| config | threads | audio | PyTorch | onnxruntime | PyTorch RTF | onnxruntime RTF | ratio | max abs diff |")
     print("|---|---|---|---|---|---|---|---|---|")
     exports = []
-    for path in args.configs:
-        config = load_config(path)
+    for path, config in configs:
         rate, hop = config.data.sampling_rate, config.data.hop_length  # the config's, as synthesis runs it
         torch.manual_seed(0)
         model = build_model(config.waveflow).remove_weight_norm().eval()
@@ -112,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in exports:
         print(line)
-    return 0
 
 
 if __name__ == "__main__":

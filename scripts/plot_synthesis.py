@@ -20,10 +20,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from checkpoint import CheckpointError, load_checkpoint
-from config import ConfigError, load_config
+from config import ConfigError, check_positive, load_config
 from data import DataError, MelSpectrogram, load_audio
 from metrics import measure
 from model import build_model
+from storage import StorageError, check_output_file
 from synthesis import unmeasurable
 
 
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-t", "--temp", type=float, default=0.8)
     args = parser.parse_args(argv)
     try:
+        check_positive({"-t/--temp": [args.temp]})
+        check_output_file(args.output, "PNG file")
         config = load_config(args.config, sections=("train_config", "data_config", "waveflow_config"))
         model = build_model(config.waveflow)
         load_checkpoint(args.checkpoint_path, model)
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         mel = mel_spectrogram(recording)  # [80, F]
         generator = torch.Generator().manual_seed(config.train.seed)
         audio = model.infer(mel[None], sigma=args.temp, generator=generator)[0]
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     result = measure(audio, recording, rate, config.data.hop_length)

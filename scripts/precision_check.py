@@ -23,12 +23,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from checkpoint import CheckpointError, load_checkpoint
-from config import ConfigError, load_config
+from config import ConfigError, check_positive, load_config
 from data import DataError
 from mel2samp import Mel2Samp
 from metrics import log_mel_l1
 from model import build_model, synthesis_length
 from synthesis import PRECISIONS as SYNTHESIS_PRECISIONS
+from synthesis import synthesis_precision
+from train import resolve_device
 
 PRECISIONS = {name: dtype for name, dtype in SYNTHESIS_PRECISIONS.items() if dtype != torch.float32}  # against fp32
 
@@ -42,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:
+        check_positive({"-t/--temp": [args.temp]})
+        device = resolve_device(args.device, None)
         config = load_config(args.config, sections=("train_config", "data_config", "waveflow_config"))
-        device = torch.device(args.device)
+        synthesis_precision(config, args.precision, device)  # refuses fp16 off CUDA, as train.py -s does
         model = build_model(config.waveflow)
         load_checkpoint(args.checkpoint_path, model)
         model = model.to(device).eval().remove_weight_norm()

@@ -26,9 +26,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import synchronize
-from config import load_config
-from train import Runtime, TrainingStep, build_training, training_precision
+from bench import check_training_segment, synchronize
+from config import ConfigError, check_model_rules, load_config
+from storage import StorageError, check_output_file, write_atomically
+from train import Runtime, TrainingStep, build_training, resolve_device, training_precision
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,7 +37,7 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("-c", "--config", required=True)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: a GPU when there is one, else the CPU")
     parser.add_argument(
         "--precision",
         choices=sorted(AMP_DTYPES),
@@ -62,12 +63,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config = load_config(args.config)
+    try:
+        device = resolve_device(args.device, None)
+        if args.json:
+            check_output_file(args.json, "JSON file")
+        config = load_config(args.config)
+        # The config's own segment_length is checked as training checks it; the flag's against n_height.
+        check_model_rules(config, training=args.segment is None)
+        if args.segment is not None:
+            check_training_segment(args.segment, config, "--segment")
+    except (ConfigError, StorageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if args.compile:
         config.train.compile = True
-    device = torch.device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     if args.precision is None:  # the config's, as train.py chooses it on this device
         amp_dtype, why_not = training_precision(config.train, device)
         if why_not is not None:
@@ -133,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+        write_atomically(args.json, json.dumps(figures, indent=2).encode(), durable=False)
     return 0
 
 

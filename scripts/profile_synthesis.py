@@ -25,10 +25,21 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import DTYPES, device_name, matmul_gflops, synchronize, synthesis_flops_per_sample, timed
-from config import ConfigError, load_config
+from bench import (
+    DTYPES,
+    check_synthesis_seconds,
+    device_name,
+    matmul_gflops,
+    synchronize,
+    synthesis_flops_per_sample,
+    synthesis_frames,
+    timed,
+)
+from config import ConfigError, check_positive, load_config
 from cuda_graphs import CudaGraphCache
-from model import SYNTHESIS_TRIM_FRAMES, build_model, synthesis_length
+from model import build_model, synthesis_length
+from storage import StorageError, check_output_file, write_atomically
+from train import resolve_device
 
 # Operator names (without "aten::") per group; anything else is "other".
 GROUPS = {
@@ -59,8 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "repeats", "top"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
-    if args.seconds <= 0:
-        parser.error("--seconds must be positive")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
     return args
@@ -69,17 +78,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_positive({"--seconds": [args.seconds], "--threads": [args.threads]})
+        device = resolve_device(args.device, None)
+        if args.json:
+            check_output_file(args.json, "JSON file")
         config = load_config(args.config, sections=("data_config", "waveflow_config"))
-    except (ConfigError, OSError) as error:
+        check_synthesis_seconds([args.seconds], config)
+    except (ConfigError, StorageError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     model = build_model(config.waveflow).to(device).eval().remove_weight_norm().to(dtype)
     hop_length, rate = config.data.hop_length, config.data.sampling_rate
-    frames = round(args.seconds * rate / hop_length) + SYNTHESIS_TRIM_FRAMES
+    frames = synthesis_frames(args.seconds, rate, hop_length)
     mel = torch.randn(args.batch, config.waveflow.cin_channels, frames, device=device, dtype=dtype)
     samples = args.batch * synthesis_length(frames, hop_length)
     graphs = CudaGraphCache() if device.type == "cuda" else None
@@ -132,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     for op in figures["operators"]:
         print(f"  {op['name']:<28} {op['calls']:>7} calls  {op['share']:6.1%}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+        write_atomically(args.json, json.dumps(figures, indent=2).encode(), durable=False)
     return 0
 
 

@@ -9,8 +9,8 @@ waited for at `hop / sampling_rate` each, plus the measured compute time of the 
 and the log-mel L1 (metrics.py) of the streamed audio against whole-utterance synthesis with the
 same noise (`ColumnNoise`), on the mel of a held-out demo sentence. Without a checkpoint the weights
 are random, with every parameter perturbed so that each flow matters (as the tests' models).
-`memory`: the peak RSS of streaming `--seconds` of mel (each length in its own subprocess), and the
-elements the stream holds between chunks.
+`memory`: the peak RSS of streaming `--seconds` of mel (each length in its own subprocess, with the
+same `--threads` and `--sigma`), and the elements the stream holds between chunks.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from checkpoint import read_checkpoint  # noqa: E402
-from config import DataConfig, load_config  # noqa: E402
-from data import MelSpectrogram, load_audio, read_file_list  # noqa: E402
+from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from config import ConfigError, DataConfig, check_positive, load_config  # noqa: E402
+from data import DataError, MelSpectrogram, load_audio, read_file_list  # noqa: E402
 from metrics import log_mel_l1  # noqa: E402
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, synthesis_length  # noqa: E402
 from streaming import ColumnNoise, StreamingSynthesis  # noqa: E402
@@ -41,12 +41,15 @@ def load_model(config_path: str, checkpoint_path: str | None, overrides: list[st
     config = load_config(config_path)
     section = dict(config.raw["waveflow_config"])
     for override in overrides or []:  # KEY=VALUE, an integer of waveflow_config
-        key, value = override.split("=")
-        section[key] = int(value)
+        key, _, value = override.partition("=")
+        try:
+            section[key] = int(value)
+        except ValueError:
+            raise ConfigError(f"--override {override}: not KEY=VALUE with an integer VALUE") from None
     torch.manual_seed(0)
     model = build_model(section)
     if checkpoint_path:
-        model.load_state_dict(read_checkpoint(checkpoint_path)["model"])
+        load_checkpoint(checkpoint_path, model)
     else:
         with torch.no_grad():
             for parameter in model.parameters():
@@ -125,7 +128,8 @@ def memory_child(args: argparse.Namespace) -> None:
     print(f"| {args.seconds[0]:g} | {samples} | {peak:.0f} | {held} |", flush=True)
 
 
-def memory_table(args: argparse.Namespace) -> None:
+def memory_table(args: argparse.Namespace) -> int:
+    load_model(args.config, args.checkpoint_path, args.override)  # its errors here, not in each subprocess
     print(
         f"{args.config} {' '.join(args.override or [])}, chunks of {args.chunk} frames, "
         f"lookahead and context {args.lookaheads[0]}"
@@ -133,18 +137,24 @@ def memory_table(args: argparse.Namespace) -> None:
     print("| mel (s) | samples streamed | peak RSS (MiB) | elements held between chunks |")
     print("|---|---|---|---|")
     for seconds in args.seconds:
-        command = [sys.executable, __file__, "memory-child", "-c", args.config, "--seconds", str(seconds)]
+        command = [sys.executable, __file__, "memory", "--child", "-c", args.config, "--seconds", str(seconds)]
         command += ["--chunk", str(args.chunk), "--lookaheads", str(args.lookaheads[0])]
+        command += ["--threads", str(args.threads), "--sigma", repr(args.sigma)]
         if args.checkpoint_path:
             command += ["--checkpoint_path", args.checkpoint_path]
         if args.override:
             command += ["--override", *args.override]
-        subprocess.run(command, check=True)
+        child = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(child.stderr)  # the child's one-line error, where it failed
+        if child.returncode != 0:
+            return 1
+    return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
-    parser.add_argument("what", choices=["lookahead", "memory", "memory-child"])
+    parser.add_argument("what", choices=["lookahead", "memory"])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # memory: one length, measured
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--checkpoint_path", default=None, help="default: random weights")
     parser.add_argument("--chunk", type=int, default=32, help="chunk_frames")
@@ -162,11 +172,33 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    if min(args.lookaheads) < SYNTHESIS_TRIM_FRAMES:
-        parser.error(f"--lookaheads must be at least {SYNTHESIS_TRIM_FRAMES} (streaming.StreamingSynthesis)")
-    torch.set_num_threads(args.threads)
-    {"lookahead": lookahead_table, "memory": memory_table, "memory-child": memory_child}[args.what](args)
+    try:
+        check_positive(
+            {
+                "--chunk": [args.chunk],
+                "--frames": [args.frames],
+                "--seconds": args.seconds,
+                "--sigma": [args.sigma],
+                "--threads": [args.threads],
+            }
+        )
+        if min(args.lookaheads) < SYNTHESIS_TRIM_FRAMES:
+            raise ConfigError(
+                f"--lookaheads must be at least {SYNTHESIS_TRIM_FRAMES} (streaming.StreamingSynthesis), "
+                f"got {min(args.lookaheads)}"
+            )
+        torch.set_num_threads(args.threads)
+        if args.what == "lookahead":
+            lookahead_table(args)
+        elif args.child:
+            memory_child(args)
+        else:
+            return memory_table(args)
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

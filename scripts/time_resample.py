@@ -18,9 +18,10 @@ import time
 import soundfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from data import load_audio, resample_audio
+from config import ConfigError, check_positive
+from data import DataError, load_audio, resample_audio
 
-SEGMENT = 16000  # samples of a training crop (the original configs' segment_length)
+SEGMENT = 16000  # samples of a training crop (the original configs' segment_length), or the whole of a shorter clip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,21 +31,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=["wav", "flac"], default="flac")
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args(argv)
-    audio = load_audio(args.clip, 22050).numpy()
+    try:
+        check_positive({"--rate": [args.rate], "--repeats": [args.repeats]})
+        audio = load_audio(args.clip, 22050).numpy()
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    crop = min(SEGMENT, audio.shape[0])
     with tempfile.TemporaryDirectory() as folder:
         same = os.path.join(folder, f"same.{args.format}")
         other = os.path.join(folder, f"other.{args.format}")
         soundfile.write(same, audio, 22050, subtype="PCM_16")
         soundfile.write(other, resample_audio(audio, 22050, args.rate), args.rate, subtype="PCM_16")
-        start = max(0, (audio.shape[0] - SEGMENT) // 2)
+        start = (audio.shape[0] - crop) // 2
         times: dict[str, list[float]] = {"same rate": [], "resampled": []}
         for _ in range(args.repeats):
             for name, path, resample in (("same rate", same, False), ("resampled", other, True)):
                 started = time.perf_counter()
-                load_audio(path, 22050, start=start, length=SEGMENT, resample=resample)
+                load_audio(path, 22050, start=start, length=crop, resample=resample)
                 times[name].append(time.perf_counter() - started)
-    seconds = audio.shape[0] / 22050
-    print(f"a crop of {SEGMENT} samples from a {seconds:.2f} s clip ({args.format}), median of {args.repeats}:")
+    clip = f"{audio.shape[0]} samples ({audio.shape[0] / 22050:.2f} s)"
+    print(f"a crop of {crop} samples from a clip of {clip} ({args.format}), median of {args.repeats}:")
     for name, values in times.items():
         print(f"  {name:<10} {1000 * statistics.median(values):7.2f} ms")
     return 0
