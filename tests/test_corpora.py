@@ -2,7 +2,6 @@
 too short for -v and -s, and what a user looks at (the picture's title, the TensorBoard mel figure, the first
 skipped step)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -22,18 +21,11 @@ from data import DataError, MelSpectrogram, audio_length, load_audio
 from mel2samp import Mel2Samp
 from metrics import measure
 from model import build_model
+from test_scripts import script
 from test_train import make_corpus, one_step_setup, write_config
 
 RATE = 22050
 DEMO_WAVS = os.path.join(ROOT, "data", "demo", "wavs")
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def demo_clip(index=1, seconds=None):
@@ -237,7 +229,7 @@ def test_every_clip_too_short_is_left_out_of_v_and_s_with_a_warning(tmp_path, ca
 
 
 def test_the_pictures_title_says_when_no_frame_was_voiced():
-    plot_synthesis = load_script("plot_synthesis")
+    plot_synthesis = script("plot_synthesis")
     noise = 0.1 * np.random.default_rng(0).standard_normal(RATE // 2).astype(np.float32)
     result = measure(noise, noise[::-1].copy(), RATE, 256)
     assert math.isnan(result["f0_rmse_cents"])

@@ -1,7 +1,6 @@
 """Bad input to the data scripts (add_noise_floor.py, prepare_corpus.py, prepare_ljspeech.py): refused in one
 line before anything is written, and nothing already there is changed."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,22 +11,15 @@ import soundfile
 
 from conftest import ROOT
 from test_prepare_ljspeech import make_archive, make_corpus
+from test_scripts import script
 from test_train import write_config
 
 RATE = 22050
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-add_noise_floor = load_script("add_noise_floor")
-prepare_corpus = load_script("prepare_corpus")
-prepare_ljspeech = load_script("prepare_ljspeech")
+add_noise_floor = script("add_noise_floor")
+prepare_corpus = script("prepare_corpus")
+prepare_ljspeech = script("prepare_ljspeech")
 
 
 def write_clip(path, file_format="WAV"):
@@ -167,16 +159,16 @@ def test_prepare_ljspeech_refuses_nonsense_split_options_before_writing(tmp_path
     assert (tmp_path / "train.txt").read_text() == "kept\n" and not (tmp_path / "test.txt").exists()
 
 
+def split_lists(tmp_path, corpus) -> int:
+    """prepare_ljspeech.py's exit status for `corpus`, 2 test clips, the lists train.txt and test.txt in tmp_path."""
+    lists = ["--train-list", str(tmp_path / "train.txt"), "--test-list", str(tmp_path / "test.txt")]
+    return prepare_ljspeech.main(["--corpus", str(corpus), "--expected-clips", "0", "--test-clips", "2", *lists])
+
+
 def test_prepare_ljspeech_list_that_is_a_folder_is_refused_in_one_line(tmp_path, capsys):
     corpus, _ = make_corpus(tmp_path, 6)
     (tmp_path / "train.txt").mkdir()
-    args = ["--corpus", str(corpus), "--expected-clips", "0", "--test-clips", "2"]
-    assert (
-        prepare_ljspeech.main(
-            [*args, "--train-list", str(tmp_path / "train.txt"), "--test-list", str(tmp_path / "test.txt")]
-        )
-        == 1
-    )
+    assert split_lists(tmp_path, corpus) == 1
     error = capsys.readouterr().err
     assert "train.txt: is a folder, not a file list (--train-list)" in error and error.count("\n") == 1, error
     assert not (tmp_path / "test.txt").exists()
@@ -201,13 +193,7 @@ def test_prepare_ljspeech_damaged_or_foreign_archive_is_one_line(tmp_path, capsy
 def test_prepare_ljspeech_wrong_rate_clip_advice_is_for_this_script(tmp_path, capsys):
     corpus, ids = make_corpus(tmp_path, 6)
     soundfile.write(str(corpus / "wavs" / f"{ids[2]}.wav"), np.zeros(16, np.int16), 16000, subtype="PCM_16")
-    args = ["--corpus", str(corpus), "--expected-clips", "0", "--test-clips", "2"]
-    assert (
-        prepare_ljspeech.main(
-            [*args, "--train-list", str(tmp_path / "train.txt"), "--test-list", str(tmp_path / "test.txt")]
-        )
-        == 1
-    )
+    assert split_lists(tmp_path, corpus) == 1
     error = capsys.readouterr().err
     assert f"{ids[2]}.wav: sampling rate is 16000 Hz, expected LJSpeech-1.1's 22050 Hz mono" in error
     assert "data_config" not in error and error.count("\n") == 1, error
