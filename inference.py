@@ -517,9 +517,10 @@ def reverse_flows(
     config = model.config
     x = z.to(synthesis_dtype(c.dtype))
     cache_bytes = c.numel() // config.cin_channels * config.n_layer * 2 * config.res_channels * c.element_size()
-    mel_in_queue = conditioning_in_queue(c, cache_bytes <= condition_cache_bytes)
+    cache_fits = cache_bytes <= condition_cache_bytes
+    mel_in_queue = conditioning_in_queue(c, cache_fits)
     memory = RowMemory(model.flow_parts(0)[0], c.shape[0], c.shape[-1], c, c.shape[1] if mel_in_queue else 0)
-    cache = cache_bytes <= condition_cache_bytes and not mel_in_queue
+    cache = cache_fits and not mel_in_queue
     weights_net, gate_weights, cond_net = None, [], None
     cond = c.permute(2, 0, 3, 1).contiguous() if mel_in_queue else None  # [H, B, W, cin]
     for flow in reversed(range(config.n_flow)):

@@ -182,11 +182,10 @@ class StreamingSynthesis:
         seed: int = 0,
         noise: ColumnNoise | None = None,
     ):
-        for name, value in (("chunk_frames", chunk_frames), ("lookahead_frames", lookahead_frames)):
+        frames = {"chunk_frames": chunk_frames, "lookahead_frames": lookahead_frames, "context_frames": context_frames}
+        for name, value in frames.items():
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be a whole number of frames, got {value!r}")
-        if isinstance(context_frames, bool) or not isinstance(context_frames, numbers.Integral):
-            raise ValueError(f"context_frames must be a whole number of frames, got {context_frames!r}")
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
         self.upsampler = upsampler_reach(model)

@@ -53,10 +53,10 @@ def check(path: str) -> tuple[str, str, str]:
     return info.format, info.subtype, info.endian
 
 
-def write_with_floor(path: str, level_db: float, seed: int) -> float:
-    """Write `path` with the floor added to `path + '.partial'`, in the file's own format; returns the
-    fraction of samples that were exactly zero."""
-    file_format, subtype, endian = check(path)
+def write_with_floor(path: str, kind: tuple[str, str, str], level_db: float, seed: int) -> float:
+    """Write `path` with the floor added to `path + '.partial'`, in its own format, subtype and byte order
+    (`kind`, as `check` gives them); returns the fraction of samples that were exactly zero."""
+    file_format, subtype, endian = kind
     try:
         audio, rate = soundfile.read(path, dtype="int16", always_2d=False)
     except (soundfile.LibsndfileError, RuntimeError) as error:
@@ -78,19 +78,20 @@ def add_noise_floor(paths: list[str], level_db: float, seed: int) -> list[float]
     """Add the floor to every file in place; returns the fraction of each file's samples that were exactly
     zero before. Every file is checked, then every one written to `<name>.partial`, and only then are they
     renamed over the originals: a bad file or a failed write changes none of them."""
-    seen = {}
+    seen, kinds = {}, []
     for path in paths:
-        check(path)
-        identity = (os.stat(path).st_dev, os.stat(path).st_ino)  # the same file by another name or link too
+        kinds.append(check(path))
+        stat = os.stat(path)
+        identity = (stat.st_dev, stat.st_ino)  # the same file by another name or link too
         if identity in seen:
             raise ValueError(f"{path}: listed twice (also as {seen[identity]})")
         seen[identity] = path
     written = []
     try:
         zeros = []
-        for path in paths:
+        for path, kind in zip(paths, kinds, strict=True):
             written.append(path + PARTIAL_SUFFIX)
-            zeros.append(write_with_floor(path, level_db, seed))
+            zeros.append(write_with_floor(path, kind, level_db, seed))
         for path in paths:
             os.replace(path + PARTIAL_SUFFIX, path)
     except BaseException:  # Ctrl-C included: no partial file is left behind
