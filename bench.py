@@ -258,6 +258,15 @@ def synthesis_frames(seconds: float, rate: int, hop_length: int) -> int:
     return round(seconds * rate / hop_length) + SYNTHESIS_TRIM_FRAMES
 
 
+def check_dtype_on(device: torch.device, dtype: torch.dtype) -> None:
+    """`--dtype` fp16 only on a CUDA device (a ConfigError): a CPU emulates fp16, minutes a case."""
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ConfigError(
+            "--dtype fp16 needs a CUDA device (a CPU emulates fp16, minutes a case); use fp32, or bf16 on a CPU "
+            "with bf16 instructions"
+        )
+
+
 def check_synthesis_seconds(lengths: list[float], config) -> None:
     """Each of `--seconds` (a ConfigError naming it) a synthesis of a positive multiple of n_height samples."""
     model = config.waveflow
@@ -502,11 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         # The config's own segment_length is checked as training checks it; the flag's in check_lengths.
         check_model_rules(config, training="training" in cases and args.segment_length is None)
         device, dtype = resolve_device(args.device, None), DTYPES[args.dtype]
-        if dtype == torch.float16 and device.type != "cuda":
-            raise ConfigError(
-                "--dtype fp16 needs a CUDA device (a CPU emulates fp16, minutes a case); use fp32, or bf16 on a CPU "
-                "with bf16 instructions"
-            )
+        check_dtype_on(device, dtype)
         check_lengths(args, config, cases)
         batch = config.train.batch_size if args.train_batch is None else args.train_batch
         segment = config.data.segment_length if args.segment_length is None else args.segment_length

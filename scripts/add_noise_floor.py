@@ -14,7 +14,8 @@ generator seeded by `--seed` and the file's name, so the same files always get t
 same noise. Files must be 16-bit PCM (wav, flac, or another format libsndfile writes);
 the result is rounded and clipped to 16 bits and keeps the file's format. Every file is
 checked before any is changed, and all are written to `<name>.partial` before any is
-renamed over its original, so a bad file or a failed write (a full disk) changes none.
+renamed over its original, so a bad file or a failed write (a full disk) changes none. A
+symbolic link stays a link: the file it points to gets the floor.
 
 Run it once per corpus: a file that already has a floor cannot be told from a recording
 with its own noise, and a second run adds the same noise again (6 dB louder in all).
@@ -32,6 +33,7 @@ import numpy as np
 import soundfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from data import DataError, audio_length
 from storage import PARTIAL_SUFFIX, describe
 
 
@@ -50,12 +52,22 @@ def check(path: str) -> tuple[str, str, str]:
         raise ValueError(f"{path}: expected 16-bit PCM, got {info.subtype}")
     if not soundfile.check_format(info.format, info.subtype, info.endian):
         raise ValueError(f"{path}: cannot write 16-bit PCM back in its format ({info.format})")
+    try:  # the training data's header checks: empty, truncated (libsndfile reads such a file short, silently)
+        audio_length(path, info.samplerate, downmix=True)
+    except DataError as error:
+        raise ValueError(str(error)) from None
     return info.format, info.subtype, info.endian
 
 
+def target(path: str) -> str:
+    """The file that `path` names: a symbolic link's target (so the link stays a link), else `path`."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
 def write_with_floor(path: str, kind: tuple[str, str, str], level_db: float, seed: int) -> float:
-    """Write `path` with the floor added to `path + '.partial'`, in its own format, subtype and byte order
-    (`kind`, as `check` gives them); returns the fraction of samples that were exactly zero."""
+    """Write `path` with the floor added to `target(path) + '.partial'`, in its own format, subtype and byte
+    order (`kind`, as `check` gives them); returns the fraction of samples that were exactly zero. The noise
+    is seeded by the name `path` gives, a link's included."""
     file_format, subtype, endian = kind
     try:
         audio, rate = soundfile.read(path, dtype="int16", always_2d=False)
@@ -65,12 +77,12 @@ def write_with_floor(path: str, kind: tuple[str, str, str], level_db: float, see
     noise = generator.standard_normal(audio.shape) * (32768.0 * 10 ** (level_db / 20))
     noisy = np.clip(np.round(audio.astype(np.float64) + noise), -32768, 32767).astype(np.int16)
     try:
-        with open(path + PARTIAL_SUFFIX, "wb") as partial:
+        with open(target(path) + PARTIAL_SUFFIX, "wb") as partial:
             soundfile.write(partial, noisy, rate, subtype=subtype, format=file_format, endian=endian)
     except OSError as error:
-        raise ValueError(f"{path + PARTIAL_SUFFIX}: cannot write ({describe(error)})") from None
+        raise ValueError(f"{target(path) + PARTIAL_SUFFIX}: cannot write ({describe(error)})") from None
     except (soundfile.LibsndfileError, RuntimeError) as error:
-        raise ValueError(f"{path + PARTIAL_SUFFIX}: cannot write ({' '.join(str(error).split())})") from None
+        raise ValueError(f"{target(path) + PARTIAL_SUFFIX}: cannot write ({' '.join(str(error).split())})") from None
     return float(np.mean(audio == 0))
 
 
@@ -90,10 +102,10 @@ def add_noise_floor(paths: list[str], level_db: float, seed: int) -> list[float]
     try:
         zeros = []
         for path, kind in zip(paths, kinds, strict=True):
-            written.append(path + PARTIAL_SUFFIX)
+            written.append(target(path) + PARTIAL_SUFFIX)
             zeros.append(write_with_floor(path, kind, level_db, seed))
         for path in paths:
-            os.replace(path + PARTIAL_SUFFIX, path)
+            os.replace(target(path) + PARTIAL_SUFFIX, target(path))
     except BaseException:  # Ctrl-C included: no partial file is left behind
         for partial in written:
             if os.path.isfile(partial):

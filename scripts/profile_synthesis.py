@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import (
     DTYPES,
+    check_dtype_on,
     check_synthesis_seconds,
     device_name,
     matmul_gflops,
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_positive({"--seconds": [args.seconds], "--threads": [args.threads]})
         device = resolve_device(args.device, None)
+        check_dtype_on(device, DTYPES[args.dtype])
         if args.json:
             check_output_file(args.json, "JSON file")
         config = load_config(args.config, sections=("data_config", "waveflow_config"))

@@ -235,6 +235,7 @@ def test_time_resample_says_a_short_clip_is_timed_whole(tmp_path, capsys):
         (["--seconds", "0.001"], "--seconds 0.001 gives 0 samples, which must be positive"),
         (["--threads", "0"], "--threads must be positive, got 0"),
         (["--device", "bogus"], "--device bogus: not a device name"),
+        (["--dtype", "fp16"], "--dtype fp16 needs a CUDA device"),
         (["--json", "{tmp}/nodir/p.json"], "{tmp}/nodir/p.json: folder {tmp}/nodir does not exist"),
         (["--json", "{tmp}"], "{tmp}: is a folder; name the JSON file to write"),
         (["-c", "nope.json"], "nope.json: config file not found"),

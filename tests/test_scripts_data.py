@@ -77,6 +77,29 @@ def test_noise_floor_failed_write_changes_no_file(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["a.wav", "b.wav", "b.wav.partial"]
 
 
+def test_noise_floor_refuses_a_truncated_file_and_changes_none(tmp_path, capsys):
+    whole, cut = tmp_path / "a.wav", tmp_path / "b.wav"
+    before = write_clip(whole)
+    cut.write_bytes(write_clip(cut)[:-1000])  # a copy cut short: libsndfile reads it, silently shorter
+    before_cut = cut.read_bytes()
+    assert add_noise_floor.main([str(whole), str(cut)]) == 1
+    error = capsys.readouterr().err
+    assert "b.wav: is truncated" in error and error.count("\n") == 1, error
+    assert (whole.read_bytes(), cut.read_bytes()) == (before, before_cut)
+    assert sorted(os.listdir(tmp_path)) == ["a.wav", "b.wav"]
+
+
+def test_noise_floor_through_a_link_changes_the_file_and_keeps_the_link(tmp_path):
+    (tmp_path / "store").mkdir()
+    clip, link = tmp_path / "store" / "a.wav", tmp_path / "a.wav"
+    before = write_clip(clip)
+    os.symlink(clip, link)
+    assert add_noise_floor.main([str(link)]) == 0
+    assert os.path.islink(link) and os.readlink(link) == str(clip)
+    assert clip.read_bytes() != before and soundfile.info(str(clip)).frames == 2000
+    assert sorted(os.listdir(tmp_path / "store")) == ["a.wav"]
+
+
 def make_vctk(folder, speakers=4, utterances=3):
     """A VCTK 0.80 folder (wav48/SPEAKER/SPEAKER_xxx.wav) of the demo's clips, at their 22,050 Hz."""
     demo = sorted(os.listdir(os.path.join(ROOT, "data", "demo", "wavs")))
