@@ -338,15 +338,19 @@ def read_file_list(list_path: str) -> list[str]:
     return [path for path, _ in read_file_list_entries(list_path)]
 
 
-def write_file_list(list_path: str, rows: list[list[str]], header: str | None = None) -> None:
-    """Write a file list that `read_file_list_entries` reads: one row per line, its fields joined by ``|``, the
-    first an audio path written relative to the list's folder (so that the list works from any directory);
-    `header` (e.g. ``path|speaker|text``) as a first line ``# header``. Written atomically."""
+def file_list_text(list_path: str, rows: list[list[str]], header: str | None = None) -> bytes:
+    """A file list that `read_file_list_entries` reads, to be written at `list_path`: one row per line, its
+    fields joined by ``|``, the first an audio path written relative to the list's folder (so that the list
+    works from any directory); `header` (e.g. ``path|speaker|text``) as a first line ``# header``."""
     folder = os.path.dirname(os.path.abspath(list_path))
-    os.makedirs(folder, exist_ok=True)
     lines = [f"# {header}\n"] if header else []
     lines += ["|".join([os.path.relpath(os.path.abspath(row[0]), folder), *row[1:]]) + "\n" for row in rows]
-    write_atomically(list_path, "".join(lines).encode(), durable=False)
+    return "".join(lines).encode()
+
+
+def write_file_list(list_path: str, rows: list[list[str]], header: str | None = None) -> None:
+    """Write `file_list_text(list_path, rows, header)` at `list_path`, atomically."""
+    write_atomically(list_path, file_list_text(list_path, rows, header), durable=False)
 
 
 def _starts_with(path: str, prefix: bytes) -> bool:

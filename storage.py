@@ -102,6 +102,26 @@ def write_atomically(path: str, data: bytes | memoryview, durable: bool = True) 
         _sync_folder(folder)
 
 
+def write_all_atomically(contents: dict[str, bytes]) -> None:
+    """Write each `path: data` of `contents` through `path + '.partial'`, all before any is renamed over its
+    file: a failed write (a full disk, a folder in the way) removes the partial files and leaves every path
+    as it was, so that files read together (a corpus's lists and configs) never mix two runs."""
+    partials = []
+    try:
+        for path, data in contents.items():
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            partials.append(path + PARTIAL_SUFFIX)
+            with open(partials[-1], "wb") as f:
+                f.write(data)
+        for path in contents:
+            os.replace(path + PARTIAL_SUFFIX, path)
+    except BaseException:  # Ctrl-C included: no partial file is left behind
+        for partial in partials:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+        raise
+
+
 def _sync_folder(folder: str) -> None:
     descriptor = os.open(folder, os.O_RDONLY)
     try:

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from config import ConfigError, load_config
-from data import DataError, audio_length, write_file_list
-from storage import read_text, write_atomically
+from data import DataError, audio_length, file_list_text
+from storage import read_text, write_all_atomically
 
 LAYOUTS = ("auto", "vctk", "libritts")
 VCTK_AUDIO_FOLDERS = ("wav48_silence_trimmed", "wav48")  # VCTK 0.92, VCTK 0.80
@@ -148,20 +148,18 @@ def split(
     return train, test, test_unseen
 
 
-def write_configs(base: str, output_dir: str, lists: dict[str, str], resample: bool, name: str) -> list[str]:
-    """config.json (test_files: held-out utterances) and config_unseen_speakers.json (held-out speakers);
-    `base` has been checked by `load_config`."""
+def config_texts(base: str, output_dir: str, lists: dict[str, str], resample: bool, name: str) -> dict[str, bytes]:
+    """config.json (test_files: held-out utterances) and config_unseen_speakers.json (held-out speakers), by
+    path; `base` has been checked by `load_config`."""
     raw = json.loads(read_text(base))
     raw["data_config"]["training_files"] = lists["train"]
     raw["data_config"]["resample"] = resample or raw["data_config"].get("resample", False)
     raw["waveflow_config"]["model_name"] = f"{raw['waveflow_config']['model_name']}-{name}"
-    written = []
+    texts = {}
     for key, file_name in CONFIG_FILES.items():
         raw["data_config"]["test_files"] = lists[key]
-        path = os.path.join(output_dir, file_name)
-        write_atomically(path, (json.dumps(raw, indent=4) + "\n").encode(), durable=False)
-        written.append(path)
-    return written
+        texts[os.path.join(output_dir, file_name)] = (json.dumps(raw, indent=4) + "\n").encode()
+    return texts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,12 +198,13 @@ def main(argv: list[str] | None = None) -> int:
                 path, sampling_rate, resample=True, downmix=data.downmix
             )  # a bad file is named before anything is written
             rates.add(soundfile.info(path).samplerate)
-        lists = {}
+        lists, texts = {}, {}
         for key, chosen in (("train", train), ("test", test), ("unseen", unseen)):
             lists[key] = os.path.join(args.output_dir, LIST_FILES[key])
-            write_file_list(lists[key], [list(clip) for clip in chosen], header=HEADER)
+            texts[lists[key]] = file_list_text(lists[key], [list(clip) for clip in chosen], header=HEADER)
         name = os.path.basename(os.path.normpath(args.corpus)).lower()
-        configs = write_configs(args.config, args.output_dir, lists, rates != {sampling_rate}, name)
+        configs = config_texts(args.config, args.output_dir, lists, rates != {sampling_rate}, name)
+        write_all_atomically(texts | configs)  # all five or none: the lists and configs belong together
     except (DataError, ConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -215,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  {len(train)} training clips in {lists['train']}\n"
         f"  {len(test)} held-out clips of the training speakers in {lists['test']}\n"
         f"  {len(unseen)} clips of {args.test_speakers} held-out speakers in {lists['unseen']}\n"
-        f"  configs: {configs[0]}, {configs[1]}"
+        f"  configs: {', '.join(configs)}"
         + (f" (data_config.resample on: resampled to {sampling_rate} Hz as read)" if rates != {sampling_rate} else "")
     )
     return 0

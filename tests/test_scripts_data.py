@@ -132,6 +132,23 @@ def test_prepare_corpus_checks_the_whole_base_config_before_writing_a_list(tmp_p
     assert {name: (output / name).read_bytes() for name in os.listdir(output)} == before
 
 
+def test_prepare_corpus_failed_write_leaves_all_five_outputs_as_they_were(tmp_path, capsys):
+    corpus = make_vctk(tmp_path / "VCTK")
+    base = write_config(str(tmp_path), "base.json")
+    output = tmp_path / "lists"
+    args = ["--corpus", str(corpus), "--output-dir", str(output), "--config", base, "--test-utterances", "1"]
+    assert prepare_corpus.main([*args, "--test-speakers", "1"]) == 0
+    before = {name: (output / name).read_bytes() for name in os.listdir(output)}
+    assert len(before) == 5
+    (output / "config_unseen_speakers.json.partial").mkdir()  # the last file's write fails, as on a full disk
+    capsys.readouterr()
+    assert prepare_corpus.main([*args, "--test-speakers", "2", "--seed", "7"]) == 1  # other lists, had it written
+    error = capsys.readouterr().err
+    assert "config_unseen_speakers.json.partial" in error and error.count("\n") == 1, error
+    assert {name: (output / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(output)) == sorted([*before, "config_unseen_speakers.json.partial"])
+
+
 def test_prepare_corpus_output_dir_that_is_a_file_or_an_output_that_is_a_folder_is_refused_in_one_line(
     tmp_path, capsys
 ):
