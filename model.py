@@ -292,7 +292,8 @@ class WaveFlow(nn.Module):
         for a float64 model, on the model's device, where the mel and `z` are moved).
 
         `z [B, 1, H, W]` is the noise, drawn from `N(0, sigma^2)` when not given (`generator`
-        makes it reproducible; a `z` given is taken as it is, `sigma` unused). Exact inverse of `forward`,
+        makes it reproducible; the noise is drawn on the generator's device, so a CPU generator gives a GPU
+        model the CPU's noise; a `z` given is taken as it is, `sigma` unused). Exact inverse of `forward`,
         one row at a time with convolution queues (`inference.synthesize`, which documents the options; none
         changes the result beyond rounding).
         Nothing is stored on the model: threads may synthesize with one model at once. Runs under
@@ -317,7 +318,8 @@ class WaveFlow(nn.Module):
         batch, _, _, width = c.shape
         if z is None:
             check_temperature(sigma)
-            z = torch.randn(batch, 1, height, width, device=c.device, generator=generator) * sigma
+            where = c.device if generator is None else generator.device
+            z = torch.randn(batch, 1, height, width, device=where, generator=generator) * sigma
         elif not isinstance(z, torch.Tensor) or not z.is_floating_point():
             kind = z.dtype if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"z must be a floating-point tensor [B, 1, H, W] of noise, got {kind}")

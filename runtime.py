@@ -18,6 +18,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     amp_dtype: torch.dtype | None = None  # None: fp32
+    process_group: bool = False  # launched by torchrun: in its process group, one process or several
 
     @property
     def is_main(self) -> bool:
@@ -25,7 +26,8 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Under DistributedDataParallel: every process launched by torchrun, even one alone."""
+        return self.process_group or self.world_size > 1
 
 
 def global_any(flag: bool, runtime: Runtime) -> bool:

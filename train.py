@@ -294,6 +294,9 @@ def resolve_device(name: str | None, local_rank: int | None) -> torch.device:
     return torch.device("cuda", index)
 
 
+TORCHRUN_VARIABLE = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
+
+
 def setup_runtime(config: Config, device_name: str | None, training: bool = True) -> Runtime:
     """Pick the device and precision; join the process group when launched by torchrun. Only training
     warns about a precision the device does not run (-v computes in the same precision, silently)."""
@@ -303,12 +306,16 @@ def setup_runtime(config: Config, device_name: str | None, training: bool = True
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    # torchrun's processes join its group even when there is one (--nproc_per_node=1): the same DDP path as
+    # several, which is how a machine of one GPU checks NCCL and DDP (scripts/gpu_check.sh).
+    if (world_size > 1 or TORCHRUN_VARIABLE in os.environ) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     amp_dtype, why_not = training_precision(config.train, device)
     if why_not is not None and rank == 0 and training:
         warn(why_not)
-    return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype)
+    return Runtime(
+        device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype, process_group=dist.is_initialized()
+    )
 
 
 def training_precision(train: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, str | None]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a short GPU lease: check, measure, then train the demo for the time left.
 #
-#     bash scripts/device_session.sh OUT_DIR [MINUTES]          # on the GPU machine (default 12 minutes)
+#     bash scripts/device_session.sh OUT_DIR [MINUTES]          # on the GPU machine (default 9 minutes)
 #     DEVICE=cpu bash scripts/device_session.sh OUT_DIR 3       # the same steps on the CPU, tiny shapes
 #
 # In this order, each step under `timeout` within what is left of MINUTES, logging to its own file:
@@ -10,7 +10,7 @@
 #   profile  one training step (train.py's TrainingStep) of PROFILE_CONFIG at PROFILE_BATCH x PROFILE_SEGMENT
 #            (default nanoflow-h16-r128-emb512, 8 x 16000) in fp32, bf16 and fp16, one process each:
 #            step time and the top kernels by device time (scripts/profile_step.py); then the demo's
-#            step compiled, as training runs it below;
+#            step, eager (the training below compiles it and logs its iterations per second);
 #   probe    the convolution variants of amp_probe.sh (cuDNN engine choice, layout, bias, im2col), when
 #            AMP_PROBE names its folder (default .probe/, a copy of ../shared/device/ made to travel
 #            with the checkout, else ../shared/device/ itself; skipped when neither holds it);
@@ -20,17 +20,19 @@
 #            time left but the measuring after it, or TRAIN_MINUTES if that is less, in the config's
 #            precision or TRAIN_PRECISION (fp32, bf16, fp16);
 #   measure  the new checkpoint's measures on the held-out sentences (train.py -v --json).
-# STEPS="train measure" (say) runs only those; COMPILE=0 trains and profiles without --compile
+# STEPS="train measure" (say) runs only those; COMPILE=0 trains without --compile
 # (default on a GPU; COMPILE=1 on a CPU).
 # OUT_DIR receives at most 5 files, none in a subfolder (the device tool brings back 8 of at most
 # 16 MiB): summary.txt, nanoflow-demo.pt (the newest checkpoint with its optimizer state, when training
 # ran), measures.json, logs.tar.gz (every log, profile and JSON result) and, if a step failed, failed.txt. The summary is printed last. The
-# exit status is 0 when every step that ran passed. The GPU machines lack soundfile and librosa:
+# exit status is 0 when every step that ran passed. After each step the summary so far, the logs and the
+# newest checkpoint are in OUT_DIR already, so that a run stopped from outside (the device tool stops a
+# command at 600 s: keep MINUTES under 10) still brings back what it did. The GPU machines lack soundfile and librosa:
 # ../shared/device/fetch_wheels.sh puts their wheels in .whl/ (carry it), installed here when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/device_session.sh OUT_DIR [MINUTES]}
-MINUTES=${2:-12}
+MINUTES=${2:-9}
 DEVICE=${DEVICE:-cuda}
 # The training step compiled (train.py --compile) on a GPU; on a CPU only with COMPILE=1 (minutes to compile).
 if [ "$DEVICE" = cpu ]; then COMPILE=${COMPILE:-0}; else COMPILE=${COMPILE:-1}; fi
@@ -61,7 +63,7 @@ else
     PROFILE_SEGMENT=${PROFILE_SEGMENT:-16000} PRECISIONS=${PRECISIONS:-fp32 bf16 fp16}
     BENCH=(--seconds 1 10 --batches 1 --repeats 3 --max_seconds 10 --skip checkpointing loading)
     BENCH_PRECISIONS=$PRECISIONS BENCH_SHARE=7
-    PROFILE_STEPS=(--warmup 3 --steps 5 --top 15)
+    PROFILE_STEPS=(--warmup 2 --steps 3 --top 15)  # 5 steps: the fp16 step once took 5 s on an H200
     DEMO_SHAPE=()  # the training config's batch and segment
 fi
 
@@ -74,6 +76,22 @@ COMPILE_FLAG=()
 [ "$COMPILE" = 1 ] && COMPILE_FLAG=(--compile)
 
 left() { echo $((BUDGET - (SECONDS - START))); }
+# snapshot: the logs, the newest checkpoint and the summary so far into OUT, each written whole (through a
+# .partial file) and the summary last, as a run stopped from outside leaves them.
+snapshot() {
+    tar -czf "$OUT/logs.tar.gz.partial" -C "$WORK" --exclude "waveflow_*" . 2>/dev/null \
+        && mv "$OUT/logs.tar.gz.partial" "$OUT/logs.tar.gz"
+    local newest_checkpoint
+    newest_checkpoint=$(newest 2>/dev/null)
+    [ -n "$newest_checkpoint" ] && cp "$newest_checkpoint" "$OUT/nanoflow-demo.pt.partial" \
+        && mv "$OUT/nanoflow-demo.pt.partial" "$OUT/nanoflow-demo.pt"
+    {
+        echo "device session, interim summary at $((SECONDS - START)) s (a run stopped from outside ends here)"
+        cat "$WORK/environment.txt" "$WORK/steps.txt" 2>/dev/null
+    } > "$OUT/summary.txt.partial" && mv "$OUT/summary.txt.partial" "$OUT/summary.txt"
+    return 0
+}
+trap 'snapshot; exit 143' TERM
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 : > "$WORK/steps.txt"
 failed=0
@@ -101,6 +119,7 @@ step() {
         tail -n 12 "$WORK/$name.log" | sed 's/^/    /' | tee -a "$WORK/steps.txt"
         failed=1
     fi
+    snapshot
 }
 # share PERCENT: that share of the whole budget, in seconds
 share() { echo $((BUDGET * $1 / 100)); }
@@ -147,9 +166,10 @@ if wanted profile; then
             --device "$DEVICE" --precision "$precision" --batch "$PROFILE_BATCH" --segment "$PROFILE_SEGMENT" \
             "${PROFILE_STEPS[@]}" --json "$WORK/profile_$precision.json"
     done
-    # The demo's step as the training below runs it (its config's batch and segment on a GPU).
+    # The demo's step at the training's batch and segment (its config's on a GPU), eager: compiling it here
+    # would take most of the step's share; the training below compiles it and logs its iterations per second.
     step profile_demo "$(share 8)" python3 scripts/profile_step.py -c "$WORK/demo-long.json" --device "$DEVICE" \
-        ${COMPILE_FLAG[@]+"${COMPILE_FLAG[@]}"} ${DEMO_SHAPE[@]+"${DEMO_SHAPE[@]}"} "${PROFILE_STEPS[@]}" --json "$WORK/profile_demo.json"
+        ${DEMO_SHAPE[@]+"${DEMO_SHAPE[@]}"} "${PROFILE_STEPS[@]}" --json "$WORK/profile_demo.json"
 fi
 
 if wanted probe && [ -f "$AMP_PROBE/amp_probe.sh" ]; then

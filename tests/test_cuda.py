@@ -279,6 +279,9 @@ def test_reduced_precision_synthesis_returns_fp32_close_to_fp32(dtype):
 def test_synthesis_on_cuda_never_reads_memory_it_did_not_write(monkeypatch, dtype):
     """As on the CPU (tests/test_model.py): memory a synthesis takes uninitialised, here from the caching
     allocator, filled with NaN, must not change the audio, eager or captured and replayed."""
+    # Two eager runs are compared bitwise: cuDNN's transposed convs (the mel upsampler) may otherwise pick an
+    # algorithm that sums with atomics, in another order each run.
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     model = random_model(tiny_config("nanoflow")).to(CUDA).remove_weight_norm().to(dtype)
     mel, z = torch.randn(2, 80, 6, device=CUDA), torch.randn(2, 1, 16, 48, device=CUDA)
     expected = model.infer(mel, z=z)
@@ -289,3 +292,13 @@ def test_synthesis_on_cuda_never_reads_memory_it_did_not_write(monkeypatch, dtyp
     for _ in range(3):  # eager, captured, replayed
         audio = model.infer(mel, z=z, cuda_graphs=graphs)
         assert torch.isfinite(audio).all() and torch.allclose(audio, expected, atol=1e-3, rtol=0)
+
+
+def test_a_model_on_a_gpu_draws_its_noise_from_a_cpu_generator_as_on_the_cpu():
+    """`infer(mel, generator=torch.Generator())` on a GPU model: the noise is drawn on the generator's device
+    (it failed: "Expected a 'cuda' device type for generator"), so the same seed gives the CPU's audio."""
+    model = random_model(tiny_config("nanoflow")).remove_weight_norm()
+    mel = torch.randn(2, 80, 6)
+    expected = model.infer(mel, sigma=0.8, generator=torch.Generator().manual_seed(3))
+    audio = model.to(CUDA).infer(mel, sigma=0.8, generator=torch.Generator().manual_seed(3))
+    assert audio.device.type == "cuda" and torch.allclose(audio.cpu(), expected, atol=1e-4, rtol=0)

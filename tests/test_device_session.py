@@ -3,8 +3,10 @@ device tool (at most 8 files of at most 16 MiB, none in a subfolder), the summar
 
 import json
 import os
+import signal
 import subprocess
 import tarfile
+import time
 
 import pytest
 import torch
@@ -56,3 +58,40 @@ def test_device_session_runs_every_step_on_the_cpu_and_brings_back_a_checkpoint(
         names = {os.path.basename(name) for name in logs.getnames()}
     assert {"train.log", "measure.log", "profile_fp32.json", "bench_fp32.json", "steps.txt"} <= names
     assert not any(name.startswith("waveflow_") for name in names)
+
+
+def test_device_session_stopped_from_outside_has_brought_back_its_finished_steps(tmp_path):
+    """The device tool stops a command at its limit (SIGKILL to the whole group, no trap runs): the steps
+    done by then are in OUT already (summary.txt with their outcomes, logs.tar.gz with their logs)."""
+    out = tmp_path / "out"
+    environment = dict(
+        os.environ, DEVICE="cpu", AMP_PROBE=str(tmp_path / "no-probe"), STEPS="env tests bench", OMP_NUM_THREADS="1"
+    )
+    environment["TMPDIR"] = str(tmp_path)  # the script's own folder, left behind by the kill
+    process = subprocess.Popen(
+        ["bash", os.path.join(ROOT, "scripts", "device_session.sh"), str(out), "4"],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while "cuda_tests" not in (summary := read_or_empty(out / "summary.txt")) and time.monotonic() < deadline:
+            assert process.poll() is None, "the script ended before its first step was recorded"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert "PASS cuda_tests" in summary and "interim summary" in summary, summary
+    with tarfile.open(out / "logs.tar.gz") as logs:
+        names = {os.path.basename(name) for name in logs.getnames()}
+    assert {"cuda_tests.log", "steps.txt", "environment.txt"} <= names
+
+
+def read_or_empty(path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

@@ -77,3 +77,30 @@ def test_a_device_that_is_not_there_is_a_one_line_error(two_gpus, monkeypatch, c
     err = capsys.readouterr().err
     assert err.startswith(message) and len(err.strip().splitlines()) == 1
     assert two_gpus == []
+
+
+def test_one_process_under_torchrun_joins_a_process_group_and_trains_under_ddp(monkeypatch):
+    """`torchrun --nproc_per_node=1` (WORLD_SIZE 1) is still DDP, as with several processes: the way a machine
+    of one GPU checks NCCL and DDP (scripts/gpu_check.sh). Without torchrun there is no group."""
+    import socket
+
+    import torch.distributed as dist
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", train.TORCHRUN_VARIABLE):
+        monkeypatch.delenv(name, raising=False)
+    alone = train.setup_runtime(load_config(CONFIG), "cpu")
+    assert not alone.distributed and not dist.is_initialized()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    variables = dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for name, value in {**variables, train.TORCHRUN_VARIABLE: "test"}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        runtime = train.setup_runtime(load_config(CONFIG), "cpu")
+        assert runtime.distributed and dist.is_initialized() and dist.get_world_size() == 1
+        model = train.data_parallel(torch.nn.Linear(2, 2), runtime)
+        assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
