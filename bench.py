@@ -50,7 +50,7 @@ from dataclasses import replace
 
 import torch
 
-from config import ConfigError, check_model_rules, check_positive, load_config
+from config import CommandParser, ConfigError, check_model_rules, check_positive, load_config
 from cuda_graphs import CudaGraphCache
 from data import DataError
 from mel2samp import Mel2Samp, collate
@@ -448,7 +448,7 @@ def bench_loader(dataset: Mel2Samp, device, batch: int, workers: int, args) -> d
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, each value checked: one out of range is a ConfigError naming its flag."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser = CommandParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--device", default=None, help="default: a GPU when there is one, else the CPU")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp16 needs a CUDA device")

@@ -321,18 +321,27 @@ def _as_json(value) -> str:
 
 
 def check_same_model(model: torch.nn.Module, checkpoint: dict, path: str) -> None:
-    """Refuse, in one line, a checkpoint whose stored config (ours; the original's store none) differs from
-    the model's in a key that the shapes of the weights do not show: n_height, say, where the same
-    tensors would compute another model."""
+    """Refuse, in one line, a checkpoint whose weights do not fit the model (`check_fits`, the keys below
+    added to its line), or whose stored config (ours; the original's store none) differs from the model's in
+    a key that the shapes of the weights do not show: n_height, say, where the same tensors would compute
+    another model."""
     stored = stored_shapeless_settings(checkpoint)
     config = getattr(model, "config", None)
-    if stored is None or not isinstance(config, WaveFlowConfig):
-        return
-    differ = [
-        f"{key} {_as_json(theirs)} where this config has {_as_json(getattr(config, key))}"
-        for key, theirs in stored.items()
-        if theirs != getattr(config, key)
-    ]
+    differ = (
+        []
+        if stored is None or not isinstance(config, WaveFlowConfig)
+        else [
+            f"{key} {_as_json(theirs)} where this config has {_as_json(getattr(config, key))}"
+            for key, theirs in stored.items()
+            if theirs != getattr(config, key)
+        ]
+    )
+    try:  # weights of other shapes first: the architecture they describe says more than the keys alone
+        check_fits(model, checkpoint["model"], path)
+    except CheckpointError as error:
+        if differ:
+            raise CheckpointError(f"{error}; and it was trained with waveflow_config {', '.join(differ)}") from None
+        raise
     if differ:
         raise CheckpointError(
             f"{path}: checkpoint was trained with waveflow_config " + ", ".join(differ) + "; its weights "

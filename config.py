@@ -14,6 +14,7 @@ model check the rules between sections (``check_model_rules``).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -23,6 +24,23 @@ import typing
 from dataclasses import dataclass, field
 
 from storage import read_text, warn
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser whose error for an unknown option names the closest known one, as a misspelt config
+    key gets "did you mean": `--checkpoint_pth x` -> "unrecognized arguments: --checkpoint_pth x; did you mean
+    --checkpoint_path?"."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+            for word in message.partition(":")[2].split():
+                name = word.partition("=")[0]
+                if name.startswith("--") and (close := difflib.get_close_matches(name, known, n=1, cutoff=0.7)):
+                    message += f"; did you mean {close[0]}?"
+                    break
+        super().error(message)
+
 
 COUPLING_TYPES = ("waveflow", "nanoflow_naive", "nanoflow_decomp", "nanoflow")
 MAX_NUM_WORKERS = 256  # DataLoader processes: more than any one machine feeds usefully, and each costs memory

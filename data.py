@@ -124,13 +124,17 @@ def _open_checked(path: str, sampling_rate: int, resample: bool = False, downmix
             f"{LOSSY_FORMATS[sound.format]} audio is lossy and cannot be read sample-exactly; "
             f"convert the corpus to wav or flac"
         )
-    elif sound.samplerate != sampling_rate and not resample:
-        problem = (
-            f"sampling rate is {sound.samplerate} Hz, expected {sampling_rate} Hz "
-            f"(set data_config.resample to true, or resample the corpus first, e.g. with sox)"
-        )
-    elif sound.channels != 1 and not downmix:
-        problem = f"has {sound.channels} channels, expected mono (data_config.downmix: true averages them)"
+    elif (sound.samplerate != sampling_rate and not resample) or (sound.channels != 1 and not downmix):
+        # both named at once where both apply: a stereo 44.1 kHz file needs two settings, not two tries
+        problems = []
+        if sound.samplerate != sampling_rate and not resample:
+            problems.append(
+                f"sampling rate is {sound.samplerate} Hz, expected {sampling_rate} Hz "
+                f"(set data_config.resample to true, or resample the corpus first, e.g. with sox)"
+            )
+        if sound.channels != 1 and not downmix:
+            problems.append(f"has {sound.channels} channels, expected mono (data_config.downmix: true averages them)")
+        problem = "; and it ".join(problems)
     elif sound.frames == 0 and _EMPTY_DATA_LOG.search(sound.extra_info):
         problem = (
             f"its header says it holds no audio (a data chunk of 0 bytes), yet the file is "

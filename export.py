@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_checkpoint
-from config import Config, ConfigError, check_model_rules, load_config
+from config import CommandParser, Config, ConfigError, check_model_rules, load_config
 from model import SYNTHESIS_TRIM_FRAMES, WaveFlow, build_model, squeeze, synthesis_length, unsqueeze
 from modules import WeightNormMixin
 from storage import StorageError, check_output_file, describe, write_atomically
@@ -292,7 +292,7 @@ def onnx_metadata(config: Config) -> dict[str, str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Export synthesis (mel, noise -> audio) to an ONNX file.")
+    parser = CommandParser(description="Export synthesis (mel, noise -> audio) to an ONNX file.")
     parser.add_argument("-c", "--config", required=True, help="JSON config of the model")
     parser.add_argument(
         "--checkpoint_path", default=None, help="checkpoint to export (default: the config's train_config's)"

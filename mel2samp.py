@@ -51,7 +51,6 @@ holding the whole clip's mel as a float32 tensor [n_mels, F].
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import os
@@ -63,7 +62,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from config import ConfigError, DataConfig, load_config
+from config import CommandParser, ConfigError, DataConfig, load_config
 from data import (
     LOG_FLOOR,
     MAX_WAV_VALUE,
@@ -323,7 +322,7 @@ def write_mels(file_list: str, config_path: str, output_dir: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Precompute Tacotron 2 mel spectrograms of the clips in a file list.")
+    parser = CommandParser(description="Precompute Tacotron 2 mel spectrograms of the clips in a file list.")
     parser.add_argument(
         "-f", "--filelist_path", required=True, help="file list: one audio path (or path|text) per line"
     )

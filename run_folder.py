@@ -82,9 +82,12 @@ def claim_run_folder(config: Config, args: argparse.Namespace, runtime: Runtime)
     return lock, start
 
 
-def refuse_overwriting(folder: str, iteration: int) -> None:
-    """Stop before a run from `iteration` overwrites newer checkpoints of its run folder."""
-    newer = [path for it, path in list_checkpoints(folder) if it > iteration]
+def refuse_overwriting(folder: str, iteration: int, new_run_from: str | None = None) -> None:
+    """Stop before a run from `iteration` overwrites newer checkpoints of its run folder; and before a new
+    run from a source outside it (`new_run_from`: -w's checkpoint or -a's folder) puts its checkpoints beside
+    another run's, where a resume would take the newest of either and -a would average across the two."""
+    checkpoints = list_checkpoints(folder)
+    newer = [path for it, path in checkpoints if it > iteration]
     if newer:
         raise CheckpointError(
             f"{folder} already holds checkpoints after iteration {iteration} "
@@ -92,3 +95,14 @@ def refuse_overwriting(folder: str, iteration: int) -> None:
             f"run, resume from {newer[-1]} (--checkpoint_path, without -w or -a); or choose "
             f"another output_directory or model_name"
         )
+    if new_run_from is None or not checkpoints:
+        return
+    source = os.path.realpath(new_run_from)
+    if (source if os.path.isdir(source) else os.path.dirname(source)) == os.path.realpath(folder):
+        return  # from this folder's own checkpoints (or their average): the run goes on in it, as documented
+    raise CheckpointError(
+        f"{folder} already holds another run's checkpoints ({os.path.basename(checkpoints[-1][1])}"
+        f"{f' and {len(checkpoints) - 1} more' if len(checkpoints) > 1 else ''}); a run started with -w or -a "
+        f"from {new_run_from} would write its own beside them, and a later resume or -a would mix the two. "
+        f"Choose another output_directory or model_name, or go on with that run (without -w or -a)"
+    )

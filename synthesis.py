@@ -544,8 +544,8 @@ def synthesize(config: Config, args: argparse.Namespace, device: torch.device) -
         others = {1: "", 2: " (as is the other)"}.get(len(inputs), f" (as are the {len(inputs) - 1} others)")
         raise DataError(f"{source}: {reason}{others}")
     dtype, precision = synthesis_precision(config, args.precision, device)
-    print(precision)
     model = trained_model(config, args, device).remove_weight_norm().to(dtype)
+    print(precision)  # once the checkpoint loaded: a command it stops says only why
     rate = config.data.sampling_rate
     graphs = CudaGraphCache() if device.type == "cuda" else None  # clips of a length seen before replay a graph
     denoiser = Denoiser.from_config(model, config.data) if args.denoise else None

@@ -50,7 +50,16 @@ from checkpoint import (
     save_checkpoint,
     warm_start,
 )
-from config import SECTIONS, Config, ConfigError, TrainConfig, check_model_rules, load_config, parse_value
+from config import (
+    SECTIONS,
+    CommandParser,
+    Config,
+    ConfigError,
+    TrainConfig,
+    check_model_rules,
+    load_config,
+    parse_value,
+)
 from data import DataError, mel_filter_warning
 from mel2samp import Mel2Samp
 from mel_scale import MEL_SCALES
@@ -79,7 +88,7 @@ class TrainingStopped(RuntimeError):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="WaveFlow / NanoFlow vocoder: train, evaluate, synthesize.")
+    parser = CommandParser(description="WaveFlow / NanoFlow vocoder: train, evaluate, synthesize.")
     parser.add_argument("-c", "--config", required=True, help="JSON config file")
     parser.add_argument(
         "-w",
@@ -964,7 +973,7 @@ def train_from(
         epoch, batch_in_epoch, total = resume_position(iteration, epoch, batch_in_epoch, batches_per_epoch, tc)
     except ConfigError as error:
         raise ConfigError(f"{start}: {error}") from None
-    refuse_overwriting(run.folder, iteration)
+    refuse_overwriting(run.folder, iteration, start if args.warm_start or args.average_checkpoint else None)
     config_copy = json.dumps(config.raw, indent=4).encode()
     write_on_main(
         lambda: write_atomically(os.path.join(run.folder, "config.json"), config_copy),

@@ -232,6 +232,18 @@ def test_checkpoints_that_would_compute_another_model_or_nan_are_refused(tmp_pat
     bipartized = write_config(folder, name="bi.json", waveflow_config__bipartize=True)
     status, _, err = run_here(capsys, "-v", "-c", bipartized, "--checkpoint_path", checkpoint)
     assert status == 1 and "bipartize false where this config has true" in err
+    # other shapes as well: the architecture first (it named only n_height, as if that were the whole difference)
+    wider = write_config(
+        folder,
+        name="wide.json",
+        waveflow_config__n_height=16,
+        data_config__segment_length=4096,
+        waveflow_config__res_channels=16,
+    )
+    status, _, err = run_here(capsys, "-s", "-c", wider, "--checkpoint_path", checkpoint)
+    assert status == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {checkpoint}: checkpoint holds a ") and "res_channels 16" in err, err
+    assert err.rstrip().endswith("; and it was trained with waveflow_config n_height 8 where this config has 16"), err
 
     state = model.state_dict()
     state["upsample_conv.0.bias"] = torch.full_like(state["upsample_conv.0.bias"], float("nan"))
@@ -479,3 +491,27 @@ def test_synthesis_writes_where_output_dir_says_and_refuses_a_file_there(tmp_pat
     with pytest.raises(SystemExit) as exit_:
         train.main(["-v", "-c", config, "-o", str(wanted)])
     assert exit_.value.code == 2 and "-o/--output_dir goes with -s/--synthesize" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command, options, suggestion",
+    [
+        ("train", ["-c", "configs/demo.json", "--checkpoint_pth", "x"], "did you mean --checkpoint_path?"),
+        ("train", ["-c", "configs/demo.json", "--denoize=0.5"], "did you mean --denoise?"),
+        ("bench", ["-c", "configs/demo.json", "--matmul_sise", "64"], "did you mean --matmul_size?"),
+        ("export", ["-c", "configs/demo.json", "--opsett", "17", "-o", "x.onnx"], "did you mean --opset?"),
+        ("mel2samp", ["-c", "configs/demo.json", "--file_lists", "x", "-f", "l", "-o", "m"], "--filelist_path?"),
+        ("mel2samp", ["-c", "configs/demo.json", "--quiet", "-f", "l", "-o", "m"], None),  # none close: no guess
+    ],
+)
+def test_a_misspelt_option_is_refused_naming_the_closest_one(capsys, monkeypatch, command, options, suggestion):
+    """As a misspelt config key gets "did you mean": argparse named only the unknown option."""
+    import importlib
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    module = importlib.import_module(command)
+    with pytest.raises(SystemExit) as stopped:
+        module.main(options)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stopped.value.code == 2 and "unrecognized arguments: " + options[2].partition("=")[0] in error, error
+    assert error.endswith(suggestion) if suggestion else "did you mean" not in error, error

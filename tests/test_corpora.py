@@ -99,6 +99,20 @@ def test_mel2samp_writes_the_mel_of_the_resampled_clip(tmp_path, capsys):
     )
 
 
+def test_a_stereo_clip_at_another_rate_is_refused_naming_both_settings_at_once(tmp_path):
+    """A stereo 44.1 kHz file got the rate's error, then, with resample on, the channels' one: two tries."""
+    path = str(tmp_path / "stereo44.wav")
+    soundfile.write(path, np.zeros((4410, 2), dtype=np.int16), 44100, subtype="PCM_16")
+    with pytest.raises(DataError) as refused:
+        load_audio(path, RATE)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: sampling rate is 44100 Hz, expected 22050 Hz") and "\n" not in message
+    assert "data_config.resample" in message and "has 2 channels, expected mono" in message
+    assert "data_config.downmix" in message
+    with pytest.raises(DataError, match=r"stereo44.wav: has 2 channels, expected mono"):
+        load_audio(path, RATE, resample=True)
+
+
 def test_a_stereo_clip_is_refused_by_default_and_downmixed_on_request(tmp_path):
     left, right = demo_clip(1, 0.5), demo_clip(2, 0.5)
     path = str(tmp_path / "stereo.flac")

@@ -286,6 +286,7 @@ def test_averaging_checkpoints(trained):
     assert "clip07_synthesis.wav" in result.stdout
     result = run("-a", "5", "-s", "-c", config, "--checkpoint_path", run_dir, check=False)
     assert result.returncode == 1 and "needs 5 checkpoints" in result.stderr
+    assert "synthesis in" not in result.stdout  # the precision is said once the checkpoints loaded, not before
 
 
 def test_evaluate_prints_the_log_likelihood(trained):

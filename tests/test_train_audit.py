@@ -179,3 +179,47 @@ def test_resuming_with_another_batch_size_or_segment_length_says_the_data_order_
         "2048 where the config has 4096: training goes on at the checkpoint's place in the config's data order, "
         "not exactly where that run stopped\n" in out
     )
+
+
+def test_a_warm_start_into_a_folder_holding_another_run_is_refused_before_writing(tmp_path, capsys, one_thread):
+    """`-w` (or `-a`) into a run folder that held another run's checkpoints wrote its own beside them,
+    silently: the next resume took the newest of either, and `-a` averaged across the two runs."""
+    folder = str(tmp_path)
+    make_corpus(folder, n_train=2, n_test=1)
+    config = write_config(folder, train_config__iters_per_checkpoint=2)
+    run_folder = os.path.join(folder, "exp", "tiny")
+    status, _, err = run_here(capsys, "-c", config, "--max_iterations", "2")  # a run of its own
+    assert status == 0, err
+
+    def written():  # but the run lock, which each command takes
+        return {
+            name: os.path.getmtime(os.path.join(run_folder, name))
+            for name in os.listdir(run_folder)
+            if name != "train.lock"
+        }
+
+    before = written()
+    source = tmp_path / "pretrained_40"
+    torch.save({"model": build_model(load_config(config).waveflow).state_dict(), "iteration": 40}, source)
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    torch.save(
+        {"model": build_model(load_config(config).waveflow).state_dict(), "iteration": 40}, sources / "waveflow_40"
+    )
+    for option, start in ((["-w"], source), (["-a", "1"], sources)):
+        status, _, err = run_here(
+            capsys, *option, "-c", config, "--checkpoint_path", str(start), "--max_iterations", "42"
+        )
+        assert status == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"{run_folder} already holds another run's checkpoints (waveflow_2)" in err
+        assert written() == before
+    # from the folder's own checkpoints (or their average, as training.md describes) the run goes on in it
+    status, out, err = run_here(
+        capsys, "-w", "-c", config, "--checkpoint_path", os.path.join(run_folder, "waveflow_2"), "--max_iterations", "4"
+    )
+    assert status == 0 and "warm start from" in out, err
+    status, out, err = run_here(
+        capsys, "-a", "2", "-c", config, "--checkpoint_path", run_folder, "--max_iterations", "6"
+    )
+    assert status == 0 and "warm start from the average of the newest 2" in out, err
+    assert [iteration for iteration, _ in list_checkpoints(run_folder)] == [2, 4, 6]
