@@ -84,28 +84,14 @@ def write_atomically(path: str, data: bytes | memoryview, durable: bool = True) 
     """Write `data` to `path` through `path + '.partial'` and a rename. A failure (OSError: ENOSPC,
     EACCES, EROFS, ...) removes the partial file and leaves `path` as it was. `durable` syncs the
     data and the folder first, so that the renamed file is whole even after the machine itself stops."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    partial = path + PARTIAL_SUFFIX
-    try:
-        with open(partial, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException:  # a second Ctrl-C included: no partial file is left behind
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        raise
-    if durable:
-        _sync_folder(folder)
+    write_all_atomically({path: data}, durable)
 
 
-def write_all_atomically(contents: dict[str, bytes]) -> None:
+def write_all_atomically(contents: dict[str, bytes | memoryview], durable: bool = False) -> None:
     """Write each `path: data` of `contents` through `path + '.partial'`, all before any is renamed over its
     file: a failed write (a full disk, a folder in the way) removes the partial files and leaves every path
-    as it was, so that files read together (a corpus's lists and configs) never mix two runs."""
+    as it was, so that files read together (a corpus's lists and configs) never mix two runs. `durable` as
+    for `write_atomically`."""
     partials = []
     try:
         for path, data in contents.items():
@@ -113,13 +99,19 @@ def write_all_atomically(contents: dict[str, bytes]) -> None:
             partials.append(path + PARTIAL_SUFFIX)
             with open(partials[-1], "wb") as f:
                 f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
         for path in contents:
             os.replace(path + PARTIAL_SUFFIX, path)
-    except BaseException:  # Ctrl-C included: no partial file is left behind
+    except BaseException:  # a second Ctrl-C included: no partial file is left behind
         for partial in partials:
             with contextlib.suppress(OSError):
                 os.remove(partial)
         raise
+    if durable:
+        for folder in {os.path.dirname(os.path.abspath(path)) for path in contents}:
+            _sync_folder(folder)
 
 
 def _sync_folder(folder: str) -> None:
